@@ -1,0 +1,331 @@
+//! The BERT encoder and pooling, on burn tensors.
+//!
+//! The layout is Hugging Face's `BertModel`: embeddings (word + position + token type,
+//! LayerNorm), then `num_layers` post-norm blocks of multi-head self-attention and a GELU
+//! feed-forward layer. Shapes come from [`ModelSpec`]; nothing is hard-coded for MiniLM.
+//!
+//! Choices made for speed, each measured (docs/BENCHMARKS.md):
+//! - the word/position/type embedding lookup is a host-side gather: it is a copy, and a
+//!   copy is cheaper done once in Rust than as three device gathers and two adds;
+//! - Q, K and V are one `[hidden, 3·hidden]` matmul; every Linear runs on a 2-D view;
+//! - attention is burn's fused `attention` op with a boolean key-padding mask, so padded
+//!   positions contribute exactly zero and a text's vector does not depend on its batch;
+//! - on the CPU backend GELU is [`super::gelu`]'s vectorised exact-erf kernel, run in
+//!   parallel; other backends use burn's `gelu`.
+//!
+//! Tensors are reference-counted: cloning a [`Bert`] shares its weights, which is how
+//! several worker threads each get a replica without copying 90 MB.
+
+use std::sync::Arc;
+
+use burn::tensor::activation;
+use burn::tensor::module::{attention, layer_norm, linear};
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Device, Tensor, TensorData};
+
+use super::ModelError;
+use super::gelu;
+use super::spec::{ModelSpec, Pooling};
+use super::weights::WeightFile;
+
+#[derive(Clone)]
+struct Linear {
+    /// `[in, out]`
+    weight: Tensor<2>,
+    bias: Tensor<1>,
+}
+
+impl Linear {
+    fn load(
+        w: &mut WeightFile,
+        name: &str,
+        inp: usize,
+        out: usize,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let weight = w.get_linear_weight(&format!("{name}.weight"), out, inp)?;
+        let bias = w.get(&format!("{name}.bias"), &[out])?;
+        Ok(Self {
+            weight: Tensor::from_data(TensorData::new(weight, [inp, out]), device),
+            bias: Tensor::from_data(TensorData::new(bias, [out]), device),
+        })
+    }
+
+    /// Q, K and V stacked into one `[in, 3·out]` layer.
+    fn load_fused(
+        w: &mut WeightFile,
+        names: [&str; 3],
+        inp: usize,
+        out: usize,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let mut weight = vec![0.0f32; inp * 3 * out];
+        let mut bias = Vec::with_capacity(3 * out);
+        for (part, name) in names.iter().enumerate() {
+            let wt = w.get_linear_weight(&format!("{name}.weight"), out, inp)?;
+            for i in 0..inp {
+                weight[i * 3 * out + part * out..i * 3 * out + (part + 1) * out]
+                    .copy_from_slice(&wt[i * out..(i + 1) * out]);
+            }
+            bias.extend(w.get(&format!("{name}.bias"), &[out])?);
+        }
+        Ok(Self {
+            weight: Tensor::from_data(TensorData::new(weight, [inp, 3 * out]), device),
+            bias: Tensor::from_data(TensorData::new(bias, [3 * out]), device),
+        })
+    }
+
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        linear(x, self.weight.clone(), Some(self.bias.clone()))
+    }
+}
+
+#[derive(Clone)]
+struct LayerNorm {
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn load(
+        w: &mut WeightFile,
+        name: &str,
+        width: usize,
+        eps: f64,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let gamma = w.get(&format!("{name}.weight"), &[width])?;
+        let beta = w.get(&format!("{name}.bias"), &[width])?;
+        Ok(Self {
+            gamma: Tensor::from_data(TensorData::new(gamma, [width]), device),
+            beta: Tensor::from_data(TensorData::new(beta, [width]), device),
+            eps,
+        })
+    }
+
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        layer_norm(x, self.gamma.clone(), Some(self.beta.clone()), self.eps)
+    }
+}
+
+#[derive(Clone)]
+struct Block {
+    qkv: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    up: Linear,
+    down: Linear,
+    out_norm: LayerNorm,
+}
+
+/// One tokenized batch, padded to its longest row.
+pub struct TokenBatch<'a> {
+    /// Token ids of each row, unpadded; every row is non-empty.
+    pub rows: &'a [&'a [u32]],
+}
+
+/// A BERT encoder with its pooling, ready to run on one device.
+#[derive(Clone)]
+pub struct Bert {
+    spec: Arc<ModelSpec>,
+    device: Device,
+    /// `[vocab, hidden]`, host memory: the embedding lookup is a gather on the host.
+    word_embeddings: Arc<Vec<f32>>,
+    /// `[max_positions, hidden]`: position embedding plus the token-type-0 embedding.
+    position_embeddings: Arc<Vec<f32>>,
+    embed_norm: LayerNorm,
+    blocks: Vec<Block>,
+    /// Run GELU on the host with the vectorised kernel (CPU backend only).
+    host_gelu: bool,
+}
+
+impl Bert {
+    pub fn load(
+        spec: Arc<ModelSpec>,
+        weights: &mut WeightFile,
+        device: &Device,
+        host_gelu: bool,
+    ) -> Result<Self, ModelError> {
+        let h = spec.hidden_size;
+        let word = weights.get("embeddings.word_embeddings.weight", &[spec.vocab_size, h])?;
+        let mut pos = weights.get(
+            "embeddings.position_embeddings.weight",
+            &[spec.max_position_embeddings, h],
+        )?;
+        let types = weights.get(
+            "embeddings.token_type_embeddings.weight",
+            &[spec.type_vocab_size, h],
+        )?;
+        for row in pos.chunks_exact_mut(h) {
+            for (p, t) in row.iter_mut().zip(&types[..h]) {
+                *p += *t;
+            }
+        }
+        let embed_norm = LayerNorm::load(
+            weights,
+            "embeddings.LayerNorm",
+            h,
+            spec.layer_norm_eps,
+            device,
+        )?;
+        let mut blocks = Vec::with_capacity(spec.num_layers);
+        for l in 0..spec.num_layers {
+            let p = format!("encoder.layer.{l}");
+            blocks.push(Block {
+                qkv: Linear::load_fused(
+                    weights,
+                    [
+                        &format!("{p}.attention.self.query"),
+                        &format!("{p}.attention.self.key"),
+                        &format!("{p}.attention.self.value"),
+                    ],
+                    h,
+                    h,
+                    device,
+                )?,
+                attn_out: Linear::load(
+                    weights,
+                    &format!("{p}.attention.output.dense"),
+                    h,
+                    h,
+                    device,
+                )?,
+                attn_norm: LayerNorm::load(
+                    weights,
+                    &format!("{p}.attention.output.LayerNorm"),
+                    h,
+                    spec.layer_norm_eps,
+                    device,
+                )?,
+                up: Linear::load(
+                    weights,
+                    &format!("{p}.intermediate.dense"),
+                    h,
+                    spec.intermediate_size,
+                    device,
+                )?,
+                down: Linear::load(
+                    weights,
+                    &format!("{p}.output.dense"),
+                    spec.intermediate_size,
+                    h,
+                    device,
+                )?,
+                out_norm: LayerNorm::load(
+                    weights,
+                    &format!("{p}.output.LayerNorm"),
+                    h,
+                    spec.layer_norm_eps,
+                    device,
+                )?,
+            });
+        }
+        Ok(Self {
+            spec,
+            device: device.clone(),
+            word_embeddings: Arc::new(word),
+            position_embeddings: Arc::new(pos),
+            embed_norm,
+            blocks,
+            host_gelu,
+        })
+    }
+
+    /// Pooled, not yet normalised sentence vectors of a batch: `rows × hidden`, row-major.
+    ///
+    /// Rows may have different lengths; each is padded to the longest and the padding is
+    /// masked out of attention and pooling. Every id must be below `vocab_size` and every
+    /// row at most `max_seq_length` long (the tokenizer guarantees both).
+    pub fn forward(&self, batch: &TokenBatch<'_>) -> Vec<f32> {
+        let spec = &*self.spec;
+        let (h, heads, dh) = (spec.hidden_size, spec.num_heads, spec.head_dim());
+        let b = batch.rows.len();
+        let t = batch.rows.iter().map(|r| r.len()).max().unwrap_or(0);
+        if b == 0 || t == 0 {
+            return Vec::new();
+        }
+        let n = b * t;
+
+        // Embeddings, gathered on the host. Padded positions get the position embedding
+        // only; they are masked everywhere that matters.
+        let mut x0 = vec![0.0f32; n * h];
+        for (r, ids) in batch.rows.iter().enumerate() {
+            for (p, out) in x0[r * t * h..(r + 1) * t * h]
+                .chunks_exact_mut(h)
+                .enumerate()
+            {
+                let pos = &self.position_embeddings[p * h..(p + 1) * h];
+                match ids.get(p) {
+                    Some(&id) => {
+                        let word = &self.word_embeddings[id as usize * h..(id as usize + 1) * h];
+                        for ((o, w), q) in out.iter_mut().zip(word).zip(pos) {
+                            *o = w + q;
+                        }
+                    }
+                    None => out.copy_from_slice(pos),
+                }
+            }
+        }
+        let mut x = self
+            .embed_norm
+            .forward(Tensor::from_data(TensorData::new(x0, [n, h]), &self.device));
+
+        // Key-padding mask, true where the key is padding; broadcast over heads.
+        let mut mask = vec![false; b * t * t];
+        let mut keep = vec![0.0f32; n];
+        for (r, ids) in batch.rows.iter().enumerate() {
+            for q in 0..t {
+                mask[(r * t + q) * t + ids.len()..(r * t + q + 1) * t].fill(true);
+            }
+            keep[r * t..r * t + ids.len()].fill(1.0);
+        }
+        let mask: Tensor<4, Bool> =
+            Tensor::from_data(TensorData::new(mask, [b, 1, t, t]), &self.device);
+
+        for block in &self.blocks {
+            let qkv = block
+                .qkv
+                .forward(x.clone())
+                .reshape([b, t, 3 * heads, dh])
+                .swap_dims(1, 2);
+            let q = qkv.clone().narrow(1, 0, heads);
+            let k = qkv.clone().narrow(1, heads, heads);
+            let v = qkv.narrow(1, 2 * heads, heads);
+            let ctx = attention(
+                q,
+                k,
+                v,
+                Some(mask.clone()),
+                None,
+                AttentionModuleOptions::default(),
+            )
+            .swap_dims(1, 2)
+            .reshape([n, h]);
+            x = block.attn_norm.forward(block.attn_out.forward(ctx) + x);
+            let up = block.up.forward(x.clone());
+            let act = if self.host_gelu {
+                gelu::gelu_tensor(up, &self.device)
+            } else {
+                activation::gelu(up)
+            };
+            x = block.out_norm.forward(block.down.forward(act) + x);
+        }
+
+        let x = x.reshape([b, t, h]);
+        let pooled = match spec.pooling {
+            Pooling::Cls => x.narrow(1, 0, 1).reshape([b, h]),
+            Pooling::Mean => {
+                let lens: Vec<f32> = batch.rows.iter().map(|r| 1.0 / r.len() as f32).collect();
+                let keep: Tensor<3> =
+                    Tensor::from_data(TensorData::new(keep, [b, t, 1]), &self.device);
+                let inv: Tensor<2> = Tensor::from_data(TensorData::new(lens, [b, 1]), &self.device);
+                (x * keep).sum_dim(1).reshape([b, h]) * inv
+            }
+        };
+        pooled
+            .into_data()
+            .try_into_vec::<f32>()
+            .expect("the model computes in f32")
+    }
+}

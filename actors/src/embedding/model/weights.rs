@@ -1,0 +1,134 @@
+//! Reading a model's tensors from `model.safetensors`.
+//!
+//! Every tensor is looked up by name and checked against the shape the configuration
+//! implies before it is used, so a wrong or truncated file fails at load time with the
+//! file and the tensor named, never at the first forward pass. Weights stored as f16 or
+//! bf16 are widened to f32. Checkpoints saved from `BertModel` name their tensors
+//! `embeddings...`; those saved from a task model prefix them with `bert.` (or
+//! `roberta.`): the prefix is detected once.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{bf16, f16};
+use safetensors::{Dtype, SafeTensors};
+
+use super::ModelError;
+
+/// An opened safetensors file, held in memory until the model is built.
+pub struct WeightFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    prefix: &'static str,
+    used: BTreeSet<String>,
+}
+
+impl WeightFile {
+    pub fn open(path: &Path) -> Result<Self, ModelError> {
+        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut file = Self {
+            path: path.to_path_buf(),
+            bytes,
+            prefix: "",
+            used: BTreeSet::new(),
+        };
+        let names: BTreeSet<String> = file
+            .tensors()?
+            .names()
+            .into_iter()
+            .map(String::from)
+            .collect();
+        file.prefix = ["", "bert.", "roberta."]
+            .into_iter()
+            .find(|p| names.contains(&format!("{p}embeddings.word_embeddings.weight")))
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: path.to_path_buf(),
+                name: "embeddings.word_embeddings.weight".into(),
+            })?;
+        Ok(file)
+    }
+
+    fn tensors(&self) -> Result<SafeTensors<'_>, ModelError> {
+        SafeTensors::deserialize(&self.bytes).map_err(|e| ModelError::Format {
+            path: self.path.clone(),
+            what: e.to_string(),
+        })
+    }
+
+    /// The tensor `name` (without the checkpoint's prefix) as f32, row-major, after
+    /// checking that its shape is `shape`.
+    pub fn get(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+        let full = format!("{}{}", self.prefix, name);
+        let tensors = self.tensors()?;
+        let view = tensors
+            .tensor(&full)
+            .map_err(|_| ModelError::MissingTensor {
+                path: self.path.clone(),
+                name: full.clone(),
+            })?;
+        if view.shape() != shape {
+            return Err(ModelError::TensorShape {
+                path: self.path.clone(),
+                name: full,
+                expected: shape.to_vec(),
+                found: view.shape().to_vec(),
+            });
+        }
+        let data = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+                .collect(),
+            Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+                .collect(),
+            other => {
+                return Err(ModelError::TensorDtype {
+                    path: self.path.clone(),
+                    name: full,
+                    dtype: format!("{other:?}"),
+                });
+            }
+        };
+        self.used.insert(full);
+        Ok(values)
+    }
+
+    /// A Linear layer's weight, transposed from PyTorch's `[out, in]` to `[in, out]`
+    /// so that the forward pass is a plain `x · W`.
+    pub fn get_linear_weight(
+        &mut self,
+        name: &str,
+        out: usize,
+        inp: usize,
+    ) -> Result<Vec<f32>, ModelError> {
+        let w = self.get(name, &[out, inp])?;
+        let mut t = vec![0.0f32; w.len()];
+        for (o, row) in w.chunks_exact(inp).enumerate() {
+            for (i, v) in row.iter().enumerate() {
+                t[i * out + o] = *v;
+            }
+        }
+        Ok(t)
+    }
+
+    /// Names in the file that the model did not use (pooler heads, position-id buffers).
+    pub fn unused(&self) -> Result<Vec<String>, ModelError> {
+        Ok(self
+            .tensors()?
+            .names()
+            .into_iter()
+            .filter(|n| !self.used.contains(*n))
+            .map(String::from)
+            .collect())
+    }
+}

@@ -1,0 +1,127 @@
+//! `keel embed`: texts on stdin, one JSON object per line on stdout.
+//!
+//! Streams: stdin is read in chunks of [`CHUNK_LINES`] lines, each chunk embedded by every
+//! replica at once and written out before the next is read, so memory stays bounded
+//! whatever the input size. Output order is input order; an empty line is an empty text.
+
+use std::io::{BufRead, BufWriter, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use keel_actors::embedding::model::SentenceModel;
+use keel_actors::embedding::pool::Replicas;
+use keel_actors::memory::rss_bytes;
+
+use crate::ConfigArgs;
+use crate::config::Settings;
+
+/// Lines embedded together: enough to sort by length and keep every replica busy.
+const CHUNK_LINES: usize = 2048;
+
+#[derive(clap::Args)]
+pub struct EmbedArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Model folder (overrides embedder.model_dir).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Most texts in one forward pass (overrides embedder.max_batch_rows).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Model replicas (overrides embedder.workers; 0 = one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
+    let mut settings = Settings::load(args.config.config.as_deref())?;
+    if let Some(model) = args.model {
+        settings.embedder.model_dir = model;
+    }
+    if let Some(batch) = args.batch {
+        settings.embedder.max_batch_rows = batch;
+    }
+    if let Some(workers) = args.workers {
+        settings.embedder.workers = workers;
+    }
+    settings.validate()?;
+    let cfg = &settings.embedder;
+
+    if !cfg.model_dir.join("model.safetensors").exists() {
+        bail!(
+            "no model in {} (run scripts/fetch-model.sh, or pass --model DIR)",
+            cfg.model_dir.display()
+        );
+    }
+    let started = Instant::now();
+    let model = SentenceModel::load(&cfg.model_dir, cfg.backend)
+        .with_context(|| format!("loading the model from {}", cfg.model_dir.display()))?;
+    let workers = cfg.effective_workers();
+    let replicas = Replicas::new(model, workers, cfg.threads_per_worker)?;
+    let load_time = started.elapsed();
+    tracing::info!(
+        model = replicas.model().model_id(),
+        dim = replicas.model().dim(),
+        workers,
+        threads_per_worker = cfg.threads_per_worker,
+        load_ms = load_time.as_millis() as u64,
+        "model loaded"
+    );
+
+    let stdin = std::io::stdin().lock();
+    let mut out = BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+    let limits = cfg.limits();
+    let dim = replicas.model().dim();
+    let (mut texts_done, mut embed_time) = (0usize, std::time::Duration::ZERO);
+    let mut lines = stdin.split(b'\n');
+    let mut chunk: Vec<String> = Vec::with_capacity(CHUNK_LINES);
+    let mut line_no = 0usize;
+    loop {
+        chunk.clear();
+        for line in lines.by_ref() {
+            line_no += 1;
+            let mut bytes = line.context("reading stdin")?;
+            if bytes.last() == Some(&b'\r') {
+                bytes.pop();
+            }
+            let text = String::from_utf8(bytes)
+                .with_context(|| format!("stdin line {line_no} is not UTF-8"))?;
+            chunk.push(text);
+            if chunk.len() == CHUNK_LINES {
+                break;
+            }
+        }
+        if chunk.is_empty() {
+            break;
+        }
+        let texts: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let t0 = Instant::now();
+        let vectors = replicas.embed(&texts, limits)?;
+        embed_time += t0.elapsed();
+        for (text, v) in texts.iter().zip(vectors.chunks_exact(dim)) {
+            serde_json::to_writer(
+                &mut out,
+                &serde_json::json!({ "text": text, "embedding": v }),
+            )?;
+            out.write_all(b"\n")?;
+        }
+        texts_done += texts.len();
+    }
+    out.flush().context("writing stdout")?;
+
+    let secs = embed_time.as_secs_f64();
+    eprintln!(
+        "keel embed: {texts_done} texts in {secs:.2} s ({:.0} texts/s; model load {:.2} s; {workers} workers × {} threads; max {} rows/pass; RSS {} MB)",
+        if secs > 0.0 {
+            texts_done as f64 / secs
+        } else {
+            0.0
+        },
+        load_time.as_secs_f64(),
+        cfg.threads_per_worker,
+        cfg.max_batch_rows,
+        rss_bytes().map(|b| b / 1_000_000).unwrap_or(0),
+    );
+    Ok(())
+}

@@ -1,0 +1,54 @@
+//! `keel`: the command line. Thin: parse arguments, load settings, hand over to a command.
+
+mod commands;
+mod config;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "keel", version, about = "Streaming embedding engine", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Embed texts from stdin (one per line) and write JSON lines to stdout.
+    Embed(commands::embed::EmbedArgs),
+    /// Render the records of an annotated VCF as texts (one per line) with a template.
+    Texts(commands::texts::TextsArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Embed(args) => commands::embed::run(args),
+        Command::Texts(args) => commands::texts::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keel: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Options every command that loads settings shares.
+#[derive(clap::Args)]
+pub struct ConfigArgs {
+    /// YAML configuration file (see configs/default.yaml); KEEL_* variables override it.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+}
