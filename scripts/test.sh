@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command (README, .ci/run): fetch what the tests need, then run every test.
+# The test command (README, .ci/run): fetch what the tests need, then run every test —
+# the Rust tests (unit and over real Flight) and the pyarrow client test.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -12,3 +13,12 @@ else
     echo "test: cargo-nextest not found, using cargo test" >&2
     cargo test --release --workspace --no-fail-fast "$@"
 fi
+
+# pyarrow, the client Keel's users have, in a venv of its own.
+venv="${KEEL_TEST_VENV:-$root/.cache/venv}"
+if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import pyarrow.flight" 2>/dev/null; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "pyarrow>=20"
+fi
+cargo build --release --quiet
+"$venv/bin/python" tests/python/test_flight.py "$root/target/release/keel"

@@ -1,21 +1,59 @@
 //! Settings: every actor's configuration, composed, loaded once and validated once.
 //!
-//! Sources, later ones winning: `configs/default.yaml` semantics built into the types'
-//! defaults → the YAML file given with `--config` → environment variables
-//! `KEEL_<SECTION>__<KEY>` (e.g. `KEEL_EMBEDDER__WORKERS=2`). Unknown keys are errors that
-//! name the key, so a typo never silently falls back to a default. Nothing downstream
-//! re-reads configuration: commands get the validated [`Settings`].
+//! Sources, later ones winning: the built-in defaults (which `configs/default.yaml` spells
+//! out, checked by a test) → the YAML file given with `--config` → environment variables
+//! `KEEL_<SECTION>__<KEY>` (e.g. `KEEL_SERVER__LISTEN=0.0.0.0:50051`). Unknown keys are
+//! errors that name the key, so a typo never silently falls back to a default. Nothing
+//! downstream re-reads configuration: commands get the validated [`Settings`].
 
+use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::Context;
+use keel_actors::cache::config::CacheConfig;
 use keel_actors::embedding::config::EmbedderConfig;
+use keel_actors::ingest::config::IngestConfig;
+use keel_actors::sink::config::StorageConfig;
+use keel_actors::supervisor::config::SupervisorConfig;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+/// `server:` section: the Flight endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the Flight service listens on.
+    pub listen: SocketAddr,
+    /// Largest gRPC message accepted or sent (one record batch from pyarrow is one message).
+    pub max_message_bytes: usize,
+    /// Streams (DoExchange and DoPut) open at once; more get ResourceExhausted.
+    pub max_streams: usize,
+    /// A stream that sends nothing for this long is ended with DeadlineExceeded.
+    pub idle_timeout_ms: u64,
+    /// On SIGINT/SIGTERM, open streams get this long to finish before the server stops.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50051".parse().expect("a valid address"),
+            max_message_bytes: 64 * 1024 * 1024,
+            max_streams: 64,
+            idle_timeout_ms: 300_000,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
+    pub server: ServerConfig,
+    pub ingest: IngestConfig,
     pub embedder: EmbedderConfig,
+    pub cache: CacheConfig,
+    pub supervisor: SupervisorConfig,
+    pub storage: StorageConfig,
 }
 
 impl Settings {
@@ -38,18 +76,37 @@ impl Settings {
             .build()
             .and_then(|c| c.try_deserialize())
             .with_context(|| match file {
-                Some(f) => format!(
-                    "invalid configuration in {} or KEEL_* variables",
-                    f.display()
-                ),
+                Some(f) => format!("invalid configuration in {} or KEEL_* variables", f.display()),
                 None => "invalid configuration in KEEL_* variables".to_string(),
             })?;
         settings.validate()?;
         Ok(settings)
     }
 
+    /// Every rule, the cross-field ones included, checked once before anything starts.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.embedder.validate()?;
+        self.ingest.validate().map_err(anyhow::Error::msg)?;
+        self.cache.validate().map_err(anyhow::Error::msg)?;
+        self.supervisor.validate().map_err(anyhow::Error::msg)?;
+        self.storage.validate().map_err(anyhow::Error::msg)?;
+        let s = &self.server;
+        if s.max_message_bytes < 1024 * 1024 {
+            anyhow::bail!("server.max_message_bytes: {} is below 1 MiB", s.max_message_bytes);
+        }
+        if s.max_streams == 0 {
+            anyhow::bail!("server.max_streams: must be at least 1");
+        }
+        if s.idle_timeout_ms == 0 {
+            anyhow::bail!("server.idle_timeout_ms: must be at least 1");
+        }
+        if self.ingest.micro_batch_rows > self.ingest.slice_rows {
+            anyhow::bail!(
+                "ingest.micro_batch_rows ({}) must not exceed ingest.slice_rows ({})",
+                self.ingest.micro_batch_rows,
+                self.ingest.slice_rows
+            );
+        }
         Ok(())
     }
 }
@@ -60,6 +117,14 @@ mod tests {
 
     fn configs_dir() -> std::path::PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("configs")
+    }
+
+    fn write(name: &str, body: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("keel-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(name);
+        std::fs::write(&file, body).unwrap();
+        file
     }
 
     #[test]
@@ -83,21 +148,38 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected_by_name() {
-        let dir = std::env::temp_dir().join(format!("keel-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("typo.yaml");
-        std::fs::write(&file, "embedder:\n  wrokers: 2\n").unwrap();
+        let file = write("typo.yaml", "embedder:\n  wrokers: 2\n");
         let err = format!("{:#}", Settings::load(Some(&file)).unwrap_err());
         assert!(err.contains("wrokers"), "{err}");
+        let file = write("section.yaml", "sever:\n  listen: 127.0.0.1:1\n");
+        let err = format!("{:#}", Settings::load(Some(&file)).unwrap_err());
+        assert!(err.contains("sever"), "{err}");
     }
 
     #[test]
     fn invalid_values_are_rejected_with_their_key() {
-        let dir = std::env::temp_dir().join(format!("keel-config-v-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("zero.yaml");
-        std::fs::write(&file, "embedder:\n  max_batch_rows: 0\n").unwrap();
+        let file = write("zero.yaml", "embedder:\n  max_batch_rows: 0\n");
         let err = format!("{:#}", Settings::load(Some(&file)).unwrap_err());
         assert!(err.contains("embedder.max_batch_rows"), "{err}");
+        let file = write("cross.yaml", "ingest:\n  max_in_flight_rows: 100\n  slice_rows: 200\n");
+        let err = format!("{:#}", Settings::load(Some(&file)).unwrap_err());
+        assert!(err.contains("ingest.slice_rows"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        // SAFETY: nextest runs every test in its own process; nothing else reads the
+        // environment concurrently in this one.
+        unsafe {
+            std::env::set_var("KEEL_SERVER__LISTEN", "127.0.0.1:6000");
+            std::env::set_var("KEEL_EMBEDDER__WORKERS", "3");
+        }
+        let loaded = Settings::load(Some(&configs_dir().join("default.yaml"))).unwrap();
+        unsafe {
+            std::env::remove_var("KEEL_SERVER__LISTEN");
+            std::env::remove_var("KEEL_EMBEDDER__WORKERS");
+        }
+        assert_eq!(loaded.server.listen, "127.0.0.1:6000".parse().unwrap());
+        assert_eq!(loaded.embedder.workers, 3);
     }
 }

@@ -1,7 +1,6 @@
 //! `keel`: the command line. Thin: parse arguments, load settings, hand over to a command.
 
 mod commands;
-mod config;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,6 +16,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the engine over Arrow Flight until SIGINT/SIGTERM.
+    Serve(commands::serve::ServeArgs),
+    /// Check a configuration file (and KEEL_* variables) without starting anything.
+    Validate(commands::validate::ValidateArgs),
     /// Embed texts from stdin (one per line) and write JSON lines to stdout.
     Embed(commands::embed::EmbedArgs),
     /// Render the records of an annotated VCF as texts (one per line) with a template.
@@ -27,12 +30,14 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KEEL_LOG")
+            tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
                 .unwrap_or_else(|_| "info".into()),
         )
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(args) => commands::serve::run(args),
+        Command::Validate(args) => commands::validate::run(args),
         Command::Embed(args) => commands::embed::run(args),
         Command::Texts(args) => commands::texts::run(args),
     };

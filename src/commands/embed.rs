@@ -14,7 +14,7 @@ use keel_actors::embedding::pool::Replicas;
 use keel_actors::memory::rss_bytes;
 
 use crate::ConfigArgs;
-use crate::config::Settings;
+use keel::config::Settings;
 
 /// Lines embedded together: enough to sort by length and keep every replica busy.
 const CHUNK_LINES: usize = 2048;

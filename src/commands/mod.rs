@@ -1,4 +1,6 @@
 //! One module per subcommand.
 
 pub mod embed;
+pub mod serve;
 pub mod texts;
+pub mod validate;

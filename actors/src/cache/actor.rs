@@ -1,0 +1,83 @@
+//! The cache actor: owns the [`VectorCache`]; nothing else touches it.
+
+use actix::{Actor, Context, Handler};
+
+use super::config::CacheConfig;
+use super::messages::{GetCacheStats, Insert, Lookup};
+use super::store::{CacheStats, VectorCache};
+use crate::supervisor::messages::{Cleanup, CleanupAck, CleanupLevel};
+
+pub struct CacheActor {
+    cache: VectorCache,
+    config: CacheConfig,
+}
+
+impl CacheActor {
+    pub fn new(config: CacheConfig) -> Self {
+        Self {
+            cache: VectorCache::new(config.max_bytes as usize),
+            config,
+        }
+    }
+}
+
+impl Actor for CacheActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Room for one request per concurrent op; senders bound themselves with permits.
+        ctx.set_mailbox_capacity(256);
+    }
+}
+
+impl Handler<Lookup> for CacheActor {
+    type Result = Vec<Option<std::sync::Arc<[f32]>>>;
+
+    fn handle(&mut self, msg: Lookup, _: &mut Self::Context) -> Self::Result {
+        msg.keys.into_iter().map(|k| self.cache.get(k)).collect()
+    }
+}
+
+impl Handler<Insert> for CacheActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Insert, _: &mut Self::Context) {
+        for (k, v) in msg.entries {
+            self.cache.insert(k, v);
+        }
+    }
+}
+
+impl Handler<GetCacheStats> for CacheActor {
+    type Result = actix::MessageResult<GetCacheStats>;
+
+    fn handle(&mut self, _: GetCacheStats, _: &mut Self::Context) -> Self::Result {
+        actix::MessageResult(self.cache.stats())
+    }
+}
+
+impl Handler<Cleanup> for CacheActor {
+    type Result = actix::MessageResult<Cleanup>;
+
+    fn handle(&mut self, msg: Cleanup, _: &mut Self::Context) -> Self::Result {
+        let started = std::time::Instant::now();
+        let before = self.cache.bytes();
+        let target = match msg.level {
+            CleanupLevel::Full if self.config.clear_on_full_cleanup => 0,
+            _ => (self.cache.max_bytes() as f64 * self.config.low_watermark) as usize,
+        };
+        let evicted = self.cache.shrink_to(target);
+        actix::MessageResult(CleanupAck {
+            actor: "cache",
+            freed_bytes: (before - self.cache.bytes()) as u64,
+            detail: format!("evicted {evicted} entries"),
+            duration: started.elapsed(),
+        })
+    }
+}
+
+impl CacheActor {
+    pub fn stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+}

@@ -1,0 +1,34 @@
+//! `cache:` section.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Byte budget of the cache (keys, vectors and per-entry bookkeeping; see
+    /// `store::ENTRY_OVERHEAD_BYTES`). Never exceeded. 0 disables the cache.
+    pub max_bytes: u64,
+    /// A gentle cleanup shrinks the cache to this fraction of `max_bytes`.
+    pub low_watermark: f64,
+    /// Whether a full cleanup empties the cache (otherwise it shrinks to the low watermark).
+    pub clear_on_full_cleanup: bool,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 100 * 1024 * 1024,
+            low_watermark: 0.7,
+            clear_on_full_cleanup: false,
+        }
+    }
+}
+
+impl CacheConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.low_watermark) {
+            return Err(format!("cache.low_watermark: {} is not within 0..=1", self.low_watermark));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,56 @@
+//! `ingest:` section.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Rows per micro-batch, the unit of work between actors (one op).
+    pub micro_batch_rows: usize,
+    /// Rows read off all streams whose vectors are not yet handed back or stored. When
+    /// none are left, streams stop reading and HTTP/2 flow control pushes back.
+    pub max_in_flight_rows: usize,
+    /// Input batches are processed in slices of at most this many rows, each holding its
+    /// permits until its rows are sent or stored. Must not exceed `max_in_flight_rows`.
+    pub slice_rows: usize,
+    /// Text column used when the command names none.
+    pub default_text_column: String,
+    /// Slices of one stream being embedded at once (order is kept on output).
+    pub stream_parallelism: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            micro_batch_rows: 25,
+            max_in_flight_rows: 8192,
+            slice_rows: 1024,
+            default_text_column: "text".into(),
+            stream_parallelism: 8,
+        }
+    }
+}
+
+impl IngestConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.micro_batch_rows == 0 {
+            return Err("ingest.micro_batch_rows: must be at least 1".into());
+        }
+        if self.slice_rows == 0 || self.slice_rows > self.max_in_flight_rows {
+            return Err(format!(
+                "ingest.slice_rows: {} must be within 1..=ingest.max_in_flight_rows ({})",
+                self.slice_rows, self.max_in_flight_rows
+            ));
+        }
+        if self.max_in_flight_rows > u32::MAX as usize {
+            return Err("ingest.max_in_flight_rows: at most 4294967295".into());
+        }
+        if self.stream_parallelism == 0 {
+            return Err("ingest.stream_parallelism: must be at least 1".into());
+        }
+        if self.default_text_column.is_empty() {
+            return Err("ingest.default_text_column: must not be empty".into());
+        }
+        Ok(())
+    }
+}

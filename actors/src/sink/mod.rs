@@ -1,0 +1,9 @@
+//! The sink: datasets of embedded rows stored as Parquet files, written atomically.
+//!
+//! [`store::DatasetStore`] is the file layout (testable alone); [`actor::SinkHandle`]
+//! serialises every append through one thread, so concurrent producers to one dataset
+//! never race on a part number, and an acknowledged row is one that is on disk.
+
+pub mod actor;
+pub mod config;
+pub mod store;

@@ -1,0 +1,48 @@
+//! `keel serve`: the engine behind an Arrow Flight endpoint, until SIGINT or SIGTERM.
+
+use crate::ConfigArgs;
+use keel::app;
+use keel::config::Settings;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let settings = Settings::load(args.config.config.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("keel-io")
+        .build()?;
+    runtime.block_on(async move {
+        let listen = settings.server.listen;
+        let running = app::start(settings)?;
+        let listener = app::bind(listen).await?;
+        tracing::info!(address = %listener.local_addr()?, "keel serving Arrow Flight");
+        running.serve(listener, shutdown_signal()).await
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,476 @@
+//! `FlightService` for Keel. Every stream gets its own task that owns its decoding,
+//! validation, slicing, in-flight permits and in-order reassembly; the pipeline, cache,
+//! embedder and sink are shared through the [`Engine`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use arrow_array::RecordBatch;
+use arrow_flight::decode::FlightRecordBatchStream;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_descriptor::DescriptorType;
+use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::{
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest,
+    HandshakeResponse, PollInfo, PutResult, SchemaAsIpc, SchemaResult, Ticket,
+};
+use arrow_ipc::writer::IpcWriteOptions;
+use arrow_schema::SchemaRef;
+use futures::{Stream, StreamExt, TryStreamExt, stream};
+use keel_actors::ingest::output::with_embeddings;
+use keel_actors::ingest::pipeline::InFlight;
+use keel_actors::ingest::source::{EmbedCommand, TextSource};
+use keel_actors::sink::store::{DatasetInfo, DatasetStore};
+use keel_actors::supervisor::messages::{CleanupLevel, RunCleanup};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::error;
+use crate::app::Engine;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Rows per batch when a dataset is streamed back.
+const DO_GET_BATCH_ROWS: usize = 8192;
+
+pub struct KeelFlight {
+    engine: Arc<Engine>,
+}
+
+impl KeelFlight {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+}
+
+/// What a stream's descriptor asks for.
+enum Target {
+    Embed(TextSource),
+    Dataset(String, TextSource),
+}
+
+fn parse_descriptor(d: Option<&FlightDescriptor>, default_column: &str) -> Result<Target, Status> {
+    let d = d.ok_or_else(|| Status::invalid_argument("the first message carries no flight descriptor"))?;
+    let source = |cmd: &[u8]| {
+        EmbedCommand::parse(cmd)
+            .and_then(|c| TextSource::from_command(&c, default_column))
+            .map_err(error::ingest)
+    };
+    match DescriptorType::try_from(d.r#type) {
+        Ok(DescriptorType::Path) => {
+            let path: Vec<&str> = d.path.iter().map(String::as_str).collect();
+            match path.as_slice() {
+                ["embed"] => Ok(Target::Embed(source(&d.cmd)?)),
+                ["embed", cmd] => Ok(Target::Embed(source(cmd.as_bytes())?)),
+                ["datasets", name] => {
+                    DatasetStore::validate_name(name).map_err(error::sink)?;
+                    Ok(Target::Dataset(name.to_string(), source(&d.cmd)?))
+                }
+                ["datasets", name, cmd] => {
+                    DatasetStore::validate_name(name).map_err(error::sink)?;
+                    Ok(Target::Dataset(name.to_string(), source(cmd.as_bytes())?))
+                }
+                _ => Err(Status::invalid_argument(format!(
+                    "unknown descriptor path {path:?}; use [\"embed\"] or [\"datasets\", NAME]"
+                ))),
+            }
+        }
+        Ok(DescriptorType::Cmd) => Ok(Target::Embed(source(&d.cmd)?)),
+        _ => Err(Status::invalid_argument("unknown descriptor type")),
+    }
+}
+
+/// Reads the first message (for its descriptor), then decodes the rest as record batches.
+/// Messages with an empty data header (pyarrow's `do_exchange` opens with one) are skipped.
+async fn open_stream(
+    mut input: Streaming<FlightData>,
+) -> Result<(Option<FlightDescriptor>, BoxStream<RecordBatch>), Status> {
+    let first = input
+        .message()
+        .await?
+        .ok_or_else(|| Status::invalid_argument("the stream ended before its first message"))?;
+    let descriptor = first.flight_descriptor.clone();
+    let data = stream::once(async move { Ok(first) })
+        .chain(input)
+        .try_filter(|m| futures::future::ready(!m.data_header.is_empty()))
+        .map_err(|s| FlightError::Tonic(Box::new(s)));
+    let batches = FlightRecordBatchStream::new_from_flight_data(data).map_err(error::client_data);
+    Ok((descriptor, Box::pin(batches)))
+}
+
+/// One slice of a stream on its way through the pipeline, or the error that ends it.
+enum Pending {
+    Slice(JoinHandle<Result<(RecordBatch, InFlight), Status>>),
+    Failed(Status),
+}
+
+impl Engine {
+    /// The reading half of a stream: decode, validate, slice, admit, embed. Slices go to
+    /// `tx` in order; the first error goes there too and ends the stream.
+    async fn read_stream(self: Arc<Self>, mut batches: BoxStream<RecordBatch>, source: TextSource, tx: mpsc::Sender<Pending>) {
+        let pipeline = self.pipeline.clone();
+        let idle = Duration::from_millis(self.settings.server.idle_timeout_ms);
+        let slice_rows = pipeline.config().slice_rows;
+        let dim = pipeline.dim();
+        let mut schema: Option<SchemaRef> = None;
+        let fail = |status: Status| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(Pending::Failed(status)).await;
+            }
+        };
+        loop {
+            let batch = match tokio::time::timeout(idle, batches.next()).await {
+                Err(_) => {
+                    return fail(Status::deadline_exceeded(format!(
+                        "no message for {} ms (server.idle_timeout_ms)",
+                        idle.as_millis()
+                    )))
+                    .await;
+                }
+                Ok(None) => return,
+                Ok(Some(Err(status))) => return fail(status).await,
+                Ok(Some(Ok(batch))) => batch,
+            };
+            match &schema {
+                None => {
+                    if let Err(e) = source.bind(&batch.schema()) {
+                        return fail(error::ingest(e)).await;
+                    }
+                    schema = Some(batch.schema());
+                }
+                Some(s) if s.fields() != batch.schema().fields() => {
+                    return fail(Status::invalid_argument(
+                        "the schema changed mid-stream; open a new stream for a new schema",
+                    ))
+                    .await;
+                }
+                Some(_) => {}
+            }
+            let rows = batch.num_rows();
+            let mut offset = 0;
+            loop {
+                let len = slice_rows.min(rows - offset);
+                let slice = batch.slice(offset, len);
+                let in_flight = match pipeline.admit(len).await {
+                    Ok(p) => p,
+                    Err(e) => return fail(error::ingest(e)).await,
+                };
+                let texts = match source.texts(&slice) {
+                    Ok(t) => t,
+                    Err(e) => return fail(error::ingest(e)).await,
+                };
+                let p = pipeline.clone();
+                let task = tokio::spawn(async move {
+                    let (vectors, valid) = p.embed(texts).await.map_err(error::ingest)?;
+                    let out = with_embeddings(&slice, vectors, &valid, dim).map_err(error::ingest)?;
+                    Ok((out, in_flight))
+                });
+                if tx.send(Pending::Slice(task)).await.is_err() {
+                    return; // the client went away; dropping the stream cancels the rest
+                }
+                offset += len;
+                if offset >= rows {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Awaits pending slices in order; ends after the first error.
+fn ordered_results(rx: mpsc::Receiver<Pending>) -> impl Stream<Item = Result<(RecordBatch, InFlight), Status>> {
+    ReceiverStream::new(rx)
+        .then(|p| async move {
+            match p {
+                Pending::Failed(s) => Err(s),
+                Pending::Slice(h) => match h.await {
+                    Ok(r) => r,
+                    Err(e) => Err(Status::internal(format!("a slice task failed: {e}"))),
+                },
+            }
+        })
+        .scan(false, |failed, r| {
+            if *failed {
+                return futures::future::ready(None);
+            }
+            *failed = r.is_err();
+            futures::future::ready(Some(r))
+        })
+}
+
+fn dataset_info(info: &DatasetInfo) -> Result<FlightInfo, Status> {
+    FlightInfo::new()
+        .try_with_schema(&info.schema)
+        .map_err(|e| Status::internal(e.to_string()))
+        .map(|fi| {
+            fi.with_descriptor(FlightDescriptor::new_path(vec!["datasets".into(), info.name.clone()]))
+                .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(info.name.clone())))
+                .with_total_records(info.rows as i64)
+                .with_total_bytes(info.bytes as i64)
+                .with_ordered(true)
+        })
+}
+
+fn dataset_name(d: &FlightDescriptor) -> Result<&str, Status> {
+    match d.path.as_slice() {
+        [kind, name] if kind == "datasets" => Ok(name),
+        _ => Err(Status::invalid_argument("expected the descriptor path [\"datasets\", NAME]")),
+    }
+}
+
+#[tonic::async_trait]
+impl FlightService for KeelFlight {
+    type HandshakeStream = BoxStream<HandshakeResponse>;
+    type ListFlightsStream = BoxStream<FlightInfo>;
+    type DoGetStream = BoxStream<FlightData>;
+    type DoPutStream = BoxStream<PutResult>;
+    type DoExchangeStream = BoxStream<FlightData>;
+    type DoActionStream = BoxStream<arrow_flight::Result>;
+    type ListActionsStream = BoxStream<ActionType>;
+
+    async fn handshake(&self, _: Request<Streaming<HandshakeRequest>>) -> Result<Response<Self::HandshakeStream>, Status> {
+        Err(Status::unimplemented("authentication is not enabled on this server"))
+    }
+
+    async fn list_flights(&self, _: Request<Criteria>) -> Result<Response<Self::ListFlightsStream>, Status> {
+        let store = self.engine.sink.store().clone();
+        let infos = tokio::task::spawn_blocking(move || store.list())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(error::sink)?;
+        let flights: Vec<Result<FlightInfo, Status>> = infos.iter().map(dataset_info).collect();
+        Ok(Response::new(Box::pin(stream::iter(flights))))
+    }
+
+    async fn get_flight_info(&self, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
+        let name = dataset_name(request.get_ref())?.to_string();
+        let store = self.engine.sink.store().clone();
+        let info = tokio::task::spawn_blocking(move || store.info(&name))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(error::sink)?;
+        Ok(Response::new(dataset_info(&info)?))
+    }
+
+    async fn poll_flight_info(&self, _: Request<FlightDescriptor>) -> Result<Response<PollInfo>, Status> {
+        Err(Status::unimplemented("datasets are described by GetFlightInfo"))
+    }
+
+    async fn get_schema(&self, request: Request<FlightDescriptor>) -> Result<Response<SchemaResult>, Status> {
+        let name = dataset_name(request.get_ref())?.to_string();
+        let store = self.engine.sink.store().clone();
+        let info = tokio::task::spawn_blocking(move || store.info(&name))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(error::sink)?;
+        let options = IpcWriteOptions::default();
+        let result: SchemaResult = SchemaAsIpc::new(&info.schema, &options)
+            .try_into()
+            .map_err(|e: arrow_schema::ArrowError| Status::internal(e.to_string()))?;
+        Ok(Response::new(result))
+    }
+
+    async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
+        let name = String::from_utf8(request.into_inner().ticket.to_vec())
+            .map_err(|_| Status::invalid_argument("the ticket is not a UTF-8 dataset name"))?;
+        let store = self.engine.sink.store().clone();
+        let info = {
+            let (store, name) = (store.clone(), name.clone());
+            tokio::task::spawn_blocking(move || store.info(&name))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(error::sink)?
+        };
+        let (tx, rx) = mpsc::channel::<Result<RecordBatch, FlightError>>(2);
+        tokio::task::spawn_blocking(move || {
+            let result = store.read(&name, DO_GET_BATCH_ROWS, |b| {
+                tx.blocking_send(Ok(b)).map_err(|_| keel_actors::sink::store::SinkError::Closed)
+            });
+            if let Err(e) = result
+                && !matches!(e, keel_actors::sink::store::SinkError::Closed)
+            {
+                let _ = tx.blocking_send(Err(error::into_flight(error::sink(e))));
+            }
+        });
+        let encoded = FlightDataEncoderBuilder::new()
+            .with_schema(info.schema.clone())
+            .build(ReceiverStream::new(rx))
+            .map_err(Status::from);
+        Ok(Response::new(Box::pin(encoded)))
+    }
+
+    async fn do_put(&self, request: Request<Streaming<FlightData>>) -> Result<Response<Self::DoPutStream>, Status> {
+        let stream_permit = self.engine.admit_stream()?;
+        let (descriptor, batches) = open_stream(request.into_inner()).await?;
+        let Target::Dataset(name, source) =
+            parse_descriptor(descriptor.as_ref(), &self.engine.pipeline.config().default_text_column)?
+        else {
+            return Err(Status::invalid_argument(
+                "DoPut needs the descriptor path [\"datasets\", NAME]; use DoExchange [\"embed\"] to get rows back",
+            ));
+        };
+        let engine = self.engine.clone();
+        let parallelism = engine.pipeline.config().stream_parallelism;
+        let (tx, rx) = mpsc::channel(parallelism);
+        tokio::spawn(engine.clone().read_stream(batches, source, tx));
+        let (out_tx, out_rx) = mpsc::channel::<Result<PutResult, Status>>(4);
+        let flush_rows = engine.settings.storage.flush_rows;
+        tokio::spawn(async move {
+            let _stream_permit = stream_permit;
+            let mut results = Box::pin(ordered_results(rx));
+            let mut pending: Vec<RecordBatch> = Vec::new();
+            let (mut buffered, mut acknowledged) = (0usize, 0u64);
+            loop {
+                let next = results.next().await;
+                let end = next.is_none();
+                match next {
+                    Some(Ok((batch, in_flight))) => {
+                        // Embedded rows wait in this stream's buffer (bounded by
+                        // storage.flush_rows), not in the pipeline: release their permits.
+                        drop(in_flight);
+                        buffered += batch.num_rows();
+                        pending.push(batch);
+                    }
+                    Some(Err(status)) => {
+                        engine.pipeline.counters().streams_failed.fetch_add(1, Ordering::Relaxed);
+                        // Rows embedded before the error are still stored and acknowledged.
+                        if !pending.is_empty()
+                            && let Ok(total) = engine.sink.append(&name, std::mem::take(&mut pending)).await
+                        {
+                            acknowledged += buffered as u64;
+                            let _ = out_tx.send(Ok(put_result(acknowledged, total))).await;
+                        }
+                        let _ = out_tx.send(Err(status)).await;
+                        return;
+                    }
+                    None => {}
+                }
+                if (buffered >= flush_rows || end) && !pending.is_empty() {
+                    match engine.sink.append(&name, std::mem::take(&mut pending)).await {
+                        Ok(total) => {
+                            acknowledged += buffered as u64;
+                            buffered = 0;
+                            if out_tx.send(Ok(put_result(acknowledged, total))).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = out_tx.send(Err(error::sink(e))).await;
+                            return;
+                        }
+                    }
+                }
+                if end {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    async fn do_exchange(&self, request: Request<Streaming<FlightData>>) -> Result<Response<Self::DoExchangeStream>, Status> {
+        let stream_permit = self.engine.admit_stream()?;
+        let (descriptor, batches) = open_stream(request.into_inner()).await?;
+        let Target::Embed(source) =
+            parse_descriptor(descriptor.as_ref(), &self.engine.pipeline.config().default_text_column)?
+        else {
+            return Err(Status::invalid_argument(
+                "DoExchange needs the descriptor path [\"embed\"]; use DoPut for datasets",
+            ));
+        };
+        let engine = self.engine.clone();
+        let (tx, rx) = mpsc::channel(engine.pipeline.config().stream_parallelism);
+        tokio::spawn(engine.clone().read_stream(batches, source, tx));
+        let counters = engine.pipeline.counters().clone();
+        let batches = ordered_results(rx).map(move |r| {
+            let _keep = &stream_permit;
+            match r {
+                // The permits go back as the rows are handed to the encoder.
+                Ok((batch, _in_flight)) => Ok(batch),
+                Err(status) => {
+                    counters.streams_failed.fetch_add(1, Ordering::Relaxed);
+                    Err(error::into_flight(status))
+                }
+            }
+        });
+        let encoded = FlightDataEncoderBuilder::new()
+            .with_max_flight_data_size(engine.settings.server.max_message_bytes / 2)
+            .build(batches)
+            .map_err(Status::from);
+        Ok(Response::new(Box::pin(encoded)))
+    }
+
+    async fn do_action(&self, request: Request<Action>) -> Result<Response<Self::DoActionStream>, Status> {
+        let action = request.into_inner();
+        let body = match action.r#type.as_str() {
+            "stats" => serde_json::to_vec(&self.engine.stats().await?),
+            "health" => serde_json::to_vec(&serde_json::json!({
+                "status": if self.engine.is_closing() { "shutting_down" } else { "ok" },
+                "model": self.engine.pipeline.embedder().model_id(),
+                "dim": self.engine.pipeline.dim(),
+            })),
+            "cleanup" => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Body {
+                    #[serde(default)]
+                    level: Option<CleanupLevel>,
+                }
+                let level = if action.body.iter().all(|b| b.is_ascii_whitespace()) {
+                    CleanupLevel::Gentle
+                } else {
+                    serde_json::from_slice::<Body>(&action.body)
+                        .map_err(|e| Status::invalid_argument(format!("bad cleanup body: {e}")))?
+                        .level
+                        .unwrap_or(CleanupLevel::Gentle)
+                };
+                let record = self
+                    .engine
+                    .supervisor
+                    .send(RunCleanup {
+                        level,
+                        reason: "requested by the cleanup action".into(),
+                    })
+                    .await
+                    .map_err(|e| Status::unavailable(format!("supervisor unavailable: {e}")))?;
+                serde_json::to_vec(&record)
+            }
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown action {other:?}; actions: stats, cleanup, health"
+                )));
+            }
+        }
+        .map_err(|e| Status::internal(e.to_string()))?;
+        let result = arrow_flight::Result { body: body.into() };
+        Ok(Response::new(Box::pin(stream::once(async move { Ok(result) }))))
+    }
+
+    async fn list_actions(&self, _: Request<Empty>) -> Result<Response<Self::ListActionsStream>, Status> {
+        let actions = [
+            ("stats", "JSON: memory, cache, embedder, ops, rows, in-flight rows, recent cleanups"),
+            ("cleanup", "Run a cleanup now; body {\"level\": \"gentle\"|\"full\"}; returns each actor's duration"),
+            ("health", "JSON: status, model, dimension"),
+        ]
+        .map(|(t, d)| {
+            Ok(ActionType {
+                r#type: t.into(),
+                description: d.into(),
+            })
+        });
+        Ok(Response::new(Box::pin(stream::iter(actions))))
+    }
+}
+
+fn put_result(acknowledged: u64, dataset_rows: u64) -> PutResult {
+    let meta = serde_json::json!({ "acknowledged_rows": acknowledged, "dataset_rows": dataset_rows });
+    PutResult {
+        app_metadata: serde_json::to_vec(&meta).unwrap_or_default().into(),
+    }
+}

@@ -1,0 +1,158 @@
+"""Keel over Arrow Flight from pyarrow, the client its users have.
+
+Starts `keel serve` (the release binary) on a free port with a temporary data folder,
+then speaks to it with pyarrow.flight only. Run by scripts/test.sh:
+    python tests/python/test_flight.py target/release/keel
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TIMEOUT = flight.FlightCallOptions(timeout=60)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(binary, data_dir):
+    port = free_port()
+    env = dict(os.environ)
+    env.update({
+        "KEEL_SERVER__LISTEN": f"127.0.0.1:{port}",
+        "KEEL_STORAGE__DATA_DIR": data_dir,
+        "KEEL_EMBEDDER__MODEL_DIR": os.path.join(ROOT, "models/all-MiniLM-L6-v2"),
+        "KEEL_STORAGE__FLUSH_ROWS": "100",
+    })
+    proc = subprocess.Popen([binary, "serve", "--config", os.path.join(ROOT, "configs/default.yaml")],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    client = flight.connect(f"grpc://127.0.0.1:{port}")
+    deadline = time.time() + 60
+    while True:
+        try:
+            list(client.do_action(flight.Action("health", b""), options=TIMEOUT))
+            return proc, client
+        except flight.FlightUnavailableError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("keel serve did not come up:\n" + proc.stderr.read())
+            time.sleep(0.2)
+
+
+def exchange(client, table, descriptor):
+    """DoExchange with the writer on this thread and the reader on another (a writer that
+    does not read deadlocks once HTTP/2 windows fill)."""
+    writer, reader = client.do_exchange(descriptor, options=TIMEOUT)
+    out, errors = [], []
+
+    def read():
+        try:
+            for chunk in reader:
+                out.append(chunk.data)
+        except Exception as e:  # noqa: BLE001 - reported by the caller
+            errors.append(e)
+
+    t = threading.Thread(target=read)
+    t.start()
+    try:
+        writer.begin(table.schema)
+        for batch in table.to_batches(max_chunksize=64):
+            writer.write_batch(batch)
+        writer.done_writing()
+    except Exception as e:  # noqa: BLE001 - the server may end the stream early
+        errors.append(e)
+    t.join()
+    writer.close()
+    if errors:
+        raise errors[0]
+    return pa.Table.from_batches(out) if out else None
+
+
+def main(binary):
+    data_dir = tempfile.mkdtemp(prefix="keel-pytest-")
+    proc, client = start_server(binary, data_dir)
+    failures = []
+
+    def check(name, cond, detail=""):
+        print(("ok   " if cond else "FAIL ") + name + (f": {detail}" if detail and not cond else ""))
+        if not cond:
+            failures.append(name)
+
+    try:
+        texts = [f"BRCA1 variant {i} frameshift" for i in range(300)] + [None]
+        table = pa.table({"id": pa.array(range(301), pa.int64()), "text": pa.array(texts, pa.string())})
+        out = exchange(client, table, flight.FlightDescriptor.for_path("embed"))
+        check("exchange returns every row", out.num_rows == 301, out.num_rows)
+        check("rows come back in order", out.column("id").to_pylist() == list(range(301)))
+        emb = out.column("embedding")
+        check("embedding is FixedSizeList<float32, 384>",
+              pa.types.is_fixed_size_list(emb.type) and emb.type.list_size == 384
+              and emb.type.value_type == pa.float32(), emb.type)
+        check("null text gives a null embedding", emb[300].as_py() is None and emb[0].as_py() is not None)
+        norm = sum(v * v for v in emb[0].as_py()) ** 0.5
+        check("vectors are unit length", abs(norm - 1) < 1e-4, norm)
+
+        # Compressed IPC from pyarrow decodes.
+        cmd = flight.FlightDescriptor.for_command(json.dumps({"template": "{gene} {pos}"}))
+        t2 = pa.table({"gene": ["TP53", "CFTR"], "pos": [7675088, 117559590]})
+        out2 = exchange(client, t2, cmd)
+        check("template command works", out2.num_rows == 2)
+
+        # Errors are precise.
+        try:
+            exchange(client, table, flight.FlightDescriptor.for_command(json.dumps({"text_column": "nope"})))
+            check("missing column is InvalidArgument", False, "no error")
+        except flight.FlightServerError as e:
+            check("missing column is InvalidArgument", False, repr(e))
+        except pa.ArrowInvalid as e:
+            check("missing column is InvalidArgument", "nope" in str(e), str(e))
+
+        # DoPut, then DoGet and GetFlightInfo.
+        desc = flight.FlightDescriptor.for_path("datasets", "pyvariants")
+        writer, meta_reader = client.do_put(desc, table.schema, options=TIMEOUT)
+        acks = []
+        for batch in table.to_batches(max_chunksize=50):
+            writer.write_batch(batch)
+        writer.done_writing()
+        while True:
+            buf = meta_reader.read()
+            if buf is None:
+                break
+            acks.append(json.loads(buf.to_pybytes()))
+        writer.close()
+        check("put acknowledges every row", acks and acks[-1]["acknowledged_rows"] == 301, acks)
+        info = client.get_flight_info(desc, options=TIMEOUT)
+        check("flight info counts rows", info.total_records == 301, info.total_records)
+        back = client.do_get(flight.Ticket(b"pyvariants"), options=TIMEOUT).read_all()
+        check("get returns the dataset", back.num_rows == 301 and back.column("id").to_pylist() == list(range(301)))
+        names = [f.descriptor.path for f in client.list_flights(options=TIMEOUT)]
+        check("list_flights lists it", [b"datasets", b"pyvariants"] in names, names)
+
+        stats = json.loads(next(iter(client.do_action(flight.Action("stats", b""), options=TIMEOUT))).body.to_pybytes())
+        check("stats reports rows and cache", stats["rows"] >= 301 and "hits" in stats["cache"], stats)
+    finally:
+        proc.terminate()
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = None
+        check("SIGTERM stops the server with exit 0", code == 0, code)
+    if failures:
+        print(f"{len(failures)} failed: {failures}")
+        sys.exit(1)
+    print("all pyarrow checks passed")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target/release/keel"))
