@@ -81,7 +81,13 @@ impl Engine {
         let c = self.pipeline.counters();
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let hit_rate = cache
-            .map(|s| if s.hits + s.misses > 0 { s.hits as f64 / (s.hits + s.misses) as f64 } else { 0.0 })
+            .map(|s| {
+                if s.hits + s.misses > 0 {
+                    s.hits as f64 / (s.hits + s.misses) as f64
+                } else {
+                    0.0
+                }
+            })
             .unwrap_or(0.0);
         Ok(serde_json::json!({
             "uptime_s": self.started.elapsed().as_secs_f64(),
@@ -141,7 +147,12 @@ pub struct Running {
 /// Loads the model and starts the actors, the embedder threads and the sink.
 pub fn start(settings: Settings) -> anyhow::Result<Running> {
     let model = SentenceModel::load(&settings.embedder.model_dir, settings.embedder.backend)
-        .with_context(|| format!("loading the model from {}", settings.embedder.model_dir.display()))?;
+        .with_context(|| {
+            format!(
+                "loading the model from {}",
+                settings.embedder.model_dir.display()
+            )
+        })?;
     let key_settings = format!(
         "{:?}|normalize={}|max_seq={}",
         model.spec().pooling,
@@ -153,8 +164,12 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     let queue_jobs = ingest.max_in_flight_rows.div_ceil(ingest.micro_batch_rows) + 1;
     let embedder = EmbedderService::start(model, &settings.embedder, queue_jobs)?;
 
-    let store = DatasetStore::open(&settings.storage.data_dir)
-        .with_context(|| format!("opening storage.data_dir {}", settings.storage.data_dir.display()))?;
+    let store = DatasetStore::open(&settings.storage.data_dir).with_context(|| {
+        format!(
+            "opening storage.data_dir {}",
+            settings.storage.data_dir.display()
+        )
+    })?;
     let (sink, sink_thread) = SinkHandle::start(store, settings.storage.queue_depth);
 
     // The actix system on its own thread; its actors are created inside it.
@@ -226,7 +241,12 @@ impl Running {
             closing_engine.closing.store(true, Ordering::Relaxed);
             // Give open streams their grace period, then stop the server.
             let deadline = tokio::time::Instant::now() + grace;
-            while closing_engine.pipeline.counters().streams_open.load(Ordering::Relaxed) > 0
+            while closing_engine
+                .pipeline
+                .counters()
+                .streams_open
+                .load(Ordering::Relaxed)
+                > 0
                 && tokio::time::Instant::now() < deadline
             {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -76,7 +76,10 @@ impl Settings {
             .build()
             .and_then(|c| c.try_deserialize())
             .with_context(|| match file {
-                Some(f) => format!("invalid configuration in {} or KEEL_* variables", f.display()),
+                Some(f) => format!(
+                    "invalid configuration in {} or KEEL_* variables",
+                    f.display()
+                ),
                 None => "invalid configuration in KEEL_* variables".to_string(),
             })?;
         settings.validate()?;
@@ -92,7 +95,10 @@ impl Settings {
         self.storage.validate().map_err(anyhow::Error::msg)?;
         let s = &self.server;
         if s.max_message_bytes < 1024 * 1024 {
-            anyhow::bail!("server.max_message_bytes: {} is below 1 MiB", s.max_message_bytes);
+            anyhow::bail!(
+                "server.max_message_bytes: {} is below 1 MiB",
+                s.max_message_bytes
+            );
         }
         if s.max_streams == 0 {
             anyhow::bail!("server.max_streams: must be at least 1");
@@ -161,7 +167,10 @@ mod tests {
         let file = write("zero.yaml", "embedder:\n  max_batch_rows: 0\n");
         let err = format!("{:#}", Settings::load(Some(&file)).unwrap_err());
         assert!(err.contains("embedder.max_batch_rows"), "{err}");
-        let file = write("cross.yaml", "ingest:\n  max_in_flight_rows: 100\n  slice_rows: 200\n");
+        let file = write(
+            "cross.yaml",
+            "ingest:\n  max_in_flight_rows: 100\n  slice_rows: 200\n",
+        );
         let err = format!("{:#}", Settings::load(Some(&file)).unwrap_err());
         assert!(err.contains("ingest.slice_rows"), "{err}");
     }

@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use arrow_array::{Array, ArrayRef, FixedSizeListArray, Float32Array, Int64Array, RecordBatch, StringArray};
+use arrow_array::{
+    Array, ArrayRef, FixedSizeListArray, Float32Array, Int64Array, RecordBatch, StringArray,
+};
 use arrow_flight::{FlightDescriptor, Ticket};
 use futures::TryStreamExt;
 use keel_actors::embedding::model::{Backend, BatchLimits, SentenceModel};
@@ -21,11 +23,17 @@ fn embeddings(batch: &RecordBatch) -> &FixedSizeListArray {
 
 fn vector(list: &FixedSizeListArray, i: usize) -> Vec<f32> {
     let v = list.value(i);
-    v.as_any().downcast_ref::<Float32Array>().unwrap().values().to_vec()
+    v.as_any()
+        .downcast_ref::<Float32Array>()
+        .unwrap()
+        .values()
+        .to_vec()
 }
 
 fn texts(n: usize, tag: &str) -> Vec<String> {
-    (0..n).map(|i| format!("{tag} variant {i} in gene G{}", i % 17)).collect()
+    (0..n)
+        .map(|i| format!("{tag} variant {i} in gene G{}", i % 17))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -42,9 +50,18 @@ async fn exchange_returns_every_row_in_order_with_the_vectors_of_keel_embed() {
     assert_eq!(rows, 130);
 
     // Same vectors as the model alone (what `keel embed` runs).
-    let model = SentenceModel::load(&repo_root().join("models/all-MiniLM-L6-v2"), Backend::Cpu).unwrap();
+    let model =
+        SentenceModel::load(&repo_root().join("models/all-MiniLM-L6-v2"), Backend::Cpu).unwrap();
     let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-    let expected = model.embed(&refs, BatchLimits { max_rows: 64, max_tokens: 8192 }).unwrap();
+    let expected = model
+        .embed(
+            &refs,
+            BatchLimits {
+                max_rows: 64,
+                max_tokens: 8192,
+            },
+        )
+        .unwrap();
     let mut i = 0;
     for b in &out {
         assert_eq!(b.schema().field(2).name(), "embedding");
@@ -54,7 +71,11 @@ async fn exchange_returns_every_row_in_order_with_the_vectors_of_keel_embed() {
             assert_eq!(ids.value(r), (i % 50) as i64, "row order");
             let got = vector(list, r);
             let want = &expected[i * 384..(i + 1) * 384];
-            let diff = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            let diff = got
+                .iter()
+                .zip(want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
             assert!(diff < 1e-5, "row {i} differs by {diff}");
             i += 1;
         }
@@ -85,15 +106,27 @@ async fn templates_render_rows_and_repeated_rows_hit_the_cache() {
     let server = TestServer::start(|_| {}).await;
     let mut client = server.client().await;
     let batch = RecordBatch::try_from_iter([
-        ("gene", Arc::new(StringArray::from(vec!["BRCA1", "TP53", "BRCA1"])) as ArrayRef),
-        ("pos", Arc::new(Int64Array::from(vec![43045712, 7675088, 43045712])) as ArrayRef),
+        (
+            "gene",
+            Arc::new(StringArray::from(vec!["BRCA1", "TP53", "BRCA1"])) as ArrayRef,
+        ),
+        (
+            "pos",
+            Arc::new(Int64Array::from(vec![43045712, 7675088, 43045712])) as ArrayRef,
+        ),
     ])
     .unwrap();
     let cmd = FlightDescriptor::new_cmd(r#"{"template": "{gene} at {pos}"}"#);
-    let first = exchange(&mut client, cmd.clone(), vec![batch.clone()]).await.unwrap();
+    let first = exchange(&mut client, cmd.clone(), vec![batch.clone()])
+        .await
+        .unwrap();
     let second = exchange(&mut client, cmd, vec![batch]).await.unwrap();
     let (a, b) = (embeddings(&first[0]), embeddings(&second[0]));
-    assert_eq!(vector(a, 0), vector(a, 2), "same rendered text, same vector");
+    assert_eq!(
+        vector(a, 0),
+        vector(a, 2),
+        "same rendered text, same vector"
+    );
     assert_ne!(vector(a, 0), vector(a, 1));
     assert_eq!(vector(a, 1), vector(b, 1));
     let stats = action(&mut client, "stats", "").await;
@@ -109,24 +142,63 @@ async fn bad_requests_get_precise_statuses_and_the_server_goes_on() {
     let mut client = server.client().await;
     let good = text_batch(&[Some("still serving")]);
     let cases: Vec<(FlightDescriptor, RecordBatch, Code, &str)> = vec![
-        (FlightDescriptor::new_path(vec!["nope".into()]), good.clone(), Code::InvalidArgument, "unknown descriptor path"),
-        (FlightDescriptor::new_cmd("{not json"), good.clone(), Code::InvalidArgument, "bad command JSON"),
-        (FlightDescriptor::new_cmd(r#"{"text_column": "missing"}"#), good.clone(), Code::InvalidArgument, "\"missing\" not found"),
-        (FlightDescriptor::new_cmd(r#"{"text_column": "id"}"#), good.clone(), Code::InvalidArgument, "has type Int64"),
-        (FlightDescriptor::new_cmd(r#"{"template": "{gene}"}"#), good.clone(), Code::InvalidArgument, "{gene}"),
+        (
+            FlightDescriptor::new_path(vec!["nope".into()]),
+            good.clone(),
+            Code::InvalidArgument,
+            "unknown descriptor path",
+        ),
+        (
+            FlightDescriptor::new_cmd("{not json"),
+            good.clone(),
+            Code::InvalidArgument,
+            "bad command JSON",
+        ),
+        (
+            FlightDescriptor::new_cmd(r#"{"text_column": "missing"}"#),
+            good.clone(),
+            Code::InvalidArgument,
+            "\"missing\" not found",
+        ),
+        (
+            FlightDescriptor::new_cmd(r#"{"text_column": "id"}"#),
+            good.clone(),
+            Code::InvalidArgument,
+            "has type Int64",
+        ),
+        (
+            FlightDescriptor::new_cmd(r#"{"template": "{gene}"}"#),
+            good.clone(),
+            Code::InvalidArgument,
+            "{gene}",
+        ),
     ];
     for (descriptor, batch, code, needle) in cases {
-        let err = exchange(&mut client, descriptor, vec![batch]).await.unwrap_err();
+        let err = exchange(&mut client, descriptor, vec![batch])
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), code, "{err}");
-        assert!(err.message().contains(needle), "{needle:?} not in {:?}", err.message());
+        assert!(
+            err.message().contains(needle),
+            "{needle:?} not in {:?}",
+            err.message()
+        );
     }
     // A schema change mid-stream.
-    let other = RecordBatch::try_from_iter([("text", Arc::new(StringArray::from(vec!["x"])) as ArrayRef)]).unwrap();
-    let err = exchange_raw(&mut client, embed_path(), vec![good.clone(), other]).await.unwrap_err();
+    let other =
+        RecordBatch::try_from_iter([("text", Arc::new(StringArray::from(vec!["x"])) as ArrayRef)])
+            .unwrap();
+    let err = exchange_raw(&mut client, embed_path(), vec![good.clone(), other])
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("schema changed"), "{err}");
     // Unknown dataset and action.
-    let err = client.do_get(Ticket::new("no-such-dataset")).await.map(|_| ()).unwrap_err();
+    let err = client
+        .do_get(Ticket::new("no-such-dataset"))
+        .await
+        .map(|_| ())
+        .unwrap_err();
     assert_eq!(to_status(err).code(), Code::NotFound);
     let err = client
         .do_action(arrow_flight::Action::new("explode", Vec::<u8>::new()))
@@ -135,7 +207,9 @@ async fn bad_requests_get_precise_statuses_and_the_server_goes_on() {
         .unwrap_err();
     assert_eq!(to_status(err).code(), Code::InvalidArgument);
     // Still serving, nothing left in flight.
-    let out = exchange(&mut client, embed_path(), vec![good]).await.unwrap();
+    let out = exchange(&mut client, embed_path(), vec![good])
+        .await
+        .unwrap();
     assert_eq!(out[0].num_rows(), 1);
     let stats = action(&mut client, "stats", "").await;
     assert_eq!(stats["in_flight_rows"], 0, "{stats}");
@@ -152,7 +226,10 @@ async fn put_stores_a_dataset_that_get_and_list_return() {
         .map(|c| text_batch(&c.iter().map(|s| Some(s.as_str())).collect::<Vec<_>>()))
         .collect();
     let input = arrow_flight::encode::FlightDataEncoderBuilder::new()
-        .with_flight_descriptor(Some(FlightDescriptor::new_path(vec!["datasets".into(), "variants".into()])))
+        .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![
+            "datasets".into(),
+            "variants".into(),
+        ])))
         .build(futures::stream::iter(batches.into_iter().map(Ok)));
     let acks: Vec<serde_json::Value> = client
         .do_put(input)
@@ -162,7 +239,10 @@ async fn put_stores_a_dataset_that_get_and_list_return() {
         .try_collect()
         .await
         .unwrap();
-    assert!(acks.len() >= 2, "acknowledged as parts were written: {acks:?}");
+    assert!(
+        acks.len() >= 2,
+        "acknowledged as parts were written: {acks:?}"
+    );
     assert_eq!(acks.last().unwrap()["acknowledged_rows"], 100);
     let mut last = 0;
     for a in &acks {
@@ -172,7 +252,10 @@ async fn put_stores_a_dataset_that_get_and_list_return() {
     }
 
     let info = client
-        .get_flight_info(FlightDescriptor::new_path(vec!["datasets".into(), "variants".into()]))
+        .get_flight_info(FlightDescriptor::new_path(vec![
+            "datasets".into(),
+            "variants".into(),
+        ]))
         .await
         .unwrap();
     assert_eq!(info.total_records, 100);
@@ -194,8 +277,15 @@ async fn put_stores_a_dataset_that_get_and_list_return() {
     let texts_back: Vec<String> = back
         .iter()
         .flat_map(|b| {
-            let t = b.column_by_name("text").unwrap().as_any().downcast_ref::<StringArray>().unwrap();
-            (0..b.num_rows()).map(|i| t.value(i).to_string()).collect::<Vec<_>>()
+            let t = b
+                .column_by_name("text")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap();
+            (0..b.num_rows())
+                .map(|i| t.value(i).to_string())
+                .collect::<Vec<_>>()
         })
         .collect();
     assert_eq!(texts_back, all);
@@ -236,7 +326,10 @@ async fn in_flight_rows_never_exceed_the_bound() {
     let high_water = stats["max_in_flight_rows_seen"].as_u64().unwrap();
     assert!(high_water <= 100, "high-water mark {high_water}");
     assert!(sampled <= 100, "sampled {sampled}");
-    assert!(high_water >= 50, "the bound was reached (the test exercised it): {high_water}");
+    assert!(
+        high_water >= 50,
+        "the bound was reached (the test exercised it): {high_water}"
+    );
     server.stop().await;
 }
 
@@ -244,15 +337,25 @@ async fn in_flight_rows_never_exceed_the_bound() {
 async fn actions_report_stats_cleanup_and_health() {
     let server = TestServer::start(|_| {}).await;
     let mut client = server.client().await;
-    exchange(&mut client, embed_path(), vec![text_batch(&[Some("warm the cache")])])
-        .await
-        .unwrap();
+    exchange(
+        &mut client,
+        embed_path(),
+        vec![text_batch(&[Some("warm the cache")])],
+    )
+    .await
+    .unwrap();
     let health = action(&mut client, "health", "").await;
     assert_eq!(health["status"], "ok");
     assert_eq!(health["dim"], 384);
     let cleanup = action(&mut client, "cleanup", r#"{"level": "full"}"#).await;
     assert_eq!(cleanup["level"], "full");
-    assert!(cleanup["acks"].as_array().unwrap().iter().any(|a| a["actor"] == "cache"));
+    assert!(
+        cleanup["acks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["actor"] == "cache")
+    );
     let stats = action(&mut client, "stats", "").await;
     for key in ["rss_bytes", "ops", "rows", "in_flight_rows"] {
         assert!(stats[key].is_number(), "{key} in {stats}");
@@ -261,7 +364,13 @@ async fn actions_report_stats_cleanup_and_health() {
         assert!(stats["cache"][key].is_number(), "cache.{key} in {stats}");
     }
     assert_eq!(stats["cleanups"]["total"], 1);
-    let actions: Vec<_> = client.list_actions().await.unwrap().try_collect().await.unwrap();
+    let actions: Vec<_> = client
+        .list_actions()
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
     assert_eq!(actions.len(), 3);
     server.stop().await;
 }

@@ -14,8 +14,8 @@
 pub mod cache;
 pub mod embedding;
 pub mod ingest;
+pub mod memory;
 pub mod sink;
 pub mod supervisor;
-pub mod memory;
 pub mod template;
 pub mod variants;

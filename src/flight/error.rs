@@ -18,10 +18,14 @@ pub fn ingest(e: IngestError) -> Status {
 
 pub fn sink(e: SinkError) -> Status {
     match e {
-        SinkError::InvalidName(_) | SinkError::SchemaMismatch { .. } => Status::invalid_argument(e.to_string()),
+        SinkError::InvalidName(_) | SinkError::SchemaMismatch { .. } => {
+            Status::invalid_argument(e.to_string())
+        }
         SinkError::NotFound(_) => Status::not_found(e.to_string()),
         SinkError::Closed => Status::unavailable(e.to_string()),
-        SinkError::Io { .. } | SinkError::Parquet { .. } | SinkError::Arrow(_) => Status::internal(e.to_string()),
+        SinkError::Io { .. } | SinkError::Parquet { .. } | SinkError::Arrow(_) => {
+            Status::internal(e.to_string())
+        }
     }
 }
 
@@ -31,7 +35,9 @@ pub fn client_data(e: FlightError) -> Status {
     match e {
         FlightError::Tonic(status) => *status,
         FlightError::ProtocolError(m) if m.contains("multiple Schema messages") => {
-            Status::invalid_argument("the schema changed mid-stream; open a new stream for a new schema")
+            Status::invalid_argument(
+                "the schema changed mid-stream; open a new stream for a new schema",
+            )
         }
         other => Status::invalid_argument(format!("cannot decode the Arrow IPC stream: {other}")),
     }

@@ -14,8 +14,8 @@ use arrow_flight::error::FlightError;
 use arrow_flight::flight_descriptor::DescriptorType;
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::{
-    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest,
-    HandshakeResponse, PollInfo, PutResult, SchemaAsIpc, SchemaResult, Ticket,
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo,
+    HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaAsIpc, SchemaResult, Ticket,
 };
 use arrow_ipc::writer::IpcWriteOptions;
 use arrow_schema::SchemaRef;
@@ -55,7 +55,9 @@ enum Target {
 }
 
 fn parse_descriptor(d: Option<&FlightDescriptor>, default_column: &str) -> Result<Target, Status> {
-    let d = d.ok_or_else(|| Status::invalid_argument("the first message carries no flight descriptor"))?;
+    let d = d.ok_or_else(|| {
+        Status::invalid_argument("the first message carries no flight descriptor")
+    })?;
     let source = |cmd: &[u8]| {
         EmbedCommand::parse(cmd)
             .and_then(|c| TextSource::from_command(&c, default_column))
@@ -112,7 +114,12 @@ enum Pending {
 impl Engine {
     /// The reading half of a stream: decode, validate, slice, admit, embed. Slices go to
     /// `tx` in order; the first error goes there too and ends the stream.
-    async fn read_stream(self: Arc<Self>, mut batches: BoxStream<RecordBatch>, source: TextSource, tx: mpsc::Sender<Pending>) {
+    async fn read_stream(
+        self: Arc<Self>,
+        mut batches: BoxStream<RecordBatch>,
+        source: TextSource,
+        tx: mpsc::Sender<Pending>,
+    ) {
         let pipeline = self.pipeline.clone();
         let idle = Duration::from_millis(self.settings.server.idle_timeout_ms);
         let slice_rows = pipeline.config().slice_rows;
@@ -168,7 +175,8 @@ impl Engine {
                 let p = pipeline.clone();
                 let task = tokio::spawn(async move {
                     let (vectors, valid) = p.embed(texts).await.map_err(error::ingest)?;
-                    let out = with_embeddings(&slice, vectors, &valid, dim).map_err(error::ingest)?;
+                    let out =
+                        with_embeddings(&slice, vectors, &valid, dim).map_err(error::ingest)?;
                     Ok((out, in_flight))
                 });
                 if tx.send(Pending::Slice(task)).await.is_err() {
@@ -184,7 +192,9 @@ impl Engine {
 }
 
 /// Awaits pending slices in order; ends after the first error.
-fn ordered_results(rx: mpsc::Receiver<Pending>) -> impl Stream<Item = Result<(RecordBatch, InFlight), Status>> {
+fn ordered_results(
+    rx: mpsc::Receiver<Pending>,
+) -> impl Stream<Item = Result<(RecordBatch, InFlight), Status>> {
     ReceiverStream::new(rx)
         .then(|p| async move {
             match p {
@@ -209,18 +219,23 @@ fn dataset_info(info: &DatasetInfo) -> Result<FlightInfo, Status> {
         .try_with_schema(&info.schema)
         .map_err(|e| Status::internal(e.to_string()))
         .map(|fi| {
-            fi.with_descriptor(FlightDescriptor::new_path(vec!["datasets".into(), info.name.clone()]))
-                .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(info.name.clone())))
-                .with_total_records(info.rows as i64)
-                .with_total_bytes(info.bytes as i64)
-                .with_ordered(true)
+            fi.with_descriptor(FlightDescriptor::new_path(vec![
+                "datasets".into(),
+                info.name.clone(),
+            ]))
+            .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(info.name.clone())))
+            .with_total_records(info.rows as i64)
+            .with_total_bytes(info.bytes as i64)
+            .with_ordered(true)
         })
 }
 
 fn dataset_name(d: &FlightDescriptor) -> Result<&str, Status> {
     match d.path.as_slice() {
         [kind, name] if kind == "datasets" => Ok(name),
-        _ => Err(Status::invalid_argument("expected the descriptor path [\"datasets\", NAME]")),
+        _ => Err(Status::invalid_argument(
+            "expected the descriptor path [\"datasets\", NAME]",
+        )),
     }
 }
 
@@ -234,11 +249,19 @@ impl FlightService for KeelFlight {
     type DoActionStream = BoxStream<arrow_flight::Result>;
     type ListActionsStream = BoxStream<ActionType>;
 
-    async fn handshake(&self, _: Request<Streaming<HandshakeRequest>>) -> Result<Response<Self::HandshakeStream>, Status> {
-        Err(Status::unimplemented("authentication is not enabled on this server"))
+    async fn handshake(
+        &self,
+        _: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Self::HandshakeStream>, Status> {
+        Err(Status::unimplemented(
+            "authentication is not enabled on this server",
+        ))
     }
 
-    async fn list_flights(&self, _: Request<Criteria>) -> Result<Response<Self::ListFlightsStream>, Status> {
+    async fn list_flights(
+        &self,
+        _: Request<Criteria>,
+    ) -> Result<Response<Self::ListFlightsStream>, Status> {
         let store = self.engine.sink.store().clone();
         let infos = tokio::task::spawn_blocking(move || store.list())
             .await
@@ -248,7 +271,10 @@ impl FlightService for KeelFlight {
         Ok(Response::new(Box::pin(stream::iter(flights))))
     }
 
-    async fn get_flight_info(&self, request: Request<FlightDescriptor>) -> Result<Response<FlightInfo>, Status> {
+    async fn get_flight_info(
+        &self,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
         let name = dataset_name(request.get_ref())?.to_string();
         let store = self.engine.sink.store().clone();
         let info = tokio::task::spawn_blocking(move || store.info(&name))
@@ -258,11 +284,19 @@ impl FlightService for KeelFlight {
         Ok(Response::new(dataset_info(&info)?))
     }
 
-    async fn poll_flight_info(&self, _: Request<FlightDescriptor>) -> Result<Response<PollInfo>, Status> {
-        Err(Status::unimplemented("datasets are described by GetFlightInfo"))
+    async fn poll_flight_info(
+        &self,
+        _: Request<FlightDescriptor>,
+    ) -> Result<Response<PollInfo>, Status> {
+        Err(Status::unimplemented(
+            "datasets are described by GetFlightInfo",
+        ))
     }
 
-    async fn get_schema(&self, request: Request<FlightDescriptor>) -> Result<Response<SchemaResult>, Status> {
+    async fn get_schema(
+        &self,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<SchemaResult>, Status> {
         let name = dataset_name(request.get_ref())?.to_string();
         let store = self.engine.sink.store().clone();
         let info = tokio::task::spawn_blocking(move || store.info(&name))
@@ -276,7 +310,10 @@ impl FlightService for KeelFlight {
         Ok(Response::new(result))
     }
 
-    async fn do_get(&self, request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
+    async fn do_get(
+        &self,
+        request: Request<Ticket>,
+    ) -> Result<Response<Self::DoGetStream>, Status> {
         let name = String::from_utf8(request.into_inner().ticket.to_vec())
             .map_err(|_| Status::invalid_argument("the ticket is not a UTF-8 dataset name"))?;
         let store = self.engine.sink.store().clone();
@@ -290,7 +327,8 @@ impl FlightService for KeelFlight {
         let (tx, rx) = mpsc::channel::<Result<RecordBatch, FlightError>>(2);
         tokio::task::spawn_blocking(move || {
             let result = store.read(&name, DO_GET_BATCH_ROWS, |b| {
-                tx.blocking_send(Ok(b)).map_err(|_| keel_actors::sink::store::SinkError::Closed)
+                tx.blocking_send(Ok(b))
+                    .map_err(|_| keel_actors::sink::store::SinkError::Closed)
             });
             if let Err(e) = result
                 && !matches!(e, keel_actors::sink::store::SinkError::Closed)
@@ -305,11 +343,16 @@ impl FlightService for KeelFlight {
         Ok(Response::new(Box::pin(encoded)))
     }
 
-    async fn do_put(&self, request: Request<Streaming<FlightData>>) -> Result<Response<Self::DoPutStream>, Status> {
+    async fn do_put(
+        &self,
+        request: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoPutStream>, Status> {
         let stream_permit = self.engine.admit_stream()?;
         let (descriptor, batches) = open_stream(request.into_inner()).await?;
-        let Target::Dataset(name, source) =
-            parse_descriptor(descriptor.as_ref(), &self.engine.pipeline.config().default_text_column)?
+        let Target::Dataset(name, source) = parse_descriptor(
+            descriptor.as_ref(),
+            &self.engine.pipeline.config().default_text_column,
+        )?
         else {
             return Err(Status::invalid_argument(
                 "DoPut needs the descriptor path [\"datasets\", NAME]; use DoExchange [\"embed\"] to get rows back",
@@ -338,10 +381,17 @@ impl FlightService for KeelFlight {
                         pending.push(batch);
                     }
                     Some(Err(status)) => {
-                        engine.pipeline.counters().streams_failed.fetch_add(1, Ordering::Relaxed);
+                        engine
+                            .pipeline
+                            .counters()
+                            .streams_failed
+                            .fetch_add(1, Ordering::Relaxed);
                         // Rows embedded before the error are still stored and acknowledged.
                         if !pending.is_empty()
-                            && let Ok(total) = engine.sink.append(&name, std::mem::take(&mut pending)).await
+                            && let Ok(total) = engine
+                                .sink
+                                .append(&name, std::mem::take(&mut pending))
+                                .await
                         {
                             acknowledged += buffered as u64;
                             let _ = out_tx.send(Ok(put_result(acknowledged, total))).await;
@@ -352,11 +402,19 @@ impl FlightService for KeelFlight {
                     None => {}
                 }
                 if (buffered >= flush_rows || end) && !pending.is_empty() {
-                    match engine.sink.append(&name, std::mem::take(&mut pending)).await {
+                    match engine
+                        .sink
+                        .append(&name, std::mem::take(&mut pending))
+                        .await
+                    {
                         Ok(total) => {
                             acknowledged += buffered as u64;
                             buffered = 0;
-                            if out_tx.send(Ok(put_result(acknowledged, total))).await.is_err() {
+                            if out_tx
+                                .send(Ok(put_result(acknowledged, total)))
+                                .await
+                                .is_err()
+                            {
                                 return;
                             }
                         }
@@ -374,11 +432,16 @@ impl FlightService for KeelFlight {
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }
 
-    async fn do_exchange(&self, request: Request<Streaming<FlightData>>) -> Result<Response<Self::DoExchangeStream>, Status> {
+    async fn do_exchange(
+        &self,
+        request: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoExchangeStream>, Status> {
         let stream_permit = self.engine.admit_stream()?;
         let (descriptor, batches) = open_stream(request.into_inner()).await?;
-        let Target::Embed(source) =
-            parse_descriptor(descriptor.as_ref(), &self.engine.pipeline.config().default_text_column)?
+        let Target::Embed(source) = parse_descriptor(
+            descriptor.as_ref(),
+            &self.engine.pipeline.config().default_text_column,
+        )?
         else {
             return Err(Status::invalid_argument(
                 "DoExchange needs the descriptor path [\"embed\"]; use DoPut for datasets",
@@ -406,7 +469,10 @@ impl FlightService for KeelFlight {
         Ok(Response::new(Box::pin(encoded)))
     }
 
-    async fn do_action(&self, request: Request<Action>) -> Result<Response<Self::DoActionStream>, Status> {
+    async fn do_action(
+        &self,
+        request: Request<Action>,
+    ) -> Result<Response<Self::DoActionStream>, Status> {
         let action = request.into_inner();
         let body = match action.r#type.as_str() {
             "stats" => serde_json::to_vec(&self.engine.stats().await?),
@@ -449,10 +515,15 @@ impl FlightService for KeelFlight {
         }
         .map_err(|e| Status::internal(e.to_string()))?;
         let result = arrow_flight::Result { body: body.into() };
-        Ok(Response::new(Box::pin(stream::once(async move { Ok(result) }))))
+        Ok(Response::new(Box::pin(stream::once(
+            async move { Ok(result) },
+        ))))
     }
 
-    async fn list_actions(&self, _: Request<Empty>) -> Result<Response<Self::ListActionsStream>, Status> {
+    async fn list_actions(
+        &self,
+        _: Request<Empty>,
+    ) -> Result<Response<Self::ListActionsStream>, Status> {
         let actions = [
             ("stats", "JSON: memory, cache, embedder, ops, rows, in-flight rows, recent cleanups"),
             ("cleanup", "Run a cleanup now; body {\"level\": \"gentle\"|\"full\"}; returns each actor's duration"),
@@ -469,7 +540,8 @@ impl FlightService for KeelFlight {
 }
 
 fn put_result(acknowledged: u64, dataset_rows: u64) -> PutResult {
-    let meta = serde_json::json!({ "acknowledged_rows": acknowledged, "dataset_rows": dataset_rows });
+    let meta =
+        serde_json::json!({ "acknowledged_rows": acknowledged, "dataset_rows": dataset_rows });
     PutResult {
         app_metadata: serde_json::to_vec(&meta).unwrap_or_default().into(),
     }

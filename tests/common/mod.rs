@@ -30,7 +30,11 @@ impl TestServer {
         let mut settings = Settings::default();
         settings.embedder.model_dir = repo_root().join("models/all-MiniLM-L6-v2");
         assert!(
-            settings.embedder.model_dir.join("model.safetensors").exists(),
+            settings
+                .embedder
+                .model_dir
+                .join("model.safetensors")
+                .exists(),
             "model missing: run scripts/fetch-model.sh"
         );
         settings.embedder.workers = 2;
@@ -47,7 +51,9 @@ impl TestServer {
             .await
             .unwrap()
             .expect("the engine starts");
-        let listener = keel::app::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let listener = keel::app::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let done = tokio::spawn(running.serve(listener, async {
@@ -99,8 +105,16 @@ fn rand_suffix() -> u64 {
 pub fn text_batch(texts: &[Option<&str>]) -> RecordBatch {
     let ids: Vec<i64> = (0..texts.len() as i64).collect();
     RecordBatch::try_from_iter_with_nullable([
-        ("id", Arc::new(arrow_array::Int64Array::from(ids)) as ArrayRef, false),
-        ("text", Arc::new(StringArray::from(texts.to_vec())) as ArrayRef, true),
+        (
+            "id",
+            Arc::new(arrow_array::Int64Array::from(ids)) as ArrayRef,
+            false,
+        ),
+        (
+            "text",
+            Arc::new(StringArray::from(texts.to_vec())) as ArrayRef,
+            true,
+        ),
     ])
     .unwrap()
 }

@@ -27,7 +27,10 @@ impl Default for CacheConfig {
 impl CacheConfig {
     pub fn validate(&self) -> Result<(), String> {
         if !(0.0..=1.0).contains(&self.low_watermark) {
-            return Err(format!("cache.low_watermark: {} is not within 0..=1", self.low_watermark));
+            return Err(format!(
+                "cache.low_watermark: {} is not within 0..=1",
+                self.low_watermark
+            ));
         }
         Ok(())
     }

@@ -177,7 +177,10 @@ mod tests {
         assert_eq!(cache.get(1).unwrap()[0], 1.0);
         assert_eq!(cache.get(3).unwrap()[0], 3.0);
         let s = cache.stats();
-        assert_eq!((s.hits, s.misses, s.insertions, s.evictions, s.entries), (3, 1, 3, 1, 2));
+        assert_eq!(
+            (s.hits, s.misses, s.insertions, s.evictions, s.entries),
+            (3, 1, 3, 1, 2)
+        );
     }
 
     #[test]

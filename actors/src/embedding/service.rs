@@ -80,7 +80,10 @@ impl EmbedderHandle {
             return Ok(Vec::new());
         }
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Work::Job(Job { texts, reply })).await.map_err(|_| EmbedError::Closed)?;
+        self.tx
+            .send(Work::Job(Job { texts, reply }))
+            .await
+            .map_err(|_| EmbedError::Closed)?;
         rx.await.map_err(|_| EmbedError::Closed)?
     }
 
@@ -115,7 +118,11 @@ pub struct EmbedderService {
 
 impl EmbedderService {
     /// Starts `cfg.effective_workers()` replicas of `model`. `queue_jobs` bounds the queue.
-    pub fn start(model: SentenceModel, cfg: &EmbedderConfig, queue_jobs: usize) -> Result<Self, ModelError> {
+    pub fn start(
+        model: SentenceModel,
+        cfg: &EmbedderConfig,
+        queue_jobs: usize,
+    ) -> Result<Self, ModelError> {
         let (tx, rx) = mpsc::channel::<Work>(queue_jobs.max(1));
         let rx = Arc::new(Mutex::new(rx));
         let counters = Arc::new(EmbedderCounters::default());
@@ -171,7 +178,12 @@ impl EmbedderService {
     }
 }
 
-fn worker(replica: Replica, rx: Arc<Mutex<mpsc::Receiver<Work>>>, limits: BatchLimits, counters: Arc<EmbedderCounters>) {
+fn worker(
+    replica: Replica,
+    rx: Arc<Mutex<mpsc::Receiver<Work>>>,
+    limits: BatchLimits,
+    counters: Arc<EmbedderCounters>,
+) {
     let model = replica.model().clone();
     let dim = model.dim();
     let mut stopping = false;
@@ -200,7 +212,9 @@ fn worker(replica: Replica, rx: Arc<Mutex<mpsc::Receiver<Work>>>, limits: BatchL
             }
         }
         let started = std::time::Instant::now();
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| run_jobs(&replica, &model, &jobs, limits)));
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            run_jobs(&replica, &model, &jobs, limits)
+        }));
         let outcome = match result {
             Ok(Ok((vectors, passes, tokens))) => {
                 counters.passes.fetch_add(passes, Ordering::Relaxed);
@@ -208,17 +222,25 @@ fn worker(replica: Replica, rx: Arc<Mutex<mpsc::Receiver<Work>>>, limits: BatchL
                 Ok(vectors)
             }
             Ok(Err(e)) => Err(EmbedError::Failed(e.to_string())),
-            Err(_) => Err(EmbedError::Failed("the model panicked on this batch".into())),
+            Err(_) => Err(EmbedError::Failed(
+                "the model panicked on this batch".into(),
+            )),
         };
-        counters.busy_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        counters.jobs.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+        counters
+            .busy_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        counters
+            .jobs
+            .fetch_add(jobs.len() as u64, Ordering::Relaxed);
         match outcome {
             Ok(vectors) => {
                 let mut offset = 0;
                 for job in jobs {
                     let n = job.texts.len();
                     counters.rows.fetch_add(n as u64, Ordering::Relaxed);
-                    let _ = job.reply.send(Ok(vectors[offset * dim..(offset + n) * dim].to_vec()));
+                    let _ = job
+                        .reply
+                        .send(Ok(vectors[offset * dim..(offset + n) * dim].to_vec()));
                     offset += n;
                 }
             }
@@ -239,8 +261,14 @@ fn run_jobs(
     jobs: &[Job],
     limits: BatchLimits,
 ) -> Result<(Vec<f32>, u64, u64), ModelError> {
-    let texts: Vec<&str> = jobs.iter().flat_map(|j| j.texts.iter().map(String::as_str)).collect();
-    let tokens = texts.iter().map(|t| model.tokenize(t)).collect::<Result<Vec<_>, _>>()?;
+    let texts: Vec<&str> = jobs
+        .iter()
+        .flat_map(|j| j.texts.iter().map(String::as_str))
+        .collect();
+    let tokens = texts
+        .iter()
+        .map(|t| model.tokenize(t))
+        .collect::<Result<Vec<_>, _>>()?;
     let lengths: Vec<usize> = tokens.iter().map(Vec::len).collect();
     let dim = model.dim();
     let mut out = vec![0.0f32; texts.len() * dim];
@@ -252,5 +280,9 @@ fn run_jobs(
             out[i * dim..(i + 1) * dim].copy_from_slice(v);
         }
     }
-    Ok((out, passes.len() as u64, lengths.iter().sum::<usize>() as u64))
+    Ok((
+        out,
+        passes.len() as u64,
+        lengths.iter().sum::<usize>() as u64,
+    ))
 }

@@ -12,7 +12,10 @@ use super::IngestError;
 pub fn embedding_field(dim: usize) -> Field {
     Field::new(
         "embedding",
-        DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, false)), dim as i32),
+        DataType::FixedSizeList(
+            Arc::new(Field::new("item", DataType::Float32, false)),
+            dim as i32,
+        ),
         true,
     )
 }
@@ -26,7 +29,12 @@ pub fn output_schema(input: &Schema, dim: usize) -> SchemaRef {
 
 /// `batch` plus `embedding`: `vectors` holds `rows × dim` values; rows with `valid[i] ==
 /// false` are null (their values are ignored).
-pub fn with_embeddings(batch: &RecordBatch, vectors: Vec<f32>, valid: &[bool], dim: usize) -> Result<RecordBatch, IngestError> {
+pub fn with_embeddings(
+    batch: &RecordBatch,
+    vectors: Vec<f32>,
+    valid: &[bool],
+    dim: usize,
+) -> Result<RecordBatch, IngestError> {
     let rows = batch.num_rows();
     if vectors.len() != rows * dim || valid.len() != rows {
         return Err(IngestError::Internal(format!(
@@ -47,5 +55,6 @@ pub fn with_embeddings(batch: &RecordBatch, vectors: Vec<f32>, valid: &[bool], d
     let schema = output_schema(&batch.schema(), dim);
     let mut columns: Vec<Arc<dyn Array>> = batch.columns().to_vec();
     columns.push(Arc::new(list));
-    RecordBatch::try_new(schema, columns).map_err(|e| IngestError::Internal(format!("building the output batch: {e}")))
+    RecordBatch::try_new(schema, columns)
+        .map_err(|e| IngestError::Internal(format!("building the output batch: {e}")))
 }

@@ -50,7 +50,12 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn new(config: IngestConfig, cache: Option<Addr<CacheActor>>, embedder: EmbedderHandle, key_settings: String) -> Self {
+    pub fn new(
+        config: IngestConfig,
+        cache: Option<Addr<CacheActor>>,
+        embedder: EmbedderHandle,
+        key_settings: String,
+    ) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(config.max_in_flight_rows)),
             key_model: embedder.model_id().to_string(),
@@ -106,7 +111,10 @@ impl Pipeline {
 
     /// Vectors for `texts` (`rows × dim`, zeros where the text is null) and the validity
     /// of each row. Runs one op per micro-batch, concurrently.
-    pub async fn embed(&self, texts: Vec<Option<String>>) -> Result<(Vec<f32>, Vec<bool>), IngestError> {
+    pub async fn embed(
+        &self,
+        texts: Vec<Option<String>>,
+    ) -> Result<(Vec<f32>, Vec<bool>), IngestError> {
         let dim = self.dim();
         let n = texts.len();
         let valid: Vec<bool> = texts.iter().map(Option::is_some).collect();
@@ -166,7 +174,9 @@ impl Pipeline {
                 .embed(misses.iter().map(|u| u.1.to_string()).collect())
                 .await
                 .map_err(|e| match e {
-                    EmbedError::Closed => IngestError::Unavailable("the embedder is shut down".into()),
+                    EmbedError::Closed => {
+                        IngestError::Unavailable("the embedder is shut down".into())
+                    }
                     EmbedError::Failed(m) => IngestError::Internal(m),
                 })?;
             let mut inserts = Vec::with_capacity(misses.len());
@@ -176,7 +186,9 @@ impl Pipeline {
                 }
                 inserts.push((u.0, Arc::<[f32]>::from(v)));
             }
-            self.counters.embedded_rows.fetch_add(misses.len() as u64, Ordering::Relaxed);
+            self.counters
+                .embedded_rows
+                .fetch_add(misses.len() as u64, Ordering::Relaxed);
             if let Some(cache) = &self.cache {
                 cache
                     .send(Insert { entries: inserts })
@@ -186,8 +198,12 @@ impl Pipeline {
         }
         let nulls = chunk.iter().filter(|t| t.is_none()).count();
         self.counters.ops.fetch_add(1, Ordering::Relaxed);
-        self.counters.rows.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-        self.counters.null_rows.fetch_add(nulls as u64, Ordering::Relaxed);
+        self.counters
+            .rows
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        self.counters
+            .null_rows
+            .fetch_add(nulls as u64, Ordering::Relaxed);
         Ok(out)
     }
 }

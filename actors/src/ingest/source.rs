@@ -87,7 +87,10 @@ impl TextSource {
         match self {
             Self::Column(c) => {
                 let (_, field) = schema.column_with_name(c).ok_or_else(|| {
-                    IngestError::InvalidArgument(format!("text column {c:?} not found; columns: [{}]", names()))
+                    IngestError::InvalidArgument(format!(
+                        "text column {c:?} not found; columns: [{}]",
+                        names()
+                    ))
                 })?;
                 if !is_text(field.data_type()) {
                     return Err(IngestError::InvalidArgument(format!(
@@ -114,9 +117,9 @@ impl TextSource {
     pub fn texts(&self, batch: &RecordBatch) -> Result<Vec<Option<String>>, IngestError> {
         match self {
             Self::Column(c) => {
-                let col = batch
-                    .column_by_name(c)
-                    .ok_or_else(|| IngestError::InvalidArgument(format!("text column {c:?} not found")))?;
+                let col = batch.column_by_name(c).ok_or_else(|| {
+                    IngestError::InvalidArgument(format!("text column {c:?} not found"))
+                })?;
                 string_values(col)
             }
             Self::Template(t) => {
@@ -124,17 +127,18 @@ impl TextSource {
                 let fields = t.fields();
                 let mut columns = Vec::with_capacity(fields.len());
                 for f in &fields {
-                    let col = batch
-                        .column_by_name(f)
-                        .ok_or_else(|| IngestError::InvalidArgument(format!("template field {{{f}}} is not a column")))?;
+                    let col = batch.column_by_name(f).ok_or_else(|| {
+                        IngestError::InvalidArgument(format!(
+                            "template field {{{f}}} is not a column"
+                        ))
+                    })?;
                     columns.push(col.clone());
                 }
                 let mut formatters = Vec::with_capacity(fields.len());
                 for col in &columns {
-                    formatters.push(
-                        ArrayFormatter::try_new(col.as_ref(), &opts)
-                            .map_err(|e| IngestError::InvalidArgument(format!("cannot format column: {e}")))?,
-                    );
+                    formatters.push(ArrayFormatter::try_new(col.as_ref(), &opts).map_err(|e| {
+                        IngestError::InvalidArgument(format!("cannot format column: {e}"))
+                    })?);
                 }
                 let mut out = Vec::with_capacity(batch.num_rows());
                 let mut cells: Vec<String> = vec![String::new(); fields.len()];
@@ -147,7 +151,10 @@ impl TextSource {
                         }
                     }
                     out.push(Some(t.render(|name| {
-                        fields.iter().position(|f| *f == name).map(|i| cells[i].as_str())
+                        fields
+                            .iter()
+                            .position(|f| *f == name)
+                            .map(|i| cells[i].as_str())
                     })));
                 }
                 Ok(out)
@@ -159,14 +166,18 @@ impl TextSource {
 fn is_text(dt: &DataType) -> bool {
     match dt {
         DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => true,
-        DataType::Dictionary(_, v) => matches!(v.as_ref(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View),
+        DataType::Dictionary(_, v) => matches!(
+            v.as_ref(),
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+        ),
         _ => false,
     }
 }
 
 fn string_values(col: &ArrayRef) -> Result<Vec<Option<String>>, IngestError> {
-    let utf8 = arrow_cast::cast(col, &DataType::Utf8)
-        .map_err(|e| IngestError::InvalidArgument(format!("text column cannot be read as text: {e}")))?;
+    let utf8 = arrow_cast::cast(col, &DataType::Utf8).map_err(|e| {
+        IngestError::InvalidArgument(format!("text column cannot be read as text: {e}"))
+    })?;
     let strings = utf8
         .as_any()
         .downcast_ref::<arrow_array::StringArray>()
@@ -181,8 +192,14 @@ mod tests {
 
     fn batch() -> RecordBatch {
         RecordBatch::try_from_iter([
-            ("text", Arc::new(StringArray::from(vec![Some("a"), None, Some("c")])) as ArrayRef),
-            ("gene", Arc::new(StringArray::from(vec![Some("BRCA1"), Some("TP53"), None])) as ArrayRef),
+            (
+                "text",
+                Arc::new(StringArray::from(vec![Some("a"), None, Some("c")])) as ArrayRef,
+            ),
+            (
+                "gene",
+                Arc::new(StringArray::from(vec![Some("BRCA1"), Some("TP53"), None])) as ArrayRef,
+            ),
             ("pos", Arc::new(Int64Array::from(vec![1, 2, 3])) as ArrayRef),
         ])
         .unwrap()
@@ -193,7 +210,10 @@ mod tests {
         let b = batch();
         let s = TextSource::from_command(&EmbedCommand::default(), "text").unwrap();
         s.bind(&b.schema()).unwrap();
-        assert_eq!(s.texts(&b).unwrap(), vec![Some("a".into()), None, Some("c".into())]);
+        assert_eq!(
+            s.texts(&b).unwrap(),
+            vec![Some("a".into()), None, Some("c".into())]
+        );
     }
 
     #[test]
@@ -204,29 +224,57 @@ mod tests {
         s.bind(&b.schema()).unwrap();
         assert_eq!(
             s.texts(&b).unwrap(),
-            vec![Some("BRCA1:1".into()), Some("TP53:2".into()), Some(":3".into())]
+            vec![
+                Some("BRCA1:1".into()),
+                Some("TP53:2".into()),
+                Some(":3".into())
+            ]
         );
     }
 
     #[test]
     fn dictionary_text_columns_are_read() {
-        let dict: DictionaryArray<Int32Type> = vec![Some("x"), Some("y"), None, Some("x")].into_iter().collect();
+        let dict: DictionaryArray<Int32Type> = vec![Some("x"), Some("y"), None, Some("x")]
+            .into_iter()
+            .collect();
         let b = RecordBatch::try_from_iter([("text", Arc::new(dict) as ArrayRef)]).unwrap();
         let s = TextSource::Column("text".into());
         s.bind(&b.schema()).unwrap();
-        assert_eq!(s.texts(&b).unwrap(), vec![Some("x".into()), Some("y".into()), None, Some("x".into())]);
+        assert_eq!(
+            s.texts(&b).unwrap(),
+            vec![Some("x".into()), Some("y".into()), None, Some("x".into())]
+        );
     }
 
     #[test]
     fn bad_commands_and_schemas_name_the_problem() {
         let b = batch();
         let err = |r: Result<(), IngestError>| r.unwrap_err().to_string();
-        assert!(err(TextSource::Column("nope".into()).bind(&b.schema())).contains("\"nope\" not found"));
+        assert!(
+            err(TextSource::Column("nope".into()).bind(&b.schema())).contains("\"nope\" not found")
+        );
         assert!(err(TextSource::Column("pos".into()).bind(&b.schema())).contains("has type Int64"));
-        let t = TextSource::from_command(&EmbedCommand::parse(br#"{"template":"{gene} {alt}"}"#).unwrap(), "text").unwrap();
+        let t = TextSource::from_command(
+            &EmbedCommand::parse(br#"{"template":"{gene} {alt}"}"#).unwrap(),
+            "text",
+        )
+        .unwrap();
         assert!(err(t.bind(&b.schema())).contains("{alt}"));
-        assert!(EmbedCommand::parse(b"{not json").unwrap_err().to_string().contains("bad command JSON"));
-        assert!(EmbedCommand::parse(br#"{"text_colum": "x"}"#).unwrap_err().to_string().contains("text_colum"));
-        assert!(TextSource::from_command(&EmbedCommand::parse(br#"{"template":"{a"}"#).unwrap(), "t").is_err());
+        assert!(
+            EmbedCommand::parse(b"{not json")
+                .unwrap_err()
+                .to_string()
+                .contains("bad command JSON")
+        );
+        assert!(
+            EmbedCommand::parse(br#"{"text_colum": "x"}"#)
+                .unwrap_err()
+                .to_string()
+                .contains("text_colum")
+        );
+        assert!(
+            TextSource::from_command(&EmbedCommand::parse(br#"{"template":"{a"}"#).unwrap(), "t")
+                .is_err()
+        );
     }
 }

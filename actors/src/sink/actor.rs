@@ -34,7 +34,12 @@ impl SinkHandle {
         let thread = std::thread::Builder::new()
             .name("keel-sink".into())
             .spawn(move || {
-                while let Some(SinkMsg::Append { name, batches, reply }) = rx.blocking_recv() {
+                while let Some(SinkMsg::Append {
+                    name,
+                    batches,
+                    reply,
+                }) = rx.blocking_recv()
+                {
                     let result = thread_store.append(&name, &batches);
                     if let Err(e) = &result {
                         tracing::warn!(dataset = %name, error = %e, "append failed");

@@ -19,7 +19,9 @@ use parquet::file::properties::WriterProperties;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("invalid dataset name {0:?}: use 1-128 characters of A-Z a-z 0-9 _ - . (not starting with '.')")]
+    #[error(
+        "invalid dataset name {0:?}: use 1-128 characters of A-Z a-z 0-9 _ - . (not starting with '.')"
+    )]
     InvalidName(String),
     #[error("dataset {0:?} does not exist")]
     NotFound(String),
@@ -77,22 +79,33 @@ impl DatasetStore {
             if dir.is_dir() {
                 for f in fs::read_dir(&dir).map_err(io(&dir))? {
                     let f = f.map_err(io(&dir))?.path();
-                    if f.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(".tmp-")) {
+                    if f.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(".tmp-"))
+                    {
                         tracing::warn!(file = %f.display(), "removing a partial part left by an interrupted write");
                         fs::remove_file(&f).map_err(io(&f))?;
                     }
                 }
             }
         }
-        Ok(Self { root: root.to_path_buf() })
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
     }
 
     pub fn validate_name(name: &str) -> Result<(), SinkError> {
         let ok = !name.is_empty()
             && name.len() <= 128
             && !name.starts_with('.')
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
-        if ok { Ok(()) } else { Err(SinkError::InvalidName(name.to_string())) }
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+        if ok {
+            Ok(())
+        } else {
+            Err(SinkError::InvalidName(name.to_string()))
+        }
     }
 
     fn dir(&self, name: &str) -> Result<PathBuf, SinkError> {
@@ -140,7 +153,13 @@ impl DatasetStore {
         }
         let next = existing
             .last()
-            .and_then(|p| p.file_stem()?.to_str()?.strip_prefix("part-")?.parse::<u64>().ok())
+            .and_then(|p| {
+                p.file_stem()?
+                    .to_str()?
+                    .strip_prefix("part-")?
+                    .parse::<u64>()
+                    .ok()
+            })
             .map_or(0, |n| n + 1);
         let final_path = dir.join(format!("part-{next:010}.parquet"));
         let tmp_path = dir.join(format!(".tmp-part-{next:010}.parquet"));
@@ -167,7 +186,9 @@ impl DatasetStore {
         file.sync_all().map_err(io(&tmp_path))?;
         drop(file);
         fs::rename(&tmp_path, &final_path).map_err(io(&final_path))?;
-        File::open(&dir).and_then(|d| d.sync_all()).map_err(io(&dir))?;
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&dir))?;
         Ok(self.info(name)?.rows)
     }
 
@@ -178,9 +199,11 @@ impl DatasetStore {
         for (i, p) in parts.iter().enumerate() {
             let file = File::open(p).map_err(io(p))?;
             bytes += file.metadata().map_err(io(p))?.len();
-            let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|source| SinkError::Parquet {
-                path: p.clone(),
-                source,
+            let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|source| {
+                SinkError::Parquet {
+                    path: p.clone(),
+                    source,
+                }
             })?;
             rows += builder.metadata().file_metadata().num_rows() as u64;
             if i == 0 {
@@ -261,10 +284,15 @@ mod tests {
 
     fn batch(start: i64, n: i64) -> RecordBatch {
         RecordBatch::try_from_iter([
-            ("id", Arc::new(Int64Array::from_iter_values(start..start + n)) as _),
+            (
+                "id",
+                Arc::new(Int64Array::from_iter_values(start..start + n)) as _,
+            ),
             (
                 "text",
-                Arc::new(StringArray::from_iter_values((start..start + n).map(|i| format!("t{i}")))) as _,
+                Arc::new(StringArray::from_iter_values(
+                    (start..start + n).map(|i| format!("t{i}")),
+                )) as _,
             ),
         ])
         .unwrap()
@@ -280,7 +308,12 @@ mod tests {
     fn appends_parts_and_reads_them_back_in_order() {
         let store = DatasetStore::open(&temp_root("rw")).unwrap();
         assert_eq!(store.append("genes", &[batch(0, 10)]).unwrap(), 10);
-        assert_eq!(store.append("genes", &[batch(10, 5), batch(15, 5)]).unwrap(), 20);
+        assert_eq!(
+            store
+                .append("genes", &[batch(10, 5), batch(15, 5)])
+                .unwrap(),
+            20
+        );
         let info = store.info("genes").unwrap();
         assert_eq!((info.rows, info.parts), (20, 2));
         let mut ids = Vec::new();
@@ -299,11 +332,22 @@ mod tests {
     fn refuses_bad_names_schema_changes_and_unknown_datasets() {
         let store = DatasetStore::open(&temp_root("bad")).unwrap();
         for bad in ["", "../x", ".hidden", "a/b", &"x".repeat(129)] {
-            assert!(matches!(store.append(bad, &[batch(0, 1)]), Err(SinkError::InvalidName(_))), "{bad}");
+            assert!(
+                matches!(
+                    store.append(bad, &[batch(0, 1)]),
+                    Err(SinkError::InvalidName(_))
+                ),
+                "{bad}"
+            );
         }
         store.append("d", &[batch(0, 3)]).unwrap();
-        let other = RecordBatch::try_from_iter([("id", Arc::new(StringArray::from(vec!["x"])) as _)]).unwrap();
-        assert!(matches!(store.append("d", &[other]), Err(SinkError::SchemaMismatch { .. })));
+        let other =
+            RecordBatch::try_from_iter([("id", Arc::new(StringArray::from(vec!["x"])) as _)])
+                .unwrap();
+        assert!(matches!(
+            store.append("d", &[other]),
+            Err(SinkError::SchemaMismatch { .. })
+        ));
         assert!(matches!(store.info("nope"), Err(SinkError::NotFound(_))));
     }
 

@@ -51,7 +51,9 @@ impl Actor for SupervisorActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.sample();
-        ctx.run_interval(Duration::from_millis(self.config.interval_ms), |act, _| act.sample());
+        ctx.run_interval(Duration::from_millis(self.config.interval_ms), |act, _| {
+            act.sample()
+        });
     }
 }
 
@@ -65,14 +67,20 @@ impl Handler<RunCleanup> for SupervisorActor {
             level: msg.level,
             reason: msg.reason.clone(),
         };
-        let sends: Vec<_> = self.members.iter().map(|m| m.send(broadcast.clone())).collect();
+        let sends: Vec<_> = self
+            .members
+            .iter()
+            .map(|m| m.send(broadcast.clone()))
+            .collect();
         Box::pin(
             async move {
                 let mut acks = Vec::with_capacity(sends.len());
                 for result in futures::future::join_all(sends).await {
                     match result {
                         Ok(ack) => acks.push(ack),
-                        Err(e) => tracing::warn!(error = %e, "an actor did not acknowledge a cleanup"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "an actor did not acknowledge a cleanup")
+                        }
                     }
                 }
                 acks
