@@ -30,6 +30,11 @@ pub enum EmbedError {
     Failed(String),
 }
 
+/// A worker drains up to this many passes' worth of rows before planning: sorting a
+/// larger pool by length leaves less padding in each pass (measured: see
+/// docs/BENCHMARKS.md, "keel serve").
+const DRAIN_PASSES: usize = 4;
+
 struct Job {
     texts: Vec<String>,
     reply: oneshot::Sender<Result<Vec<f32>, EmbedError>>,
@@ -197,7 +202,7 @@ fn worker(
                 Some(Work::Stop) | None => return,
             }
             let mut rows = jobs[0].texts.len();
-            while rows < limits.max_rows {
+            while rows < limits.max_rows * DRAIN_PASSES {
                 match rx.try_recv() {
                     Ok(Work::Job(job)) => {
                         rows += job.texts.len();
