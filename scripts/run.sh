@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: fetch the model if missing, build Keel, render the
-# sample VCF's variant records as texts and embed them, printing throughput and memory.
+# The main job on a fresh machine: fetch the model if missing, build Keel, start
+# `keel serve` with configs/default.yaml, stream the sample VCF's variant records through
+# it (DoExchange) twice — the second pass is served from the cache — and store them as a
+# dataset (DoPut). Prints throughput, memory and cache figures; stops the server.
+#
+#   scripts/run.sh [FILE.vcf|FILE.parquet|FILE.txt]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -8,7 +12,24 @@ cd "$root"
 scripts/fetch-model.sh
 cargo build --release --quiet
 
-vcf="${1:-data/test-haploidX.vcf}"
-out="${KEEL_OUT:-target/sample-embeddings.jsonl}"
-./target/release/keel texts "$vcf" | ./target/release/keel embed --config configs/default.yaml > "$out"
-echo "run: $(wc -l < "$out") embeddings written to $out" >&2
+input="${1:-data/test-haploidX.vcf}"
+port="${KEEL_RUN_PORT:-50051}"
+out="target/sample-embeddings.parquet"
+export KEEL_SERVER__LISTEN="127.0.0.1:$port"
+keel=./target/release/keel
+
+$keel serve --config configs/default.yaml &
+server=$!
+trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null' EXIT
+
+echo "== pass 1: embed $input (DoExchange) → $out" >&2
+$keel produce --input "$input" --to "grpc://127.0.0.1:$port" --exchange --out "$out"
+echo "== pass 2: the same records again (cache hits)" >&2
+$keel produce --input "$input" --to "grpc://127.0.0.1:$port" --exchange
+echo "== store them as dataset 'sample' (DoPut)" >&2
+$keel produce --input "$input" --to "grpc://127.0.0.1:$port" --dataset sample
+
+kill -TERM "$server"
+wait "$server"
+trap - EXIT
+echo "run: done; embeddings in $out, dataset in data/datasets/sample/" >&2

@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     /// Serve the engine over Arrow Flight until SIGINT/SIGTERM.
     Serve(commands::serve::ServeArgs),
+    /// Stream a VCF, Parquet or text file to a server (DoExchange or DoPut).
+    Produce(commands::produce::ProduceArgs),
     /// Check a configuration file (and KEEL_* variables) without starting anything.
     Validate(commands::validate::ValidateArgs),
     /// Embed texts from stdin (one per line) and write JSON lines to stdout.
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => commands::serve::run(args),
         Command::Validate(args) => commands::validate::run(args),
+        Command::Produce(args) => commands::produce::run(args),
         Command::Embed(args) => commands::embed::run(args),
         Command::Texts(args) => commands::texts::run(args),
     };

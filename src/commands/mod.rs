@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod embed;
+pub mod produce;
 pub mod serve;
 pub mod texts;
 pub mod validate;

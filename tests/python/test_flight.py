@@ -42,7 +42,7 @@ def start_server(binary, data_dir):
     while True:
         try:
             list(client.do_action(flight.Action("health", b""), options=TIMEOUT))
-            return proc, client
+            return proc, client, port
         except flight.FlightUnavailableError:
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError("keel serve did not come up:\n" + proc.stderr.read())
@@ -80,7 +80,8 @@ def exchange(client, table, descriptor):
 
 def main(binary):
     data_dir = tempfile.mkdtemp(prefix="keel-pytest-")
-    proc, client = start_server(binary, data_dir)
+    proc, client, port = start_server(binary, data_dir)
+    client_port = [port]
     failures = []
 
     def check(name, cond, detail=""):
@@ -137,6 +138,18 @@ def main(binary):
         check("get returns the dataset", back.num_rows == 301 and back.column("id").to_pylist() == list(range(301)))
         names = [f.descriptor.path for f in client.list_flights(options=TIMEOUT)]
         check("list_flights lists it", [b"datasets", b"pyvariants"] in names, names)
+
+        # The Parquet example, as a user would run it.
+        import pyarrow.parquet as pq
+        src = os.path.join(data_dir, "in.parquet")
+        dst = os.path.join(data_dir, "out.parquet")
+        pq.write_table(pa.table({"gene": ["BRCA1"] * 1500, "pos": list(range(1500))}), src)
+        port = client_port[0]
+        run = subprocess.run([sys.executable, os.path.join(ROOT, "examples/stream_parquet.py"), src, dst,
+                              "--template", "{gene} {pos}", "--server", f"grpc://127.0.0.1:{port}"],
+                             capture_output=True, text=True, timeout=300)
+        ok = run.returncode == 0 and pq.read_table(dst).num_rows == 1500
+        check("examples/stream_parquet.py streams a Parquet file", ok, run.stderr[-500:])
 
         stats = json.loads(next(iter(client.do_action(flight.Action("stats", b""), options=TIMEOUT))).body.to_pybytes())
         check("stats reports rows and cache", stats["rows"] >= 301 and "hits" in stats["cache"], stats)

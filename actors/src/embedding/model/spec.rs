@@ -149,7 +149,8 @@ impl ModelSpec {
                 format!("position_embedding_type {:?}", cfg.position_embedding_type),
             ));
         }
-        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             return Err(invalid(
                 &config_path,
                 format!(
