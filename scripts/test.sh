@@ -20,5 +20,7 @@ if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import pyarrow.flig
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check "pyarrow>=20"
 fi
-cargo build --release --quiet
+# The integration tests built target/release/keel already (with the test build's feature
+# set); a plain `cargo build` here would rebuild burn with another one.
+[[ -x target/release/keel ]] || cargo build --release --all-targets --quiet
 "$venv/bin/python" tests/python/test_flight.py "$root/target/release/keel"

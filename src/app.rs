@@ -14,13 +14,16 @@ use anyhow::Context;
 use arrow_flight::flight_service_server::FlightServiceServer;
 use keel_actors::cache::actor::CacheActor;
 use keel_actors::cache::messages::GetCacheStats;
+use keel_actors::embedding::actor::EmbedderJanitor;
 use keel_actors::embedding::model::SentenceModel;
 use keel_actors::embedding::service::EmbedderService;
-use keel_actors::ingest::pipeline::Pipeline;
+use keel_actors::ingest::pipeline::{IngestCounters, Pipeline};
+use keel_actors::memory::allocator;
 use keel_actors::sink::actor::SinkHandle;
 use keel_actors::sink::store::DatasetStore;
 use keel_actors::supervisor::actor::SupervisorActor;
 use keel_actors::supervisor::messages::GetMemoryReport;
+use keel_actors::supervisor::probe::ProcessProbe;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
 
@@ -93,11 +96,21 @@ impl Engine {
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "rss_bytes": memory.rss_bytes,
             "peak_rss_bytes": memory.peak_rss_bytes,
+            "memory": {
+                "limit_bytes": memory.limit_bytes,
+                "soft_bytes": memory.soft_bytes,
+                "hard_bytes": memory.hard_bytes,
+                "allocated_bytes": memory.latest.allocated,
+                "resident_bytes": memory.latest.resident,
+                "samples": memory.samples,
+                "creep": memory.creep,
+            },
+            "admit_wait_s": load(&c.admit_wait_micros) as f64 / 1e6,
             "ops": load(&c.ops),
             "rows": load(&c.rows),
             "null_rows": load(&c.null_rows),
             "embedded_rows": load(&c.embedded_rows),
-            "in_flight_rows": self.pipeline.in_flight_rows(),
+            "in_flight_rows": load(&c.in_flight_rows),
             "max_in_flight_rows": self.pipeline.config().max_in_flight_rows,
             "max_in_flight_rows_seen": load(&c.max_in_flight_rows_seen),
             "streams": {
@@ -117,6 +130,8 @@ impl Engine {
             "embedder": self.pipeline.embedder().stats(),
             "cleanups": {
                 "total": memory.cleanups_total,
+                "gentle": memory.cleanups_gentle,
+                "full": memory.cleanups_full,
                 "recent": memory.recent_cleanups,
             },
         }))
@@ -162,7 +177,15 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     let ingest = &settings.ingest;
     // Enough queued jobs for every in-flight micro-batch: the permits are the real bound.
     let queue_jobs = ingest.max_in_flight_rows.div_ceil(ingest.micro_batch_rows) + 1;
+    let device = settings.embedder.backend.device()?;
+    let pooled_device_memory = !settings.embedder.backend.is_host();
     let embedder = EmbedderService::start(model, &settings.embedder, queue_jobs)?;
+
+    let m = &settings.memory;
+    if let Err(e) = allocator::configure(m.background_thread, m.dirty_decay_ms, m.muzzy_decay_ms) {
+        // Not jemalloc (a library user's own allocator): figures stay, purges are no-ops.
+        tracing::warn!(error = %e, "could not configure the allocator");
+    }
 
     let store = DatasetStore::open(&settings.storage.data_dir).with_context(|| {
         format!(
@@ -176,17 +199,28 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     let (addrs_tx, addrs_rx) = std::sync::mpsc::channel();
     let cache_cfg = settings.cache.clone();
     let supervisor_cfg = settings.supervisor.clone();
+    let memory_cfg = settings.memory.clone();
+    let counters = Arc::new(IngestCounters::default());
+    let cache_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let probe = Box::new(ProcessProbe::new(counters.clone(), cache_bytes.clone()));
     let actix_thread = std::thread::Builder::new()
         .name("keel-actors".into())
         .spawn(move || {
             let system = actix::System::new();
             system.block_on(async move {
-                let cache = (cache_cfg.max_bytes > 0).then(|| CacheActor::new(cache_cfg).start());
+                let cache = (cache_cfg.max_bytes > 0)
+                    .then(|| CacheActor::new(cache_cfg, cache_bytes).start());
                 let mut members = Vec::new();
                 if let Some(c) = &cache {
                     members.push(c.clone().recipient());
                 }
-                let supervisor = SupervisorActor::new(supervisor_cfg, members).start();
+                members.push(
+                    EmbedderJanitor::new(device, pooled_device_memory)
+                        .start()
+                        .recipient(),
+                );
+                let supervisor =
+                    SupervisorActor::new(supervisor_cfg, memory_cfg, probe, members).start();
                 let _ = addrs_tx.send((cache, supervisor, actix::System::current()));
             });
             let _ = system.run();
@@ -199,6 +233,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         cache.clone(),
         embedder.handle(),
         key_settings,
+        counters,
     ));
     let engine = Arc::new(Engine {
         streams: Arc::new(Semaphore::new(settings.server.max_streams)),
@@ -225,9 +260,11 @@ impl Running {
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
+        metrics: Option<tokio::net::TcpListener>,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let engine = self.engine.clone();
+        let metrics_task = metrics.map(|l| tokio::spawn(crate::metrics::serve(l, engine.clone())));
         let service = FlightServiceServer::new(KeelFlight::new(engine.clone()))
             .max_decoding_message_size(engine.settings.server.max_message_bytes)
             .max_encoding_message_size(engine.settings.server.max_message_bytes);
@@ -260,6 +297,9 @@ impl Running {
             })
             .await
             .context("the Flight server failed")?;
+        if let Some(t) = metrics_task {
+            t.abort();
+        }
         // Stopping joins threads: do it off the async workers.
         tokio::task::spawn_blocking(move || self.stop())
             .await

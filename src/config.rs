@@ -13,6 +13,7 @@ use anyhow::Context;
 use keel_actors::cache::config::CacheConfig;
 use keel_actors::embedding::config::EmbedderConfig;
 use keel_actors::ingest::config::IngestConfig;
+use keel_actors::memory::config::MemoryConfig;
 use keel_actors::sink::config::StorageConfig;
 use keel_actors::supervisor::config::SupervisorConfig;
 use serde::{Deserialize, Serialize};
@@ -45,6 +46,25 @@ impl Default for ServerConfig {
     }
 }
 
+/// `metrics:` section: the Prometheus endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve `/metrics`, `/health` and `/ready` over HTTP.
+    pub enabled: bool,
+    /// Address of the HTTP endpoint.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "127.0.0.1:9464".parse().expect("a valid address"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
@@ -54,6 +74,8 @@ pub struct Settings {
     pub cache: CacheConfig,
     pub supervisor: SupervisorConfig,
     pub storage: StorageConfig,
+    pub memory: MemoryConfig,
+    pub metrics: MetricsConfig,
 }
 
 impl Settings {
@@ -93,6 +115,7 @@ impl Settings {
         self.cache.validate().map_err(anyhow::Error::msg)?;
         self.supervisor.validate().map_err(anyhow::Error::msg)?;
         self.storage.validate().map_err(anyhow::Error::msg)?;
+        self.memory.validate().map_err(anyhow::Error::msg)?;
         let s = &self.server;
         if s.max_message_bytes < 1024 * 1024 {
             anyhow::bail!(

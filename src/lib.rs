@@ -3,7 +3,8 @@
 //! - [`config`]: `Settings`, every actor's configuration composed, loaded from YAML and
 //!   `KEEL_*` variables and validated once;
 //! - [`app`]: starting the actors in order, serving, and stopping in reverse order;
-//! - [`flight`]: the `FlightService` and the one error → gRPC status mapping.
+//! - [`flight`]: the `FlightService` and the one error → gRPC status mapping;
+//! - [`metrics`]: the Prometheus endpoint (`/metrics`, `/health`, `/ready`).
 //!
 //! The actors and the model live in the `keel-actors` crate; the command line in
 //! `main.rs`.
@@ -11,3 +12,4 @@
 pub mod app;
 pub mod config;
 pub mod flight;
+pub mod metrics;

@@ -2,3 +2,12 @@
 
 mod common;
 mod flight;
+mod memory;
+
+/// The same allocator as the binary, so memory figures and purges are the real ones.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8] = keel_actors::memory::allocator::MALLOC_CONF;

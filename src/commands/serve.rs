@@ -18,10 +18,19 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         let listen = settings.server.listen;
+        let metrics = settings.metrics.clone();
         let running = app::start(settings)?;
         let listener = app::bind(listen).await?;
+        let metrics = match metrics.enabled {
+            true => {
+                let l = app::bind(metrics.listen).await?;
+                tracing::info!(address = %l.local_addr()?, "metrics on http://ADDRESS/metrics");
+                Some(l)
+            }
+            false => None,
+        };
         tracing::info!(address = %listener.local_addr()?, "keel serving Arrow Flight");
-        running.serve(listener, shutdown_signal()).await
+        running.serve(listener, metrics, shutdown_signal()).await
     })
 }
 

@@ -18,7 +18,7 @@ pub fn repo_root() -> PathBuf {
 
 pub struct TestServer {
     pub addr: SocketAddr,
-    #[allow(dead_code)]
+    pub metrics_addr: SocketAddr,
     pub data_dir: PathBuf,
     stop: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -55,12 +55,17 @@ impl TestServer {
             .await
             .unwrap();
         let addr = listener.local_addr().unwrap();
+        let metrics = keel::app::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let metrics_addr = metrics.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let done = tokio::spawn(running.serve(listener, async {
+        let done = tokio::spawn(running.serve(listener, Some(metrics), async {
             let _ = stopped.await;
         }));
         Self {
             addr,
+            metrics_addr,
             data_dir,
             stop: Some(stop),
             done: Some(done),
@@ -88,6 +93,7 @@ impl TestServer {
                 .unwrap()
                 .unwrap();
         }
+        let _ = std::fs::remove_dir_all(&self.data_dir);
     }
 }
 

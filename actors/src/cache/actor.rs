@@ -1,23 +1,34 @@
 //! The cache actor: owns the [`VectorCache`]; nothing else touches it.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use actix::{Actor, Context, Handler};
 
 use super::config::CacheConfig;
 use super::messages::{GetCacheStats, Insert, Lookup};
-use super::store::{CacheStats, VectorCache};
+use super::store::VectorCache;
 use crate::supervisor::messages::{Cleanup, CleanupAck, CleanupLevel};
 
 pub struct CacheActor {
     cache: VectorCache,
     config: CacheConfig,
+    /// The accounted bytes, published for the supervisor's probe after every change.
+    bytes_gauge: Arc<AtomicU64>,
 }
 
 impl CacheActor {
-    pub fn new(config: CacheConfig) -> Self {
+    pub fn new(config: CacheConfig, bytes_gauge: Arc<AtomicU64>) -> Self {
         Self {
             cache: VectorCache::new(config.max_bytes as usize),
             config,
+            bytes_gauge,
         }
+    }
+
+    fn publish(&self) {
+        self.bytes_gauge
+            .store(self.cache.bytes() as u64, Ordering::Relaxed);
     }
 }
 
@@ -45,6 +56,7 @@ impl Handler<Insert> for CacheActor {
         for (k, v) in msg.entries {
             self.cache.insert(k, v);
         }
+        self.publish();
     }
 }
 
@@ -67,17 +79,12 @@ impl Handler<Cleanup> for CacheActor {
             _ => (self.cache.max_bytes() as f64 * self.config.low_watermark) as usize,
         };
         let evicted = self.cache.shrink_to(target);
+        self.publish();
         actix::MessageResult(CleanupAck {
             actor: "cache",
             freed_bytes: (before - self.cache.bytes()) as u64,
             detail: format!("evicted {evicted} entries"),
             duration: started.elapsed(),
         })
-    }
-}
-
-impl CacheActor {
-    pub fn stats(&self) -> CacheStats {
-        self.cache.stats()
     }
 }

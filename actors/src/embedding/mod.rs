@@ -4,6 +4,7 @@
 //! replicas on dedicated threads, one per configured worker, each with its own rayon
 //! pool, because two replicas on one core each beat one replica on two cores.
 
+pub mod actor;
 pub mod config;
 pub mod model;
 pub mod pool;

@@ -28,6 +28,10 @@ pub struct IngestCounters {
     pub null_rows: AtomicU64,
     pub embedded_rows: AtomicU64,
     pub max_in_flight_rows_seen: AtomicU64,
+    /// Rows admitted and not yet released (a gauge).
+    pub in_flight_rows: AtomicU64,
+    /// Time streams spent waiting for permits, in microseconds (backpressure).
+    pub admit_wait_micros: AtomicU64,
     pub streams_open: AtomicU64,
     pub streams_total: AtomicU64,
     pub streams_failed: AtomicU64,
@@ -36,6 +40,16 @@ pub struct IngestCounters {
 /// Permits for rows in flight; dropping it releases them.
 pub struct InFlight {
     _permit: OwnedSemaphorePermit,
+    rows: u64,
+    counters: Arc<IngestCounters>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.counters
+            .in_flight_rows
+            .fetch_sub(self.rows, Ordering::Relaxed);
+    }
 }
 
 pub struct Pipeline {
@@ -50,11 +64,13 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// `counters` are shared with whoever reports them (stats, the supervisor's probe).
     pub fn new(
         config: IngestConfig,
         cache: Option<Addr<CacheActor>>,
         embedder: EmbedderHandle,
         key_settings: String,
+        counters: Arc<IngestCounters>,
     ) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(config.max_in_flight_rows)),
@@ -62,7 +78,7 @@ impl Pipeline {
             cache,
             embedder,
             config,
-            counters: Arc::new(IngestCounters::default()),
+            counters,
             key_settings,
         }
     }
@@ -92,16 +108,23 @@ impl Pipeline {
     /// `max_in_flight_rows` (streams take at most `slice_rows` at a time).
     pub async fn admit(&self, rows: usize) -> Result<InFlight, IngestError> {
         let rows = rows.min(self.config.max_in_flight_rows) as u32;
+        let waited = std::time::Instant::now();
         let permit = self
             .permits
             .clone()
             .acquire_many_owned(rows)
             .await
             .map_err(|_| IngestError::Unavailable("the server is shutting down".into()))?;
-        self.counters
-            .max_in_flight_rows_seen
-            .fetch_max(self.in_flight_rows() as u64, Ordering::Relaxed);
-        Ok(InFlight { _permit: permit })
+        let c = &self.counters;
+        c.admit_wait_micros
+            .fetch_add(waited.elapsed().as_micros() as u64, Ordering::Relaxed);
+        let now = c.in_flight_rows.fetch_add(rows as u64, Ordering::Relaxed) + rows as u64;
+        c.max_in_flight_rows_seen.fetch_max(now, Ordering::Relaxed);
+        Ok(InFlight {
+            _permit: permit,
+            rows: rows as u64,
+            counters: c.clone(),
+        })
     }
 
     /// Stops admitting rows: waiting and future `admit`s fail with `Unavailable`.

@@ -1,7 +1,11 @@
-//! Memory readings of this process.
+//! Memory of this process: readings, the allocator, creep, the budget.
 //!
 //! RSS comes from `/proc/self/statm` (under a microsecond per read, against tens of
 //! microseconds for sysinfo). Elsewhere than Linux it reads as `None`.
+
+pub mod allocator;
+pub mod config;
+pub mod creep;
 
 /// Resident set size of this process in bytes, if the platform says.
 pub fn rss_bytes() -> Option<u64> {
@@ -13,13 +17,36 @@ pub fn rss_bytes() -> Option<u64> {
 fn page_size() -> u64 {
     // 4 KiB on x86-64, but 16 or 64 KiB on some aarch64 kernels: ask libc.
     // SAFETY: getpagesize(3) has no preconditions and only reads a constant.
-    let size = unsafe { libc_sysconf_pagesize() };
+    let size = unsafe { libc_getpagesize() };
     if size > 0 { size as u64 } else { 4096 }
 }
 
 unsafe extern "C" {
     #[link_name = "getpagesize"]
-    fn libc_sysconf_pagesize() -> i32;
+    fn libc_getpagesize() -> i32;
+}
+
+/// Memory this process may use: the cgroup v2 (or v1) limit if one is set, else the
+/// machine's total memory.
+pub fn available_memory() -> Option<u64> {
+    let cgroup = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .filter_map(|p| std::fs::read_to_string(p).ok())
+    .filter_map(|s| s.trim().parse::<u64>().ok())
+    .find(|v| *v < (1u64 << 60));
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    });
+    match (cgroup, total) {
+        (Some(c), Some(t)) => Some(c.min(t)),
+        (c, t) => c.or(t),
+    }
 }
 
 #[cfg(test)]
@@ -35,5 +62,12 @@ mod tests {
             after >= before + (48 << 20),
             "before {before}, after {after}"
         );
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn available_memory_is_known_and_plausible() {
+        let m = super::available_memory().unwrap();
+        assert!(m > 64 << 20, "{m}");
     }
 }

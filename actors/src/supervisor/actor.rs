@@ -1,9 +1,17 @@
 //! The supervisor actor.
 //!
-//! Every `interval_ms` it reads RSS into a fixed-size ring. On [`RunCleanup`] it sends
-//! [`Cleanup`] to every registered actor at once, waits for all acknowledgements, and
-//! records the total time from broadcast to last ack. History is bounded: `history`
-//! samples and `cleanup_history` cleanups.
+//! Each tick (`interval_ms`) it takes a [`MemorySample`] into a fixed-size ring and, when
+//! `act` is on, decides like a thermostat with hysteresis (no automatic cleanup within
+//! `memory.cooldown_ms` of the last, and none while one runs):
+//! - RSS above `memory.hard` × limit, or `allocated` creeping faster than
+//!   `creep_alert_mb_per_1000_ops` → full cleanup;
+//! - RSS above `memory.soft` × limit → gentle cleanup;
+//! - no op for `memory.recovery_window_ms` after work → one gentle cleanup, which is what
+//!   hands a burst's memory back to the OS.
+//!
+//! A cleanup sends [`Cleanup`] to every registered actor at once, waits for every ack,
+//! then purges jemalloc's arenas; the total time from broadcast to the last step is
+//! recorded with each actor's own, in a bounded history.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -11,61 +19,195 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use actix::prelude::*;
 
 use super::config::SupervisorConfig;
-use super::messages::{Cleanup, CleanupRecord, GetMemoryReport, MemoryReport, RunCleanup};
-use crate::memory::rss_bytes;
+use super::messages::{
+    Cleanup, CleanupAck, CleanupLevel, CleanupRecord, Creep, GetMemoryReport, MemoryReport,
+    RunCleanup,
+};
+use super::probe::{MemoryProbe, MemorySample};
+use crate::memory::config::MemoryConfig;
+use crate::memory::{allocator, creep, rss_bytes};
 
 pub struct SupervisorActor {
     config: SupervisorConfig,
+    memory: MemoryConfig,
+    limit: u64,
+    probe: Box<dyn MemoryProbe>,
     members: Vec<Recipient<Cleanup>>,
-    samples: VecDeque<(Instant, u64)>,
+    samples: VecDeque<MemorySample>,
     peak_rss: u64,
     cleanups: VecDeque<CleanupRecord>,
     cleanups_total: u64,
+    cleanups_gentle: u64,
+    cleanups_full: u64,
+    running: bool,
+    last_cleanup: Option<Instant>,
+    last_ops: u64,
+    last_ops_change: Instant,
+    idle_cleaned: bool,
 }
 
 impl SupervisorActor {
     /// `members` receive every cleanup broadcast.
-    pub fn new(config: SupervisorConfig, members: Vec<Recipient<Cleanup>>) -> Self {
+    pub fn new(
+        config: SupervisorConfig,
+        memory: MemoryConfig,
+        probe: Box<dyn MemoryProbe>,
+        members: Vec<Recipient<Cleanup>>,
+    ) -> Self {
         Self {
             samples: VecDeque::with_capacity(config.history),
             cleanups: VecDeque::with_capacity(config.cleanup_history),
+            limit: memory.effective_limit(),
             config,
+            memory,
+            probe,
             members,
             peak_rss: 0,
             cleanups_total: 0,
+            cleanups_gentle: 0,
+            cleanups_full: 0,
+            running: false,
+            last_cleanup: None,
+            last_ops: 0,
+            last_ops_change: Instant::now(),
+            idle_cleaned: true,
         }
     }
 
-    fn sample(&mut self) {
-        let rss = rss_bytes().unwrap_or(0);
+    fn sample(&mut self) -> MemorySample {
+        let s = self.probe.sample();
         if self.samples.len() == self.config.history {
             self.samples.pop_front();
         }
-        self.samples.push_back((Instant::now(), rss));
-        self.peak_rss = self.peak_rss.max(rss);
+        self.samples.push_back(s);
+        self.peak_rss = self.peak_rss.max(s.rss);
+        s
     }
-}
 
-impl Actor for SupervisorActor {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        self.sample();
-        ctx.run_interval(Duration::from_millis(self.config.interval_ms), |act, _| {
-            act.sample()
-        });
+    /// Slopes over the last `creep_window` samples, once they span `creep_min_ops` ops.
+    fn creep(&self) -> Option<Creep> {
+        let n = self.samples.len().min(self.config.creep_window);
+        let window: Vec<&MemorySample> = self.samples.iter().skip(self.samples.len() - n).collect();
+        let (first, last) = (window.first()?, window.last()?);
+        let window_ops = last.ops.saturating_sub(first.ops);
+        if window_ops < self.config.creep_min_ops {
+            return None;
+        }
+        const MB: f64 = 1_000_000.0;
+        let per_op = |f: fn(&MemorySample) -> u64| {
+            let pts: Vec<(f64, f64)> = window
+                .iter()
+                .map(|s| (s.ops as f64, f(s) as f64 / MB))
+                .collect();
+            creep::slope(&pts)
+        };
+        let (alloc, alloc_se) = per_op(|s| s.allocated)?;
+        let (rss, _) = per_op(|s| s.rss)?;
+        let per_hour: Vec<(f64, f64)> = window
+            .iter()
+            .map(|s| (s.at_ms as f64 / 3_600_000.0, s.rss as f64 / MB))
+            .collect();
+        let rss_h = creep::slope(&per_hour).map(|s| s.0).unwrap_or(0.0);
+        Some(Creep {
+            allocated_mb_per_1000_ops: alloc * 1000.0,
+            allocated_stderr: alloc_se * 1000.0,
+            rss_mb_per_1000_ops: rss * 1000.0,
+            rss_mb_per_hour: rss_h,
+            window_ops,
+        })
     }
-}
 
-impl Handler<RunCleanup> for SupervisorActor {
-    type Result = ResponseActFuture<Self, CleanupRecord>;
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        let s = self.sample();
+        let now = Instant::now();
+        if s.ops != self.last_ops {
+            self.last_ops = s.ops;
+            self.last_ops_change = now;
+            self.idle_cleaned = false;
+        }
+        if !self.config.act || self.running {
+            return;
+        }
+        if self
+            .last_cleanup
+            .is_some_and(|t| now - t < Duration::from_millis(self.memory.cooldown_ms))
+        {
+            return;
+        }
+        let (soft, hard) = self.watermarks();
+        let decision = if s.rss > hard {
+            Some((
+                CleanupLevel::Full,
+                format!(
+                    "RSS {} MB above the hard watermark {} MB",
+                    s.rss / 1_000_000,
+                    hard / 1_000_000
+                ),
+            ))
+        } else if let Some(c) = self.creep().filter(|c| {
+            c.allocated_mb_per_1000_ops > self.config.creep_alert_mb_per_1000_ops
+                && c.allocated_mb_per_1000_ops > 2.0 * c.allocated_stderr
+        }) {
+            tracing::warn!(
+                mb_per_1000_ops = c.allocated_mb_per_1000_ops,
+                stderr = c.allocated_stderr,
+                window_ops = c.window_ops,
+                "memory creep detected"
+            );
+            Some((
+                CleanupLevel::Full,
+                format!(
+                    "creep: allocated grows {:.3} MB per 1000 ops",
+                    c.allocated_mb_per_1000_ops
+                ),
+            ))
+        } else if s.rss > soft {
+            Some((
+                CleanupLevel::Gentle,
+                format!(
+                    "RSS {} MB above the soft watermark {} MB",
+                    s.rss / 1_000_000,
+                    soft / 1_000_000
+                ),
+            ))
+        } else if !self.idle_cleaned
+            && now - self.last_ops_change >= Duration::from_millis(self.memory.recovery_window_ms)
+        {
+            self.idle_cleaned = true;
+            Some((
+                CleanupLevel::Gentle,
+                "idle: returning memory after work".to_string(),
+            ))
+        } else {
+            None
+        };
+        if let Some((level, reason)) = decision {
+            if level == CleanupLevel::Full {
+                tracing::warn!(%reason, "full cleanup");
+            }
+            let fut = self.cleanup(level, reason);
+            ctx.spawn(fut.map(|_, _, _| ()));
+        }
+    }
 
-    fn handle(&mut self, msg: RunCleanup, _: &mut Self::Context) -> Self::Result {
+    fn watermarks(&self) -> (u64, u64) {
+        (
+            (self.limit as f64 * self.memory.soft) as u64,
+            (self.limit as f64 * self.memory.hard) as u64,
+        )
+    }
+
+    fn cleanup(
+        &mut self,
+        level: CleanupLevel,
+        reason: String,
+    ) -> ResponseActFuture<Self, CleanupRecord> {
+        self.running = true;
         let rss_before = rss_bytes().unwrap_or(0);
         let started = Instant::now();
         let broadcast = Cleanup {
-            level: msg.level,
-            reason: msg.reason.clone(),
+            level,
+            reason: reason.clone(),
         };
         let sends: Vec<_> = self
             .members
@@ -74,7 +216,7 @@ impl Handler<RunCleanup> for SupervisorActor {
             .collect();
         Box::pin(
             async move {
-                let mut acks = Vec::with_capacity(sends.len());
+                let mut acks = Vec::with_capacity(sends.len() + 1);
                 for result in futures::future::join_all(sends).await {
                     match result {
                         Ok(ack) => acks.push(ack),
@@ -83,13 +225,26 @@ impl Handler<RunCleanup> for SupervisorActor {
                         }
                     }
                 }
+                // With the actors' memory freed, hand the pages back to the OS.
+                let t = Instant::now();
+                let before = allocator::stats().resident;
+                let detail = match allocator::purge() {
+                    Ok(()) => "purged all arenas".to_string(),
+                    Err(e) => e,
+                };
+                acks.push(CleanupAck {
+                    actor: "allocator",
+                    freed_bytes: before.saturating_sub(allocator::stats().resident),
+                    detail,
+                    duration: t.elapsed(),
+                });
                 acks
             }
             .into_actor(self)
             .map(move |acks, act, _| {
                 let record = CleanupRecord {
-                    level: msg.level,
-                    reason: msg.reason,
+                    level,
+                    reason,
                     acks,
                     total_micros: started.elapsed().as_micros() as u64,
                     rss_before,
@@ -112,9 +267,35 @@ impl Handler<RunCleanup> for SupervisorActor {
                 }
                 act.cleanups.push_back(record.clone());
                 act.cleanups_total += 1;
+                match level {
+                    CleanupLevel::Gentle => act.cleanups_gentle += 1,
+                    CleanupLevel::Full => act.cleanups_full += 1,
+                }
+                act.running = false;
+                act.last_cleanup = Some(Instant::now());
                 record
             }),
         )
+    }
+}
+
+impl Actor for SupervisorActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.sample();
+        ctx.run_interval(
+            Duration::from_millis(self.config.interval_ms),
+            |act, ctx| act.tick(ctx),
+        );
+    }
+}
+
+impl Handler<RunCleanup> for SupervisorActor {
+    type Result = ResponseActFuture<Self, CleanupRecord>;
+
+    fn handle(&mut self, msg: RunCleanup, _: &mut Self::Context) -> Self::Result {
+        self.cleanup(msg.level, msg.reason)
     }
 }
 
@@ -122,13 +303,126 @@ impl Handler<GetMemoryReport> for SupervisorActor {
     type Result = MessageResult<GetMemoryReport>;
 
     fn handle(&mut self, _: GetMemoryReport, _: &mut Self::Context) -> Self::Result {
-        self.sample();
+        let latest = self.sample();
+        let (soft, hard) = self.watermarks();
         MessageResult(MemoryReport {
-            rss_bytes: self.samples.back().map(|s| s.1).unwrap_or(0),
+            rss_bytes: latest.rss,
             peak_rss_bytes: self.peak_rss,
+            limit_bytes: self.limit,
+            soft_bytes: soft,
+            hard_bytes: hard,
+            latest,
             samples: self.samples.len(),
+            creep: self.creep(),
             cleanups_total: self.cleanups_total,
+            cleanups_gentle: self.cleanups_gentle,
+            cleanups_full: self.cleanups_full,
             recent_cleanups: self.cleanups.iter().cloned().collect(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A probe whose `allocated` grows by `bytes_per_op` with every op: a leak.
+    struct Leaky {
+        ops: u64,
+        bytes_per_op: u64,
+    }
+
+    impl MemoryProbe for Leaky {
+        fn sample(&mut self) -> MemorySample {
+            self.ops += 10;
+            MemorySample {
+                at_ms: self.ops,
+                ops: self.ops,
+                rss: 100_000_000 + self.ops * self.bytes_per_op,
+                allocated: 50_000_000 + self.ops * self.bytes_per_op,
+                ..Default::default()
+            }
+        }
+    }
+
+    /// Records every cleanup it is sent.
+    struct Member(Arc<Mutex<Vec<CleanupLevel>>>);
+
+    impl Actor for Member {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Cleanup> for Member {
+        type Result = MessageResult<Cleanup>;
+        fn handle(&mut self, msg: Cleanup, _: &mut Self::Context) -> Self::Result {
+            self.0.lock().unwrap().push(msg.level);
+            MessageResult(CleanupAck {
+                actor: "member",
+                freed_bytes: 0,
+                detail: String::new(),
+                duration: Duration::ZERO,
+            })
+        }
+    }
+
+    fn run(bytes_per_op: u64) -> (MemoryReport, Vec<CleanupLevel>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        let report = actix::System::new().block_on(async move {
+            let member = Member(seen2).start();
+            let config = SupervisorConfig {
+                interval_ms: 5,
+                creep_window: 20,
+                creep_min_ops: 100,
+                ..Default::default()
+            };
+            let memory = MemoryConfig {
+                limit_bytes: 1 << 40,
+                cooldown_ms: 10_000,
+                recovery_window_ms: 1 << 40,
+                ..Default::default()
+            };
+            let probe = Box::new(Leaky {
+                ops: 0,
+                bytes_per_op,
+            });
+            let sup = SupervisorActor::new(config, memory, probe, vec![member.recipient()]).start();
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            sup.send(GetMemoryReport).await.unwrap()
+        });
+        let seen = seen.lock().unwrap().clone();
+        (report, seen)
+    }
+
+    #[test]
+    fn an_injected_creep_triggers_one_full_cleanup_that_reaches_every_member() {
+        // 10 kB per op = 10 MB per 1000 ops, far above the 1 MB alert.
+        let (report, seen) = run(10_000);
+        assert_eq!(
+            seen,
+            vec![CleanupLevel::Full],
+            "one full cleanup, then the cooldown holds"
+        );
+        let creep = report
+            .creep
+            .expect("a slope once the window spans enough ops");
+        assert!(
+            (creep.allocated_mb_per_1000_ops - 10.0).abs() < 0.01,
+            "{creep:?}"
+        );
+        let record = &report.recent_cleanups[0];
+        assert!(record.reason.starts_with("creep"), "{}", record.reason);
+        let actors: Vec<&str> = record.acks.iter().map(|a| a.actor).collect();
+        assert_eq!(actors, vec!["member", "allocator"]);
+        assert_eq!(report.cleanups_full, 1);
+    }
+
+    #[test]
+    fn flat_memory_triggers_nothing() {
+        let (report, seen) = run(0);
+        assert!(seen.is_empty(), "{seen:?}");
+        assert!(report.creep.unwrap().allocated_mb_per_1000_ops.abs() < 1e-9);
+        assert!(report.samples > 10 && report.samples <= SupervisorConfig::default().history);
     }
 }

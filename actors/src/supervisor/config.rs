@@ -11,6 +11,15 @@ pub struct SupervisorConfig {
     pub history: usize,
     /// Cleanups kept for `stats`.
     pub cleanup_history: usize,
+    /// Samples the creep slope is fitted over (the last ones).
+    pub creep_window: usize,
+    /// Ops the window must span before a slope counts.
+    pub creep_min_ops: u64,
+    /// Allocator growth that triggers a full cleanup and a warning, MB per 1000 ops.
+    pub creep_alert_mb_per_1000_ops: f64,
+    /// Whether the supervisor acts on its own (watermarks, creep, idle recovery). With
+    /// false it only samples and runs cleanups that are asked for (the `cleanup` action).
+    pub act: bool,
 }
 
 impl Default for SupervisorConfig {
@@ -19,6 +28,10 @@ impl Default for SupervisorConfig {
             interval_ms: 250,
             history: 4096,
             cleanup_history: 32,
+            creep_window: 240,
+            creep_min_ops: 200,
+            creep_alert_mb_per_1000_ops: 1.0,
+            act: true,
         }
     }
 }
@@ -30,6 +43,15 @@ impl SupervisorConfig {
         }
         if self.history < 2 {
             return Err("supervisor.history: must be at least 2".into());
+        }
+        if self.creep_window < 3 || self.creep_window > self.history {
+            return Err(format!(
+                "supervisor.creep_window: {} must be within 3..=supervisor.history ({})",
+                self.creep_window, self.history
+            ));
+        }
+        if self.creep_alert_mb_per_1000_ops <= 0.0 {
+            return Err("supervisor.creep_alert_mb_per_1000_ops: must be positive".into());
         }
         Ok(())
     }

@@ -67,7 +67,27 @@ pub struct GetMemoryReport;
 pub struct MemoryReport {
     pub rss_bytes: u64,
     pub peak_rss_bytes: u64,
+    pub limit_bytes: u64,
+    pub soft_bytes: u64,
+    pub hard_bytes: u64,
+    pub latest: crate::supervisor::probe::MemorySample,
     pub samples: usize,
+    pub creep: Option<Creep>,
     pub cleanups_total: u64,
+    pub cleanups_gentle: u64,
+    pub cleanups_full: u64,
     pub recent_cleanups: Vec<CleanupRecord>,
+}
+
+/// Memory growth over the creep window.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Creep {
+    /// Allocator `allocated` growth, MB per 1000 ops, and its standard error.
+    pub allocated_mb_per_1000_ops: f64,
+    pub allocated_stderr: f64,
+    /// RSS growth, MB per 1000 ops.
+    pub rss_mb_per_1000_ops: f64,
+    /// RSS growth per hour of wall time.
+    pub rss_mb_per_hour: f64,
+    pub window_ops: u64,
 }

@@ -88,7 +88,7 @@ impl Backend {
     }
 
     /// Whether tensors live in host memory (so host-side kernels may touch them).
-    fn is_host(self) -> bool {
+    pub fn is_host(self) -> bool {
         matches!(self, Backend::Cpu)
     }
 }

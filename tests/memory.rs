@@ -1,0 +1,154 @@
+//! Memory behaviour of a running engine: /metrics agrees with stats, cleanup reaches
+//! every actor, and memory comes back after a burst.
+
+use std::time::{Duration, Instant};
+
+use arrow_array::RecordBatch;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::*;
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: keel\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    conn.read_to_string(&mut buf).await.unwrap();
+    let status = buf[9..12].parse().unwrap();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|b| b.1.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_agree_with_stats_and_health_endpoints_answer() {
+    let server = TestServer::start(|s| s.supervisor.act = false).await;
+    let mut client = server.client().await;
+    let texts: Vec<String> = (0..60).map(|i| format!("metric text {}", i % 20)).collect();
+    let batch = text_batch(&texts.iter().map(|s| Some(s.as_str())).collect::<Vec<_>>());
+    exchange(&mut client, embed_path(), vec![batch])
+        .await
+        .unwrap();
+    let stats = action(&mut client, "stats", "").await;
+    let (status, body) = http_get(server.metrics_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        metric(&body, "keel_rows_total"),
+        stats["rows"].as_f64().unwrap()
+    );
+    assert_eq!(
+        metric(&body, "keel_ops_total"),
+        stats["ops"].as_f64().unwrap()
+    );
+    assert_eq!(
+        metric(&body, "keel_cache_hits_total"),
+        stats["cache"]["hits"].as_f64().unwrap()
+    );
+    assert_eq!(metric(&body, "keel_cache_entries"), 20.0);
+    assert_eq!(metric(&body, "keel_in_flight_rows"), 0.0);
+    assert!(metric(&body, "keel_allocator_allocated_bytes") > 0.0);
+    assert!(metric(&body, "keel_rss_bytes") > 50e6);
+    assert_eq!(http_get(server.metrics_addr, "/health").await.0, 200);
+    assert_eq!(http_get(server.metrics_addr, "/ready").await.0, 200);
+    assert_eq!(http_get(server.metrics_addr, "/nope").await.0, 404);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleanup_reaches_every_actor_and_the_allocator() {
+    let server = TestServer::start(|s| s.supervisor.act = false).await;
+    let mut client = server.client().await;
+    let record = action(&mut client, "cleanup", r#"{"level": "gentle"}"#).await;
+    let mut actors: Vec<String> = record["acks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["actor"].as_str().unwrap().to_string())
+        .collect();
+    actors.sort();
+    assert_eq!(actors, vec!["allocator", "cache", "embedder"]);
+    assert!(record["total_micros"].as_u64().unwrap() < 5_000_000);
+    server.stop().await;
+}
+
+/// After a burst of long texts at full in-flight, memory comes back once the engine has
+/// been idle for the recovery window (the supervisor's idle cleanup purges the
+/// allocator). The margin is generous; the soak benchmark measures the exact figure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_comes_back_after_a_burst() {
+    let server = TestServer::start(|s| {
+        s.cache.max_bytes = 0;
+        s.memory.recovery_window_ms = 300;
+        s.memory.cooldown_ms = 100;
+        s.supervisor.interval_ms = 50;
+        s.embedder.max_batch_tokens = 16_384;
+    })
+    .await;
+    let mut client = server.client().await;
+    exchange(
+        &mut client,
+        embed_path(),
+        vec![text_batch(&[Some("warm up")])],
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let before = action(&mut client, "stats", "").await["rss_bytes"]
+        .as_f64()
+        .unwrap();
+
+    let long = "pathogenic frameshift variant in the BRCA1 gene with loss of function ".repeat(12);
+    let texts: Vec<String> = (0..128).map(|i| format!("{i} {long}")).collect();
+    let batches: Vec<RecordBatch> = texts
+        .chunks(64)
+        .map(|c| text_batch(&c.iter().map(|s| Some(s.as_str())).collect::<Vec<_>>()))
+        .collect();
+    exchange(&mut client, embed_path(), batches).await.unwrap();
+    let peak = action(&mut client, "stats", "").await["peak_rss_bytes"]
+        .as_f64()
+        .unwrap();
+
+    // Wait for the idle cleanup that follows the burst.
+    let burst_end_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let after = loop {
+        let stats = action(&mut client, "stats", "").await;
+        let idle_done = stats["cleanups"]["recent"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| {
+                c["reason"].as_str().unwrap().starts_with("idle")
+                    && c["at_ms"].as_u64().unwrap() >= burst_end_ms
+            });
+        if idle_done {
+            break stats["rss_bytes"].as_f64().unwrap();
+        }
+        assert!(Instant::now() < deadline, "no idle cleanup: {stats}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        peak > before + 20e6,
+        "the burst must raise RSS to be a test: {before} → {peak}"
+    );
+    let recovery = (peak - after) / (peak - before);
+    assert!(
+        recovery > 0.5,
+        "recovery {recovery:.3}: before {before}, peak {peak}, after {after}"
+    );
+    server.stop().await;
+}
