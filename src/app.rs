@@ -98,6 +98,7 @@ impl Engine {
             "peak_rss_bytes": memory.peak_rss_bytes,
             "memory": {
                 "limit_bytes": memory.limit_bytes,
+                "pressure": memory.pressure,
                 "soft_bytes": memory.soft_bytes,
                 "hard_bytes": memory.hard_bytes,
                 "allocated_bytes": memory.latest.allocated,
@@ -203,6 +204,8 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     let counters = Arc::new(IngestCounters::default());
     let cache_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let probe = Box::new(ProcessProbe::new(counters.clone(), cache_bytes.clone()));
+    let pressure = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let supervisor_pressure = pressure.clone();
     let actix_thread = std::thread::Builder::new()
         .name("keel-actors".into())
         .spawn(move || {
@@ -219,8 +222,9 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
                         .start()
                         .recipient(),
                 );
-                let supervisor =
-                    SupervisorActor::new(supervisor_cfg, memory_cfg, probe, members).start();
+                let supervisor = SupervisorActor::new(supervisor_cfg, memory_cfg, probe, members)
+                    .with_pressure_flag(supervisor_pressure)
+                    .start();
                 let _ = addrs_tx.send((cache, supervisor, actix::System::current()));
             });
             let _ = system.run();
@@ -234,6 +238,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         embedder.handle(),
         key_settings,
         counters,
+        pressure,
     ));
     let engine = Arc::new(Engine {
         streams: Arc::new(Semaphore::new(settings.server.max_streams)),

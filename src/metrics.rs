@@ -252,6 +252,36 @@ pub fn render(stats: &serde_json::Value) -> String {
         "Micro-batches waiting for the embedder.",
         num(&e["queued_jobs"]),
     );
+    for (name, help, key) in [
+        ("embed_pass_rows", "Rows per forward pass.", "pass_rows"),
+        (
+            "embed_pass_seconds",
+            "Duration of a forward pass.",
+            "pass_seconds",
+        ),
+    ] {
+        let h = &e[key];
+        let _ = writeln!(
+            out,
+            "# HELP keel_{name} {help}\n# TYPE keel_{name} histogram"
+        );
+        if let (Some(le), Some(cum)) = (h["le"].as_array(), h["cumulative"].as_array()) {
+            for (b, c) in le.iter().zip(cum) {
+                let _ = writeln!(out, "keel_{name}_bucket{{le=\"{}\"}} {}", num(b), num(c));
+            }
+        }
+        let _ = writeln!(
+            out,
+            "keel_{name}_bucket{{le=\"+Inf\"}} {}",
+            num(&h["count"])
+        );
+        let _ = writeln!(
+            out,
+            "keel_{name}_sum {}\nkeel_{name}_count {}",
+            num(&h["sum"]),
+            num(&h["count"])
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP keel_cleanups_total Cleanups by level.\n# TYPE keel_cleanups_total counter\n\

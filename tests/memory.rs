@@ -146,7 +146,9 @@ async fn memory_comes_back_after_a_burst() {
         "the burst must raise RSS to be a test: {before} → {peak}"
     );
     let recovery = (peak - after) / (peak - before);
-    eprintln!("recovery {recovery:.3}: RSS before {before} B, peak {peak} B, after idle cleanup {after} B");
+    eprintln!(
+        "recovery {recovery:.3}: RSS before {before} B, peak {peak} B, after idle cleanup {after} B"
+    );
     assert!(
         recovery > 0.5,
         "recovery {recovery:.3}: before {before}, peak {peak}, after {after}"

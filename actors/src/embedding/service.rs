@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::config::EmbedderConfig;
 use super::model::{BatchLimits, ModelError, SentenceModel, plan};
 use super::pool::Replica;
+use crate::histogram::{Histogram, HistogramSnapshot};
 
 /// Why a job got no vectors.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -46,17 +47,39 @@ enum Work {
     Stop,
 }
 
+/// Rows per forward pass (histogram bounds).
+static PASS_ROWS_BOUNDS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+/// Seconds per forward pass (histogram bounds).
+static PASS_SECONDS_BOUNDS: [f64; 12] = [
+    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
 /// Counters of the embedder, read by `stats`.
-#[derive(Debug, Default)]
 pub struct EmbedderCounters {
     pub jobs: AtomicU64,
     pub rows: AtomicU64,
     pub passes: AtomicU64,
     pub tokens: AtomicU64,
     pub busy_micros: AtomicU64,
+    pub pass_rows: Histogram,
+    pub pass_seconds: Histogram,
 }
 
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+impl Default for EmbedderCounters {
+    fn default() -> Self {
+        Self {
+            jobs: AtomicU64::new(0),
+            rows: AtomicU64::new(0),
+            passes: AtomicU64::new(0),
+            tokens: AtomicU64::new(0),
+            busy_micros: AtomicU64::new(0),
+            pass_rows: Histogram::new(&PASS_ROWS_BOUNDS),
+            pass_seconds: Histogram::new(&PASS_SECONDS_BOUNDS),
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct EmbedderStats {
     pub workers: usize,
     pub jobs: u64,
@@ -66,6 +89,8 @@ pub struct EmbedderStats {
     pub busy_ms: u64,
     pub queue_capacity: usize,
     pub queued_jobs: usize,
+    pub pass_rows: HistogramSnapshot,
+    pub pass_seconds: HistogramSnapshot,
 }
 
 /// Sends work to the embedder. Cheap to clone.
@@ -111,6 +136,8 @@ impl EmbedderHandle {
             busy_ms: c.busy_micros.load(Ordering::Relaxed) / 1000,
             queue_capacity: self.tx.max_capacity(),
             queued_jobs: self.tx.max_capacity() - self.tx.capacity(),
+            pass_rows: c.pass_rows.snapshot(),
+            pass_seconds: c.pass_seconds.snapshot(),
         }
     }
 }
@@ -218,7 +245,7 @@ fn worker(
         }
         let started = std::time::Instant::now();
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            run_jobs(&replica, &model, &jobs, limits)
+            run_jobs(&replica, &model, &jobs, limits, &counters)
         }));
         let outcome = match result {
             Ok(Ok((vectors, passes, tokens))) => {
@@ -265,6 +292,7 @@ fn run_jobs(
     model: &SentenceModel,
     jobs: &[Job],
     limits: BatchLimits,
+    counters: &EmbedderCounters,
 ) -> Result<(Vec<f32>, u64, u64), ModelError> {
     let texts: Vec<&str> = jobs
         .iter()
@@ -280,7 +308,12 @@ fn run_jobs(
     let passes = plan(&lengths, limits);
     for pass in &passes {
         let rows: Vec<&[u32]> = pass.iter().map(|&i| tokens[i].as_slice()).collect();
+        let started = std::time::Instant::now();
         let vectors = replica.embed_tokens(&rows);
+        counters
+            .pass_seconds
+            .observe(started.elapsed().as_secs_f64());
+        counters.pass_rows.observe(rows.len() as f64);
         for (&i, v) in pass.iter().zip(vectors.chunks_exact(dim)) {
             out[i * dim..(i + 1) * dim].copy_from_slice(v);
         }

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use actix::Addr;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -58,6 +58,9 @@ pub struct Pipeline {
     permits: Arc<Semaphore>,
     config: IngestConfig,
     counters: Arc<IngestCounters>,
+    /// Set by the supervisor while RSS is above the hard watermark: each row then takes
+    /// two permits, halving the rows in flight until memory comes back.
+    pressure: Arc<AtomicBool>,
     /// Model id and output settings: the part of every cache key that is not the text.
     key_model: String,
     key_settings: String,
@@ -71,8 +74,10 @@ impl Pipeline {
         embedder: EmbedderHandle,
         key_settings: String,
         counters: Arc<IngestCounters>,
+        pressure: Arc<AtomicBool>,
     ) -> Self {
         Self {
+            pressure,
             permits: Arc::new(Semaphore::new(config.max_in_flight_rows)),
             key_model: embedder.model_id().to_string(),
             cache,
@@ -99,20 +104,25 @@ impl Pipeline {
         &self.embedder
     }
 
-    /// Rows read off streams and not yet handed back or stored.
-    pub fn in_flight_rows(&self) -> usize {
-        self.config.max_in_flight_rows - self.permits.available_permits()
+    /// Whether memory pressure has tightened admission.
+    pub fn under_pressure(&self) -> bool {
+        self.pressure.load(Ordering::Relaxed)
     }
 
     /// Waits until `rows` more rows may be in flight. `rows` must not exceed
     /// `max_in_flight_rows` (streams take at most `slice_rows` at a time).
     pub async fn admit(&self, rows: usize) -> Result<InFlight, IngestError> {
         let rows = rows.min(self.config.max_in_flight_rows) as u32;
+        let permits = if self.pressure.load(Ordering::Relaxed) {
+            (rows * 2).min(self.config.max_in_flight_rows as u32)
+        } else {
+            rows
+        };
         let waited = std::time::Instant::now();
         let permit = self
             .permits
             .clone()
-            .acquire_many_owned(rows)
+            .acquire_many_owned(permits)
             .await
             .map_err(|_| IngestError::Unavailable("the server is shutting down".into()))?;
         let c = &self.counters;

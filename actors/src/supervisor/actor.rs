@@ -14,6 +14,8 @@
 //! recorded with each actor's own, in a bounded history.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
@@ -44,6 +46,9 @@ pub struct SupervisorActor {
     last_ops: u64,
     last_ops_change: Instant,
     idle_cleaned: bool,
+    /// Raised above the hard watermark, lowered below the soft one; ingest admits fewer
+    /// rows while it is up.
+    pressure: Arc<AtomicBool>,
 }
 
 impl SupervisorActor {
@@ -71,7 +76,14 @@ impl SupervisorActor {
             last_ops: 0,
             last_ops_change: Instant::now(),
             idle_cleaned: true,
+            pressure: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Shares the memory-pressure flag with ingest.
+    pub fn with_pressure_flag(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.pressure = flag;
+        self
     }
 
     fn sample(&mut self) -> MemorySample {
@@ -125,7 +137,22 @@ impl SupervisorActor {
             self.last_ops_change = now;
             self.idle_cleaned = false;
         }
-        if !self.config.act || self.running {
+        if !self.config.act {
+            return;
+        }
+        let (soft, hard) = self.watermarks();
+        if s.rss > hard {
+            if !self.pressure.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    rss = s.rss,
+                    hard,
+                    "memory pressure: admitting half as many rows"
+                );
+            }
+        } else if s.rss < soft && self.pressure.swap(false, Ordering::Relaxed) {
+            tracing::info!(rss = s.rss, soft, "memory pressure over");
+        }
+        if self.running {
             return;
         }
         if self
@@ -134,7 +161,6 @@ impl SupervisorActor {
         {
             return;
         }
-        let (soft, hard) = self.watermarks();
         let decision = if s.rss > hard {
             Some((
                 CleanupLevel::Full,
@@ -309,6 +335,7 @@ impl Handler<GetMemoryReport> for SupervisorActor {
             rss_bytes: latest.rss,
             peak_rss_bytes: self.peak_rss,
             limit_bytes: self.limit,
+            pressure: self.pressure.load(Ordering::Relaxed),
             soft_bytes: soft,
             hard_bytes: hard,
             latest,
@@ -424,5 +451,66 @@ mod tests {
         assert!(seen.is_empty(), "{seen:?}");
         assert!(report.creep.unwrap().allocated_mb_per_1000_ops.abs() < 1e-9);
         assert!(report.samples > 10 && report.samples <= SupervisorConfig::default().history);
+    }
+
+    /// RSS set from outside, ops steady.
+    struct Dial(Arc<std::sync::atomic::AtomicU64>);
+
+    impl MemoryProbe for Dial {
+        fn sample(&mut self) -> MemorySample {
+            MemorySample {
+                rss: self.0.load(Ordering::Relaxed),
+                ..Default::default()
+            }
+        }
+    }
+
+    #[test]
+    fn pressure_rises_above_hard_and_falls_below_soft_with_cleanups_in_steps() {
+        let rss = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let flag = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (rss2, flag2, seen2) = (rss.clone(), flag.clone(), seen.clone());
+        actix::System::new().block_on(async move {
+            let member = Member(seen2).start();
+            let config = SupervisorConfig {
+                interval_ms: 5,
+                ..Default::default()
+            };
+            // limit 1000 B: soft 750, hard 900.
+            let memory = MemoryConfig {
+                limit_bytes: 1000,
+                cooldown_ms: 0,
+                recovery_window_ms: 1 << 40,
+                ..Default::default()
+            };
+            let _sup = SupervisorActor::new(
+                config,
+                memory,
+                Box::new(Dial(rss2.clone())),
+                vec![member.recipient()],
+            )
+            .with_pressure_flag(flag2.clone())
+            .start();
+            let settle = || tokio::time::sleep(Duration::from_millis(60));
+            rss2.store(800, Ordering::Relaxed); // between soft and hard
+            settle().await;
+            assert!(!flag2.load(Ordering::Relaxed));
+            rss2.store(950, Ordering::Relaxed); // above hard
+            settle().await;
+            assert!(flag2.load(Ordering::Relaxed), "pressure above hard");
+            rss2.store(800, Ordering::Relaxed); // hysteresis: still up between soft and hard
+            settle().await;
+            assert!(
+                flag2.load(Ordering::Relaxed),
+                "pressure stays until below soft"
+            );
+            rss2.store(100, Ordering::Relaxed);
+            settle().await;
+            assert!(!flag2.load(Ordering::Relaxed), "pressure over below soft");
+        });
+        let seen = seen.lock().unwrap().clone();
+        assert!(seen.contains(&CleanupLevel::Gentle), "{seen:?}");
+        assert!(seen.contains(&CleanupLevel::Full), "{seen:?}");
     }
 }

@@ -68,6 +68,8 @@ pub struct MemoryReport {
     pub rss_bytes: u64,
     pub peak_rss_bytes: u64,
     pub limit_bytes: u64,
+    /// Whether ingest admission is tightened (RSS went above hard, not yet below soft).
+    pub pressure: bool,
     pub soft_bytes: u64,
     pub hard_bytes: u64,
     pub latest: crate::supervisor::probe::MemorySample,
