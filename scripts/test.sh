@@ -24,3 +24,7 @@ fi
 # set); a plain `cargo build` here would rebuild burn with another one.
 [[ -x target/release/keel ]] || cargo build --release --all-targets --quiet
 "$venv/bin/python" tests/python/test_flight.py "$root/target/release/keel"
+
+# The quick soak: memory flat, cache bounded, bursts recovered, cleanups fast. Fails the
+# run if a criterion fails (reports in reports/quick-*).
+KEEL_BIN="$root/target/release/keel" scripts/soak.sh quick

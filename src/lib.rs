@@ -4,7 +4,8 @@
 //!   `KEEL_*` variables and validated once;
 //! - [`app`]: starting the actors in order, serving, and stopping in reverse order;
 //! - [`flight`]: the `FlightService` and the one error → gRPC status mapping;
-//! - [`metrics`]: the Prometheus endpoint (`/metrics`, `/health`, `/ready`).
+//! - [`metrics`]: the Prometheus endpoint (`/metrics`, `/health`, `/ready`);
+//! - [`soak`]: the soak benchmark (workloads, sampling, figures, verdict, report).
 //!
 //! The actors and the model live in the `keel-actors` crate; the command line in
 //! `main.rs`.
@@ -13,3 +14,4 @@ pub mod app;
 pub mod config;
 pub mod flight;
 pub mod metrics;
+pub mod soak;

@@ -32,6 +32,8 @@ enum Command {
     Serve(commands::serve::ServeArgs),
     /// Stream a VCF, Parquet or text file to a server (DoExchange or DoPut).
     Produce(commands::produce::ProduceArgs),
+    /// The soak benchmark: drive an engine, sample memory, write a verdict and a picture.
+    Soak(commands::soak::SoakArgs),
     /// Check a configuration file (and KEEL_* variables) without starting anything.
     Validate(commands::validate::ValidateArgs),
     /// Embed texts from stdin (one per line) and write JSON lines to stdout.
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => commands::serve::run(args),
         Command::Validate(args) => commands::validate::run(args),
         Command::Produce(args) => commands::produce::run(args),
+        Command::Soak(args) => commands::soak::run(args),
         Command::Embed(args) => commands::embed::run(args),
         Command::Texts(args) => commands::texts::run(args),
     };

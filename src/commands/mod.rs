@@ -3,5 +3,6 @@
 pub mod embed;
 pub mod produce;
 pub mod serve;
+pub mod soak;
 pub mod texts;
 pub mod validate;

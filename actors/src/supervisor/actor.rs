@@ -29,6 +29,9 @@ use super::probe::{MemoryProbe, MemorySample};
 use crate::memory::config::MemoryConfig;
 use crate::memory::{allocator, creep, rss_bytes};
 
+/// Segments of the creep window whose minima the slope is fitted through.
+const CREEP_SEGMENTS: usize = 8;
+
 pub struct SupervisorActor {
     config: SupervisorConfig,
     memory: MemoryConfig,
@@ -97,27 +100,41 @@ impl SupervisorActor {
     }
 
     /// Slopes over the last `creep_window` samples, once they span `creep_min_ops` ops.
+    ///
+    /// Memory in use swings with the work in flight (a pass's activations come and go),
+    /// so a slope through every sample reads that sawtooth as growth. A leak raises the
+    /// *floor*: the window is cut into [`CREEP_SEGMENTS`] segments and the slope is fitted
+    /// through each segment's minimum (at that sample's op count). The cache's own bytes, which
+    /// fill up to their budget by design, are excluded.
     fn creep(&self) -> Option<Creep> {
         let n = self.samples.len().min(self.config.creep_window);
         let window: Vec<&MemorySample> = self.samples.iter().skip(self.samples.len() - n).collect();
         let (first, last) = (window.first()?, window.last()?);
         let window_ops = last.ops.saturating_sub(first.ops);
-        if window_ops < self.config.creep_min_ops {
+        if window_ops < self.config.creep_min_ops || window.len() < CREEP_SEGMENTS * 2 {
             return None;
         }
         const MB: f64 = 1_000_000.0;
-        let per_op = |f: fn(&MemorySample) -> u64| {
+        let floor = |f: fn(&MemorySample) -> u64| {
             let pts: Vec<(f64, f64)> = window
-                .iter()
-                .map(|s| (s.ops as f64, f(s) as f64 / MB))
+                .chunks(window.len().div_ceil(CREEP_SEGMENTS))
+                .filter_map(|seg| {
+                    let lowest = seg.iter().min_by_key(|s| f(s))?;
+                    Some((lowest.ops as f64, f(lowest) as f64 / MB))
+                })
                 .collect();
             creep::slope(&pts)
         };
-        let (alloc, alloc_se) = per_op(|s| s.allocated)?;
-        let (rss, _) = per_op(|s| s.rss)?;
+        let (alloc, alloc_se) = floor(|s| s.allocated.saturating_sub(s.cache_bytes))?;
+        let (rss, _) = floor(|s| s.rss.saturating_sub(s.cache_bytes))?;
         let per_hour: Vec<(f64, f64)> = window
             .iter()
-            .map(|s| (s.at_ms as f64 / 3_600_000.0, s.rss as f64 / MB))
+            .map(|s| {
+                (
+                    s.at_ms as f64 / 3_600_000.0,
+                    s.rss.saturating_sub(s.cache_bytes) as f64 / MB,
+                )
+            })
             .collect();
         let rss_h = creep::slope(&per_hour).map(|s| s.0).unwrap_or(0.0);
         Some(Creep {

@@ -28,8 +28,8 @@ impl Default for SupervisorConfig {
             interval_ms: 250,
             history: 4096,
             cleanup_history: 32,
-            creep_window: 240,
-            creep_min_ops: 200,
+            creep_window: 480,
+            creep_min_ops: 500,
             creep_alert_mb_per_1000_ops: 1.0,
             act: true,
         }
@@ -44,9 +44,9 @@ impl SupervisorConfig {
         if self.history < 2 {
             return Err("supervisor.history: must be at least 2".into());
         }
-        if self.creep_window < 3 || self.creep_window > self.history {
+        if self.creep_window < 16 || self.creep_window > self.history {
             return Err(format!(
-                "supervisor.creep_window: {} must be within 3..=supervisor.history ({})",
+                "supervisor.creep_window: {} must be within 16..=supervisor.history ({})",
                 self.creep_window, self.history
             ));
         }

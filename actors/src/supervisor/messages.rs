@@ -81,7 +81,7 @@ pub struct MemoryReport {
     pub recent_cleanups: Vec<CleanupRecord>,
 }
 
-/// Memory growth over the creep window.
+/// Memory growth over the creep window, the cache's own (bounded) bytes excluded.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Creep {
     /// Allocator `allocated` growth, MB per 1000 ops, and its standard error.

@@ -1,0 +1,184 @@
+//! `keel soak`: the soak benchmark — drive an engine for a number of ops or a duration,
+//! sample its memory, and write a verdict with its figures and a picture.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use keel::config::Settings;
+use keel::soak::workload::Workload;
+use keel::soak::{SoakOptions, report};
+use keel_actors::template::Template;
+use keel_actors::variants::{DEFAULT_TEMPLATE, parse_vcf};
+
+use crate::ConfigArgs;
+
+#[derive(clap::Args)]
+pub struct SoakArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Stop after this many ops (micro-batches).
+    #[arg(long, conflicts_with = "duration")]
+    ops: Option<u64>,
+    /// Stop after this long: 90s, 5m, 1h, 24h (default 2m when --ops is not given).
+    #[arg(long)]
+    duration: Option<String>,
+    /// Rows per second over all producers (default: as fast as the engine takes them).
+    #[arg(long)]
+    rate: Option<f64>,
+    #[arg(long, value_enum, default_value = "mixed")]
+    workload: Workload,
+    /// Texts to draw from: VCF (rendered with the variant template), Parquet (column
+    /// `text`) or a text file (one per line).
+    #[arg(long, default_value = "data/test-haploidX.vcf")]
+    input: PathBuf,
+    /// Drive a running engine instead of starting one here.
+    #[arg(long)]
+    target: Option<String>,
+    /// Folder for samples.csv, report.json, memory.png, report.md.
+    #[arg(long, default_value = "reports/soak")]
+    report: PathBuf,
+    /// Concurrent producer streams.
+    #[arg(long, default_value_t = 4)]
+    streams: usize,
+    /// Rows per record batch.
+    #[arg(long, default_value_t = 100)]
+    batch_rows: usize,
+    /// Ops excluded from the memory figures (start-up, cache filling).
+    #[arg(long, default_value_t = 300)]
+    warmup_ops: u64,
+    /// Also measure throughput against an engine whose supervisor does not act: two
+    /// rounds of this many seconds each, interleaved (0 = skip).
+    #[arg(long, default_value_t = 0)]
+    compare_secs: u64,
+}
+
+fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1.0),
+        Some((i, 'm')) => (&s[..i], 60.0),
+        Some((i, 'h')) => (&s[..i], 3600.0),
+        Some((i, 'd')) => (&s[..i], 86400.0),
+        _ => (s, 1.0),
+    };
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("bad duration {s:?} (use 90s, 5m, 1h)"))?;
+    Ok(Duration::from_secs_f64(n * mult))
+}
+
+fn load_texts(path: &PathBuf) -> anyhow::Result<Vec<String>> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let texts: Vec<String> = match ext.as_str() {
+        "vcf" => {
+            let template = Template::parse(DEFAULT_TEMPLATE)?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            parse_vcf(&text)
+                .into_iter()
+                .filter_map(Result::ok)
+                .map(|r| r.render(&template))
+                .collect()
+        }
+        "parquet" => {
+            let file = std::fs::File::open(path)?;
+            let reader =
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)?
+                    .build()?;
+            let mut out = Vec::new();
+            for batch in reader {
+                let batch = batch?;
+                let col = batch
+                    .column_by_name("text")
+                    .context("the Parquet input needs a `text` column")?;
+                let col = arrow_cast::cast(col, &arrow_schema::DataType::Utf8)?;
+                let strings = col
+                    .as_any()
+                    .downcast_ref::<arrow_array::StringArray>()
+                    .context("text column")?;
+                out.extend(strings.iter().flatten().map(String::from));
+            }
+            out
+        }
+        _ => std::fs::read_to_string(path)?
+            .lines()
+            .map(String::from)
+            .collect(),
+    };
+    if texts.is_empty() {
+        bail!("{} holds no texts", path.display());
+    }
+    Ok(texts)
+}
+
+pub fn run(args: SoakArgs) -> anyhow::Result<()> {
+    let settings = Settings::load(args.config.config.as_deref())?;
+    let duration = match (&args.duration, args.ops) {
+        (Some(d), _) => Some(parse_duration(d)?),
+        (None, None) => Some(Duration::from_secs(120)),
+        (None, Some(_)) => None,
+    };
+    if args.streams == 0 || args.batch_rows == 0 {
+        bail!("--streams and --batch-rows must be at least 1");
+    }
+    let opts = SoakOptions {
+        ops: args.ops,
+        duration,
+        rate: args.rate,
+        workload: args.workload,
+        texts: load_texts(&args.input)?,
+        streams: args.streams,
+        batch_rows: args.batch_rows,
+        warmup_ops: args.warmup_ops,
+        compare_secs: args.compare_secs,
+        progress: std::io::stderr().is_terminal(),
+    };
+    let model_bytes = std::fs::metadata(settings.embedder.model_dir.join("model.safetensors"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let observed = runtime.block_on(keel::soak::run(&settings, args.target.as_deref(), &opts))?;
+    let report = report::build(
+        &observed,
+        &settings,
+        args.workload,
+        args.warmup_ops,
+        model_bytes,
+    );
+    report::write(&args.report, &observed, &report, args.warmup_ops)?;
+    for c in &report.checks {
+        let verdict = match c.pass {
+            Some(true) => "pass",
+            Some(false) => "FAIL",
+            None => "    ",
+        };
+        let value = c
+            .value
+            .map(|v| format!("{v:.4} {}", c.unit))
+            .unwrap_or_else(|| "not reached".into());
+        eprintln!(
+            "{verdict}  {:<52} {:<24} floor {:<24} target {}",
+            c.name, value, c.threshold, c.target
+        );
+    }
+    eprintln!(
+        "keel soak: {} — {:.0} s, {} rows ({:.0} rows/s); report in {}",
+        if report.passed() { "PASS" } else { "FAIL" },
+        observed.elapsed.as_secs_f64(),
+        observed.rows_sent,
+        observed.rows_sent as f64 / observed.elapsed.as_secs_f64().max(1e-9),
+        args.report.display()
+    );
+    if !report.passed() {
+        bail!("the soak run failed at least one criterion");
+    }
+    Ok(())
+}

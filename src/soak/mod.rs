@@ -1,0 +1,390 @@
+//! `keel soak`: drive an engine with real Flight producers, sample its memory, and judge.
+//!
+//! The engine runs in this process (or elsewhere, `--target`); `streams` producers send
+//! a workload's rows through `DoExchange` and read the replies; a sampler calls the
+//! `stats` action every tick and keeps every sample for `samples.csv`. When the run ends
+//! (`ops` or `duration`), [`report`] computes the figures, checks them against the
+//! targets and writes the report folder.
+
+pub mod report;
+pub mod workload;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use arrow_array::{ArrayRef, RecordBatch, StringArray};
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::{Action, FlightClient, FlightDescriptor};
+use futures::{StreamExt, TryStreamExt};
+use serde::Serialize;
+
+use crate::config::Settings;
+use workload::{Generator, Workload};
+
+/// One row of `samples.csv`.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Sample {
+    pub t_s: f64,
+    pub ops: u64,
+    pub rows: u64,
+    pub rss: u64,
+    pub allocated: u64,
+    pub resident: u64,
+    pub cache_bytes: u64,
+    pub in_flight_rows: u64,
+    pub cleanups: u64,
+}
+
+pub struct SoakOptions {
+    pub ops: Option<u64>,
+    pub duration: Option<Duration>,
+    pub rate: Option<f64>,
+    pub workload: Workload,
+    pub texts: Vec<String>,
+    pub streams: usize,
+    pub batch_rows: usize,
+    pub warmup_ops: u64,
+    /// Seconds per segment of the throughput comparison with the supervisor's actions off
+    /// (0 = no comparison).
+    pub compare_secs: u64,
+    pub progress: bool,
+}
+
+/// A burst's memory: RSS before it, at its peak, and after the idle spell that follows.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Burst {
+    pub before: u64,
+    pub peak: u64,
+    pub after: u64,
+}
+
+/// Everything a run observed.
+pub struct Observed {
+    pub samples: Vec<Sample>,
+    pub cleanups: Vec<serde_json::Value>,
+    pub bursts: Vec<Burst>,
+    pub final_stats: serde_json::Value,
+    pub elapsed: Duration,
+    pub rows_sent: u64,
+    /// rows/s with the supervisor acting, and with it off, segment by segment.
+    pub compare: Option<(Vec<f64>, Vec<f64>)>,
+}
+
+async fn stats(client: &mut FlightClient) -> anyhow::Result<serde_json::Value> {
+    let mut s = client
+        .do_action(Action::new("stats", Vec::<u8>::new()))
+        .await?;
+    let bytes = s.next().await.context("stats returned nothing")??;
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+fn sample_of(s: &serde_json::Value, started: Instant) -> Sample {
+    let u = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    Sample {
+        t_s: started.elapsed().as_secs_f64(),
+        ops: u(&s["ops"]),
+        rows: u(&s["rows"]),
+        rss: u(&s["rss_bytes"]),
+        allocated: u(&s["memory"]["allocated_bytes"]),
+        resident: u(&s["memory"]["resident_bytes"]),
+        cache_bytes: u(&s["cache"]["bytes"]),
+        in_flight_rows: u(&s["in_flight_rows"]),
+        cleanups: u(&s["cleanups"]["total"]),
+    }
+}
+
+/// Producers send until `stop`; `long` switches the burst workload to long texts and
+/// `paused` holds them (idle spells).
+struct Control {
+    stop: AtomicBool,
+    long: AtomicBool,
+    paused: AtomicBool,
+    rows: AtomicU64,
+}
+
+async fn producer(
+    mut client: FlightClient,
+    control: Arc<Control>,
+    mut generator: Generator,
+    workload: Workload,
+    batch_rows: usize,
+    rows_per_s: Option<f64>,
+) -> anyhow::Result<()> {
+    // Short streams, so that a stop or a pause takes effect within seconds.
+    const BATCHES_PER_STREAM: usize = 4;
+    let started = Instant::now();
+    while !control.stop.load(Ordering::Relaxed) {
+        if control.paused.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        let long = control.long.load(Ordering::Relaxed);
+        // Long texts cost about ten times as much each: send fewer per batch.
+        let rows = if long {
+            (batch_rows / 8).max(1)
+        } else {
+            batch_rows
+        };
+        let batches: Vec<RecordBatch> = (0..BATCHES_PER_STREAM)
+            .map(|_| {
+                let texts = generator.batch(workload, rows, long);
+                RecordBatch::try_from_iter([(
+                    "text",
+                    Arc::new(StringArray::from(texts)) as ArrayRef,
+                )])
+            })
+            .collect::<Result<_, _>>()?;
+        let n: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
+        let input = FlightDataEncoderBuilder::new()
+            .with_flight_descriptor(Some(FlightDescriptor::new_path(vec!["embed".into()])))
+            .build(futures::stream::iter(batches.into_iter().map(Ok)));
+        let replies = client.do_exchange(input).await?;
+        let got: usize = replies
+            .map_ok(|b| b.num_rows())
+            .try_collect::<Vec<_>>()
+            .await?
+            .iter()
+            .sum();
+        anyhow::ensure!(got as u64 == n, "sent {n} rows, got {got} back");
+        let total = control.rows.fetch_add(n, Ordering::Relaxed) + n;
+        if let Some(rate) = rows_per_s {
+            let due = Duration::from_secs_f64(total as f64 / rate);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn connect(addr: &str) -> anyhow::Result<FlightClient> {
+    let uri = addr
+        .replacen("grpc+tcp://", "http://", 1)
+        .replacen("grpc://", "http://", 1);
+    let channel = tonic::transport::Channel::from_shared(uri)?
+        .connect()
+        .await?;
+    Ok(FlightClient::new(channel))
+}
+
+/// Runs producers against `addr` until `until` says stop; samples every `tick`.
+async fn drive(
+    addr: &str,
+    opts: &SoakOptions,
+    tick: Duration,
+    recovery_window: Duration,
+) -> anyhow::Result<Observed> {
+    let mut probe = connect(addr).await?;
+    let control = Arc::new(Control {
+        stop: AtomicBool::new(false),
+        long: AtomicBool::new(false),
+        paused: AtomicBool::new(opts.workload == Workload::Burst),
+        rows: AtomicU64::new(0),
+    });
+    let base = opts.texts.clone();
+    let mut producers = Vec::new();
+    for i in 0..opts.streams {
+        let client = connect(addr).await?;
+        let rate = opts.rate.map(|r| r / opts.streams as f64);
+        producers.push(tokio::spawn(producer(
+            client,
+            control.clone(),
+            Generator::new(base.clone(), 0x5eed + i as u64 * 7919),
+            opts.workload,
+            opts.batch_rows,
+            rate,
+        )));
+    }
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let mut cleanups: Vec<serde_json::Value> = Vec::new();
+    let mut last_cleanup_at = 0u64;
+    let mut bursts = Vec::new();
+    // Burst cycle: (phase start, phase): 0 = before (idle), 1 = burst, 2 = recovering.
+    let mut phase = (Instant::now(), 0u8);
+    let mut burst = Burst {
+        before: 0,
+        peak: 0,
+        after: 0,
+    };
+    let (mut last_ops, mut last_ops_change) = (0u64, Instant::now());
+    let mut last_print = Instant::now();
+    loop {
+        tokio::time::sleep(tick).await;
+        let s = stats(&mut probe).await?;
+        let sample = sample_of(&s, started);
+        for c in s["cleanups"]["recent"].as_array().into_iter().flatten() {
+            let at = c["at_ms"].as_u64().unwrap_or(0);
+            if at > last_cleanup_at {
+                cleanups.push(c.clone());
+            }
+        }
+        last_cleanup_at = cleanups
+            .last()
+            .and_then(|c| c["at_ms"].as_u64())
+            .unwrap_or(last_cleanup_at);
+        samples.push(sample);
+        if opts.workload == Workload::Burst {
+            let in_phase = phase.0.elapsed();
+            match phase.1 {
+                0 if in_phase >= recovery_window + Duration::from_secs(1) => {
+                    burst = Burst {
+                        before: sample.rss,
+                        peak: sample.rss,
+                        after: 0,
+                    };
+                    control.long.store(true, Ordering::Relaxed);
+                    control.paused.store(false, Ordering::Relaxed);
+                    phase = (Instant::now(), 1);
+                }
+                1 => {
+                    burst.peak = burst.peak.max(sample.rss);
+                    if in_phase >= Duration::from_secs(8) {
+                        control.paused.store(true, Ordering::Relaxed);
+                        control.long.store(false, Ordering::Relaxed);
+                        phase = (Instant::now(), 2);
+                    }
+                }
+                2 => {
+                    burst.peak = burst.peak.max(sample.rss);
+                    // Producers finish the stream they are in after the pause: wait until
+                    // ops have stood still long enough for the supervisor's idle cleanup.
+                    if sample.ops != last_ops {
+                        last_ops = sample.ops;
+                        last_ops_change = Instant::now();
+                    }
+                    let quiet = last_ops_change.elapsed();
+                    if in_phase >= Duration::from_secs(1)
+                        && quiet >= recovery_window + Duration::from_millis(1500)
+                        && sample.in_flight_rows == 0
+                    {
+                        burst.after = sample.rss;
+                        bursts.push(burst);
+                        phase = (Instant::now(), 0);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if opts.progress && last_print.elapsed() >= Duration::from_secs(1) {
+            last_print = Instant::now();
+            let secs = started.elapsed().as_secs_f64();
+            eprint!(
+                "\r\x1b[Kops {:>8}  rows/s {:>8.0}  RSS {:>6.1} MB  cache hit {:>5.1} %  cleanups {}",
+                sample.ops,
+                sample.rows as f64 / secs.max(1e-9),
+                sample.rss as f64 / 1e6,
+                s["cache"]["hit_rate"].as_f64().unwrap_or(0.0) * 100.0,
+                sample.cleanups
+            );
+        }
+        let done_ops = opts.ops.is_some_and(|n| sample.ops >= n);
+        let done_time = opts.duration.is_some_and(|d| started.elapsed() >= d);
+        if producers.iter().any(|p| p.is_finished()) || done_ops || done_time {
+            break;
+        }
+    }
+    control.stop.store(true, Ordering::Relaxed);
+    control.paused.store(false, Ordering::Relaxed);
+    for p in producers {
+        p.await.context("a producer panicked")??;
+    }
+    if opts.progress {
+        eprintln!();
+    }
+    let elapsed = started.elapsed();
+    let final_stats = stats(&mut probe).await?;
+    Ok(Observed {
+        samples,
+        cleanups,
+        bursts,
+        final_stats,
+        elapsed,
+        rows_sent: control.rows.load(Ordering::Relaxed),
+        compare: None,
+    })
+}
+
+/// Rows/s of a short segment against `addr`.
+async fn segment(addr: &str, opts: &SoakOptions, secs: u64) -> anyhow::Result<f64> {
+    let seg = SoakOptions {
+        ops: None,
+        duration: Some(Duration::from_secs(secs)),
+        rate: opts.rate,
+        workload: if opts.workload == Workload::Burst {
+            Workload::Mixed
+        } else {
+            opts.workload
+        },
+        texts: opts.texts.clone(),
+        streams: opts.streams,
+        batch_rows: opts.batch_rows,
+        warmup_ops: 0,
+        compare_secs: 0,
+        progress: false,
+    };
+    let o = drive(
+        addr,
+        &seg,
+        Duration::from_millis(250),
+        Duration::from_secs(1),
+    )
+    .await?;
+    Ok(o.rows_sent as f64 / o.elapsed.as_secs_f64())
+}
+
+/// Runs a soak. With `target` None the engine is started here from `settings`.
+pub async fn run(
+    settings: &Settings,
+    target: Option<&str>,
+    opts: &SoakOptions,
+) -> anyhow::Result<Observed> {
+    let tick = Duration::from_millis(settings.supervisor.interval_ms.max(100));
+    let recovery = Duration::from_millis(settings.memory.recovery_window_ms);
+    if let Some(addr) = target {
+        return drive(addr, opts, tick, recovery).await;
+    }
+    let (addr, stop, done) = start_engine(settings.clone()).await?;
+    let mut observed = drive(&addr, opts, tick, recovery).await;
+    let _ = stop.send(());
+    done.await??;
+    if let (Ok(o), true) = (&mut observed, opts.compare_secs > 0) {
+        // Throughput with and without the supervisor's actions: two fresh engines, the
+        // same rows (segments replay one sequence), one unmeasured warm-up segment each,
+        // then measured segments interleaved.
+        let mut quiet = settings.clone();
+        quiet.supervisor.act = false;
+        let (addr_a, stop_a, done_a) = start_engine(settings.clone()).await?;
+        let (addr_b, stop_b, done_b) = start_engine(quiet).await?;
+        segment(&addr_a, opts, opts.compare_secs).await?;
+        segment(&addr_b, opts, opts.compare_secs).await?;
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            on.push(segment(&addr_a, opts, opts.compare_secs).await?);
+            off.push(segment(&addr_b, opts, opts.compare_secs).await?);
+        }
+        o.compare = Some((on, off));
+        let _ = stop_a.send(());
+        let _ = stop_b.send(());
+        done_a.await??;
+        done_b.await??;
+    }
+    observed
+}
+
+type Done = tokio::task::JoinHandle<anyhow::Result<()>>;
+
+async fn start_engine(
+    settings: Settings,
+) -> anyhow::Result<(String, tokio::sync::oneshot::Sender<()>, Done)> {
+    let running = tokio::task::spawn_blocking(move || crate::app::start(settings)).await??;
+    let listener = crate::app::bind("127.0.0.1:0".parse()?).await?;
+    let addr = format!("grpc://{}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(running.serve(listener, None, async {
+        let _ = stopped.await;
+    }));
+    Ok((addr, stop, done))
+}

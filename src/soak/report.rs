@@ -1,0 +1,477 @@
+//! Figures of a soak run, their verdicts, and the report folder:
+//! `samples.csv`, `report.json`, `memory.png`, `report.md`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use keel_actors::memory::creep;
+use serde::Serialize;
+
+use super::workload::Workload;
+use super::{Observed, Sample};
+use crate::config::Settings;
+
+const MB: f64 = 1_000_000.0;
+
+/// One judged figure.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub value: Option<f64>,
+    pub unit: &'static str,
+    /// The floor the run must meet (pass/fail).
+    pub threshold: String,
+    /// Where Keel aims (reported, not judged).
+    pub target: String,
+    pub pass: Option<bool>,
+}
+
+fn check(
+    name: &str,
+    value: Option<f64>,
+    unit: &'static str,
+    threshold: &str,
+    target: &str,
+    pass: Option<bool>,
+) -> Check {
+    Check {
+        name: name.into(),
+        value,
+        unit,
+        threshold: threshold.into(),
+        target: target.into(),
+        pass,
+    }
+}
+
+fn quantile(mut xs: Vec<f64>, q: f64) -> Option<f64> {
+    if xs.is_empty() {
+        return None;
+    }
+    xs.sort_by(|a, b| a.total_cmp(b));
+    Some(xs[((xs.len() as f64 - 1.0) * q).round() as usize])
+}
+
+/// The peak RSS the configuration allows (docs/OPERATIONS.md, "Memory: what bounds it").
+pub fn memory_bound(settings: &Settings, model_bytes: u64) -> u64 {
+    const HIDDEN: u64 = 384;
+    const INTERMEDIATE: u64 = 1536;
+    const HEADS: u64 = 12;
+    let e = &settings.embedder;
+    let workers = e.effective_workers() as u64;
+    let tokens = e.max_batch_tokens as u64;
+    let activations = tokens * 4 * (INTERMEDIATE + 4 * HIDDEN) + tokens * HEADS * 256 * 4;
+    let row = 512 + 4 * HIDDEN;
+    model_bytes
+        + 64 * 1024 * 1024
+        + settings.cache.max_bytes
+        + settings.ingest.max_in_flight_rows as u64 * row
+        + workers * activations
+}
+
+pub struct Report {
+    pub checks: Vec<Check>,
+    pub json: serde_json::Value,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.pass != Some(false))
+    }
+}
+
+pub fn build(
+    o: &Observed,
+    settings: &Settings,
+    workload: Workload,
+    warmup_ops: u64,
+    model_bytes: u64,
+) -> Report {
+    let post: Vec<&Sample> = o.samples.iter().filter(|s| s.ops >= warmup_ops).collect();
+    let base = post.first().copied();
+    let growth = |f: fn(&Sample) -> u64| {
+        let b = base?;
+        let at = post.iter().find(|s| s.ops >= b.ops + 1000)?;
+        Some((f(at) as f64 - f(b) as f64) / MB)
+    };
+    // The cache fills up to its budget by design (checked on its own below): memory
+    // figures exclude its accounted bytes, so that growth means growth elsewhere.
+    let rss = |s: &Sample| s.rss.saturating_sub(s.cache_bytes);
+    let alloc = |s: &Sample| s.allocated.saturating_sub(s.cache_bytes);
+    let growth_rss = growth(rss);
+    let growth_alloc = growth(alloc);
+    let pts = |f: fn(&Sample) -> u64| {
+        post.iter()
+            .map(|s| (s.ops as f64, f(s) as f64 / MB))
+            .collect::<Vec<_>>()
+    };
+    let slope_rss = creep::slope(&pts(rss)).map(|(b, se)| (b * 1000.0, se * 1000.0));
+    let slope_alloc = creep::slope(&pts(alloc)).map(|(b, se)| (b * 1000.0, se * 1000.0));
+    let per_hour: Vec<(f64, f64)> = post
+        .iter()
+        .map(|s| (s.t_s / 3600.0, rss(s) as f64 / MB))
+        .collect();
+    let slope_hour = creep::slope(&per_hour);
+    let recoveries: Vec<f64> = o
+        .bursts
+        .iter()
+        .filter(|b| b.peak > b.before)
+        .map(|b| (b.peak as f64 - b.after as f64) / (b.peak as f64 - b.before as f64))
+        .collect();
+    let max_cache = o.samples.iter().map(|s| s.cache_bytes).max().unwrap_or(0);
+    let budget = settings.cache.max_bytes;
+    let c = &o.final_stats["cache"];
+    let (hits, misses) = (
+        c["hits"].as_f64().unwrap_or(0.0),
+        c["misses"].as_f64().unwrap_or(0.0),
+    );
+    let hit_rate = (hits + misses > 0.0).then(|| hits / (hits + misses));
+    let durations: Vec<f64> = o
+        .cleanups
+        .iter()
+        .filter_map(|c| c["total_micros"].as_f64())
+        .map(|us| us / 1000.0)
+        .collect();
+    let peak_rss = o.samples.iter().map(|s| s.rss).max().unwrap_or(0);
+    let bound = memory_bound(settings, model_bytes);
+    let rows_per_s = o.rows_sent as f64 / o.elapsed.as_secs_f64().max(1e-9);
+    let ratio = o
+        .compare
+        .as_ref()
+        .map(|(on, off)| on.iter().sum::<f64>() / off.iter().sum::<f64>().max(1e-9));
+    let total_ops = o.samples.last().map(|s| s.ops).unwrap_or(0);
+
+    let mut checks = vec![
+        check(
+            "RSS growth over the first 1000 ops after warm-up (cache excluded)",
+            growth_rss,
+            "MB",
+            "< 5",
+            "< 0.5",
+            growth_rss.map(|g| g < 5.0),
+        ),
+        check(
+            "allocated growth, first 1000 ops after warm-up (cache excl.)",
+            growth_alloc,
+            "MB",
+            "< 5",
+            "< 0.5",
+            growth_alloc.map(|g| g < 5.0),
+        ),
+        check(
+            "RSS creep slope after warm-up (cache excluded)",
+            slope_rss.map(|s| s.0),
+            "MB/1000 ops",
+            "< 10 (1 MB per 100 ops)",
+            "< 0.02",
+            slope_rss.map(|s| s.0 < 10.0),
+        ),
+        check(
+            "allocated creep slope after warm-up (cache excluded)",
+            slope_alloc.map(|s| s.0),
+            "MB/1000 ops",
+            "< 10 (1 MB per 100 ops)",
+            "< 0.02",
+            slope_alloc.map(|s| s.0 < 10.0),
+        ),
+        check(
+            "max cache bytes / budget",
+            (budget > 0).then(|| max_cache as f64 / budget as f64),
+            "ratio",
+            "<= 1",
+            "<= 1",
+            Some(max_cache <= budget),
+        ),
+        check(
+            "cleanup duration p99",
+            quantile(durations.clone(), 0.99),
+            "ms",
+            "< 100",
+            "< 10",
+            quantile(durations.clone(), 0.99).map(|d| d < 100.0),
+        ),
+        check(
+            "peak RSS / bound from the configuration",
+            Some(peak_rss as f64 / bound as f64),
+            "ratio",
+            "<= 1",
+            "<= 1",
+            Some(peak_rss <= bound),
+        ),
+    ];
+    let hits_judged = matches!(workload, Workload::Repeat);
+    checks.push(check(
+        "cache hit rate",
+        hit_rate,
+        "ratio",
+        if hits_judged {
+            "> 0.8"
+        } else {
+            "(reported; judged for repeat)"
+        },
+        "> 0.95",
+        hits_judged.then(|| hit_rate.is_some_and(|h| h > 0.8)),
+    ));
+    if workload == Workload::Burst {
+        let worst = recoveries.iter().copied().reduce(f64::min);
+        checks.push(check(
+            "worst recovery after a burst",
+            worst,
+            "ratio",
+            ">= 0.9",
+            ">= 0.99",
+            Some(worst.is_some_and(|w| w >= 0.9)),
+        ));
+    }
+    if let Some(r) = ratio {
+        checks.push(check(
+            "throughput with supervisor actions / without",
+            Some(r),
+            "ratio",
+            ">= 0.9",
+            ">= 0.99",
+            Some(r >= 0.9),
+        ));
+    }
+
+    let json = serde_json::json!({
+        "verdict": if checks.iter().all(|c| c.pass != Some(false)) { "pass" } else { "fail" },
+        "workload": workload,
+        "elapsed_s": o.elapsed.as_secs_f64(),
+        "ops": total_ops,
+        "rows_sent": o.rows_sent,
+        "rows_per_s": rows_per_s,
+        "warmup_ops": warmup_ops,
+        "checks": checks,
+        "creep": {
+            "rss_mb_per_1000_ops": slope_rss.map(|s| s.0), "rss_stderr": slope_rss.map(|s| s.1),
+            "allocated_mb_per_1000_ops": slope_alloc.map(|s| s.0), "allocated_stderr": slope_alloc.map(|s| s.1),
+            "rss_mb_per_hour": slope_hour.map(|s| s.0), "rss_mb_per_hour_stderr": slope_hour.map(|s| s.1),
+        },
+        "bursts": o.bursts,
+        "recoveries": recoveries,
+        "cache": { "max_bytes_seen": max_cache, "budget": budget, "hit_rate": hit_rate },
+        "cleanups": {
+            "count": o.cleanups.len(),
+            "p50_ms": quantile(durations.clone(), 0.5),
+            "p99_ms": quantile(durations, 0.99),
+            "records": o.cleanups,
+        },
+        "peak_rss_bytes": peak_rss,
+        "rss_bound_bytes": bound,
+        "compare_rows_per_s": o.compare.as_ref().map(|(on, off)| serde_json::json!({"actions_on": on, "actions_off": off})),
+        "config": settings,
+        "machine": machine(),
+        "keel": { "version": env!("CARGO_PKG_VERSION"), "commit": commit() },
+    });
+    Report { checks, json }
+}
+
+fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| {
+        c.lines()
+            .find(|l| l.starts_with("model name"))
+            .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+    });
+    serde_json::json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu": cpu,
+        "memory_bytes": keel_actors::memory::available_memory(),
+        "os": std::env::consts::OS,
+    })
+}
+
+fn commit() -> Option<String> {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+pub fn write(dir: &Path, o: &Observed, report: &Report, warmup_ops: u64) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut csv = String::from(
+        "t_s,ops,rows,rss_bytes,allocated_bytes,resident_bytes,cache_bytes,in_flight_rows,cleanups\n",
+    );
+    for s in &o.samples {
+        let _ = writeln!(
+            csv,
+            "{:.3},{},{},{},{},{},{},{},{}",
+            s.t_s,
+            s.ops,
+            s.rows,
+            s.rss,
+            s.allocated,
+            s.resident,
+            s.cache_bytes,
+            s.in_flight_rows,
+            s.cleanups
+        );
+    }
+    std::fs::write(dir.join("samples.csv"), csv)?;
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_vec_pretty(&report.json)?,
+    )?;
+    let mut md = String::new();
+    let j = &report.json;
+    let _ = writeln!(
+        md,
+        "# Keel soak: {}\n",
+        j["verdict"].as_str().unwrap_or("?").to_uppercase()
+    );
+    let _ = writeln!(
+        md,
+        "Workload `{}`, {:.0} s, {} ops, {} rows ({:.0} rows/s), warm-up {} ops. Machine: {} cores, {}. Keel {} ({}).\n",
+        j["workload"].as_str().unwrap_or(""),
+        j["elapsed_s"].as_f64().unwrap_or(0.0),
+        j["ops"],
+        j["rows_sent"],
+        j["rows_per_s"].as_f64().unwrap_or(0.0),
+        warmup_ops,
+        j["machine"]["cores"],
+        j["machine"]["cpu"].as_str().unwrap_or("?"),
+        j["keel"]["version"].as_str().unwrap_or(""),
+        j["keel"]["commit"].as_str().unwrap_or("?"),
+    );
+    let _ = writeln!(
+        md,
+        "| figure | value | floor | target | verdict |\n|---|---|---|---|---|"
+    );
+    for c in &report.checks {
+        let value = c
+            .value
+            .map(|v| format!("{v:.4} {}", c.unit))
+            .unwrap_or_else(|| "not reached".into());
+        let verdict = match c.pass {
+            Some(true) => "pass",
+            Some(false) => "FAIL",
+            None => "—",
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} |",
+            c.name, value, c.threshold, c.target, verdict
+        );
+    }
+    let _ = writeln!(md, "\n![memory](memory.png)");
+    std::fs::write(dir.join("report.md"), md)?;
+    if let Err(e) = plot(&dir.join("memory.png"), o, warmup_ops) {
+        eprintln!("keel soak: memory.png not drawn: {e:#}");
+    }
+    Ok(())
+}
+
+fn load_font() -> anyhow::Result<()> {
+    use std::sync::OnceLock;
+    static FONT: OnceLock<Result<(), String>> = OnceLock::new();
+    FONT.get_or_init(|| {
+        let candidates = [
+            std::env::var("KEEL_FONT").unwrap_or_default(),
+            "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf".into(),
+            "/usr/share/fonts/TTF/DejaVuSans.ttf".into(),
+            "/usr/share/fonts/dejavu/DejaVuSans.ttf".into(),
+        ];
+        let bytes = candidates
+            .iter()
+            .filter(|p| !p.is_empty())
+            .find_map(|p| std::fs::read(p).ok())
+            .ok_or("no TrueType font found (install fonts-dejavu-core or set KEEL_FONT)")?;
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes)
+            .map_err(|_| "the font could not be parsed".to_string())
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+/// RSS and allocated against ops, cleanups marked, warm-up shaded.
+fn plot(path: &Path, o: &Observed, warmup_ops: u64) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    load_font()?;
+    let s = &o.samples;
+    anyhow::ensure!(s.len() >= 2, "too few samples");
+    let max_ops = s.iter().map(|x| x.ops).max().unwrap_or(1).max(1) as f64;
+    let max_mb = s.iter().map(|x| x.rss.max(x.allocated)).max().unwrap_or(1) as f64 / MB * 1.1;
+    let root = BitMapBackend::new(path, (1200, 700)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Keel soak: memory against ops", ("sans-serif", 26))
+        .margin(20)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..max_ops, 0f64..max_mb)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("ops (micro-batches)")
+        .y_desc("MB")
+        .label_style(("sans-serif", 16))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let warm = (warmup_ops as f64).min(max_ops);
+    chart
+        .draw_series(std::iter::once(Rectangle::new(
+            [(0.0, 0.0), (warm, max_mb)],
+            RGBColor(220, 220, 220).mix(0.5).filled(),
+        )))
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .label("warm-up")
+        .legend(|(x, y)| {
+            Rectangle::new(
+                [(x, y - 5), (x + 15, y + 5)],
+                RGBColor(200, 200, 200).filled(),
+            )
+        });
+    chart
+        .draw_series(LineSeries::new(
+            s.iter().map(|x| (x.ops as f64, x.rss as f64 / MB)),
+            BLUE.stroke_width(2),
+        ))
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .label("RSS")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+    chart
+        .draw_series(LineSeries::new(
+            s.iter().map(|x| (x.ops as f64, x.allocated as f64 / MB)),
+            GREEN.stroke_width(2),
+        ))
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .label("allocated (jemalloc)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN.stroke_width(2)));
+    chart
+        .draw_series(LineSeries::new(
+            s.iter().map(|x| (x.ops as f64, x.cache_bytes as f64 / MB)),
+            MAGENTA.stroke_width(1),
+        ))
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .label("cache (accounted)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], MAGENTA.stroke_width(1)));
+    let marks: Vec<(f64, f64)> = s
+        .windows(2)
+        .filter(|w| w[1].cleanups > w[0].cleanups)
+        .map(|w| (w[1].ops as f64, w[1].rss as f64 / MB))
+        .collect();
+    chart
+        .draw_series(
+            marks
+                .iter()
+                .map(|p| TriangleMarker::new(*p, 8, RED.filled())),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .label("cleanup")
+        .legend(|(x, y)| TriangleMarker::new((x + 10, y), 6, RED.filled()));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 16))
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
