@@ -27,4 +27,4 @@ fi
 
 # The quick soak: memory flat, cache bounded, bursts recovered, cleanups fast. Fails the
 # run if a criterion fails (reports in reports/quick-*).
-KEEL_BIN="$root/target/release/keel" scripts/soak.sh quick
+SOAK_KEEL_BIN="$root/target/release/keel" scripts/soak.sh quick

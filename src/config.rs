@@ -92,7 +92,8 @@ impl Settings {
             config::Environment::with_prefix("KEEL")
                 .prefix_separator("_")
                 .separator("__")
-                .try_parsing(true),
+                .try_parsing(true)
+                .source(Some(keel_env()?)),
         );
         let settings: Settings = builder
             .build()
@@ -138,6 +139,47 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// Sections of [`Settings`], for telling configuration variables from others.
+const SECTIONS: [&str; 8] = [
+    "server",
+    "ingest",
+    "embedder",
+    "cache",
+    "supervisor",
+    "storage",
+    "memory",
+    "metrics",
+];
+
+/// The `KEEL_<SECTION>__<KEY>` variables. Other `KEEL_*` variables belong to scripts and
+/// are left alone, except a section with a single underscore (`KEEL_SERVER_LISTEN`),
+/// which is a typo and an error.
+fn keel_env() -> anyhow::Result<std::collections::HashMap<String, String>> {
+    let mut out = std::collections::HashMap::new();
+    for (key, value) in std::env::vars() {
+        let Some(rest) = key.strip_prefix("KEEL_") else {
+            continue;
+        };
+        if rest.contains("__") {
+            out.insert(key, value);
+            continue;
+        }
+        let lower = rest.to_ascii_lowercase();
+        if let Some(section) = SECTIONS
+            .iter()
+            .find(|s| lower.starts_with(&format!("{s}_")))
+        {
+            let field = &rest[section.len() + 1..];
+            anyhow::bail!(
+                "environment variable {key}: sections and keys are separated by two underscores \
+                 (KEEL_{}__{field})",
+                section.to_ascii_uppercase()
+            );
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -213,5 +255,20 @@ mod tests {
         }
         assert_eq!(loaded.server.listen, "127.0.0.1:6000".parse().unwrap());
         assert_eq!(loaded.embedder.workers, 3);
+    }
+
+    #[test]
+    fn single_underscore_section_variables_are_errors_and_script_variables_are_ignored() {
+        // SAFETY: as above, one process per test.
+        unsafe { std::env::set_var("KEEL_TEST_VENV", "/somewhere") };
+        Settings::load(Some(&configs_dir().join("default.yaml")))
+            .expect("script variables are not configuration");
+        unsafe { std::env::set_var("KEEL_SERVER_LISTEN", "127.0.0.1:1") };
+        let err = format!("{:#}", Settings::load(None).unwrap_err());
+        unsafe {
+            std::env::remove_var("KEEL_SERVER_LISTEN");
+            std::env::remove_var("KEEL_TEST_VENV");
+        }
+        assert!(err.contains("KEEL_SERVER__LISTEN"), "{err}");
     }
 }
