@@ -112,6 +112,15 @@ enum Pending {
 }
 
 impl Engine {
+    /// A dataset's description, read off the async workers.
+    async fn dataset(&self, name: String) -> Result<DatasetInfo, Status> {
+        let store = self.sink.store().clone();
+        tokio::task::spawn_blocking(move || store.info(&name))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(error::sink)
+    }
+
     /// The reading half of a stream: decode, validate, slice, admit, embed. Slices go to
     /// `tx` in order; the first error goes there too and ends the stream.
     async fn read_stream(
@@ -276,11 +285,7 @@ impl FlightService for KeelFlight {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let name = dataset_name(request.get_ref())?.to_string();
-        let store = self.engine.sink.store().clone();
-        let info = tokio::task::spawn_blocking(move || store.info(&name))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(error::sink)?;
+        let info = self.engine.dataset(name).await?;
         Ok(Response::new(dataset_info(&info)?))
     }
 
@@ -298,11 +303,7 @@ impl FlightService for KeelFlight {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<SchemaResult>, Status> {
         let name = dataset_name(request.get_ref())?.to_string();
-        let store = self.engine.sink.store().clone();
-        let info = tokio::task::spawn_blocking(move || store.info(&name))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(error::sink)?;
+        let info = self.engine.dataset(name).await?;
         let options = IpcWriteOptions::default();
         let result: SchemaResult = SchemaAsIpc::new(&info.schema, &options)
             .try_into()
@@ -317,13 +318,7 @@ impl FlightService for KeelFlight {
         let name = String::from_utf8(request.into_inner().ticket.to_vec())
             .map_err(|_| Status::invalid_argument("the ticket is not a UTF-8 dataset name"))?;
         let store = self.engine.sink.store().clone();
-        let info = {
-            let (store, name) = (store.clone(), name.clone());
-            tokio::task::spawn_blocking(move || store.info(&name))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(error::sink)?
-        };
+        let info = self.engine.dataset(name.clone()).await?;
         let (tx, rx) = mpsc::channel::<Result<RecordBatch, FlightError>>(2);
         tokio::task::spawn_blocking(move || {
             let result = store.read(&name, DO_GET_BATCH_ROWS, |b| {

@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot};
 
 use super::config::EmbedderConfig;
-use super::model::{BatchLimits, ModelError, SentenceModel, plan};
+use super::model::{BatchLimits, ModelError, SentenceModel, run_planned};
 use super::pool::Replica;
 use crate::histogram::{Histogram, HistogramSnapshot};
 
@@ -302,25 +302,15 @@ fn run_jobs(
         .iter()
         .map(|t| model.tokenize(t))
         .collect::<Result<Vec<_>, _>>()?;
-    let lengths: Vec<usize> = tokens.iter().map(Vec::len).collect();
-    let dim = model.dim();
-    let mut out = vec![0.0f32; texts.len() * dim];
-    let passes = plan(&lengths, limits);
-    for pass in &passes {
-        let rows: Vec<&[u32]> = pass.iter().map(|&i| tokens[i].as_slice()).collect();
+    let token_count = tokens.iter().map(Vec::len).sum::<usize>() as u64;
+    let (out, passes) = run_planned(&tokens, model.dim(), limits, |rows| {
         let started = std::time::Instant::now();
-        let vectors = replica.embed_tokens(&rows);
+        let vectors = replica.embed_tokens(rows);
         counters
             .pass_seconds
             .observe(started.elapsed().as_secs_f64());
         counters.pass_rows.observe(rows.len() as f64);
-        for (&i, v) in pass.iter().zip(vectors.chunks_exact(dim)) {
-            out[i * dim..(i + 1) * dim].copy_from_slice(v);
-        }
-    }
-    Ok((
-        out,
-        passes.len() as u64,
-        lengths.iter().sum::<usize>() as u64,
-    ))
+        vectors
+    });
+    Ok((out, passes as u64, token_count))
 }

@@ -6,8 +6,8 @@
 //! - RSS above `memory.hard` × limit, or `allocated` creeping faster than
 //!   `creep_alert_mb_per_1000_ops` → full cleanup;
 //! - RSS above `memory.soft` × limit → gentle cleanup;
-//! - no op for `memory.recovery_window_ms` after work → one gentle cleanup, which is what
-//!   hands a burst's memory back to the OS.
+//! - no op for `memory.recovery_window_ms` after work, and no row in flight → one gentle
+//!   cleanup, which is what hands a burst's memory back to the OS.
 //!
 //! A cleanup sends [`Cleanup`] to every registered actor at once, waits for every ack,
 //! then purges jemalloc's arenas; the total time from broadcast to the last step is
@@ -107,7 +107,12 @@ impl SupervisorActor {
     /// through each segment's minimum (at that sample's op count). The cache's own bytes, which
     /// fill up to their budget by design, are excluded.
     fn creep(&self) -> Option<Creep> {
-        let n = self.samples.len().min(self.config.creep_window);
+        // A full window only: the first minutes after start are warm-up (arenas and thread
+        // caches growing to their working size), not creep.
+        let n = self.config.creep_window;
+        if self.samples.len() < n {
+            return None;
+        }
         let window: Vec<&MemorySample> = self.samples.iter().skip(self.samples.len() - n).collect();
         let (first, last) = (window.first()?, window.last()?);
         let window_ops = last.ops.saturating_sub(first.ops);
@@ -214,6 +219,7 @@ impl SupervisorActor {
                 ),
             ))
         } else if !self.idle_cleaned
+            && s.in_flight_rows == 0
             && now - self.last_ops_change >= Duration::from_millis(self.memory.recovery_window_ms)
         {
             self.idle_cleaned = true;

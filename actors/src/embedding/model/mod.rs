@@ -174,18 +174,30 @@ impl SentenceModel {
             .iter()
             .map(|t| self.tokenize(t))
             .collect::<Result<Vec<_>, _>>()?;
-        let lengths: Vec<usize> = tokens.iter().map(Vec::len).collect();
-        let dim = self.dim();
-        let mut out = vec![0.0f32; texts.len() * dim];
-        for pass in plan(&lengths, limits) {
-            let rows: Vec<&[u32]> = pass.iter().map(|&i| tokens[i].as_slice()).collect();
-            let vectors = self.embed_tokens(&rows);
-            for (&i, v) in pass.iter().zip(vectors.chunks_exact(dim)) {
-                out[i * dim..(i + 1) * dim].copy_from_slice(v);
-            }
-        }
-        Ok(out)
+        Ok(run_planned(&tokens, self.dim(), limits, |rows| self.embed_tokens(rows)).0)
     }
+}
+
+/// Plans `tokens` into length-bucketed passes within `limits`, runs each through
+/// `forward` (which returns `rows × dim` values), and returns the vectors in input order
+/// with the number of passes.
+pub fn run_planned(
+    tokens: &[Vec<u32>],
+    dim: usize,
+    limits: BatchLimits,
+    mut forward: impl FnMut(&[&[u32]]) -> Vec<f32>,
+) -> (Vec<f32>, usize) {
+    let lengths: Vec<usize> = tokens.iter().map(Vec::len).collect();
+    let mut out = vec![0.0f32; tokens.len() * dim];
+    let passes = plan(&lengths, limits);
+    for pass in &passes {
+        let rows: Vec<&[u32]> = pass.iter().map(|&i| tokens[i].as_slice()).collect();
+        let vectors = forward(&rows);
+        for (&i, v) in pass.iter().zip(vectors.chunks_exact(dim)) {
+            out[i * dim..(i + 1) * dim].copy_from_slice(v);
+        }
+    }
+    (out, passes.len())
 }
 
 /// Scales `v` to unit L2 norm, as sentence-transformers' `Normalize` (norm clamped at 1e-12).
