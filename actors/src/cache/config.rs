@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
-    /// Byte budget of the cache (keys, vectors and per-entry bookkeeping; see
-    /// `store::ENTRY_OVERHEAD_BYTES`). Never exceeded. 0 disables the cache.
+    /// Byte budget of the cache: every entry's real allocations (see `store::entry_bytes`).
+    /// Never exceeded. 0 disables the cache.
     pub max_bytes: u64,
     /// A gentle cleanup shrinks the cache to this fraction of `max_bytes`.
     pub low_watermark: f64,

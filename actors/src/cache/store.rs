@@ -1,25 +1,33 @@
 //! A byte-budgeted LRU of vectors.
 //!
-//! Accounting per entry: the 16-byte key, the vector (`dim × 4` bytes plus the 16-byte
-//! `Arc` header) and [`ENTRY_OVERHEAD_BYTES`] of bookkeeping (the `lru` crate's node with
-//! its two links and the hash table's slot). The sum never exceeds the budget: an insert
-//! evicts least-recently-used entries first (O(1) each), and an entry larger than the
-//! whole budget is not stored.
+//! Accounting per entry is what the allocator really hands out, not what was asked for:
+//! the vector's allocation (`Arc` header 16 B + `dim × 4` B, rounded up to jemalloc's size
+//! class: 1 552 B → 1 792 B for 384 floats), the `lru` crate's node (key 16, value
+//! pointer 16, two links 16 → 48 B class) and [`TABLE_BYTES_PER_ENTRY`] for the hash
+//! table's slot and control byte at its worst load after growing. The sum never exceeds
+//! the budget: an insert evicts least-recently-used entries first (O(1) each), and an
+//! entry larger than the whole budget is not stored.
 
 use std::sync::Arc;
 
 use lru::LruCache;
 
-/// Bookkeeping bytes per entry beyond key and vector: the lru node (key 16, value pointer
-/// 16, prev/next 16) and the hash table slot (pointer and key reference 16, control byte
-/// and load-factor slack ≈ 8).
-pub const ENTRY_OVERHEAD_BYTES: usize = 72;
-const KEY_BYTES: usize = 16;
+/// The hash table's share per entry: a 16-byte slot and a control byte, doubled because
+/// the table may be half empty right after it grows.
+pub const TABLE_BYTES_PER_ENTRY: usize = 34;
+const NODE_BYTES: usize = 48;
 const ARC_HEADER_BYTES: usize = 16;
+
+/// The bytes jemalloc really reserves for a request of `n` bytes.
+fn allocation(n: usize) -> usize {
+    // SAFETY: nallocx only computes a size class; it allocates nothing.
+    let real = unsafe { tikv_jemalloc_sys::nallocx(n, 0) };
+    if real == 0 { n } else { real }
+}
 
 /// Bytes an entry of `dim` floats is accounted for.
 pub fn entry_bytes(dim: usize) -> usize {
-    KEY_BYTES + ARC_HEADER_BYTES + dim * 4 + ENTRY_OVERHEAD_BYTES
+    allocation(ARC_HEADER_BYTES + dim * 4) + allocation(NODE_BYTES) + TABLE_BYTES_PER_ENTRY
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -181,6 +189,12 @@ mod tests {
             (s.hits, s.misses, s.insertions, s.evictions, s.entries),
             (3, 1, 3, 1, 2)
         );
+    }
+
+    #[test]
+    fn accounting_uses_the_allocators_size_classes() {
+        // 16 + 384 × 4 = 1 552 requested bytes live in jemalloc's 1 792-byte class.
+        assert_eq!(entry_bytes(384), 1792 + 48 + TABLE_BYTES_PER_ENTRY);
     }
 
     #[test]
