@@ -51,6 +51,7 @@ pub struct VectorCache {
 impl VectorCache {
     pub fn new(max_bytes: usize) -> Self {
         Self {
+            // No entry-count cap: the byte budget below bounds it (see `insert`).
             lru: LruCache::unbounded(),
             bytes: 0,
             max_bytes,
