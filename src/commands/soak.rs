@@ -49,6 +49,10 @@ pub struct SoakArgs {
     /// and arenas reaching their working size (RSS plateaus after ≈ 2000 ops here).
     #[arg(long, default_value_t = 2000)]
     warmup_ops: u64,
+    /// Every this many ops after warm-up, hold the producers until nothing is in flight
+    /// and take a settled memory reading; growth and creep are judged on those (0 = off).
+    #[arg(long, default_value_t = 500)]
+    settle_every: u64,
     /// Also measure throughput against an engine whose supervisor does not act: two
     /// rounds of this many seconds each, interleaved (0 = skip).
     #[arg(long, default_value_t = 0)]
@@ -137,6 +141,7 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
         streams: args.streams,
         batch_rows: args.batch_rows,
         warmup_ops: args.warmup_ops,
+        settle_every: args.settle_every,
         compare_secs: args.compare_secs,
         progress: std::io::stderr().is_terminal(),
     };

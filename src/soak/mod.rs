@@ -46,6 +46,9 @@ pub struct SoakOptions {
     pub streams: usize,
     pub batch_rows: usize,
     pub warmup_ops: u64,
+    /// Every this many ops after warm-up, hold the producers until nothing is in flight and
+    /// sample the engine settled (0 = never).
+    pub settle_every: u64,
     /// Seconds per segment of the throughput comparison with the supervisor's actions off
     /// (0 = no comparison).
     pub compare_secs: u64,
@@ -63,6 +66,9 @@ pub struct Burst {
 /// Everything a run observed.
 pub struct Observed {
     pub samples: Vec<Sample>,
+    /// Samples taken with producers held and nothing in flight: memory that the work in
+    /// flight does not blur (the one with the least allocated of a few readings each).
+    pub settled: Vec<Sample>,
     pub cleanups: Vec<serde_json::Value>,
     pub bursts: Vec<Burst>,
     pub final_stats: serde_json::Value,
@@ -169,6 +175,42 @@ async fn connect(addr: &str) -> anyhow::Result<FlightClient> {
     Ok(FlightClient::new(channel))
 }
 
+/// Holds the producers until the engine has nothing in flight and its op count stands
+/// still, then returns the reading with the least allocated of three.
+async fn settle(
+    probe: &mut FlightClient,
+    control: &Control,
+    started: Instant,
+) -> anyhow::Result<Option<Sample>> {
+    const POLL: Duration = Duration::from_millis(50);
+    control.paused.store(true, Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last_ops = u64::MAX;
+    let settled = loop {
+        tokio::time::sleep(POLL).await;
+        let s = sample_of(&stats(probe).await?, started);
+        if s.in_flight_rows == 0 && s.ops == last_ops {
+            break true;
+        }
+        last_ops = s.ops;
+        if Instant::now() >= deadline {
+            break false;
+        }
+    };
+    let mut best: Option<Sample> = None;
+    if settled {
+        for _ in 0..3 {
+            tokio::time::sleep(POLL).await;
+            let s = sample_of(&stats(probe).await?, started);
+            if best.is_none_or(|b| s.allocated < b.allocated) {
+                best = Some(s);
+            }
+        }
+    }
+    control.paused.store(false, Ordering::Relaxed);
+    Ok(best)
+}
+
 /// Runs producers against `addr` until `until` says stop; samples every `tick`.
 async fn drive(
     addr: &str,
@@ -199,6 +241,8 @@ async fn drive(
     }
     let started = Instant::now();
     let mut samples = Vec::new();
+    let mut settled = Vec::new();
+    let mut next_settle = opts.warmup_ops;
     let mut cleanups: Vec<serde_json::Value> = Vec::new();
     let mut last_cleanup_at = 0u64;
     let mut bursts = Vec::new();
@@ -280,6 +324,12 @@ async fn drive(
                 sample.cleanups
             );
         }
+        if opts.settle_every > 0 && opts.workload != Workload::Burst && sample.ops >= next_settle {
+            if let Some(s) = settle(&mut probe, &control, started).await? {
+                settled.push(s);
+            }
+            next_settle = sample.ops.max(next_settle) + opts.settle_every;
+        }
         let done_ops = opts.ops.is_some_and(|n| sample.ops >= n);
         let done_time = opts.duration.is_some_and(|d| started.elapsed() >= d);
         if producers.iter().any(|p| p.is_finished()) || done_ops || done_time {
@@ -298,6 +348,7 @@ async fn drive(
     let final_stats = stats(&mut probe).await?;
     Ok(Observed {
         samples,
+        settled,
         cleanups,
         bursts,
         final_stats,
@@ -322,6 +373,7 @@ async fn segment(addr: &str, opts: &SoakOptions, secs: u64) -> anyhow::Result<f6
         streams: opts.streams,
         batch_rows: opts.batch_rows,
         warmup_ops: 0,
+        settle_every: 0,
         compare_secs: 0,
         progress: false,
     };

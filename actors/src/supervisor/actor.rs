@@ -49,6 +49,10 @@ pub struct SupervisorActor {
     last_ops: u64,
     last_ops_change: Instant,
     idle_cleaned: bool,
+    /// Samples taken before this time (ms since the epoch) do not count as evidence of
+    /// creep: set when a creep cleanup starts, so that one window's evidence triggers at
+    /// most one cleanup and the next alarm needs a whole new window.
+    creep_evidence_from_ms: u64,
     /// Raised above the hard watermark, lowered below the soft one; ingest admits fewer
     /// rows while it is up.
     pressure: Arc<AtomicBool>,
@@ -79,6 +83,7 @@ impl SupervisorActor {
             last_ops: 0,
             last_ops_change: Instant::now(),
             idle_cleaned: true,
+            creep_evidence_from_ms: 0,
             pressure: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -148,6 +153,7 @@ impl SupervisorActor {
             rss_mb_per_1000_ops: rss * 1000.0,
             rss_mb_per_hour: rss_h,
             window_ops,
+            window_from_ms: first.at_ms,
         })
     }
 
@@ -193,9 +199,13 @@ impl SupervisorActor {
                 ),
             ))
         } else if let Some(c) = self.creep().filter(|c| {
+            // Significant (three standard errors: the test runs four times a second, and
+            // a noisy floor must not page anyone), and on fresh evidence.
             c.allocated_mb_per_1000_ops > self.config.creep_alert_mb_per_1000_ops
-                && c.allocated_mb_per_1000_ops > 2.0 * c.allocated_stderr
+                && c.allocated_mb_per_1000_ops > 3.0 * c.allocated_stderr
+                && c.window_from_ms >= self.creep_evidence_from_ms
         }) {
+            self.creep_evidence_from_ms = s.at_ms + 1;
             tracing::warn!(
                 mb_per_1000_ops = c.allocated_mb_per_1000_ops,
                 stderr = c.allocated_stderr,
@@ -417,6 +427,10 @@ mod tests {
     }
 
     fn run(bytes_per_op: u64) -> (MemoryReport, Vec<CleanupLevel>) {
+        run_with_cooldown(bytes_per_op, 10_000)
+    }
+
+    fn run_with_cooldown(bytes_per_op: u64, cooldown_ms: u64) -> (MemoryReport, Vec<CleanupLevel>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let seen2 = seen.clone();
         let report = actix::System::new().block_on(async move {
@@ -429,7 +443,7 @@ mod tests {
             };
             let memory = MemoryConfig {
                 limit_bytes: 1 << 40,
-                cooldown_ms: 10_000,
+                cooldown_ms,
                 recovery_window_ms: 1 << 40,
                 ..Default::default()
             };
@@ -466,6 +480,23 @@ mod tests {
         let actors: Vec<&str> = record.acks.iter().map(|a| a.actor).collect();
         assert_eq!(actors, vec!["member", "allocator"]);
         assert_eq!(report.cleanups_full, 1);
+    }
+
+    #[test]
+    fn a_continuing_leak_alarms_once_per_fresh_window_not_once_per_cooldown() {
+        // No cooldown: only the need for fresh evidence spaces the alarms.
+        let (report, seen) = run_with_cooldown(10_000, 0);
+        let window = 20u64;
+        assert!(!seen.is_empty(), "a leak this large must alarm");
+        assert!(seen.iter().all(|l| *l == CleanupLevel::Full));
+        // A window of 20 samples must pass after each alarm: at most one per 20 samples.
+        let bound = report.samples as u64 / window + 1;
+        assert!(
+            (seen.len() as u64) <= bound,
+            "{} alarms over {} samples (bound {bound})",
+            seen.len(),
+            report.samples
+        );
     }
 
     #[test]

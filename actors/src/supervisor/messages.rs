@@ -92,4 +92,6 @@ pub struct Creep {
     /// RSS growth per hour of wall time.
     pub rss_mb_per_hour: f64,
     pub window_ops: u64,
+    /// When the window's first sample was taken (ms since the supervisor started).
+    pub window_from_ms: u64,
 }
