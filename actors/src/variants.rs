@@ -40,44 +40,92 @@ pub struct VcfError {
     pub what: String,
 }
 
-/// Parses VCF text into records; errors are per record, so a caller can skip or stop.
-pub fn parse_vcf(text: &str) -> Vec<Result<VariantRecord, VcfError>> {
-    let mut annotation: Option<(String, Vec<String>)> = None;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line_no = i + 1;
-        if let Some(meta) = line.strip_prefix("##INFO=<") {
-            for key in ["CSQ", "ANN"] {
-                if meta.starts_with(&format!("ID={key},"))
-                    && let Some(format) = meta.split("Format: ").nth(1)
-                {
-                    let names = format
-                        .trim_end_matches(['>', '"'])
-                        .split('|')
-                        .map(|n| n.trim().trim_matches('\'').to_ascii_lowercase())
-                        .collect();
-                    annotation = Some((key.to_string(), names));
+/// Canonical column names and the annotation fields (VEP `CSQ`, snpEff `ANN`) or INFO
+/// keys (ClinVar) that fill them, first match wins.
+pub const ANNOTATION_COLUMNS: [(&str, &[&str]); 8] = [
+    ("gene", &["symbol", "gene_name"]),
+    ("consequence", &["consequence", "annotation"]),
+    ("impact", &["impact", "annotation_impact"]),
+    ("hgvsc", &["hgvsc", "hgvs.c"]),
+    ("hgvsp", &["hgvsp", "hgvs.p"]),
+    ("amino_acids", &["amino_acids"]),
+    ("sift", &["sift"]),
+    ("polyphen", &["polyphen"]),
+];
+
+/// Clinical significance: VEP's `CLIN_SIG` field or ClinVar's `CLNSIG` INFO key.
+const CLINICAL: &[&str] = &["clin_sig", "clnsig"];
+
+/// Reads VCF lines one at a time: header lines set up the annotation layout, record
+/// lines become [`VariantRecord`]s. Errors are per record, so a caller can skip or stop.
+#[derive(Debug, Clone, Default)]
+pub struct VcfLineParser {
+    /// The annotation's INFO key (`CSQ` or `ANN`) and its field names, lower-cased.
+    annotation: Option<(String, Vec<String>)>,
+}
+
+impl VcfLineParser {
+    /// Takes the annotation layout from an `##INFO=<ID=CSQ|ANN,…Format: a|b|…>` line;
+    /// other header lines are ignored.
+    pub fn header_line(&mut self, line: &str) {
+        let Some(meta) = line.strip_prefix("##INFO=<") else {
+            return;
+        };
+        for key in ["CSQ", "ANN"] {
+            if meta.starts_with(&format!("ID={key},")) {
+                // VEP: "… Format: A|B|C"; snpEff: "Functional annotations: 'A | B | C' ".
+                let format = meta
+                    .split("Format: ")
+                    .nth(1)
+                    .or_else(|| meta.split("annotations: ").nth(1));
+                if let Some(format) = format {
+                    self.set_annotation(key, format);
                 }
             }
-            continue;
         }
-        if line.starts_with('#') || line.trim().is_empty() {
-            continue;
-        }
+    }
+
+    /// Sets the annotation layout from the INFO key and its `A|B|C` field list.
+    pub fn set_annotation(&mut self, key: &str, format: &str) {
+        let names = format
+            .trim_end_matches(['>', '"', ' ', '\''])
+            .split('|')
+            .map(|n| {
+                n.trim()
+                    .trim_matches(['\'', '"'])
+                    .trim()
+                    .to_ascii_lowercase()
+            })
+            .collect();
+        self.annotation = Some((key.to_string(), names));
+    }
+
+    /// The annotation key and field names, if the header declared one.
+    pub fn annotation(&self) -> Option<(&str, &[String])> {
+        self.annotation
+            .as_ref()
+            .map(|(k, names)| (k.as_str(), names.as_slice()))
+    }
+
+    /// Parses one record line (`line_no` is 1-based, for the error).
+    pub fn record(&self, line_no: usize, line: &str) -> Result<VariantRecord, VcfError> {
+        let err = |what: String| VcfError {
+            line: line_no,
+            what,
+        };
+        let line = line.trim_end_matches(['\n', '\r']);
         let cols: Vec<&str> = line.split('\t').collect();
         if cols.len() < 8 {
-            out.push(Err(VcfError {
-                line: line_no,
-                what: format!("{} tab-separated columns, expected at least 8", cols.len()),
-            }));
-            continue;
+            return Err(err(format!(
+                "{} tab-separated columns, expected at least 8",
+                cols.len()
+            )));
         }
         if cols[1].parse::<u64>().is_err() {
-            out.push(Err(VcfError {
-                line: line_no,
-                what: format!("POS {:?} is not a number", cols[1]),
-            }));
-            continue;
+            return Err(err(format!("POS {:?} is not a number", cols[1])));
+        }
+        if cols[0].is_empty() || cols[3].is_empty() {
+            return Err(err("empty CHROM or REF".into()));
         }
         let mut rec = VariantRecord::default();
         for (name, value) in ["chrom", "pos", "id", "ref", "alt", "qual", "filter"]
@@ -88,7 +136,7 @@ pub fn parse_vcf(text: &str) -> Vec<Result<VariantRecord, VcfError>> {
         }
         for item in cols[7].split(';') {
             let (key, value) = item.split_once('=').unwrap_or((item, ""));
-            if let Some((ann_key, names)) = &annotation
+            if let Some((ann_key, names)) = &self.annotation
                 && key == ann_key
             {
                 let first = value.split(',').next().unwrap_or("");
@@ -100,14 +148,29 @@ pub fn parse_vcf(text: &str) -> Vec<Result<VariantRecord, VcfError>> {
                     .insert(key.to_ascii_lowercase(), value.to_string());
             }
         }
-        let gene = rec
-            .get("symbol")
-            .or_else(|| rec.get("gene_name"))
-            .map(String::from);
-        if let Some(gene) = gene {
-            rec.fields.insert("gene".into(), gene);
+        for (column, sources) in ANNOTATION_COLUMNS
+            .iter()
+            .chain(std::iter::once(&("clinical_significance", CLINICAL)))
+        {
+            let value = sources.iter().find_map(|k| rec.get(k)).map(String::from);
+            if let Some(value) = value {
+                rec.fields.insert((*column).to_string(), value);
+            }
         }
-        out.push(Ok(rec));
+        Ok(rec)
+    }
+}
+
+/// Parses VCF text into records; errors are per record, so a caller can skip or stop.
+pub fn parse_vcf(text: &str) -> Vec<Result<VariantRecord, VcfError>> {
+    let mut parser = VcfLineParser::default();
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.starts_with('#') {
+            parser.header_line(line);
+        } else if !line.trim().is_empty() {
+            out.push(parser.record(i + 1, line));
+        }
     }
     out
 }
@@ -138,5 +201,30 @@ chrX\t2700200\t.\tC\tT\t1\tPASS\tAC=1\n";
             records[2].as_ref().unwrap().render(&t),
             " chrX:2700200 C>T    "
         );
+    }
+
+    #[test]
+    fn snpeff_ann_and_clinvar_fill_the_canonical_columns() {
+        let vcf = "##fileformat=VCFv4.2\n\
+##INFO=<ID=ANN,Number=.,Type=String,Description=\"Functional annotations: 'Allele | Annotation | Annotation_Impact | Gene_Name | Gene_ID | Feature_Type | Feature_ID | Transcript_BioType | Rank | HGVS.c | HGVS.p' \">\n\
+#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\n\
+17\t43045712\t.\tAG\tA\t.\tPASS\tCLNSIG=Pathogenic;ANN=A|frameshift_variant|HIGH|BRCA1|ENSG00000012048|transcript|ENST00000357654|protein_coding|10/23|c.1234delC|p.Leu412fs\n";
+        let records = parse_vcf(vcf);
+        let r = records[0].as_ref().unwrap();
+        assert_eq!(r.get("gene"), Some("BRCA1"));
+        assert_eq!(r.get("consequence"), Some("frameshift_variant"));
+        assert_eq!(r.get("impact"), Some("HIGH"));
+        assert_eq!(r.get("hgvsc"), Some("c.1234delC"));
+        assert_eq!(r.get("hgvsp"), Some("p.Leu412fs"));
+        assert_eq!(r.get("clinical_significance"), Some("Pathogenic"));
+        assert_eq!(r.get("sift"), None);
+    }
+
+    #[test]
+    fn short_lines_and_empty_fields_are_errors_with_their_line() {
+        let p = VcfLineParser::default();
+        assert_eq!(p.record(7, "chrX\t1\t.\tA").unwrap_err().line, 7);
+        assert!(p.record(8, "\t1\t.\tA\tC\t.\t.\t.").is_err());
+        assert!(p.record(9, "chrX\t1\t.\tA\tC\t.\t.\t.").is_ok());
     }
 }

@@ -1,28 +1,33 @@
 //! `keel produce`: stream a file's records to a Keel server over Arrow Flight.
 //!
-//! Inputs: VCF (VEP `CSQ` / snpEff `ANN` annotations parsed into columns, the text made by
-//! `--template`), Parquet (columns as they are; the text from `--text-column` or
-//! `--template`, applied by the server), or plain text (one row per line). `--exchange`
-//! gets the rows back (written to `--out` as Parquet, if given); `--dataset NAME` stores
-//! them on the server. Replies are read on their own task while batches are written.
+//! Inputs (see [`keel::input`]): VCF / VCF.gz / BCF (annotations parsed into columns, the
+//! text made by `--template`), Parquet, Arrow IPC, CSV/TSV (the text from `--text-column`
+//! or `--template`, applied by the server), or plain text (one row per line). The file is
+//! read on its own thread, batch by batch, and paced by `--rate`; `--exchange` gets the
+//! rows back (written to `--out` as Parquet, if given), `--dataset NAME` stores them on
+//! the server. Replies are read while batches are written.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+use arrow_array::RecordBatch;
 use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
 use arrow_flight::{FlightClient, FlightDescriptor};
 use futures::{StreamExt, TryStreamExt};
-use keel_actors::template::Template;
-use keel_actors::variants::{DEFAULT_TEMPLATE, parse_vcf};
+use keel::input::{self, Format, InputOptions, OnError};
 
 #[derive(clap::Args)]
 pub struct ProduceArgs {
-    /// Input file: .vcf, .parquet, or text (one row per line).
+    /// Input file: VCF (.vcf, .vcf.gz), BCF, Parquet, Arrow IPC (.arrow), CSV, TSV, or
+    /// text (one row per line).
     #[arg(long)]
     input: PathBuf,
+    /// The input's format, when its name does not say it.
+    #[arg(long, value_enum)]
+    format: Option<Format>,
     /// Server address, e.g. grpc://127.0.0.1:50051.
     #[arg(long, default_value = "grpc://127.0.0.1:50051")]
     to: String,
@@ -38,12 +43,20 @@ pub struct ProduceArgs {
     /// Rows per record batch sent.
     #[arg(long, default_value_t = 1024)]
     rows_per_batch: usize,
-    /// Template making the text of a row (VCF: rendered here; Parquet: by the server).
+    /// Send at most this many rows per second (default: as fast as the server takes them).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Template making the text of a row (VCF/BCF: rendered here; other inputs: by the
+    /// server), e.g. "{gene} {consequence} {hgvsp}".
     #[arg(long)]
     template: Option<String>,
-    /// Column holding the text (Parquet input).
+    /// Column holding the text (Parquet, Arrow, CSV/TSV input).
     #[arg(long, conflicts_with = "template")]
     text_column: Option<String>,
+    /// Records the reader cannot parse: skip them (reported with their line, counted) or
+    /// stop.
+    #[arg(long, value_enum, default_value = "skip")]
+    on_error: OnError,
     /// Seconds to keep retrying the first connection (the server may still be starting).
     #[arg(long, default_value_t = 60)]
     connect_timeout: u64,
@@ -56,95 +69,62 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
     if args.rows_per_batch == 0 {
         bail!("--rows-per-batch must be at least 1");
     }
+    if args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        bail!("--rate must be a positive number of rows per second");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(produce(args))
 }
 
-/// Reads the input into batches and the command that names its text.
-fn read_input(args: &ProduceArgs) -> anyhow::Result<(Vec<RecordBatch>, serde_json::Value, usize)> {
-    let ext = args
-        .input
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    let mut skipped = 0;
-    let (batches, command) = match ext.as_str() {
-        "vcf" => {
-            let template = Template::parse(args.template.as_deref().unwrap_or(DEFAULT_TEMPLATE))?;
-            let text = std::fs::read_to_string(&args.input)
-                .with_context(|| format!("reading {}", args.input.display()))?;
-            let mut records = Vec::new();
-            for r in parse_vcf(&text) {
-                match r {
-                    Ok(r) => records.push(r),
-                    Err(e) => {
-                        eprintln!("keel produce: {}: {e}; skipped", args.input.display());
-                        skipped += 1;
+/// Reads the input on a thread of its own, paced by `rate`, into a bounded channel: the
+/// file is never in memory whole, and a slow server slows the reading.
+fn spawn_reader(
+    mut batches: input::Batches,
+    rate: Option<f64>,
+) -> tokio::sync::mpsc::Receiver<anyhow::Result<RecordBatch>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    std::thread::Builder::new()
+        .name("keel-produce-reader".into())
+        .spawn(move || {
+            let started = Instant::now();
+            let mut sent = 0u64;
+            for batch in batches.by_ref() {
+                let rows = batch.as_ref().map(|b| b.num_rows() as u64).unwrap_or(0);
+                let failed = batch.is_err();
+                if tx.blocking_send(batch).is_err() || failed {
+                    return;
+                }
+                sent += rows;
+                if let Some(rate) = rate {
+                    let due = Duration::from_secs_f64(sent as f64 / rate);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        std::thread::sleep(wait);
                     }
                 }
             }
-            let mut batches = Vec::new();
-            for chunk in records.chunks(args.rows_per_batch) {
-                let col = |name: &str| -> ArrayRef {
-                    Arc::new(StringArray::from_iter(
-                        chunk.iter().map(|r| r.get(name).map(String::from)),
-                    ))
-                };
-                let pos: Int64Array = chunk
-                    .iter()
-                    .map(|r| r.get("pos").and_then(|p| p.parse().ok()))
-                    .collect();
-                let text: StringArray = chunk.iter().map(|r| Some(r.render(&template))).collect();
-                batches.push(RecordBatch::try_from_iter([
-                    ("chrom", col("chrom")),
-                    ("pos", Arc::new(pos) as ArrayRef),
-                    ("ref", col("ref")),
-                    ("alt", col("alt")),
-                    ("gene", col("gene")),
-                    ("consequence", col("consequence")),
-                    ("amino_acids", col("amino_acids")),
-                    ("sift", col("sift")),
-                    ("polyphen", col("polyphen")),
-                    ("text", Arc::new(text) as ArrayRef),
-                ])?);
-            }
-            (batches, serde_json::json!({}))
-        }
-        "parquet" => {
-            let file = std::fs::File::open(&args.input)
-                .with_context(|| format!("opening {}", args.input.display()))?;
-            let reader =
-                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)?
-                    .with_batch_size(args.rows_per_batch)
-                    .build()?;
-            let batches = reader.collect::<Result<Vec<_>, _>>()?;
-            let command = match (&args.template, &args.text_column) {
-                (Some(t), _) => serde_json::json!({ "template": t }),
-                (None, Some(c)) => serde_json::json!({ "text_column": c }),
-                (None, None) => serde_json::json!({}),
-            };
-            (batches, command)
-        }
-        _ => {
-            let text = std::fs::read_to_string(&args.input)
-                .with_context(|| format!("reading {}", args.input.display()))?;
-            let lines: Vec<&str> = text.lines().collect();
-            let batches = lines
-                .chunks(args.rows_per_batch)
-                .map(|c| {
-                    RecordBatch::try_from_iter([(
-                        "text",
-                        Arc::new(StringArray::from(c.to_vec())) as ArrayRef,
-                    )])
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            (batches, serde_json::json!({}))
-        }
+        })
+        .expect("spawning the reader thread");
+    rx
+}
+
+fn progress(total: Option<u64>) -> indicatif::ProgressBar {
+    let bar = match total {
+        Some(n) => indicatif::ProgressBar::new(n).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {human_pos}/{human_len} rows  {per_sec}  ETA {eta}",
+            )
+            .expect("a valid template"),
+        ),
+        None => indicatif::ProgressBar::new_spinner().with_style(
+            indicatif::ProgressStyle::with_template("{spinner} {human_pos} rows  {per_sec}")
+                .expect("a valid template"),
+        ),
     };
-    Ok((batches, command, skipped))
+    // Drawn on a terminal only (indicatif hides itself otherwise).
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr_with_hz(4));
+    bar
 }
 
 async fn connect(to: &str, timeout: Duration) -> anyhow::Result<FlightClient> {
@@ -167,58 +147,111 @@ async fn connect(to: &str, timeout: Duration) -> anyhow::Result<FlightClient> {
 }
 
 async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
-    let (batches, command, skipped) = read_input(&args)?;
-    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    let opts = InputOptions {
+        format: args.format,
+        rows_per_batch: args.rows_per_batch,
+        template: args.template.clone(),
+        text_column: args.text_column.clone().unwrap_or_else(|| "text".into()),
+        on_error: args.on_error,
+    };
+    let input = input::open(&args.input, &opts)?;
+    // VCF/BCF texts are rendered here; other inputs name their text to the server.
+    let command = match (
+        input.format.renders_text(),
+        &args.template,
+        &args.text_column,
+    ) {
+        (true, _, _) | (false, None, None) => serde_json::json!({}),
+        (false, Some(t), _) => serde_json::json!({ "template": t }),
+        (false, None, Some(c)) => serde_json::json!({ "text_column": c }),
+    };
+    let skipped = input.skipped.clone();
+    let bar = progress(input.total_rows);
     let mut client = connect(&args.to, Duration::from_secs(args.connect_timeout)).await?;
     let cmd = serde_json::to_vec(&command)?;
     let started = Instant::now();
-    let input = futures::stream::iter(batches.into_iter().map(Ok));
-    let received = if let Some(name) = &args.dataset {
-        let mut descriptor = FlightDescriptor::new_path(vec!["datasets".into(), name.clone()]);
-        descriptor.cmd = cmd.into();
-        let data = FlightDataEncoderBuilder::new()
-            .with_flight_descriptor(Some(descriptor))
-            .build(input);
-        let mut acks = client.do_put(data).await?;
-        let mut stored = 0u64;
-        while let Some(ack) = acks.next().await {
-            let meta: serde_json::Value = serde_json::from_slice(&ack?.app_metadata)?;
-            stored = meta["acknowledged_rows"].as_u64().unwrap_or(stored);
-        }
-        stored as usize
-    } else {
-        let descriptor = if command.as_object().is_some_and(|o| o.is_empty()) {
-            FlightDescriptor::new_path(vec!["embed".into()])
-        } else {
-            FlightDescriptor::new_cmd(cmd)
-        };
-        let data = FlightDataEncoderBuilder::new()
-            .with_flight_descriptor(Some(descriptor))
-            .build(input);
-        // do_exchange sends on its own task (tonic) while this one reads the replies.
-        let mut replies = client.do_exchange(data).await?;
-        let mut writer: Option<parquet::arrow::ArrowWriter<std::fs::File>> = None;
-        let mut n = 0;
-        while let Some(batch) = replies.try_next().await? {
-            n += batch.num_rows();
-            if let Some(out) = &args.out {
-                if writer.is_none() {
-                    let file = std::fs::File::create(out)
-                        .with_context(|| format!("creating {}", out.display()))?;
-                    writer = Some(parquet::arrow::ArrowWriter::try_new(
-                        file,
-                        batch.schema(),
-                        None,
-                    )?);
+    // Rows read from the file and handed to Flight; a read error ends the stream (the
+    // server sees it cancelled) and is reported after the replies.
+    let read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let read_error = std::sync::Arc::new(std::sync::Mutex::new(None::<anyhow::Error>));
+    let batches = {
+        let (read, read_error) = (read.clone(), read_error.clone());
+        tokio_stream::wrappers::ReceiverStream::new(spawn_reader(input.batches, args.rate)).map(
+            move |b| match b {
+                Ok(b) => {
+                    read.fetch_add(b.num_rows() as u64, Ordering::Relaxed);
+                    Ok(b)
                 }
-                writer.as_mut().expect("created above").write(&batch)?;
-            }
-        }
-        if let Some(w) = writer {
-            w.close()?;
-        }
-        n
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    *read_error.lock().expect("not poisoned") = Some(e);
+                    Err(FlightError::ExternalError(msg.into()))
+                }
+            },
+        )
     };
+    let outcome: anyhow::Result<usize> = async {
+        if let Some(name) = &args.dataset {
+            let mut descriptor = FlightDescriptor::new_path(vec!["datasets".into(), name.clone()]);
+            descriptor.cmd = cmd.into();
+            let data = FlightDataEncoderBuilder::new()
+                .with_flight_descriptor(Some(descriptor))
+                .build(batches);
+            let mut acks = client.do_put(data).await?;
+            let mut stored = 0u64;
+            while let Some(ack) = acks.next().await {
+                let meta: serde_json::Value = serde_json::from_slice(&ack?.app_metadata)?;
+                stored = meta["acknowledged_rows"].as_u64().unwrap_or(stored);
+                bar.set_position(stored);
+            }
+            Ok(stored as usize)
+        } else {
+            let descriptor = if command.as_object().is_some_and(|o| o.is_empty()) {
+                FlightDescriptor::new_path(vec!["embed".into()])
+            } else {
+                FlightDescriptor::new_cmd(cmd)
+            };
+            let data = FlightDataEncoderBuilder::new()
+                .with_flight_descriptor(Some(descriptor))
+                .build(batches);
+            // do_exchange sends on its own task (tonic) while this one reads the replies.
+            let mut replies = client.do_exchange(data).await?;
+            let mut writer: Option<parquet::arrow::ArrowWriter<std::fs::File>> = None;
+            let mut n = 0;
+            while let Some(batch) = replies.try_next().await? {
+                n += batch.num_rows();
+                bar.inc(batch.num_rows() as u64);
+                if let Some(out) = &args.out {
+                    if writer.is_none() {
+                        let file = std::fs::File::create(out)
+                            .with_context(|| format!("creating {}", out.display()))?;
+                        writer = Some(parquet::arrow::ArrowWriter::try_new(
+                            file,
+                            batch.schema(),
+                            None,
+                        )?);
+                    }
+                    writer.as_mut().expect("created above").write(&batch)?;
+                }
+            }
+            if let Some(w) = writer {
+                w.close()?;
+            }
+            Ok(n)
+        }
+    }
+    .await;
+    bar.finish_and_clear();
+    if let Some(e) = read_error.lock().expect("not poisoned").take() {
+        return Err(e.context(format!(
+            "reading {} (rows sent before the error: {})",
+            args.input.display(),
+            read.load(Ordering::Relaxed)
+        )));
+    }
+    let received = outcome?;
+    let rows = read.load(Ordering::Relaxed) as usize;
+    let skipped = skipped.load(Ordering::Relaxed);
     let secs = started.elapsed().as_secs_f64();
     let mut stats_stream = client
         .do_action(arrow_flight::Action::new("stats", Vec::<u8>::new()))

@@ -9,8 +9,6 @@ use anyhow::{Context, bail};
 use keel::config::Settings;
 use keel::soak::workload::Workload;
 use keel::soak::{SoakOptions, report};
-use keel_actors::template::Template;
-use keel_actors::variants::{DEFAULT_TEMPLATE, parse_vcf};
 
 use crate::ConfigArgs;
 
@@ -74,54 +72,6 @@ fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(n * mult))
 }
 
-fn load_texts(path: &PathBuf) -> anyhow::Result<Vec<String>> {
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    let texts: Vec<String> = match ext.as_str() {
-        "vcf" => {
-            let template = Template::parse(DEFAULT_TEMPLATE)?;
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            parse_vcf(&text)
-                .into_iter()
-                .filter_map(Result::ok)
-                .map(|r| r.render(&template))
-                .collect()
-        }
-        "parquet" => {
-            let file = std::fs::File::open(path)?;
-            let reader =
-                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)?
-                    .build()?;
-            let mut out = Vec::new();
-            for batch in reader {
-                let batch = batch?;
-                let col = batch
-                    .column_by_name("text")
-                    .context("the Parquet input needs a `text` column")?;
-                let col = arrow_cast::cast(col, &arrow_schema::DataType::Utf8)?;
-                let strings = col
-                    .as_any()
-                    .downcast_ref::<arrow_array::StringArray>()
-                    .context("text column")?;
-                out.extend(strings.iter().flatten().map(String::from));
-            }
-            out
-        }
-        _ => std::fs::read_to_string(path)?
-            .lines()
-            .map(String::from)
-            .collect(),
-    };
-    if texts.is_empty() {
-        bail!("{} holds no texts", path.display());
-    }
-    Ok(texts)
-}
-
 pub fn run(args: SoakArgs) -> anyhow::Result<()> {
     let settings = Settings::load(args.config.config.as_deref())?;
     let duration = match (&args.duration, args.ops) {
@@ -137,7 +87,7 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
         duration,
         rate: args.rate,
         workload: args.workload,
-        texts: load_texts(&args.input)?,
+        texts: keel::input::load_texts(&args.input)?,
         streams: args.streams,
         batch_rows: args.batch_rows,
         warmup_ops: args.warmup_ops,

@@ -1,4 +1,4 @@
-//! `keel texts`: render the records of a VCF as the texts Keel would embed, one per line.
+//! `keel texts`: render the records of a VCF/BCF as the texts Keel would embed, one per line.
 //!
 //! Lets a user see (and pipe into `keel embed`, or into another stack for comparison)
 //! exactly the text a template makes of each record. Records that do not parse are
@@ -7,39 +7,57 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::Context;
-use keel_actors::template::Template;
-use keel_actors::variants::{DEFAULT_TEMPLATE, parse_vcf};
+use arrow_array::{Array, StringArray};
+use keel::input::{self, Format, InputOptions, OnError};
+use keel_actors::variants::DEFAULT_TEMPLATE;
 
 #[derive(clap::Args)]
 pub struct TextsArgs {
-    /// A VCF file with VEP `CSQ` or snpEff `ANN` annotations.
+    /// A VCF (.vcf, .vcf.gz) or BCF file, with VEP `CSQ` or snpEff `ANN` annotations.
     input: PathBuf,
     /// Template over the record's fields (lower-cased names: chrom, pos, ref, alt, gene,
-    /// and every annotation field).
+    /// consequence, impact, hgvsc, hgvsp, and every INFO key and annotation field).
     #[arg(long, default_value = DEFAULT_TEMPLATE)]
     template: String,
+    /// Records that do not parse: skip them (reported, counted) or stop.
+    #[arg(long, value_enum, default_value = "skip")]
+    on_error: OnError,
 }
 
 pub fn run(args: TextsArgs) -> anyhow::Result<()> {
-    let template = Template::parse(&args.template)?;
-    let text = std::fs::read_to_string(&args.input)
-        .with_context(|| format!("reading {}", args.input.display()))?;
+    let format = Format::detect(&args.input);
+    anyhow::ensure!(
+        format.renders_text(),
+        "{}: keel texts reads VCF or BCF files",
+        args.input.display()
+    );
+    let input = input::open(
+        &args.input,
+        &InputOptions {
+            format: Some(format),
+            rows_per_batch: 2048,
+            template: Some(args.template.clone()),
+            text_column: "text".into(),
+            on_error: args.on_error,
+        },
+    )?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let (mut ok, mut bad) = (0usize, 0usize);
-    for record in parse_vcf(&text) {
-        match record {
-            Ok(r) => {
-                writeln!(out, "{}", r.render(&template))?;
-                ok += 1;
-            }
-            Err(e) => {
-                eprintln!("keel texts: {}: {e}; skipped", args.input.display());
-                bad += 1;
-            }
+    let mut ok = 0usize;
+    for batch in input.batches {
+        let batch = batch?;
+        let texts = batch
+            .column_by_name("text")
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+            .expect("VCF batches carry a string `text` column");
+        for i in 0..texts.len() {
+            writeln!(out, "{}", texts.value(i))?;
         }
+        ok += batch.num_rows();
     }
     out.flush()?;
-    eprintln!("keel texts: {ok} records rendered, {bad} skipped");
+    eprintln!(
+        "keel texts: {ok} records rendered, {} skipped",
+        input.skipped.load(std::sync::atomic::Ordering::Relaxed)
+    );
     Ok(())
 }

@@ -18,9 +18,9 @@ pub fn ingest(e: IngestError) -> Status {
 
 pub fn sink(e: SinkError) -> Status {
     match e {
-        SinkError::InvalidName(_) | SinkError::SchemaMismatch { .. } => {
-            Status::invalid_argument(e.to_string())
-        }
+        SinkError::InvalidName(_)
+        | SinkError::SchemaMismatch { .. }
+        | SinkError::NotSearchable(_) => Status::invalid_argument(e.to_string()),
         SinkError::NotFound(_) => Status::not_found(e.to_string()),
         SinkError::Closed => Status::unavailable(e.to_string()),
         SinkError::Io { .. } | SinkError::Parquet { .. } | SinkError::Arrow(_) => {

@@ -46,6 +46,70 @@ impl KeelFlight {
     pub fn new(engine: Arc<Engine>) -> Self {
         Self { engine }
     }
+
+    /// The `search` action: embeds the query text (through the cache, like any row),
+    /// then scans the dataset on a blocking thread for the `k` nearest rows by cosine.
+    async fn search(&self, body: &[u8]) -> Result<serde_json::Value, Status> {
+        const MAX_K: usize = 1000;
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Body {
+            dataset: String,
+            text: String,
+            #[serde(default = "ten")]
+            k: usize,
+        }
+        fn ten() -> usize {
+            10
+        }
+        let body: Body = serde_json::from_slice(body).map_err(|e| {
+            Status::invalid_argument(format!(
+                "bad search body ({e}); send {{\"dataset\": NAME, \"text\": \"...\", \"k\": 10}}"
+            ))
+        })?;
+        if body.k == 0 || body.k > MAX_K {
+            return Err(Status::invalid_argument(format!(
+                "search: k must be within 1..={MAX_K}, got {}",
+                body.k
+            )));
+        }
+        DatasetStore::validate_name(&body.dataset).map_err(error::sink)?;
+        let pipeline = &self.engine.pipeline;
+        let vector = {
+            let _in_flight = pipeline.admit(1).await.map_err(error::ingest)?;
+            pipeline
+                .embed(vec![Some(body.text.clone())])
+                .await
+                .map_err(error::ingest)?
+                .0
+        };
+        let store = self.engine.sink.store().clone();
+        let (dataset, k) = (body.dataset.clone(), body.k);
+        let found = tokio::task::spawn_blocking(move || {
+            keel_actors::sink::search::nearest(&store, &dataset, &vector, k)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("search task failed: {e}")))?
+        .map_err(error::sink)?;
+        let mut writer = arrow_json::ArrayWriter::new(Vec::new());
+        writer
+            .write(&found.batch)
+            .and_then(|()| writer.finish())
+            .map_err(|e| Status::internal(format!("encoding search results: {e}")))?;
+        let json = writer.into_inner();
+        let results: serde_json::Value = if json.is_empty() {
+            serde_json::json!([])
+        } else {
+            serde_json::from_slice(&json).map_err(|e| Status::internal(e.to_string()))?
+        };
+        Ok(serde_json::json!({
+            "dataset": body.dataset,
+            "text": body.text,
+            "k": body.k,
+            "scanned_rows": found.scanned_rows,
+            "results": results,
+        }))
+    }
 }
 
 /// What a stream's descriptor asks for.
@@ -502,9 +566,10 @@ impl FlightService for KeelFlight {
                     .map_err(|e| Status::unavailable(format!("supervisor unavailable: {e}")))?;
                 serde_json::to_vec(&record)
             }
+            "search" => serde_json::to_vec(&self.search(&action.body).await?),
             other => {
                 return Err(Status::invalid_argument(format!(
-                    "unknown action {other:?}; actions: stats, cleanup, health"
+                    "unknown action {other:?}; actions: stats, cleanup, health, search"
                 )));
             }
         }
@@ -523,6 +588,7 @@ impl FlightService for KeelFlight {
             ("stats", "JSON: memory, cache, embedder, ops, rows, in-flight rows, recent cleanups"),
             ("cleanup", "Run a cleanup now; body {\"level\": \"gentle\"|\"full\"}; returns each actor's duration"),
             ("health", "JSON: status, model, dimension"),
+            ("search", "Nearest rows of a dataset by cosine; body {\"dataset\": NAME, \"text\": \"...\", \"k\": 10}"),
         ]
         .map(|(t, d)| {
             Ok(ActionType {

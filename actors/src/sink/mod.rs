@@ -2,8 +2,10 @@
 //!
 //! [`store::DatasetStore`] is the file layout (testable alone); [`actor::SinkHandle`]
 //! serialises every append through one thread, so concurrent producers to one dataset
-//! never race on a part number, and an acknowledged row is one that is on disk.
+//! never race on a part number, and an acknowledged row is one that is on disk;
+//! [`search::nearest`] scans a dataset for the rows nearest a query vector.
 
 pub mod actor;
 pub mod config;
+pub mod search;
 pub mod store;

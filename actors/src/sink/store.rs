@@ -47,6 +47,8 @@ pub enum SinkError {
     Arrow(#[from] ArrowError),
     #[error("the sink is shut down")]
     Closed,
+    #[error("{0}")]
+    NotSearchable(String),
 }
 
 /// What `ListFlights` / `GetFlightInfo` say about a dataset.
