@@ -198,6 +198,80 @@ mod tests {
         file
     }
 
+    /// `docs/CONFIGURATION.md`, made from `configs/default.yaml`: its comments, keys and
+    /// defaults, with each key's environment variable.
+    fn configuration_reference(yaml: &str) -> String {
+        let mut out = String::from(
+            "# Configuration reference\n\n\
+             Generated from `configs/default.yaml` (a test checks that the two agree; after \
+             editing the YAML, regenerate with `KEEL_BLESS=1 cargo nextest run --release \
+             configuration_reference`).\n\n",
+        );
+        let mut comment: Vec<&str> = Vec::new();
+        let mut section = String::new();
+        let mut preamble = true;
+        for line in yaml.lines() {
+            let t = line.trim();
+            if let Some(c) = t.strip_prefix('#') {
+                comment.push(c.trim());
+                continue;
+            }
+            if t.is_empty() {
+                if preamble && !comment.is_empty() {
+                    out.push_str(&comment.join("\n"));
+                    out.push_str("\n\n");
+                    comment.clear();
+                }
+                continue;
+            }
+            preamble = false;
+            let (key, value) = t.split_once(':').expect("key: value lines");
+            if !line.starts_with(' ') {
+                section = key.to_string();
+                out.push_str(&format!(
+                    "\n## `{section}`\n\n| key | default | environment | meaning |\n|---|---|---|---|\n"
+                ));
+                comment.clear();
+                continue;
+            }
+            out.push_str(&format!(
+                "| `{section}.{key}` | `{}` | `KEEL_{}__{}` | {} |\n",
+                value.trim(),
+                section.to_ascii_uppercase(),
+                key.to_ascii_uppercase(),
+                comment.join(" ").replace('|', "\\|")
+            ));
+            comment.clear();
+        }
+        out
+    }
+
+    #[test]
+    fn configuration_reference_matches_default_yaml() {
+        let yaml = std::fs::read_to_string(configs_dir().join("default.yaml")).unwrap();
+        let expected = configuration_reference(&yaml);
+        let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/CONFIGURATION.md");
+        if std::env::var_os("KEEL_BLESS").is_some() {
+            std::fs::write(&doc, &expected).unwrap();
+        }
+        let actual = std::fs::read_to_string(&doc).unwrap_or_default();
+        assert!(
+            actual == expected,
+            "docs/CONFIGURATION.md is out of date with configs/default.yaml; regenerate it: \
+             KEEL_BLESS=1 cargo nextest run --release configuration_reference"
+        );
+        // Every key of the built-in defaults is documented.
+        let defaults = serde_json::to_value(Settings::default()).unwrap();
+        for (section, keys) in defaults.as_object().unwrap() {
+            for key in keys.as_object().unwrap().keys() {
+                assert!(
+                    expected.contains(&format!("| `{section}.{key}` |")),
+                    "{section}.{key} is missing from configs/default.yaml"
+                );
+            }
+        }
+    }
+
     #[test]
     fn every_shipped_config_loads_and_validates() {
         let mut seen = 0;
