@@ -18,6 +18,8 @@ out="target/sample-embeddings.parquet"
 export KEEL_SERVER__LISTEN="127.0.0.1:$port"
 keel=./target/release/keel
 
+# The dataset this job stores is rebuilt on every run (DoPut appends).
+rm -rf data/datasets/sample
 $keel serve --config configs/default.yaml &
 server=$!
 trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null' EXIT
@@ -28,6 +30,8 @@ echo "== pass 2: the same records again (cache hits)" >&2
 $keel produce --input "$input" --to "grpc://127.0.0.1:$port" --exchange
 echo "== store them as dataset 'sample' (DoPut)" >&2
 $keel produce --input "$input" --to "grpc://127.0.0.1:$port" --dataset sample
+echo "== the 5 stored rows nearest \"MXRA5 missense_variant\" (search action)" >&2
+$keel search --to "grpc://127.0.0.1:$port" --dataset sample -k 5 "MXRA5 missense_variant"
 
 kill -TERM "$server"
 wait "$server"

@@ -30,8 +30,10 @@ struct Cli {
 enum Command {
     /// Serve the engine over Arrow Flight until SIGINT/SIGTERM.
     Serve(commands::serve::ServeArgs),
-    /// Stream a VCF, Parquet or text file to a server (DoExchange or DoPut).
+    /// Stream a VCF/BCF, Parquet, Arrow, CSV/TSV or text file to a server (DoExchange or DoPut).
     Produce(commands::produce::ProduceArgs),
+    /// The rows of a stored dataset nearest a text, by cosine.
+    Search(commands::search::SearchArgs),
     /// The soak benchmark: drive an engine, sample memory, write a verdict and a picture.
     Soak(commands::soak::SoakArgs),
     /// Check a configuration file (and KEEL_* variables) without starting anything.
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => commands::serve::run(args),
         Command::Validate(args) => commands::validate::run(args),
         Command::Produce(args) => commands::produce::run(args),
+        Command::Search(args) => commands::search::run(args),
         Command::Soak(args) => commands::soak::run(args),
         Command::Embed(args) => commands::embed::run(args),
         Command::Texts(args) => commands::texts::run(args),

@@ -395,6 +395,24 @@ async fn produce_streams_the_sample_vcf_and_search_finds_sensible_neighbours() {
         assert_eq!(hit["consequence"], "3_prime_UTR_variant", "{r:#}");
     }
 
+    // The same through `keel search`: one line per row, best first.
+    let o = run(vec![
+        "search".into(),
+        "--to".into(),
+        to.clone(),
+        "--dataset".into(),
+        "sample".into(),
+        "-k".into(),
+        "3".into(),
+        "MXRA5 missense_variant".into(),
+    ])
+    .await
+    .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(stdout.lines().count(), 3, "{stdout}");
+    assert!(stdout.lines().all(|l| l.contains("MXRA5")), "{stdout}");
+
     // A row's own text finds that row first, at cosine 1.
     let own = "XG chrX:2700157 G>A missense_variant D/N tolerated(0.97) benign(0)";
     let r = action(&mut client, "search", &search(own, 1)).await;

@@ -2,6 +2,7 @@
 
 pub mod embed;
 pub mod produce;
+pub mod search;
 pub mod serve;
 pub mod soak;
 pub mod texts;

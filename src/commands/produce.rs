@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use arrow_array::RecordBatch;
+use arrow_flight::FlightDescriptor;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
-use arrow_flight::{FlightClient, FlightDescriptor};
 use futures::{StreamExt, TryStreamExt};
 use keel::input::{self, Format, InputOptions, OnError};
 
@@ -127,25 +127,6 @@ fn progress(total: Option<u64>) -> indicatif::ProgressBar {
     bar
 }
 
-async fn connect(to: &str, timeout: Duration) -> anyhow::Result<FlightClient> {
-    let uri = to
-        .replacen("grpc+tcp://", "http://", 1)
-        .replacen("grpc://", "http://", 1);
-    let endpoint = tonic::transport::Channel::from_shared(uri.clone())
-        .with_context(|| format!("bad address {to}"))?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match endpoint.connect().await {
-            Ok(channel) => return Ok(FlightClient::new(channel)),
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!(error = %e, "server not up yet");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => bail!("cannot connect to {to}: {e}"),
-        }
-    }
-}
-
 async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
     let opts = InputOptions {
         format: args.format,
@@ -167,7 +148,8 @@ async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
     };
     let skipped = input.skipped.clone();
     let bar = progress(input.total_rows);
-    let mut client = connect(&args.to, Duration::from_secs(args.connect_timeout)).await?;
+    let mut client =
+        keel::flight::client::connect(&args.to, Duration::from_secs(args.connect_timeout)).await?;
     let cmd = serde_json::to_vec(&command)?;
     let started = Instant::now();
     // Rows read from the file and handed to Flight; a read error ends the stream (the
@@ -253,13 +235,9 @@ async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
     let rows = read.load(Ordering::Relaxed) as usize;
     let skipped = skipped.load(Ordering::Relaxed);
     let secs = started.elapsed().as_secs_f64();
-    let mut stats_stream = client
-        .do_action(arrow_flight::Action::new("stats", Vec::<u8>::new()))
-        .await?;
-    let stats: serde_json::Value = match stats_stream.next().await {
-        Some(Ok(b)) => serde_json::from_slice(&b)?,
-        _ => serde_json::Value::Null,
-    };
+    let stats = keel::flight::client::action_json(&mut client, "stats", Vec::new())
+        .await
+        .unwrap_or(serde_json::Value::Null);
     eprintln!(
         "keel produce: {received} of {rows} rows {} in {secs:.2} s ({:.0} rows/s); {skipped} input records skipped",
         if args.dataset.is_some() {

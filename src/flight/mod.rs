@@ -4,9 +4,11 @@
 //! - `DoPut ["datasets", NAME]`: rows embedded and appended to a Parquet dataset, each
 //!   `PutResult` acknowledging rows that are on disk;
 //! - `DoGet NAME`, `ListFlights`, `GetFlightInfo`, `GetSchema`: datasets;
-//! - `DoAction`: `stats`, `cleanup`, `health`.
+//! - `DoAction`: `stats`, `cleanup`, `health`, `search`;
+//! - [`client`]: connecting as a client (the commands and the soak).
 //!
 //! Errors go through [`error`], the single mapping to gRPC statuses.
 
+pub mod client;
 pub mod error;
 pub mod service;

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use arrow_array::{ArrayRef, RecordBatch, StringArray};
 use arrow_flight::encode::FlightDataEncoderBuilder;
-use arrow_flight::{Action, FlightClient, FlightDescriptor};
-use futures::{StreamExt, TryStreamExt};
+use arrow_flight::{FlightClient, FlightDescriptor};
+use futures::TryStreamExt;
 use serde::Serialize;
 
 use crate::config::Settings;
@@ -79,11 +79,7 @@ pub struct Observed {
 }
 
 async fn stats(client: &mut FlightClient) -> anyhow::Result<serde_json::Value> {
-    let mut s = client
-        .do_action(Action::new("stats", Vec::<u8>::new()))
-        .await?;
-    let bytes = s.next().await.context("stats returned nothing")??;
-    Ok(serde_json::from_slice(&bytes)?)
+    crate::flight::client::action_json(client, "stats", Vec::new()).await
 }
 
 fn sample_of(s: &serde_json::Value, started: Instant) -> Sample {
@@ -165,16 +161,6 @@ async fn producer(
     Ok(())
 }
 
-async fn connect(addr: &str) -> anyhow::Result<FlightClient> {
-    let uri = addr
-        .replacen("grpc+tcp://", "http://", 1)
-        .replacen("grpc://", "http://", 1);
-    let channel = tonic::transport::Channel::from_shared(uri)?
-        .connect()
-        .await?;
-    Ok(FlightClient::new(channel))
-}
-
 /// Holds the producers until the engine has nothing in flight and its op count stands
 /// still, then returns the reading with the least allocated of three.
 async fn settle(
@@ -218,7 +204,7 @@ async fn drive(
     tick: Duration,
     recovery_window: Duration,
 ) -> anyhow::Result<Observed> {
-    let mut probe = connect(addr).await?;
+    let mut probe = crate::flight::client::connect(addr, Duration::ZERO).await?;
     let control = Arc::new(Control {
         stop: AtomicBool::new(false),
         long: AtomicBool::new(false),
@@ -228,7 +214,7 @@ async fn drive(
     let base = opts.texts.clone();
     let mut producers = Vec::new();
     for i in 0..opts.streams {
-        let client = connect(addr).await?;
+        let client = crate::flight::client::connect(addr, Duration::ZERO).await?;
         let rate = opts.rate.map(|r| r / opts.streams as f64);
         producers.push(tokio::spawn(producer(
             client,
