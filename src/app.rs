@@ -118,6 +118,7 @@ impl Engine {
                 "open": load(&c.streams_open),
                 "total": load(&c.streams_total),
                 "failed": load(&c.streams_failed),
+                "rejected": load(&c.rejected_streams),
                 "max": self.settings.server.max_streams,
             },
             "cache": cache.map(|s| serde_json::json!({

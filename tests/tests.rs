@@ -4,6 +4,7 @@ mod common;
 mod flight;
 mod memory;
 mod produce;
+mod reliability;
 
 /// The same allocator as the binary, so memory figures and purges are the real ones.
 #[global_allocator]

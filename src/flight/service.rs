@@ -20,6 +20,7 @@ use arrow_flight::{
 use arrow_ipc::writer::IpcWriteOptions;
 use arrow_schema::SchemaRef;
 use futures::{Stream, StreamExt, TryStreamExt, stream};
+use keel_actors::ingest::config::WhenFull;
 use keel_actors::ingest::output::with_embeddings;
 use keel_actors::ingest::pipeline::InFlight;
 use keel_actors::ingest::source::{EmbedCommand, TextSource};
@@ -198,6 +199,8 @@ impl Engine {
         let slice_rows = pipeline.config().slice_rows;
         let dim = pipeline.dim();
         let mut schema: Option<SchemaRef> = None;
+        // With `when_full: reject` a stream's first slice must find room at once.
+        let mut first_slice = pipeline.config().when_full == WhenFull::Reject;
         let fail = |status: Status| {
             let tx = tx.clone();
             async move {
@@ -237,7 +240,12 @@ impl Engine {
             loop {
                 let len = slice_rows.min(rows - offset);
                 let slice = batch.slice(offset, len);
-                let in_flight = match pipeline.admit(len).await {
+                let admitted = if std::mem::take(&mut first_slice) {
+                    pipeline.try_admit(len)
+                } else {
+                    pipeline.admit(len).await
+                };
+                let in_flight = match admitted {
                     Ok(p) => p,
                     Err(e) => return fail(error::ingest(e)).await,
                 };

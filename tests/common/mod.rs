@@ -18,6 +18,8 @@ pub fn repo_root() -> PathBuf {
 
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The settings it runs with.
+    pub settings: Settings,
     pub metrics_addr: SocketAddr,
     pub data_dir: PathBuf,
     stop: Option<oneshot::Sender<()>>,
@@ -47,6 +49,7 @@ impl TestServer {
         settings.server.listen = "127.0.0.1:0".parse().unwrap();
         edit(&mut settings);
         settings.validate().unwrap();
+        let kept = settings.clone();
         let running = tokio::task::spawn_blocking(move || keel::app::start(settings))
             .await
             .unwrap()
@@ -65,6 +68,7 @@ impl TestServer {
         }));
         Self {
             addr,
+            settings: kept,
             metrics_addr,
             data_dir,
             stop: Some(stop),

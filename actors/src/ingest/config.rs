@@ -2,6 +2,19 @@
 
 use serde::{Deserialize, Serialize};
 
+/// What a new stream meets when the rows in flight are at their bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Wait for room: HTTP/2 flow control pushes back on the producer.
+    #[default]
+    Block,
+    /// Refuse the stream at once with `ResourceExhausted` (its first rows found no room);
+    /// a stream already admitted still waits for room for its later rows, so no stream
+    /// is cut off midway.
+    Reject,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
@@ -17,6 +30,8 @@ pub struct IngestConfig {
     pub default_text_column: String,
     /// Slices of one stream being embedded at once (order is kept on output).
     pub stream_parallelism: usize,
+    /// A new stream that finds no room: wait (`block`) or `ResourceExhausted` (`reject`).
+    pub when_full: WhenFull,
 }
 
 impl Default for IngestConfig {
@@ -27,6 +42,7 @@ impl Default for IngestConfig {
             slice_rows: 1024,
             default_text_column: "text".into(),
             stream_parallelism: 8,
+            when_full: WhenFull::Block,
         }
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use actix::Addr;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use super::IngestError;
 use super::config::IngestConfig;
@@ -35,6 +35,8 @@ pub struct IngestCounters {
     pub streams_open: AtomicU64,
     pub streams_total: AtomicU64,
     pub streams_failed: AtomicU64,
+    /// Streams refused because the bound was reached (`ingest.when_full: reject`).
+    pub rejected_streams: AtomicU64,
 }
 
 /// Permits for rows in flight; dropping it releases them.
@@ -109,15 +111,33 @@ impl Pipeline {
         self.pressure.load(Ordering::Relaxed)
     }
 
-    /// Waits until `rows` more rows may be in flight. `rows` must not exceed
-    /// `max_in_flight_rows` (streams take at most `slice_rows` at a time).
-    pub async fn admit(&self, rows: usize) -> Result<InFlight, IngestError> {
+    /// Permits for `rows` rows: twice as many under memory pressure, so that half as
+    /// many rows are admitted.
+    fn permits_for(&self, rows: usize) -> (u32, u32) {
         let rows = rows.min(self.config.max_in_flight_rows) as u32;
         let permits = if self.pressure.load(Ordering::Relaxed) {
             (rows * 2).min(self.config.max_in_flight_rows as u32)
         } else {
             rows
         };
+        (rows, permits)
+    }
+
+    fn in_flight(&self, permit: OwnedSemaphorePermit, rows: u32) -> InFlight {
+        let c = &self.counters;
+        let now = c.in_flight_rows.fetch_add(rows as u64, Ordering::Relaxed) + rows as u64;
+        c.max_in_flight_rows_seen.fetch_max(now, Ordering::Relaxed);
+        InFlight {
+            _permit: permit,
+            rows: rows as u64,
+            counters: c.clone(),
+        }
+    }
+
+    /// Waits until `rows` more rows may be in flight. `rows` must not exceed
+    /// `max_in_flight_rows` (streams take at most `slice_rows` at a time).
+    pub async fn admit(&self, rows: usize) -> Result<InFlight, IngestError> {
+        let (rows, permits) = self.permits_for(rows);
         let waited = std::time::Instant::now();
         let permit = self
             .permits
@@ -125,16 +145,31 @@ impl Pipeline {
             .acquire_many_owned(permits)
             .await
             .map_err(|_| IngestError::Unavailable("the server is shutting down".into()))?;
-        let c = &self.counters;
-        c.admit_wait_micros
+        self.counters
+            .admit_wait_micros
             .fetch_add(waited.elapsed().as_micros() as u64, Ordering::Relaxed);
-        let now = c.in_flight_rows.fetch_add(rows as u64, Ordering::Relaxed) + rows as u64;
-        c.max_in_flight_rows_seen.fetch_max(now, Ordering::Relaxed);
-        Ok(InFlight {
-            _permit: permit,
-            rows: rows as u64,
-            counters: c.clone(),
-        })
+        Ok(self.in_flight(permit, rows))
+    }
+
+    /// Admits `rows` if there is room now; `ResourceExhausted` if not.
+    pub fn try_admit(&self, rows: usize) -> Result<InFlight, IngestError> {
+        let (rows, permits) = self.permits_for(rows);
+        match self.permits.clone().try_acquire_many_owned(permits) {
+            Ok(permit) => Ok(self.in_flight(permit, rows)),
+            Err(TryAcquireError::Closed) => Err(IngestError::Unavailable(
+                "the server is shutting down".into(),
+            )),
+            Err(TryAcquireError::NoPermits) => {
+                self.counters
+                    .rejected_streams
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(IngestError::ResourceExhausted(format!(
+                    "{} rows are in flight, the bound (ingest.max_in_flight_rows); this stream \
+                     was refused (ingest.when_full: reject): retry it later",
+                    self.counters.in_flight_rows.load(Ordering::Relaxed)
+                )))
+            }
+        }
     }
 
     /// Stops admitting rows: waiting and future `admit`s fail with `Unavailable`.
