@@ -1,6 +1,7 @@
 //! Integration tests: all compile into one binary, one module per area.
 
 mod common;
+mod crash;
 mod flight;
 mod memory;
 mod produce;
