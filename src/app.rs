@@ -37,6 +37,7 @@ pub struct Engine {
     pub cache: Option<Addr<CacheActor>>,
     pub supervisor: Addr<SupervisorActor>,
     pub sink: SinkHandle,
+    pub auth: Arc<crate::flight::auth::Auth>,
     streams: Arc<Semaphore>,
     closing: AtomicBool,
     started: Instant,
@@ -163,6 +164,8 @@ pub struct Running {
 
 /// Loads the model and starts the actors, the embedder threads and the sink.
 pub fn start(settings: Settings) -> anyhow::Result<Running> {
+    // Secrets first: a misconfigured auth section fails before the model loads.
+    let auth = Arc::new(crate::flight::auth::Auth::from_config(&settings.auth)?);
     let model = SentenceModel::load(&settings.embedder.model_dir, settings.embedder.backend)
         .with_context(|| {
             format!(
@@ -248,6 +251,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         cache,
         supervisor,
         sink,
+        auth,
         closing: AtomicBool::new(false),
         started: Instant::now(),
     });
@@ -296,7 +300,19 @@ impl Running {
             }
             let _ = stop_tx.send(());
         });
-        tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        let tls = &engine.settings.server.tls;
+        if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+            let read = |p: &std::path::PathBuf, what: &str| {
+                std::fs::read(p).with_context(|| format!("server.tls.{what}: {}", p.display()))
+            };
+            let identity =
+                tonic::transport::Identity::from_pem(read(cert, "cert")?, read(key, "key")?);
+            builder = builder
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .context("server.tls: the certificate or key is not usable")?;
+        }
+        builder
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;

@@ -7,7 +7,7 @@
 //! downstream re-reads configuration: commands get the validated [`Settings`].
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use keel_actors::cache::config::CacheConfig;
@@ -32,6 +32,101 @@ pub struct ServerConfig {
     pub idle_timeout_ms: u64,
     /// On SIGINT/SIGTERM, open streams get this long to finish before the server stops.
     pub shutdown_grace_ms: u64,
+    /// TLS: PEM certificate chain and private key (both, or neither for plain text).
+    pub tls: TlsConfig,
+}
+
+/// `server.tls:`: the server's certificate and key, PEM files.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some()
+    }
+}
+
+/// A secret from the configuration: usable, never printed (`Debug`, `keel validate
+/// --print`, soak reports and logs show `<redacted>`).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// Every call is let in.
+    #[default]
+    None,
+    /// Every call carries `authorization: Bearer TOKEN` with a configured token.
+    Token,
+    /// `Handshake` with basic credentials returns a bearer token for the other calls
+    /// (configured tokens are accepted too).
+    Basic,
+}
+
+/// A user for `auth.mode: basic`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicUser {
+    pub username: String,
+    pub password: Secret,
+}
+
+/// `auth:` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    /// Bearer tokens accepted.
+    pub tokens: Vec<Secret>,
+    /// A file of bearer tokens, one per line (added to `tokens`).
+    pub token_file: Option<PathBuf>,
+    /// Users for basic authentication.
+    pub users: Vec<BasicUser>,
+    /// A file of `username:password` lines (added to `users`).
+    pub users_file: Option<PathBuf>,
+    /// Tokens issued by `Handshake` expire after this many seconds.
+    pub token_ttl_s: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::None,
+            tokens: Vec::new(),
+            token_file: None,
+            users: Vec::new(),
+            users_file: None,
+            token_ttl_s: 86_400,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -42,6 +137,7 @@ impl Default for ServerConfig {
             max_streams: 64,
             idle_timeout_ms: 300_000,
             shutdown_grace_ms: 10_000,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -69,6 +165,7 @@ impl Default for MetricsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub server: ServerConfig,
+    pub auth: AuthConfig,
     pub ingest: IngestConfig,
     pub embedder: EmbedderConfig,
     pub cache: CacheConfig,
@@ -130,6 +227,20 @@ impl Settings {
         if s.idle_timeout_ms == 0 {
             anyhow::bail!("server.idle_timeout_ms: must be at least 1");
         }
+        match (&s.tls.cert, &s.tls.key) {
+            (None, None) => {}
+            (Some(cert), Some(key)) => {
+                for (name, path) in [("cert", cert), ("key", key)] {
+                    if !path.is_file() {
+                        anyhow::bail!("server.tls.{name}: {} is not a file", path.display());
+                    }
+                }
+            }
+            _ => anyhow::bail!("server.tls: set both cert and key, or neither"),
+        }
+        if self.auth.token_ttl_s == 0 {
+            anyhow::bail!("auth.token_ttl_s: must be at least 1");
+        }
         if self.ingest.micro_batch_rows > self.ingest.slice_rows {
             anyhow::bail!(
                 "ingest.micro_batch_rows ({}) must not exceed ingest.slice_rows ({})",
@@ -142,8 +253,9 @@ impl Settings {
 }
 
 /// Sections of [`Settings`], for telling configuration variables from others.
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "server",
+    "auth",
     "ingest",
     "embedder",
     "cache",
@@ -209,6 +321,7 @@ mod tests {
         );
         let mut comment: Vec<&str> = Vec::new();
         let mut section = String::new();
+        let mut parent = String::new();
         let mut preamble = true;
         for line in yaml.lines() {
             let t = line.trim();
@@ -226,6 +339,17 @@ mod tests {
             }
             preamble = false;
             let (key, value) = t.split_once(':').expect("key: value lines");
+            let indent = line.len() - line.trim_start().len();
+            if indent == 2 && value.trim().is_empty() {
+                // A nested block (`server.tls:`): its keys follow, indented further.
+                parent = format!("{key}.");
+                comment.clear();
+                continue;
+            }
+            if indent <= 2 {
+                parent.clear();
+            }
+            let key = format!("{parent}{key}");
             if !line.starts_with(' ') {
                 section = key.to_string();
                 out.push_str(&format!(
@@ -238,7 +362,7 @@ mod tests {
                 "| `{section}.{key}` | `{}` | `KEEL_{}__{}` | {} |\n",
                 value.trim(),
                 section.to_ascii_uppercase(),
-                key.to_ascii_uppercase(),
+                key.to_ascii_uppercase().replace('.', "__"),
                 comment.join(" ").replace('|', "\\|")
             ));
             comment.clear();
@@ -265,7 +389,8 @@ mod tests {
         for (section, keys) in defaults.as_object().unwrap() {
             for key in keys.as_object().unwrap().keys() {
                 assert!(
-                    expected.contains(&format!("| `{section}.{key}` |")),
+                    expected.contains(&format!("| `{section}.{key}` |"))
+                        || expected.contains(&format!("| `{section}.{key}.")),
                     "{section}.{key} is missing from configs/default.yaml"
                 );
             }

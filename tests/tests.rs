@@ -1,5 +1,6 @@
 //! Integration tests: all compile into one binary, one module per area.
 
+mod auth;
 mod common;
 mod crash;
 mod flight;

@@ -57,6 +57,8 @@ pub struct ProduceArgs {
     /// stop.
     #[arg(long, value_enum, default_value = "skip")]
     on_error: OnError,
+    #[command(flatten)]
+    auth: keel::flight::client::ClientAuth,
     /// Seconds to keep retrying the first connection (the server may still be starting).
     #[arg(long, default_value_t = 60)]
     connect_timeout: u64,
@@ -148,8 +150,12 @@ async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
     };
     let skipped = input.skipped.clone();
     let bar = progress(input.total_rows);
-    let mut client =
-        keel::flight::client::connect(&args.to, Duration::from_secs(args.connect_timeout)).await?;
+    let mut client = keel::flight::client::connect_with(
+        &args.to,
+        Duration::from_secs(args.connect_timeout),
+        &args.auth,
+    )
+    .await?;
     let cmd = serde_json::to_vec(&command)?;
     let started = Instant::now();
     // Rows read from the file and handed to Flight; a read error ends the stream (the

@@ -18,6 +18,8 @@ pub struct SearchArgs {
     /// Server address.
     #[arg(long, default_value = "grpc://127.0.0.1:50051")]
     to: String,
+    #[command(flatten)]
+    auth: keel::flight::client::ClientAuth,
     /// Print the whole JSON answer instead of one line per row.
     #[arg(long)]
     json: bool,
@@ -28,7 +30,9 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let mut client = keel::flight::client::connect(&args.to, Duration::from_secs(10)).await?;
+        let mut client =
+            keel::flight::client::connect_with(&args.to, Duration::from_secs(10), &args.auth)
+                .await?;
         let body = serde_json::json!({ "dataset": args.dataset, "text": args.text, "k": args.k });
         let answer =
             keel::flight::client::action_json(&mut client, "search", serde_json::to_vec(&body)?)

@@ -9,6 +9,7 @@
 //!
 //! Errors go through [`error`], the single mapping to gRPC statuses.
 
+pub mod auth;
 pub mod client;
 pub mod error;
 pub mod service;

@@ -332,17 +332,27 @@ impl FlightService for KeelFlight {
 
     async fn handshake(
         &self,
-        _: Request<Streaming<HandshakeRequest>>,
+        request: Request<Streaming<HandshakeRequest>>,
     ) -> Result<Response<Self::HandshakeStream>, Status> {
-        Err(Status::unimplemented(
-            "authentication is not enabled on this server",
-        ))
+        let token = self.engine.auth.handshake(request.metadata())?;
+        let reply = HandshakeResponse {
+            protocol_version: 0,
+            payload: token.clone().into(),
+        };
+        let mut response: Response<Self::HandshakeStream> =
+            Response::new(Box::pin(stream::once(async move { Ok(reply) })));
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| Status::internal("an issued token is not a valid header"))?;
+        response.metadata_mut().insert("authorization", value);
+        Ok(response)
     }
 
     async fn list_flights(
         &self,
-        _: Request<Criteria>,
+        request: Request<Criteria>,
     ) -> Result<Response<Self::ListFlightsStream>, Status> {
+        self.engine.auth.check(request.metadata())?;
         let store = self.engine.sink.store().clone();
         let infos = tokio::task::spawn_blocking(move || store.list())
             .await
@@ -356,6 +366,7 @@ impl FlightService for KeelFlight {
         &self,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
+        self.engine.auth.check(request.metadata())?;
         let name = dataset_name(request.get_ref())?.to_string();
         let info = self.engine.dataset(name).await?;
         Ok(Response::new(dataset_info(&info)?))
@@ -363,8 +374,9 @@ impl FlightService for KeelFlight {
 
     async fn poll_flight_info(
         &self,
-        _: Request<FlightDescriptor>,
+        request: Request<FlightDescriptor>,
     ) -> Result<Response<PollInfo>, Status> {
+        self.engine.auth.check(request.metadata())?;
         Err(Status::unimplemented(
             "datasets are described by GetFlightInfo",
         ))
@@ -374,6 +386,7 @@ impl FlightService for KeelFlight {
         &self,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<SchemaResult>, Status> {
+        self.engine.auth.check(request.metadata())?;
         let name = dataset_name(request.get_ref())?.to_string();
         let info = self.engine.dataset(name).await?;
         let options = IpcWriteOptions::default();
@@ -387,6 +400,7 @@ impl FlightService for KeelFlight {
         &self,
         request: Request<Ticket>,
     ) -> Result<Response<Self::DoGetStream>, Status> {
+        self.engine.auth.check(request.metadata())?;
         let name = String::from_utf8(request.into_inner().ticket.to_vec())
             .map_err(|_| Status::invalid_argument("the ticket is not a UTF-8 dataset name"))?;
         let store = self.engine.sink.store().clone();
@@ -414,6 +428,7 @@ impl FlightService for KeelFlight {
         &self,
         request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoPutStream>, Status> {
+        self.engine.auth.check(request.metadata())?;
         let stream_permit = self.engine.admit_stream()?;
         let (descriptor, batches) = open_stream(request.into_inner()).await?;
         let Target::Dataset(name, source) = parse_descriptor(
@@ -503,6 +518,7 @@ impl FlightService for KeelFlight {
         &self,
         request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoExchangeStream>, Status> {
+        self.engine.auth.check(request.metadata())?;
         let stream_permit = self.engine.admit_stream()?;
         let (descriptor, batches) = open_stream(request.into_inner()).await?;
         let Target::Embed(source) = parse_descriptor(
@@ -540,6 +556,7 @@ impl FlightService for KeelFlight {
         &self,
         request: Request<Action>,
     ) -> Result<Response<Self::DoActionStream>, Status> {
+        self.engine.auth.check(request.metadata())?;
         let action = request.into_inner();
         let body = match action.r#type.as_str() {
             "stats" => serde_json::to_vec(&self.engine.stats().await?),
@@ -590,8 +607,9 @@ impl FlightService for KeelFlight {
 
     async fn list_actions(
         &self,
-        _: Request<Empty>,
+        request: Request<Empty>,
     ) -> Result<Response<Self::ListActionsStream>, Status> {
+        self.engine.auth.check(request.metadata())?;
         let actions = [
             ("stats", "JSON: memory, cache, embedder, ops, rows, in-flight rows, recent cleanups"),
             ("cleanup", "Run a cleanup now; body {\"level\": \"gentle\"|\"full\"}; returns each actor's duration"),

@@ -49,6 +49,69 @@ def start_server(binary, data_dir):
             time.sleep(0.2)
 
 
+def auth_and_tls(binary, check):
+    """Basic auth (pyarrow's authenticate_basic_token) over TLS (grpc+tls://) with a
+    certificate made here by openssl."""
+    d = tempfile.mkdtemp(prefix="keel-pytls-")
+    cert, key, users = (os.path.join(d, n) for n in ("cert.pem", "key.pem", "users"))
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                    "-out", cert, "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
+    with open(users, "w") as f:
+        f.write("# username:password\nalice:wonderland\n")
+    port = free_port()
+    env = dict(os.environ)
+    env.update({
+        "KEEL_SERVER__LISTEN": f"127.0.0.1:{port}",
+        "KEEL_STORAGE__DATA_DIR": os.path.join(d, "data"),
+        "KEEL_EMBEDDER__MODEL_DIR": os.path.join(ROOT, "models/all-MiniLM-L6-v2"),
+        "KEEL_METRICS__ENABLED": "false",
+        "KEEL_SERVER__TLS__CERT": cert,
+        "KEEL_SERVER__TLS__KEY": key,
+        "KEEL_AUTH__MODE": "basic",
+        "KEEL_AUTH__USERS_FILE": users,
+    })
+    proc = subprocess.Popen([binary, "serve"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        with open(cert, "rb") as f:
+            client = flight.connect(f"grpc+tls://localhost:{port}", tls_root_certs=f.read())
+        deadline = time.time() + 60
+        while True:
+            try:
+                header = client.authenticate_basic_token("alice", "wonderland", options=TIMEOUT)
+                break
+            except (flight.FlightUnavailableError, flight.FlightInternalError):
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("keel serve (TLS, basic auth) did not come up:\n" + proc.stderr.read())
+                time.sleep(0.2)
+        check("basic credentials give a bearer token", header[1].startswith(b"Bearer "), header)
+        authed = flight.FlightCallOptions(timeout=60, headers=[header])
+        table = pa.table({"text": ["BRCA1 frameshift over TLS", "TP53 missense"]})
+        writer, reader = client.do_exchange(flight.FlightDescriptor.for_path("embed"), options=authed)
+        writer.begin(table.schema)
+        writer.write_table(table)
+        writer.done_writing()
+        out = reader.read_all()
+        writer.close()
+        check("an authenticated exchange over TLS works", out.num_rows == 2, out.num_rows)
+        try:
+            list(client.do_action(flight.Action("stats", b""), options=TIMEOUT))
+            check("a call without the token is refused", False)
+        except flight.FlightUnauthenticatedError:
+            check("a call without the token is refused", True)
+        try:
+            client.authenticate_basic_token("alice", "looking-glass", options=TIMEOUT)
+            check("a wrong password is refused", False)
+        except flight.FlightUnauthenticatedError:
+            check("a wrong password is refused", True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def exchange(client, table, descriptor):
     """DoExchange with the writer on this thread and the reader on another (a writer that
     does not read deadlocks once HTTP/2 windows fill)."""
@@ -153,6 +216,8 @@ def main(binary):
 
         stats = json.loads(next(iter(client.do_action(flight.Action("stats", b""), options=TIMEOUT))).body.to_pybytes())
         check("stats reports rows and cache", stats["rows"] >= 301 and "hits" in stats["cache"], stats)
+
+        auth_and_tls(binary, check)
     finally:
         proc.terminate()
         try:
