@@ -341,3 +341,65 @@ async fn overload_with_block_serves_everyone_within_the_bound() {
         .await;
     server.stop().await;
 }
+
+/// The path the fuzz target drives (`fuzz/fuzz_targets/flight_data.rs`), on the saved
+/// seeds: good streams give their texts, bad ones their status. With KEEL_BLESS set the
+/// seeds are (re)written to `fuzz/corpus/flight_data/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fuzzed_path_validates_its_seed_streams() {
+    use keel::flight::{frames, service::validate_messages};
+    let encode = |descriptor: arrow_flight::FlightDescriptor, batches: Vec<RecordBatch>| async move {
+        let messages: Vec<FlightData> = FlightDataEncoderBuilder::new()
+            .build(futures::stream::iter(batches.into_iter().map(Ok)))
+            .try_collect()
+            .await
+            .unwrap();
+        frames::encode(&descriptor, &messages)
+    };
+    let texts = text_batch(&[Some("BRCA1 frameshift"), None, Some("TP53 missense")]);
+    let other =
+        RecordBatch::try_from_iter([("text", Arc::new(StringArray::from(vec!["x"])) as ArrayRef)])
+            .unwrap();
+    let template = arrow_flight::FlightDescriptor::new_cmd(r#"{"template": "{text}!"}"#);
+    let seeds: Vec<(&str, Vec<u8>, Result<usize, Code>)> = vec![
+        ("good", encode(embed_path(), vec![texts.clone(), texts.clone()]).await, Ok(2)),
+        ("template", encode(template, vec![texts.clone()]).await, Ok(1)),
+        (
+            "missing-column",
+            encode(
+                arrow_flight::FlightDescriptor::new_cmd(r#"{"text_column": "nope"}"#),
+                vec![texts.clone()],
+            )
+            .await,
+            Err(Code::InvalidArgument),
+        ),
+        ("schema-change", {
+            // Two encoders: a second schema message mid-stream.
+            let mut a = encode(embed_path(), vec![texts.clone()]).await;
+            let b = encode(embed_path(), vec![other]).await;
+            a.extend(&b[1..]);
+            a
+        }, Err(Code::InvalidArgument)),
+        ("garbage", vec![0, 8, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0], Err(Code::InvalidArgument)),
+    ];
+    let dir = crate::common::repo_root().join("fuzz/corpus/flight_data");
+    for (name, bytes, expected) in seeds {
+        let got = validate_messages(frames::decode(&bytes), "text", 2).await;
+        match (&got, expected) {
+            (Ok(slices), Ok(n)) => {
+                // Slices of at most 2 rows: 3 rows a batch make 2 slices.
+                assert_eq!(slices.len(), 2 * n, "{name}");
+                assert_eq!(slices[0][0].as_deref().map(|t| t.contains("BRCA1")), Some(true), "{name}");
+                // A null text stays null; a template renders a missing field empty.
+                let second = if name == "template" { Some("!") } else { None };
+                assert_eq!(slices[0][1].as_deref(), second, "{name}");
+            }
+            (Err(s), Err(code)) => assert_eq!(s.code(), code, "{name}: {s:?}"),
+            _ => panic!("{name}: {got:?}"),
+        }
+        if std::env::var_os("KEEL_BLESS").is_some() {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(format!("seed-{name}")), &bytes).unwrap();
+        }
+    }
+}

@@ -153,7 +153,6 @@ fn parse_descriptor(d: Option<&FlightDescriptor>, default_column: &str) -> Resul
 }
 
 /// Reads the first message (for its descriptor), then decodes the rest as record batches.
-/// Messages with an empty data header (pyarrow's `do_exchange` opens with one) are skipped.
 async fn open_stream(
     mut input: Streaming<FlightData>,
 ) -> Result<(Option<FlightDescriptor>, BoxStream<RecordBatch>), Status> {
@@ -161,13 +160,77 @@ async fn open_stream(
         .message()
         .await?
         .ok_or_else(|| Status::invalid_argument("the stream ended before its first message"))?;
+    Ok(decode(first, input))
+}
+
+/// The first message's descriptor, and the batches of the whole stream. Messages with an
+/// empty data header (pyarrow's `do_exchange` opens with one) are skipped.
+fn decode(
+    first: FlightData,
+    rest: impl Stream<Item = Result<FlightData, Status>> + Send + 'static,
+) -> (Option<FlightDescriptor>, BoxStream<RecordBatch>) {
     let descriptor = first.flight_descriptor.clone();
     let data = stream::once(async move { Ok(first) })
-        .chain(input)
+        .chain(rest)
         .try_filter(|m| futures::future::ready(!m.data_header.is_empty()))
         .map_err(|s| FlightError::Tonic(Box::new(s)));
     let batches = FlightRecordBatchStream::new_from_flight_data(data).map_err(error::client_data);
-    Ok((descriptor, Box::pin(batches)))
+    (descriptor, Box::pin(batches))
+}
+
+/// What every incoming batch must pass before any of its rows is admitted: the text
+/// source binds to the first batch's schema, and later batches keep that schema.
+fn check_batch(
+    source: &TextSource,
+    schema: &mut Option<SchemaRef>,
+    batch: &RecordBatch,
+) -> Result<(), Status> {
+    match schema {
+        None => {
+            source.bind(&batch.schema()).map_err(error::ingest)?;
+            *schema = Some(batch.schema());
+            Ok(())
+        }
+        Some(s) if s.fields() != batch.schema().fields() => Err(Status::invalid_argument(
+            "the schema changed mid-stream; open a new stream for a new schema",
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+/// The path from raw `FlightData` to validated micro-batch texts, with no network, model
+/// or server: the same decoding, descriptor parsing, schema checks, slicing and text
+/// extraction a stream gets. For fuzzing (`fuzz/`) and tests.
+pub async fn validate_messages(
+    messages: Vec<FlightData>,
+    default_text_column: &str,
+    slice_rows: usize,
+) -> Result<Vec<Vec<Option<String>>>, Status> {
+    let mut messages = messages.into_iter();
+    let first = messages
+        .next()
+        .ok_or_else(|| Status::invalid_argument("the stream ended before its first message"))?;
+    let (descriptor, mut batches) = decode(first, stream::iter(messages.map(Ok)));
+    let source = match parse_descriptor(descriptor.as_ref(), default_text_column)? {
+        Target::Embed(source) | Target::Dataset(_, source) => source,
+    };
+    let mut schema = None;
+    let mut out = Vec::new();
+    while let Some(batch) = batches.next().await {
+        let batch = batch?;
+        check_batch(&source, &mut schema, &batch)?;
+        let mut offset = 0;
+        while offset < batch.num_rows() {
+            let len = slice_rows.max(1).min(batch.num_rows() - offset);
+            out.push(
+                source
+                    .texts(&batch.slice(offset, len))
+                    .map_err(error::ingest)?,
+            );
+            offset += len;
+        }
+    }
+    Ok(out)
 }
 
 /// One slice of a stream on its way through the pipeline, or the error that ends it.
@@ -220,20 +283,8 @@ impl Engine {
                 Ok(Some(Err(status))) => return fail(status).await,
                 Ok(Some(Ok(batch))) => batch,
             };
-            match &schema {
-                None => {
-                    if let Err(e) = source.bind(&batch.schema()) {
-                        return fail(error::ingest(e)).await;
-                    }
-                    schema = Some(batch.schema());
-                }
-                Some(s) if s.fields() != batch.schema().fields() => {
-                    return fail(Status::invalid_argument(
-                        "the schema changed mid-stream; open a new stream for a new schema",
-                    ))
-                    .await;
-                }
-                Some(_) => {}
+            if let Err(status) = check_batch(&source, &mut schema, &batch) {
+                return fail(status).await;
             }
             let rows = batch.num_rows();
             let mut offset = 0;
