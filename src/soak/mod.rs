@@ -398,10 +398,17 @@ pub async fn run(
         let (addr_b, stop_b, done_b) = start_engine(quiet).await?;
         segment(&addr_a, opts, opts.compare_secs).await?;
         segment(&addr_b, opts, opts.compare_secs).await?;
+        // ABBA order: throughput drifts up as caches warm, which a fixed order would
+        // credit to whichever engine always goes second.
         let (mut on, mut off) = (Vec::new(), Vec::new());
-        for _ in 0..2 {
-            on.push(segment(&addr_a, opts, opts.compare_secs).await?);
-            off.push(segment(&addr_b, opts, opts.compare_secs).await?);
+        for round in 0..2 {
+            if round % 2 == 0 {
+                on.push(segment(&addr_a, opts, opts.compare_secs).await?);
+                off.push(segment(&addr_b, opts, opts.compare_secs).await?);
+            } else {
+                off.push(segment(&addr_b, opts, opts.compare_secs).await?);
+                on.push(segment(&addr_a, opts, opts.compare_secs).await?);
+            }
         }
         o.compare = Some((on, off));
         let _ = stop_a.send(());
