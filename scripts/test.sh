@@ -14,6 +14,15 @@ else
     cargo test --release --workspace --no-fail-fast "$@"
 fi
 
+# The TLS test makes its certificate with openssl.
+if ! command -v openssl >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+        (apt-get update -qq && apt-get install -y -qq openssl) >/dev/null 2>&1 \
+            || sudo -n apt-get install -y -qq openssl >/dev/null 2>&1 || true
+    fi
+    command -v openssl >/dev/null 2>&1 || { echo "test: openssl is needed (apt-get install openssl)" >&2; exit 1; }
+fi
+
 # pyarrow, the client Keel's users have, in a venv of its own.
 venv="${KEEL_TEST_VENV:-$root/.cache/venv}"
 if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import pyarrow.flight" 2>/dev/null; then

@@ -362,8 +362,16 @@ async fn the_fuzzed_path_validates_its_seed_streams() {
             .unwrap();
     let template = arrow_flight::FlightDescriptor::new_cmd(r#"{"template": "{text}!"}"#);
     let seeds: Vec<(&str, Vec<u8>, Result<usize, Code>)> = vec![
-        ("good", encode(embed_path(), vec![texts.clone(), texts.clone()]).await, Ok(2)),
-        ("template", encode(template, vec![texts.clone()]).await, Ok(1)),
+        (
+            "good",
+            encode(embed_path(), vec![texts.clone(), texts.clone()]).await,
+            Ok(2),
+        ),
+        (
+            "template",
+            encode(template, vec![texts.clone()]).await,
+            Ok(1),
+        ),
         (
             "missing-column",
             encode(
@@ -373,14 +381,22 @@ async fn the_fuzzed_path_validates_its_seed_streams() {
             .await,
             Err(Code::InvalidArgument),
         ),
-        ("schema-change", {
-            // Two encoders: a second schema message mid-stream.
-            let mut a = encode(embed_path(), vec![texts.clone()]).await;
-            let b = encode(embed_path(), vec![other]).await;
-            a.extend(&b[1..]);
-            a
-        }, Err(Code::InvalidArgument)),
-        ("garbage", vec![0, 8, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0], Err(Code::InvalidArgument)),
+        (
+            "schema-change",
+            {
+                // Two encoders: a second schema message mid-stream.
+                let mut a = encode(embed_path(), vec![texts.clone()]).await;
+                let b = encode(embed_path(), vec![other]).await;
+                a.extend(&b[1..]);
+                a
+            },
+            Err(Code::InvalidArgument),
+        ),
+        (
+            "garbage",
+            vec![0, 8, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0],
+            Err(Code::InvalidArgument),
+        ),
     ];
     let dir = crate::common::repo_root().join("fuzz/corpus/flight_data");
     for (name, bytes, expected) in seeds {
@@ -389,7 +405,11 @@ async fn the_fuzzed_path_validates_its_seed_streams() {
             (Ok(slices), Ok(n)) => {
                 // Slices of at most 2 rows: 3 rows a batch make 2 slices.
                 assert_eq!(slices.len(), 2 * n, "{name}");
-                assert_eq!(slices[0][0].as_deref().map(|t| t.contains("BRCA1")), Some(true), "{name}");
+                assert_eq!(
+                    slices[0][0].as_deref().map(|t| t.contains("BRCA1")),
+                    Some(true),
+                    "{name}"
+                );
                 // A null text stays null; a template renders a missing field empty.
                 let second = if name == "template" { Some("!") } else { None };
                 assert_eq!(slices[0][1].as_deref(), second, "{name}");
@@ -402,4 +422,26 @@ async fn the_fuzzed_path_validates_its_seed_streams() {
             std::fs::write(dir.join(format!("seed-{name}")), &bytes).unwrap();
         }
     }
+}
+
+/// A stream the fuzzer found (`fuzz/corpus/flight_data/seed-crash-buffer-offset`): its
+/// record batch message names a buffer past the body, on which arrow-ipc's reader panics.
+/// Over Flight it is `InvalidArgument`, and the server goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_panics_the_ipc_reader_is_invalid_argument() {
+    let bytes = std::fs::read(
+        crate::common::repo_root().join("fuzz/corpus/flight_data/seed-crash-buffer-offset"),
+    )
+    .unwrap();
+    let messages = keel::flight::frames::decode(&bytes);
+    let direct = keel::flight::service::validate_messages(messages.clone(), "text", 7)
+        .await
+        .unwrap_err();
+    assert_eq!(direct.code(), Code::InvalidArgument, "{direct:?}");
+    assert!(direct.message().contains("malformed message"), "{direct:?}");
+    let server = TestServer::start(|_| {}).await;
+    let err = raw_exchange(&server, messages).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    still_serving(&server).await;
+    server.stop().await;
 }

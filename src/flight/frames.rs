@@ -18,7 +18,9 @@ fn take<'a>(bytes: &mut &'a [u8], n: usize) -> &'a [u8] {
 
 fn len(bytes: &mut &[u8], width: usize) -> usize {
     let raw = take(bytes, width);
-    raw.iter().rev().fold(0usize, |acc, b| (acc << 8) | *b as usize)
+    raw.iter()
+        .rev()
+        .fold(0usize, |acc, b| (acc << 8) | *b as usize)
 }
 
 /// The messages a byte string stands for.

@@ -19,7 +19,7 @@ use arrow_flight::{
 };
 use arrow_ipc::writer::IpcWriteOptions;
 use arrow_schema::SchemaRef;
-use futures::{Stream, StreamExt, TryStreamExt, stream};
+use futures::{FutureExt, Stream, StreamExt, TryStreamExt, stream};
 use keel_actors::ingest::config::WhenFull;
 use keel_actors::ingest::output::with_embeddings;
 use keel_actors::ingest::pipeline::InFlight;
@@ -174,8 +174,53 @@ fn decode(
         .chain(rest)
         .try_filter(|m| futures::future::ready(!m.data_header.is_empty()))
         .map_err(|s| FlightError::Tonic(Box::new(s)));
-    let batches = FlightRecordBatchStream::new_from_flight_data(data).map_err(error::client_data);
+    // arrow-ipc's reader can panic on a malformed message (a buffer offset past the
+    // body, found by fuzzing): a panic while decoding is the client's malformed input,
+    // answered with InvalidArgument, and ends the stream.
+    let batches = std::panic::AssertUnwindSafe(FlightRecordBatchStream::new_from_flight_data(data))
+        .catch_unwind()
+        .map(|r| match r {
+            Ok(Ok(batch)) => Ok(batch),
+            Ok(Err(e)) => Err(error::client_data(e)),
+            Err(panic) => Err(Status::invalid_argument(format!(
+                "cannot decode the Arrow IPC stream: malformed message ({})",
+                panic_message(&panic)
+            ))),
+        });
     (descriptor, Box::pin(batches))
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}
+
+/// Runs a stream's reader; should it panic (a bug), the stream ends with `Internal`
+/// rather than looking complete to its client.
+fn spawn_reader(
+    engine: Arc<Engine>,
+    batches: BoxStream<RecordBatch>,
+    source: TextSource,
+    tx: mpsc::Sender<Pending>,
+) {
+    tokio::spawn(async move {
+        let failed = tx.clone();
+        if let Err(panic) = std::panic::AssertUnwindSafe(engine.read_stream(batches, source, tx))
+            .catch_unwind()
+            .await
+        {
+            let message = panic_message(&panic);
+            tracing::error!(%message, "a stream's reader panicked");
+            let _ = failed
+                .send(Pending::Failed(Status::internal(format!(
+                    "the stream's reader failed ({message}); this is a bug, please report it"
+                ))))
+                .await;
+        }
+    });
 }
 
 /// What every incoming batch must pass before any of its rows is admitted: the text
@@ -494,7 +539,7 @@ impl FlightService for KeelFlight {
         let engine = self.engine.clone();
         let parallelism = engine.pipeline.config().stream_parallelism;
         let (tx, rx) = mpsc::channel(parallelism);
-        tokio::spawn(engine.clone().read_stream(batches, source, tx));
+        spawn_reader(engine.clone(), batches, source, tx);
         let (out_tx, out_rx) = mpsc::channel::<Result<PutResult, Status>>(4);
         let flush_rows = engine.settings.storage.flush_rows;
         tokio::spawn(async move {
@@ -583,7 +628,7 @@ impl FlightService for KeelFlight {
         };
         let engine = self.engine.clone();
         let (tx, rx) = mpsc::channel(engine.pipeline.config().stream_parallelism);
-        tokio::spawn(engine.clone().read_stream(batches, source, tx));
+        spawn_reader(engine.clone(), batches, source, tx);
         let counters = engine.pipeline.counters().clone();
         let batches = ordered_results(rx).map(move |r| {
             let _keep = &stream_permit;

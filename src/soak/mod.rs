@@ -215,7 +215,9 @@ async fn drive(
     let mut producers = Vec::new();
     for i in 0..opts.streams {
         let client = crate::flight::client::connect(addr, Duration::ZERO).await?;
-        let rate = opts.rate.map(|r| r / opts.streams as f64);
+        // Producers pace themselves on the rows all of them have sent: each gets the
+        // whole rate, not a share of it.
+        let rate = opts.rate;
         producers.push(tokio::spawn(producer(
             client,
             control.clone(),
