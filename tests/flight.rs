@@ -371,6 +371,7 @@ async fn actions_report_stats_cleanup_and_health() {
         .try_collect()
         .await
         .unwrap();
-    assert_eq!(actions.len(), 3);
+    let names: Vec<&str> = actions.iter().map(|a| a.r#type.as_str()).collect();
+    assert_eq!(names, ["stats", "cleanup", "health", "search"]);
     server.stop().await;
 }
