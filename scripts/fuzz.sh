@@ -17,5 +17,9 @@ seconds="${2:-60}"
 cargo fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
 cd fuzz
+# The corpus a previous run grew, saved as one archive; new entries stay local.
+if [[ -f "corpus-$target.tar.gz" && ! -f "corpus/$target/.unpacked" ]]; then
+    tar xzf "corpus-$target.tar.gz" -C corpus && touch "corpus/$target/.unpacked"
+fi
 cargo fuzz run "$target" --release -- \
     -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1
