@@ -32,6 +32,8 @@ pub struct ServerConfig {
     pub idle_timeout_ms: u64,
     /// On SIGINT/SIGTERM, open streams get this long to finish before the server stops.
     pub shutdown_grace_ms: u64,
+    /// Most rows one `search` action may return (its `k`).
+    pub search_max_k: usize,
     /// TLS: PEM certificate chain and private key (both, or neither for plain text).
     pub tls: TlsConfig,
 }
@@ -114,6 +116,8 @@ pub struct AuthConfig {
     pub users_file: Option<PathBuf>,
     /// Tokens issued by `Handshake` expire after this many seconds.
     pub token_ttl_s: u64,
+    /// Most issued tokens kept at once; beyond it the oldest is dropped.
+    pub max_issued_tokens: usize,
 }
 
 impl Default for AuthConfig {
@@ -125,6 +129,7 @@ impl Default for AuthConfig {
             users: Vec::new(),
             users_file: None,
             token_ttl_s: 86_400,
+            max_issued_tokens: 100_000,
         }
     }
 }
@@ -137,6 +142,7 @@ impl Default for ServerConfig {
             max_streams: 64,
             idle_timeout_ms: 300_000,
             shutdown_grace_ms: 10_000,
+            search_max_k: 1000,
             tls: TlsConfig::default(),
         }
     }
@@ -240,6 +246,12 @@ impl Settings {
         }
         if self.auth.token_ttl_s == 0 {
             anyhow::bail!("auth.token_ttl_s: must be at least 1");
+        }
+        if self.auth.max_issued_tokens == 0 {
+            anyhow::bail!("auth.max_issued_tokens: must be at least 1");
+        }
+        if s.search_max_k == 0 {
+            anyhow::bail!("server.search_max_k: must be at least 1");
         }
         if self.ingest.micro_batch_rows > self.ingest.slice_rows {
             anyhow::bail!(

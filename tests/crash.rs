@@ -89,20 +89,7 @@ async fn stored(client: &mut FlightClient) -> Vec<String> {
         .try_collect()
         .await
         .unwrap();
-    batches
-        .iter()
-        .flat_map(|b| {
-            let t = b
-                .column_by_name("text")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .unwrap();
-            (0..b.num_rows())
-                .map(|i| t.value(i).to_string())
-                .collect::<Vec<_>>()
-        })
-        .collect()
+    crate::common::texts_of(&batches)
 }
 
 async fn reported_rows(client: &mut FlightClient) -> u64 {

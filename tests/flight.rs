@@ -274,20 +274,7 @@ async fn put_stores_a_dataset_that_get_and_list_return() {
         .try_collect()
         .await
         .unwrap();
-    let texts_back: Vec<String> = back
-        .iter()
-        .flat_map(|b| {
-            let t = b
-                .column_by_name("text")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .unwrap();
-            (0..b.num_rows())
-                .map(|i| t.value(i).to_string())
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let texts_back = crate::common::texts_of(&back);
     assert_eq!(texts_back, all);
     assert!(back.iter().all(|b| embeddings(b).value_length() == 384));
     server.stop().await;

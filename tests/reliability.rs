@@ -232,6 +232,39 @@ async fn a_silent_client_times_out_and_extra_streams_are_refused() {
     server.stop().await;
 }
 
+/// `n` producers at once, each on its own connection with one batch of `rows` distinct
+/// texts; what each got back.
+async fn producers(
+    server: &TestServer,
+    n: usize,
+    rows: usize,
+    tag: &'static str,
+) -> Vec<Result<Vec<RecordBatch>, tonic::Status>> {
+    let tasks = (0..n).map(|p| {
+        let addr = server.addr;
+        tokio::spawn(async move {
+            let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut client = arrow_flight::FlightClient::new(channel);
+            let texts: Vec<String> = (0..rows).map(|i| format!("{tag} {p} {i}")).collect();
+            let batch = RecordBatch::try_from_iter([(
+                "text",
+                Arc::new(StringArray::from(texts)) as ArrayRef,
+            )])
+            .unwrap();
+            exchange(&mut client, embed_path(), vec![batch]).await
+        })
+    });
+    futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.expect("a producer task"))
+        .collect()
+}
+
 /// Far more producers than the embedder can serve: with `when_full: reject` the excess is
 /// told `ResourceExhausted` at once, every accepted row comes back, and the rows in
 /// flight never pass the bound.
@@ -244,28 +277,10 @@ async fn overload_with_reject_refuses_the_excess_and_keeps_the_bound() {
         s.cache.max_bytes = 0;
     })
     .await;
-    let producers = (0..20).map(|p| {
-        let addr = server.addr;
-        tokio::spawn(async move {
-            let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            let mut client = arrow_flight::FlightClient::new(channel);
-            let texts: Vec<String> = (0..128).map(|i| format!("overload {p} {i}")).collect();
-            let batch = RecordBatch::try_from_iter([(
-                "text",
-                Arc::new(StringArray::from(texts)) as ArrayRef,
-            )])
-            .unwrap();
-            exchange(&mut client, embed_path(), vec![batch]).await
-        })
-    });
-    let results = futures::future::join_all(producers).await;
+    let results = producers(&server, 20, 128, "overload").await;
     let (mut ok, mut refused) = (0, 0);
     for r in results {
-        match r.unwrap() {
+        match r {
             Ok(batches) => {
                 assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 128);
                 ok += 1;
@@ -302,28 +317,8 @@ async fn overload_with_block_serves_everyone_within_the_bound() {
         s.cache.max_bytes = 0;
     })
     .await;
-    let producers = (0..20).map(|p| {
-        let addr = server.addr;
-        tokio::spawn(async move {
-            let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            let mut client = arrow_flight::FlightClient::new(channel);
-            let texts: Vec<String> = (0..64).map(|i| format!("blocked {p} {i}")).collect();
-            let batch = RecordBatch::try_from_iter([(
-                "text",
-                Arc::new(StringArray::from(texts)) as ArrayRef,
-            )])
-            .unwrap();
-            exchange(&mut client, embed_path(), vec![batch]).await
-        })
-    });
-    for r in futures::future::join_all(producers).await {
-        let batches = r
-            .unwrap()
-            .expect("blocking admission serves every producer");
+    for r in producers(&server, 20, 64, "blocked").await {
+        let batches = r.expect("blocking admission serves every producer");
         assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 64);
     }
     let mut client = server.client().await;

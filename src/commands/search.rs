@@ -12,7 +12,7 @@ pub struct SearchArgs {
     /// The dataset to search (stored with `keel produce --dataset NAME`).
     #[arg(long)]
     dataset: String,
-    /// How many rows to return (1-1000).
+    /// How many rows to return (at most the server's server.search_max_k, 1000 by default).
     #[arg(short, long, default_value_t = 10)]
     k: usize,
     /// Server address.

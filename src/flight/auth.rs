@@ -16,9 +16,6 @@ use tonic::metadata::MetadataMap;
 
 use crate::config::{AuthConfig, AuthMode};
 
-/// Most tokens issued and unexpired at once; the oldest go first beyond it.
-const MAX_ISSUED: usize = 100_000;
-
 /// Equality whose time depends on the lengths only, not on where the bytes differ.
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
@@ -40,6 +37,9 @@ pub struct Auth {
     tokens: Vec<Vec<u8>>,
     users: Vec<(Vec<u8>, Vec<u8>)>,
     ttl: Duration,
+    /// Most tokens issued and unexpired at once (`auth.max_issued_tokens`); the oldest
+    /// go first beyond it.
+    max_issued: usize,
     issued: Mutex<HashMap<String, Instant>>,
 }
 
@@ -109,6 +109,7 @@ impl Auth {
             tokens,
             users,
             ttl: Duration::from_secs(c.token_ttl_s),
+            max_issued: c.max_issued_tokens.max(1),
             issued: Mutex::new(HashMap::new()),
         })
     }
@@ -193,7 +194,7 @@ impl Auth {
         let mut issued = self.issued.lock().expect("not poisoned");
         let now = Instant::now();
         issued.retain(|_, at| now.duration_since(*at) < self.ttl);
-        if issued.len() >= MAX_ISSUED
+        if issued.len() >= self.max_issued
             && let Some(oldest) = issued
                 .iter()
                 .min_by_key(|(_, at)| **at)
@@ -294,6 +295,29 @@ mod tests {
             ..Default::default()
         };
         assert!(Auth::from_config(&c).is_err());
+    }
+
+    #[test]
+    fn issued_tokens_are_bounded_oldest_dropped_first() {
+        let c = AuthConfig {
+            mode: AuthMode::Basic,
+            users: vec![BasicUser {
+                username: "a".into(),
+                password: Secret::new("b"),
+            }],
+            max_issued_tokens: 2,
+            ..Default::default()
+        };
+        let auth = Auth::from_config(&c).unwrap();
+        let first = auth.issue();
+        std::thread::sleep(Duration::from_millis(2));
+        let second = auth.issue();
+        std::thread::sleep(Duration::from_millis(2));
+        let third = auth.issue();
+        assert_eq!(auth.issued.lock().unwrap().len(), 2);
+        assert!(auth.check(&meta(&format!("Bearer {first}"))).is_err());
+        assert!(auth.check(&meta(&format!("Bearer {second}"))).is_ok());
+        assert!(auth.check(&meta(&format!("Bearer {third}"))).is_ok());
     }
 
     #[test]

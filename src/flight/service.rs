@@ -51,7 +51,7 @@ impl KeelFlight {
     /// The `search` action: embeds the query text (through the cache, like any row),
     /// then scans the dataset on a blocking thread for the `k` nearest rows by cosine.
     async fn search(&self, body: &[u8]) -> Result<serde_json::Value, Status> {
-        const MAX_K: usize = 1000;
+        let max_k = self.engine.settings.server.search_max_k;
         #[derive(serde::Deserialize)]
         #[serde(deny_unknown_fields)]
         struct Body {
@@ -68,9 +68,9 @@ impl KeelFlight {
                 "bad search body ({e}); send {{\"dataset\": NAME, \"text\": \"...\", \"k\": 10}}"
             ))
         })?;
-        if body.k == 0 || body.k > MAX_K {
+        if body.k == 0 || body.k > max_k {
             return Err(Status::invalid_argument(format!(
-                "search: k must be within 1..={MAX_K}, got {}",
+                "search: k must be within 1..={max_k} (server.search_max_k), got {}",
                 body.k
             )));
         }

@@ -161,6 +161,24 @@ pub async fn exchange_raw(
     stream.map_err(to_status).try_collect().await
 }
 
+/// The `text` column of `batches`, in order.
+pub fn texts_of(batches: &[RecordBatch]) -> Vec<String> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            let t = b
+                .column_by_name("text")
+                .expect("a text column")
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .expect("text is Utf8");
+            (0..b.num_rows())
+                .map(|i| t.value(i).to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 pub fn to_status(e: arrow_flight::error::FlightError) -> tonic::Status {
     match e {
         arrow_flight::error::FlightError::Tonic(s) => *s,
