@@ -5,16 +5,27 @@
 #
 # Texts: the sample VCF's records rendered with the default variant template (keel texts).
 # Keel: `keel embed` at 25 and 64 rows per pass, 2 workers × 1 thread (the default on two
-# cores) and 1 worker. Baseline: ../shared/tools/st_baseline.py (sentence-transformers +
-# PyTorch, CPU) in the Python given by ST_PYTHON (a venv with sentence-transformers and
-# psutil; default /work/tools/st/bin/python). Rounds interleave the two stacks so that
-# both see the same machine load. Prints one line per measurement.
+# cores) and 1 worker. Baseline: scripts/tools/st_baseline.py (sentence-transformers +
+# PyTorch, CPU) in the Python given by ST_PYTHON, or in a venv this script makes in
+# .cache/bench-venv (pip install sentence-transformers psutil: a large download, once).
+# Rounds interleave the two stacks so that both see the same machine load. Prints one
+# line per measurement.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 rounds="${1:-2}"
-st_python="${ST_PYTHON:-/work/tools/st/bin/python}"
-st_script="${ST_BASELINE:-$root/../shared/tools/st_baseline.py}"
+st_script="$root/scripts/tools/st_baseline.py"
+if [[ -n "${ST_PYTHON:-}" ]]; then
+    st_python="$ST_PYTHON"
+else
+    venv="$root/.cache/bench-venv"
+    st_python="$venv/bin/python"
+    if ! "$st_python" -c "import sentence_transformers, psutil" 2>/dev/null; then
+        echo "bench-model: installing sentence-transformers into $venv (once)" >&2
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check sentence-transformers psutil
+    fi
+fi
 
 scripts/fetch-model.sh
 cargo build --release --quiet

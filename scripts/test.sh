@@ -5,6 +5,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
+# Everything the tests read is in this repository or made here (tests/layout.rs checks).
 scripts/fetch-model.sh
 
 if cargo nextest --version >/dev/null 2>&1; then

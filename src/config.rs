@@ -10,12 +10,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use keel_actors::cache::config::CacheConfig;
-use keel_actors::embedding::config::EmbedderConfig;
-use keel_actors::ingest::config::IngestConfig;
-use keel_actors::memory::config::MemoryConfig;
-use keel_actors::sink::config::StorageConfig;
-use keel_actors::supervisor::config::SupervisorConfig;
+use keel_engine::cache::config::CacheConfig;
+use keel_engine::embedder::config::EmbedderConfig;
+use keel_engine::ingest::config::IngestConfig;
+use keel_engine::memory::config::MemoryConfig;
+use keel_engine::sink::config::StorageConfig;
+use keel_engine::supervisor::config::SupervisorConfig;
 use serde::{Deserialize, Serialize};
 
 /// `server:` section: the Flight endpoint.
@@ -44,12 +44,6 @@ pub struct ServerConfig {
 pub struct TlsConfig {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
-}
-
-impl TlsConfig {
-    pub fn enabled(&self) -> bool {
-        self.cert.is_some()
-    }
 }
 
 /// A secret from the configuration: usable, never printed (`Debug`, `keel validate
@@ -314,12 +308,15 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("configs")
     }
 
-    fn write(name: &str, body: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("keel-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join(name);
-        std::fs::write(&file, body).unwrap();
-        file
+    /// A YAML file with `body`, removed when the returned value drops.
+    fn write(name: &str, body: &str) -> tempfile::TempPath {
+        let file = tempfile::Builder::new()
+            .prefix(name)
+            .suffix(".yaml")
+            .tempfile()
+            .unwrap();
+        std::fs::write(file.path(), body).unwrap();
+        file.into_temp_path()
     }
 
     /// `docs/CONFIGURATION.md`, made from `configs/default.yaml`: its comments, keys and
@@ -431,23 +428,23 @@ mod tests {
     #[test]
     fn unknown_keys_are_rejected_by_name() {
         let file = write("typo.yaml", "embedder:\n  wrokers: 2\n");
-        let err = format!("{:#}", Settings::load(Some(&file)).unwrap_err());
+        let err = format!("{:#}", Settings::load(Some(&*file)).unwrap_err());
         assert!(err.contains("wrokers"), "{err}");
         let file = write("section.yaml", "sever:\n  listen: 127.0.0.1:1\n");
-        let err = format!("{:#}", Settings::load(Some(&file)).unwrap_err());
+        let err = format!("{:#}", Settings::load(Some(&*file)).unwrap_err());
         assert!(err.contains("sever"), "{err}");
     }
 
     #[test]
     fn invalid_values_are_rejected_with_their_key() {
         let file = write("zero.yaml", "embedder:\n  max_batch_rows: 0\n");
-        let err = format!("{:#}", Settings::load(Some(&file)).unwrap_err());
+        let err = format!("{:#}", Settings::load(Some(&*file)).unwrap_err());
         assert!(err.contains("embedder.max_batch_rows"), "{err}");
         let file = write(
             "cross.yaml",
             "ingest:\n  max_in_flight_rows: 100\n  slice_rows: 200\n",
         );
-        let err = format!("{:#}", Settings::load(Some(&file)).unwrap_err());
+        let err = format!("{:#}", Settings::load(Some(&*file)).unwrap_err());
         assert!(err.contains("ingest.slice_rows"), "{err}");
     }
 

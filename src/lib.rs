@@ -3,17 +3,22 @@
 //! - [`config`]: `Settings`, every actor's configuration composed, loaded from YAML and
 //!   `KEEL_*` variables and validated once;
 //! - [`app`]: starting the actors in order, serving, and stopping in reverse order;
-//! - [`flight`]: the `FlightService` and the one error → gRPC status mapping;
+//! - [`engine`]: the [`engine::Engine`] every handler shares (pipeline, actors, sink,
+//!   auth, stream slots) and its typed stats;
+//! - [`flight`]: the Flight front end, one module per job (streams, datasets, actions,
+//!   auth, the error → gRPC status mapping, the client);
 //! - [`input`]: input files (VCF/BCF via noodles, Parquet, Arrow IPC, CSV/TSV, text)
 //!   streamed as record batches;
 //! - [`metrics`]: the Prometheus endpoint (`/metrics`, `/health`, `/ready`);
 //! - [`soak`]: the soak benchmark (workloads, sampling, figures, verdict, report).
 //!
-//! The actors and the model live in the `keel-actors` crate; the command line in
-//! `main.rs`.
+//! The actors live in `keel-engine`, the model in `keel-model`, the wire and text path
+//! (decoding, slicing, templates, VCF text) in `keel-wire`; the command line in
+//! `main.rs`. docs/ARCHITECTURE.md follows a row through all of them.
 
 pub mod app;
 pub mod config;
+pub mod engine;
 pub mod flight;
 pub mod input;
 pub mod metrics;

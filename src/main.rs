@@ -3,16 +3,16 @@
 mod commands;
 
 /// jemalloc, so that live (`allocated`) and held (`resident`) bytes can be read and
-/// purged on demand (see keel_actors::memory::allocator).
+/// purged on demand (see keel_engine::memory::allocator).
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's options at initialisation, before any thread exists: background purging
 /// threads, and the decay times of `configs/default.yaml`. `memory.*` keys that differ
-/// are applied at start-up (see keel_actors::memory::allocator::configure).
+/// are applied at start-up (see keel_engine::memory::allocator::configure).
 #[allow(non_upper_case_globals)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
-pub static malloc_conf: &[u8] = keel_actors::memory::allocator::MALLOC_CONF;
+pub static malloc_conf: &[u8] = keel_engine::memory::allocator::MALLOC_CONF;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

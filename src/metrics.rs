@@ -1,301 +1,281 @@
-//! The Prometheus endpoint: `/metrics` (text format 0.0.4), `/health`, `/ready`.
+//! The Prometheus endpoint (`/metrics`) and the HTTP probes (`/health`, `/ready`).
 //!
-//! A deliberately small HTTP/1.1 responder on the tokio runtime: one request per
-//! connection, bounded request size and read time, `Connection: close`. The figures are
-//! the same as the `stats` action's (one source: [`Engine::stats`]).
+//! Figures go through the `metrics` crate and are rendered by
+//! `metrics-exporter-prometheus`; HTTP is axum's. Histograms are recorded where the work
+//! happens (the embedder workers record each pass); everything else is published from the
+//! typed [`Stats`] at each scrape, so `/metrics` and the `stats` action never disagree.
+//!
+//! The recorder is process-wide (the `metrics` crate's global): [`install`] sets it once,
+//! before the engine starts, and every engine in the process (tests start several)
+//! publishes into it.
 
-use std::fmt::Write;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use keel_engine::stats::Stats;
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::app::Engine;
+use crate::engine::Engine;
 
-const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// Upper bounds of the rows-per-pass histogram.
+const PASS_ROWS_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+/// Upper bounds of the seconds-per-pass histogram.
+const PASS_SECONDS_BUCKETS: [f64; 12] = [
+    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
 
-/// Serves until the task is dropped.
-pub async fn serve(listener: TcpListener, engine: Arc<Engine>) {
-    loop {
-        let Ok((conn, _)) = listener.accept().await else {
-            continue;
-        };
-        let engine = engine.clone();
-        tokio::spawn(async move {
-            if let Err(e) = handle(conn, &engine).await {
-                tracing::debug!(error = %e, "metrics request failed");
-            }
-        });
-    }
-}
-
-async fn handle(mut conn: TcpStream, engine: &Engine) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let read = async {
-        let mut chunk = [0u8; 1024];
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_REQUEST_BYTES {
-            let n = conn.read(&mut chunk).await?;
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
+/// Installs the process-wide recorder (once) and returns its handle.
+pub fn install() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full("keel_embed_pass_rows".into()),
+                &PASS_ROWS_BUCKETS,
+            )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("keel_embed_pass_seconds".into()),
+                    &PASS_SECONDS_BUCKETS,
+                )
+            })
+            .expect("the bucket lists are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            // A library user installed their own: the histograms go there; /metrics
+            // still shows every figure published from stats.
+            tracing::warn!("a metrics recorder was already installed; /metrics shows stats only");
         }
-        Ok::<_, std::io::Error>(())
-    };
-    if tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .is_err()
-    {
-        return Ok(());
-    }
-    let request = String::from_utf8_lossy(&buf);
-    let mut parts = request.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, content_type, body) = match (method, path) {
-        ("GET", "/metrics") => match engine.stats().await {
-            Ok(stats) => ("200 OK", "text/plain; version=0.0.4", render(&stats)),
-            Err(e) => (
-                "503 Service Unavailable",
-                "text/plain",
-                format!("{}\n", e.message()),
-            ),
-        },
-        ("GET", "/health") => ("200 OK", "text/plain", "ok\n".to_string()),
-        ("GET", "/ready") if engine.is_closing() => (
-            "503 Service Unavailable",
-            "text/plain",
-            "shutting down\n".into(),
-        ),
-        ("GET", "/ready") => ("200 OK", "text/plain", "ready\n".to_string()),
-        ("GET", _) => (
-            "404 Not Found",
-            "text/plain",
-            "try /metrics, /health or /ready\n".to_string(),
-        ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n".to_string(),
-        ),
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    conn.write_all(head.as_bytes()).await?;
-    conn.write_all(body.as_bytes()).await?;
-    conn.shutdown().await
+        describe();
+        handle
+    })
 }
 
-/// The `stats` JSON as Prometheus metrics.
-pub fn render(stats: &serde_json::Value) -> String {
-    let mut out = String::with_capacity(4096);
-    let num = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
-    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
-        let _ = writeln!(
-            out,
-            "# HELP keel_{name} {help}\n# TYPE keel_{name} {kind}\nkeel_{name} {value}"
-        );
-    };
-    let s = stats;
-    metric(
-        "rss_bytes",
-        "gauge",
-        "Resident set size of the process.",
-        num(&s["rss_bytes"]),
-    );
-    metric(
-        "rss_peak_bytes",
-        "gauge",
-        "Highest RSS sampled.",
-        num(&s["peak_rss_bytes"]),
-    );
-    metric(
-        "memory_limit_bytes",
-        "gauge",
-        "The memory budget the supervisor steers by.",
-        num(&s["memory"]["limit_bytes"]),
-    );
-    metric(
-        "allocator_allocated_bytes",
-        "gauge",
-        "Bytes the program holds (jemalloc stats.allocated).",
-        num(&s["memory"]["allocated_bytes"]),
-    );
-    metric(
-        "allocator_resident_bytes",
-        "gauge",
-        "Bytes jemalloc keeps resident (stats.resident).",
-        num(&s["memory"]["resident_bytes"]),
-    );
-    metric(
-        "memory_creep_mb_per_1000_ops",
-        "gauge",
-        "Slope of allocated bytes against ops over the creep window.",
-        num(&s["memory"]["creep"]["allocated_mb_per_1000_ops"]),
-    );
-    metric(
-        "ops_total",
-        "counter",
-        "Micro-batches processed.",
-        num(&s["ops"]),
-    );
-    metric("rows_total", "counter", "Rows processed.", num(&s["rows"]));
-    metric(
-        "rows_embedded_total",
-        "counter",
-        "Rows computed by the model (cache misses).",
-        num(&s["embedded_rows"]),
-    );
-    metric(
-        "in_flight_rows",
-        "gauge",
-        "Rows read and not yet handed back or stored.",
-        num(&s["in_flight_rows"]),
-    );
-    metric(
-        "in_flight_rows_max",
-        "gauge",
-        "The bound on rows in flight.",
-        num(&s["max_in_flight_rows"]),
-    );
-    metric(
-        "backpressure_wait_seconds_total",
-        "counter",
-        "Time streams waited for in-flight permits.",
-        num(&s["admit_wait_s"]),
-    );
-    metric(
-        "streams_open",
-        "gauge",
-        "Open DoExchange and DoPut streams.",
-        num(&s["streams"]["open"]),
-    );
-    metric(
-        "streams_total",
-        "counter",
-        "Streams opened.",
-        num(&s["streams"]["total"]),
-    );
-    metric(
-        "streams_failed_total",
-        "counter",
-        "Streams ended by an error.",
-        num(&s["streams"]["failed"]),
-    );
-    let c = &s["cache"];
-    metric(
-        "cache_bytes",
-        "gauge",
-        "Bytes accounted by the vector cache.",
-        num(&c["bytes"]),
-    );
-    metric(
-        "cache_max_bytes",
-        "gauge",
-        "The cache's byte budget.",
-        num(&c["max_bytes"]),
-    );
-    metric(
-        "cache_entries",
-        "gauge",
-        "Vectors in the cache.",
-        num(&c["entries"]),
-    );
-    metric(
-        "cache_hits_total",
-        "counter",
-        "Cache hits.",
-        num(&c["hits"]),
-    );
-    metric(
-        "cache_misses_total",
-        "counter",
-        "Cache misses.",
-        num(&c["misses"]),
-    );
-    metric(
-        "cache_evictions_total",
-        "counter",
-        "Cache evictions.",
-        num(&c["evictions"]),
-    );
-    let e = &s["embedder"];
-    metric(
-        "embed_passes_total",
-        "counter",
-        "Forward passes.",
-        num(&e["passes"]),
-    );
-    metric(
-        "embed_rows_total",
-        "counter",
-        "Rows through forward passes.",
-        num(&e["rows"]),
-    );
-    metric(
-        "embed_tokens_total",
-        "counter",
-        "Tokens through forward passes.",
-        num(&e["tokens"]),
-    );
-    metric(
-        "embed_busy_seconds_total",
-        "counter",
-        "Time the embedder workers computed.",
-        num(&e["busy_ms"]) / 1000.0,
-    );
-    metric(
-        "embed_queue_jobs",
-        "gauge",
-        "Micro-batches waiting for the embedder.",
-        num(&e["queued_jobs"]),
-    );
-    for (name, help, key) in [
-        ("embed_pass_rows", "Rows per forward pass.", "pass_rows"),
+/// Serves `/metrics`, `/health` and `/ready` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, engine: Arc<Engine>) {
+    let app = Router::new()
+        .route("/metrics", get(scrape))
+        .route("/health", get(|| async { "ok\n" }))
+        .route("/ready", get(ready))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "try /metrics, /health or /ready\n") })
+        .with_state(engine);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::warn!(error = %e, "the metrics endpoint stopped");
+    }
+}
+
+async fn ready(State(engine): State<Arc<Engine>>) -> (StatusCode, &'static str) {
+    if engine.is_closing() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+    } else {
+        (StatusCode::OK, "ready\n")
+    }
+}
+
+async fn scrape(State(engine): State<Arc<Engine>>) -> (StatusCode, String) {
+    match engine.stats().await {
+        Ok(stats) => {
+            publish(&stats);
+            (StatusCode::OK, install().render())
+        }
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+    }
+}
+
+/// Every metric's unit and help text, once.
+fn describe() {
+    for (name, unit, help) in [
         (
-            "embed_pass_seconds",
-            "Duration of a forward pass.",
-            "pass_seconds",
+            "keel_rss_bytes",
+            Unit::Bytes,
+            "Resident set size of the process.",
+        ),
+        ("keel_rss_peak_bytes", Unit::Bytes, "Highest RSS sampled."),
+        (
+            "keel_memory_limit_bytes",
+            Unit::Bytes,
+            "The memory budget the supervisor steers by.",
+        ),
+        (
+            "keel_allocator_allocated_bytes",
+            Unit::Bytes,
+            "Bytes the program holds (jemalloc stats.allocated).",
+        ),
+        (
+            "keel_allocator_resident_bytes",
+            Unit::Bytes,
+            "Bytes jemalloc keeps resident (stats.resident).",
+        ),
+        (
+            "keel_memory_creep_mb_per_1000_ops",
+            Unit::Count,
+            "Slope of allocated bytes against ops over the settled readings.",
+        ),
+        (
+            "keel_memory_pressure",
+            Unit::Count,
+            "1 while admission is tightened (RSS above the hard watermark, not yet below the soft one).",
+        ),
+        (
+            "keel_in_flight_rows",
+            Unit::Count,
+            "Rows read and not yet handed back or stored.",
+        ),
+        (
+            "keel_in_flight_rows_max",
+            Unit::Count,
+            "The bound on rows in flight.",
+        ),
+        (
+            "keel_streams_open",
+            Unit::Count,
+            "Open DoExchange and DoPut streams.",
+        ),
+        (
+            "keel_cache_bytes",
+            Unit::Bytes,
+            "Bytes accounted by the vector cache.",
+        ),
+        (
+            "keel_cache_max_bytes",
+            Unit::Bytes,
+            "The cache's byte budget.",
+        ),
+        ("keel_cache_entries", Unit::Count, "Vectors in the cache."),
+        (
+            "keel_embed_queue_jobs",
+            Unit::Count,
+            "Micro-batches waiting for the embedder.",
+        ),
+        (
+            "keel_cleanup_last_seconds",
+            Unit::Seconds,
+            "Duration of the last cleanup, broadcast to last ack.",
+        ),
+        // Totals in seconds (fractions): the `metrics` crate's counters are integers.
+        (
+            "keel_backpressure_wait_seconds_total",
+            Unit::Seconds,
+            "Time streams waited for in-flight permits.",
+        ),
+        (
+            "keel_embed_busy_seconds_total",
+            Unit::Seconds,
+            "Time the embedder workers computed.",
         ),
     ] {
-        let h = &e[key];
-        let _ = writeln!(
-            out,
-            "# HELP keel_{name} {help}\n# TYPE keel_{name} histogram"
-        );
-        if let (Some(le), Some(cum)) = (h["le"].as_array(), h["cumulative"].as_array()) {
-            for (b, c) in le.iter().zip(cum) {
-                let _ = writeln!(out, "keel_{name}_bucket{{le=\"{}\"}} {}", num(b), num(c));
-            }
-        }
-        let _ = writeln!(
-            out,
-            "keel_{name}_bucket{{le=\"+Inf\"}} {}",
-            num(&h["count"])
-        );
-        let _ = writeln!(
-            out,
-            "keel_{name}_sum {}\nkeel_{name}_count {}",
-            num(&h["sum"]),
-            num(&h["count"])
-        );
+        describe_gauge!(name, unit, help);
     }
-    let _ = writeln!(
-        out,
-        "# HELP keel_cleanups_total Cleanups by level.\n# TYPE keel_cleanups_total counter\n\
-         keel_cleanups_total{{level=\"gentle\"}} {}\nkeel_cleanups_total{{level=\"full\"}} {}",
-        num(&s["cleanups"]["gentle"]),
-        num(&s["cleanups"]["full"])
+    for (name, unit, help) in [
+        ("keel_ops_total", Unit::Count, "Micro-batches processed."),
+        ("keel_rows_total", Unit::Count, "Rows processed."),
+        (
+            "keel_rows_embedded_total",
+            Unit::Count,
+            "Rows computed by the model (cache misses).",
+        ),
+        ("keel_streams_total", Unit::Count, "Streams opened."),
+        (
+            "keel_streams_failed_total",
+            Unit::Count,
+            "Streams ended by an error.",
+        ),
+        (
+            "keel_streams_rejected_total",
+            Unit::Count,
+            "Streams refused at the in-flight bound (ingest.when_full: reject).",
+        ),
+        ("keel_cache_hits_total", Unit::Count, "Cache hits."),
+        ("keel_cache_misses_total", Unit::Count, "Cache misses."),
+        (
+            "keel_cache_evictions_total",
+            Unit::Count,
+            "Cache evictions.",
+        ),
+        ("keel_embed_passes_total", Unit::Count, "Forward passes."),
+        (
+            "keel_embed_rows_total",
+            Unit::Count,
+            "Rows through forward passes.",
+        ),
+        (
+            "keel_embed_tokens_total",
+            Unit::Count,
+            "Tokens through forward passes.",
+        ),
+        ("keel_cleanups_total", Unit::Count, "Cleanups by level."),
+    ] {
+        describe_counter!(name, unit, help);
+    }
+    describe_histogram!(
+        "keel_embed_pass_rows",
+        Unit::Count,
+        "Rows per forward pass."
     );
-    if let Some(last) = s["cleanups"]["recent"].as_array().and_then(|r| r.last()) {
-        let _ = writeln!(
-            out,
-            "# HELP keel_cleanup_last_seconds Duration of the last cleanup, broadcast to last ack.\n\
-             # TYPE keel_cleanup_last_seconds gauge\nkeel_cleanup_last_seconds {}",
-            num(&last["total_micros"]) / 1e6
-        );
+    describe_histogram!(
+        "keel_embed_pass_seconds",
+        Unit::Seconds,
+        "Duration of a forward pass."
+    );
+}
+
+/// Publishes `stats` into the recorder.
+fn publish(s: &Stats) {
+    let set = |name: &'static str, v: f64| gauge!(name).set(v);
+    let total = |name: &'static str, v: u64| counter!(name).absolute(v);
+    set("keel_rss_bytes", s.rss_bytes as f64);
+    set("keel_rss_peak_bytes", s.peak_rss_bytes as f64);
+    set("keel_memory_limit_bytes", s.memory.limit_bytes as f64);
+    set(
+        "keel_allocator_allocated_bytes",
+        s.memory.allocated_bytes as f64,
+    );
+    set(
+        "keel_allocator_resident_bytes",
+        s.memory.resident_bytes as f64,
+    );
+    set(
+        "keel_memory_creep_mb_per_1000_ops",
+        s.memory
+            .creep
+            .map(|c| c.allocated_mb_per_1000_ops)
+            .unwrap_or(0.0),
+    );
+    set(
+        "keel_memory_pressure",
+        f64::from(u8::from(s.memory.pressure)),
+    );
+    total("keel_ops_total", s.ops);
+    total("keel_rows_total", s.rows);
+    total("keel_rows_embedded_total", s.embedded_rows);
+    set("keel_in_flight_rows", s.in_flight_rows as f64);
+    set("keel_in_flight_rows_max", s.max_in_flight_rows as f64);
+    set("keel_backpressure_wait_seconds_total", s.admit_wait_s);
+    set("keel_streams_open", s.streams.open as f64);
+    total("keel_streams_total", s.streams.total);
+    total("keel_streams_failed_total", s.streams.failed);
+    total("keel_streams_rejected_total", s.streams.rejected);
+    let c = &s.cache.counts;
+    set("keel_cache_bytes", c.bytes as f64);
+    set("keel_cache_max_bytes", c.max_bytes as f64);
+    set("keel_cache_entries", c.entries as f64);
+    total("keel_cache_hits_total", c.hits);
+    total("keel_cache_misses_total", c.misses);
+    total("keel_cache_evictions_total", c.evictions);
+    let e = &s.embedder;
+    total("keel_embed_passes_total", e.passes);
+    total("keel_embed_rows_total", e.rows);
+    total("keel_embed_tokens_total", e.tokens);
+    set("keel_embed_busy_seconds_total", e.busy_ms as f64 / 1000.0);
+    set("keel_embed_queue_jobs", e.queued_jobs as f64);
+    counter!("keel_cleanups_total", "level" => "gentle").absolute(s.cleanups.gentle);
+    counter!("keel_cleanups_total", "level" => "full").absolute(s.cleanups.full);
+    if let Some(last) = s.cleanups.recent.last() {
+        set("keel_cleanup_last_seconds", last.total_micros as f64 / 1e6);
     }
-    out
 }

@@ -2,7 +2,7 @@
 //! loses no acknowledged row, leaves nothing half-written, and the producer resumes from
 //! the count `GetFlightInfo` reports; SIGTERM drains an open stream with no row lost.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -100,10 +100,12 @@ async fn reported_rows(client: &mut FlightClient) -> u64 {
         .total_records as u64
 }
 
-fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("keel-crash-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+/// A fresh folder, removed when the test ends.
+fn scratch(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("keel-crash-{tag}-"))
+        .tempdir()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,7 +113,7 @@ async fn kill_9_during_a_put_loses_no_acknowledged_row_and_the_put_resumes() {
     const TOTAL: usize = 3000;
     let dir = scratch("kill");
     let port = free_port();
-    let mut server = start(&dir, port);
+    let mut server = start(dir.path(), port);
     let mut c = client(&server).await;
     let all = texts(0..TOTAL);
 
@@ -149,7 +151,7 @@ async fn kill_9_during_a_put_loses_no_acknowledged_row_and_the_put_resumes() {
     drop(acks);
     sender.abort();
 
-    let mut server = start(&dir, port);
+    let mut server = start(dir.path(), port);
     let mut c = client(&server).await;
     let n = reported_rows(&mut c).await;
     assert!(
@@ -164,7 +166,7 @@ async fn kill_9_during_a_put_loses_no_acknowledged_row_and_the_put_resumes() {
     );
     assert_eq!(back, all[..n as usize], "a prefix, each row once, in order");
     // No temporary part is visible in the dataset folder.
-    for entry in std::fs::read_dir(dir.join("crash")).unwrap() {
+    for entry in std::fs::read_dir(dir.path().join("crash")).unwrap() {
         let name = entry.unwrap().file_name().to_string_lossy().to_string();
         assert!(name.starts_with("part-"), "{name}");
     }
@@ -182,7 +184,6 @@ async fn kill_9_during_a_put_loses_no_acknowledged_row_and_the_put_resumes() {
     assert_eq!(stored(&mut c).await, all);
     server.child.kill().unwrap();
     server.child.wait().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,7 +191,7 @@ async fn sigterm_drains_an_open_put_with_no_row_lost() {
     const TOTAL: usize = 1500;
     let dir = scratch("term");
     let port = free_port();
-    let mut server = start(&dir, port);
+    let mut server = start(dir.path(), port);
     let mut c = client(&server).await;
     let all = texts(0..TOTAL);
     let (tx, rx) = tokio::sync::mpsc::channel::<RecordBatch>(4);
@@ -229,10 +230,9 @@ async fn sigterm_drains_an_open_put_with_no_row_lost() {
     let status = server.child.wait().unwrap();
     assert!(status.success(), "a clean exit after the drain: {status:?}");
 
-    let mut server = start(&dir, port);
+    let mut server = start(dir.path(), port);
     let mut c = client(&server).await;
     assert_eq!(stored(&mut c).await, all);
     server.child.kill().unwrap();
     server.child.wait().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
 }

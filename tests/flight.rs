@@ -7,7 +7,7 @@ use arrow_array::{
 };
 use arrow_flight::{FlightDescriptor, Ticket};
 use futures::TryStreamExt;
-use keel_actors::embedding::model::{Backend, BatchLimits, SentenceModel};
+use keel_model::{Backend, BatchLimits, SentenceModel};
 use tonic::Code;
 
 use crate::common::*;

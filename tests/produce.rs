@@ -19,11 +19,12 @@ fn sample_vcf() -> PathBuf {
     repo_root().join("data/test-haploidX.vcf")
 }
 
-fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("keel-produce-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh folder, removed when the test ends.
+fn scratch(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("keel-produce-{tag}-"))
+        .tempdir()
+        .unwrap()
 }
 
 fn options(format: Option<Format>, on_error: OnError) -> InputOptions {
@@ -144,7 +145,7 @@ fn vcf_bgzf_gzip_and_bcf_give_the_same_rows_and_columns() {
         .unwrap()
         .value(0);
     assert_eq!(pos, 2700157);
-    for (path, format) in sample_in_other_formats(&dir) {
+    for (path, format) in sample_in_other_formats(dir.path()) {
         assert_eq!(Format::detect(&path), format, "{}", path.display());
         let (batches, skipped) =
             read_all(&path, &opts).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
@@ -161,7 +162,6 @@ fn vcf_bgzf_gzip_and_bcf_give_the_same_rows_and_columns() {
         // BCF stores QUAL as a float: the texts agree where the template does not use it.
         assert_eq!(column(&batches, "text"), texts, "{}", path.display());
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -177,7 +177,7 @@ fn a_bad_vcf_record_is_skipped_with_its_line_or_stops_the_read() {
     broken[1] = "notanumber";
     lines[bad] = broken.join("\t");
     text = lines.join("\n") + "\n";
-    let path = dir.join("bad.vcf");
+    let path = dir.path().join("bad.vcf");
     std::fs::write(&path, text).unwrap();
 
     let (batches, skipped) = read_all(&path, &options(None, OnError::Skip)).unwrap();
@@ -191,7 +191,6 @@ fn a_bad_vcf_record_is_skipped_with_its_line_or_stops_the_read() {
         "names the 1-based line {}: {msg}",
         bad + 1
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -211,7 +210,7 @@ fn parquet_arrow_csv_tsv_and_text_read_the_same_rows() {
     ])
     .unwrap();
 
-    let parquet = dir.join("t.parquet");
+    let parquet = dir.path().join("t.parquet");
     let mut w = parquet::arrow::ArrowWriter::try_new(
         std::fs::File::create(&parquet).unwrap(),
         batch.schema(),
@@ -221,7 +220,7 @@ fn parquet_arrow_csv_tsv_and_text_read_the_same_rows() {
     w.write(&batch).unwrap();
     w.close().unwrap();
 
-    let ipc = dir.join("t.arrow");
+    let ipc = dir.path().join("t.arrow");
     let mut w = arrow_ipc::writer::FileWriter::try_new(
         std::fs::File::create(&ipc).unwrap(),
         &batch.schema(),
@@ -230,7 +229,7 @@ fn parquet_arrow_csv_tsv_and_text_read_the_same_rows() {
     w.write(&batch).unwrap();
     w.finish().unwrap();
 
-    let ipc_stream = dir.join("t.arrows");
+    let ipc_stream = dir.path().join("t.arrows");
     let mut w = arrow_ipc::writer::StreamWriter::try_new(
         std::fs::File::create(&ipc_stream).unwrap(),
         &batch.schema(),
@@ -239,21 +238,21 @@ fn parquet_arrow_csv_tsv_and_text_read_the_same_rows() {
     w.write(&batch).unwrap();
     w.finish().unwrap();
 
-    let csv = dir.join("t.csv");
+    let csv = dir.path().join("t.csv");
     let mut s = String::from("id,text\n");
     for (i, t) in texts.iter().enumerate() {
         s.push_str(&format!("{i},\"{}\"\n", t.replace('"', "\"\"")));
     }
     std::fs::write(&csv, s).unwrap();
 
-    let tsv = dir.join("t.tsv");
+    let tsv = dir.path().join("t.tsv");
     let mut s = String::from("id\ttext\n");
     for (i, t) in texts.iter().enumerate() {
         s.push_str(&format!("{i}\t{}\n", t.replace('"', "")));
     }
     std::fs::write(&tsv, s).unwrap();
 
-    let txt = dir.join("t.txt");
+    let txt = dir.path().join("t.txt");
     std::fs::write(&txt, texts.join("\n") + "\n").unwrap();
 
     let expect: Vec<Option<String>> = texts.iter().cloned().map(Some).collect();
@@ -286,7 +285,6 @@ fn parquet_arrow_csv_tsv_and_text_read_the_same_rows() {
     );
     let tsv_texts: Vec<Option<String>> = texts.iter().map(|t| Some(t.replace('"', ""))).collect();
     assert_eq!(column(&batches, "text"), tsv_texts);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn keel_bin() -> PathBuf {
@@ -299,7 +297,7 @@ fn keel_bin() -> PathBuf {
 async fn produce_streams_the_sample_vcf_and_search_finds_sensible_neighbours() {
     let server = TestServer::start(|_| {}).await;
     let dir = scratch("e2e");
-    let out = dir.join("out.parquet");
+    let out = dir.path().join("out.parquet");
     let to = format!("grpc://{}", server.addr);
     let run = |args: Vec<String>| {
         let bin = keel_bin();
@@ -454,5 +452,4 @@ async fn produce_streams_the_sample_vcf_and_search_finds_sensible_neighbours() {
         .await
         .unwrap();
     server.stop().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }

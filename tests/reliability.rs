@@ -1,6 +1,7 @@
 //! Bad input, misbehaving clients and overload, over real Flight: each case gets its exact
 //! status, and afterwards the server still serves, with no rows or streams left held.
 
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,10 +17,12 @@ use crate::common::{TestServer, action, embed_path, exchange, text_batch};
 /// Peak RSS (this process: server and clients) within the bound the configuration sets
 /// (`docs/OPERATIONS.md`).
 fn assert_within_bound(server: &TestServer, stats: &serde_json::Value) {
-    let model = std::fs::metadata(server.settings.embedder.model_dir.join("model.safetensors"))
+    let dir = &server.settings.embedder.model_dir;
+    let model = std::fs::metadata(dir.join("model.safetensors"))
         .unwrap()
         .len();
-    let bound = keel::soak::report::memory_bound(&server.settings, model);
+    let spec = keel_model::ModelSpec::from_dir(dir).unwrap();
+    let bound = keel::soak::report::memory_bound(&server.settings, model, &spec);
     let peak = stats["peak_rss_bytes"].as_u64().unwrap();
     assert!(peak <= bound, "peak RSS {peak} above the bound {bound}");
 }
@@ -273,7 +276,7 @@ async fn overload_with_reject_refuses_the_excess_and_keeps_the_bound() {
     let server = TestServer::start(|s| {
         s.ingest.max_in_flight_rows = 256;
         s.ingest.slice_rows = 128;
-        s.ingest.when_full = keel_actors::ingest::config::WhenFull::Reject;
+        s.ingest.when_full = keel_engine::ingest::config::WhenFull::Reject;
         s.cache.max_bytes = 0;
     })
     .await;
@@ -342,7 +345,7 @@ async fn overload_with_block_serves_everyone_within_the_bound() {
 /// seeds are (re)written to `fuzz/corpus/flight_data/`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fuzzed_path_validates_its_seed_streams() {
-    use keel::flight::{frames, service::validate_messages};
+    use keel_wire::{frames, validate::validate_messages};
     let encode = |descriptor: arrow_flight::FlightDescriptor, batches: Vec<RecordBatch>| async move {
         let messages: Vec<FlightData> = FlightDataEncoderBuilder::new()
             .build(futures::stream::iter(batches.into_iter().map(Ok)))
@@ -395,7 +398,13 @@ async fn the_fuzzed_path_validates_its_seed_streams() {
     ];
     let dir = crate::common::repo_root().join("fuzz/corpus/flight_data");
     for (name, bytes, expected) in seeds {
-        let got = validate_messages(frames::decode(&bytes), "text", 2).await;
+        let got = validate_messages(
+            frames::decode(&bytes),
+            "text",
+            NonZeroUsize::new(2).unwrap(),
+        )
+        .await
+        .map_err(tonic::Status::from);
         match (&got, expected) {
             (Ok(slices), Ok(n)) => {
                 // Slices of at most 2 rows: 3 rows a batch make 2 slices.
@@ -428,10 +437,15 @@ async fn a_message_that_panics_the_ipc_reader_is_invalid_argument() {
         crate::common::repo_root().join("fuzz/corpus/flight_data/seed-crash-buffer-offset"),
     )
     .unwrap();
-    let messages = keel::flight::frames::decode(&bytes);
-    let direct = keel::flight::service::validate_messages(messages.clone(), "text", 7)
-        .await
-        .unwrap_err();
+    let messages = keel_wire::frames::decode(&bytes);
+    let direct = keel_wire::validate::validate_messages(
+        messages.clone(),
+        "text",
+        NonZeroUsize::new(7).unwrap(),
+    )
+    .await
+    .map_err(tonic::Status::from)
+    .unwrap_err();
     assert_eq!(direct.code(), Code::InvalidArgument, "{direct:?}");
     assert!(direct.message().contains("malformed message"), "{direct:?}");
     let server = TestServer::start(|_| {}).await;

@@ -3,7 +3,9 @@
 mod auth;
 mod common;
 mod crash;
+mod embedder;
 mod flight;
+mod layout;
 mod memory;
 mod produce;
 mod reliability;
@@ -14,4 +16,4 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[allow(non_upper_case_globals)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
-pub static malloc_conf: &[u8] = keel_actors::memory::allocator::MALLOC_CONF;
+pub static malloc_conf: &[u8] = keel_engine::memory::allocator::MALLOC_CONF;

@@ -2,9 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use keel_actors::embedding::model::{Backend, SentenceModel};
-use keel_actors::template::Template;
-use keel_actors::variants::{DEFAULT_TEMPLATE, parse_vcf};
+use keel_model::{Backend, SentenceModel};
+use keel_wire::template::Template;
+use keel_wire::variants::{DEFAULT_TEMPLATE, parse_vcf};
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
@@ -23,7 +23,7 @@ pub fn model() -> SentenceModel {
 pub fn variant_texts() -> Vec<String> {
     let path = std::env::var_os("KEEL_BENCH_VCF")
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("../shared/data/test-haploidX.vcf"));
+        .unwrap_or_else(|| repo_root().join("data/test-haploidX.vcf"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let template = Template::parse(DEFAULT_TEMPLATE).expect("the default template parses");
     parse_vcf(&text)

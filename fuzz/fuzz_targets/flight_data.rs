@@ -1,7 +1,10 @@
-//! Raw bytes → `FlightData` messages (`keel::flight::frames`) → the server's decoding,
-//! descriptor parsing, schema checks, slicing and text extraction. Any input must end in
-//! texts or a status, never a panic, a hang or unbounded memory.
+//! Raw bytes → `FlightData` messages (`keel_wire::frames`) → the server's decoding,
+//! descriptor parsing, schema checks, slicing and text extraction (`keel_wire::validate`,
+//! the same `Slicer` a stream runs). Any input must end in texts or an error, never a
+//! panic, a hang or unbounded memory.
 #![no_main]
+
+use std::num::NonZeroUsize;
 
 use libfuzzer_sys::fuzz_target;
 
@@ -14,9 +17,10 @@ fuzz_target!(
         std::panic::set_hook(Box::new(|_| {}));
     },
     |data: &[u8]| {
-    let messages = keel::flight::frames::decode(data);
-    let _ = futures::executor::block_on(keel::flight::service::validate_messages(
-        messages, "text", 7,
-    ));
+        let messages = keel_wire::frames::decode(data);
+        let slice_rows = NonZeroUsize::new(7).expect("7 is not zero");
+        let _ = futures::executor::block_on(keel_wire::validate::validate_messages(
+            messages, "text", slice_rows,
+        ));
     }
 );

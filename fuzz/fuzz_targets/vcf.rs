@@ -3,8 +3,8 @@
 //! must end in records or per-record errors, never a panic.
 #![no_main]
 
-use keel_actors::template::Template;
-use keel_actors::variants::{DEFAULT_TEMPLATE, VcfLineParser};
+use keel_wire::template::Template;
+use keel_wire::variants::{DEFAULT_TEMPLATE, VcfLineParser};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

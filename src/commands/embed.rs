@@ -1,17 +1,19 @@
 //! `keel embed`: texts on stdin, one JSON object per line on stdout.
 //!
-//! Streams: stdin is read in chunks of [`CHUNK_LINES`] lines, each chunk embedded by every
-//! replica at once and written out before the next is read, so memory stays bounded
-//! whatever the input size. Output order is input order; an empty line is an empty text.
+//! Streams: stdin is read in chunks of [`CHUNK_LINES`] lines, each chunk embedded by the
+//! engine's embedder workers (the same scheduler `keel serve` uses: length-planned passes
+//! on one replica per worker) and written out before the next is read, so memory stays
+//! bounded whatever the input size. Output order is input order; an empty line is an
+//! empty text.
 
 use std::io::{BufRead, BufWriter, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use keel_actors::embedding::model::SentenceModel;
-use keel_actors::embedding::pool::Replicas;
-use keel_actors::memory::rss_bytes;
+use keel_engine::embedder::workers::EmbedderWorkers;
+use keel_engine::memory::rss_bytes;
+use keel_model::SentenceModel;
 
 use crate::ConfigArgs;
 use keel::config::Settings;
@@ -58,11 +60,14 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
     let model = SentenceModel::load(&cfg.model_dir, cfg.backend)
         .with_context(|| format!("loading the model from {}", cfg.model_dir.display()))?;
     let workers = cfg.effective_workers();
-    let replicas = Replicas::new(model, workers, cfg.threads_per_worker)?;
+    let (model_id, dim) = (model.model_id().to_string(), model.dim());
+    // Every job of a chunk may wait in the queue at once.
+    let embedder = EmbedderWorkers::start(model, cfg, CHUNK_LINES.div_ceil(cfg.max_batch_rows))?;
+    let handle = embedder.handle();
     let load_time = started.elapsed();
     tracing::info!(
-        model = replicas.model().model_id(),
-        dim = replicas.model().dim(),
+        model = model_id,
+        dim,
         workers,
         threads_per_worker = cfg.threads_per_worker,
         load_ms = load_time.as_millis() as u64,
@@ -71,8 +76,6 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
 
     let stdin = std::io::stdin().lock();
     let mut out = BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
-    let limits = cfg.limits();
-    let dim = replicas.model().dim();
     let (mut texts_done, mut embed_time) = (0usize, std::time::Duration::ZERO);
     let mut lines = stdin.split(b'\n');
     let mut chunk: Vec<String> = Vec::with_capacity(CHUNK_LINES);
@@ -97,7 +100,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         }
         let texts: Vec<&str> = chunk.iter().map(String::as_str).collect();
         let t0 = Instant::now();
-        let vectors = replicas.embed(&texts, limits)?;
+        let vectors = handle.embed_blocking(&texts, cfg.max_batch_rows)?;
         embed_time += t0.elapsed();
         for (text, v) in texts.iter().zip(vectors.chunks_exact(dim)) {
             serde_json::to_writer(
@@ -109,6 +112,8 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         texts_done += texts.len();
     }
     out.flush().context("writing stdout")?;
+    drop(handle);
+    embedder.shutdown(std::time::Duration::from_secs(5));
 
     let secs = embed_time.as_secs_f64();
     eprintln!(

@@ -17,7 +17,9 @@ use arrow_flight::FlightDescriptor;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use futures::{StreamExt, TryStreamExt};
+use keel::flight::stream::PutAck;
 use keel::input::{self, Format, InputOptions, OnError};
+use keel_engine::stats::Stats;
 
 #[derive(clap::Args)]
 pub struct ProduceArgs {
@@ -188,8 +190,8 @@ async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
             let mut acks = client.do_put(data).await?;
             let mut stored = 0u64;
             while let Some(ack) = acks.next().await {
-                let meta: serde_json::Value = serde_json::from_slice(&ack?.app_metadata)?;
-                stored = meta["acknowledged_rows"].as_u64().unwrap_or(stored);
+                let ack: PutAck = serde_json::from_slice(&ack?.app_metadata)?;
+                stored = ack.acknowledged_rows;
                 bar.set_position(stored);
             }
             Ok(stored as usize)
@@ -241,9 +243,9 @@ async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
     let rows = read.load(Ordering::Relaxed) as usize;
     let skipped = skipped.load(Ordering::Relaxed);
     let secs = started.elapsed().as_secs_f64();
-    let stats = keel::flight::client::action_json(&mut client, "stats", Vec::new())
+    let stats: Option<Stats> = keel::flight::client::action(&mut client, "stats", Vec::new())
         .await
-        .unwrap_or(serde_json::Value::Null);
+        .ok();
     eprintln!(
         "keel produce: {received} of {rows} rows {} in {secs:.2} s ({:.0} rows/s); {skipped} input records skipped",
         if args.dataset.is_some() {
@@ -257,16 +259,19 @@ async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
             0.0
         },
     );
-    eprintln!(
-        "keel server: RSS {} MB (peak {} MB), cache {} entries / {} kB of {} kB, hit rate {:.1} %, {} ops",
-        stats["rss_bytes"].as_u64().unwrap_or(0) / 1_000_000,
-        stats["peak_rss_bytes"].as_u64().unwrap_or(0) / 1_000_000,
-        stats["cache"]["entries"],
-        stats["cache"]["bytes"].as_u64().unwrap_or(0) / 1000,
-        stats["cache"]["max_bytes"].as_u64().unwrap_or(0) / 1000,
-        stats["cache"]["hit_rate"].as_f64().unwrap_or(0.0) * 100.0,
-        stats["ops"],
-    );
+    if let Some(s) = stats {
+        let c = &s.cache.counts;
+        eprintln!(
+            "keel server: RSS {} MB (peak {} MB), cache {} entries / {} kB of {} kB, hit rate {:.1} %, {} ops",
+            s.rss_bytes / 1_000_000,
+            s.peak_rss_bytes / 1_000_000,
+            c.entries,
+            c.bytes / 1000,
+            c.max_bytes / 1000,
+            s.cache.hit_rate * 100.0,
+            s.ops,
+        );
+    }
     if received != rows {
         bail!("{} rows were sent but {received} came back", rows);
     }

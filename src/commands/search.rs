@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use keel::flight::actions::SearchResponse;
 
 #[derive(clap::Args)]
 pub struct SearchArgs {
@@ -34,15 +35,15 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
             keel::flight::client::connect_with(&args.to, Duration::from_secs(10), &args.auth)
                 .await?;
         let body = serde_json::json!({ "dataset": args.dataset, "text": args.text, "k": args.k });
-        let answer =
-            keel::flight::client::action_json(&mut client, "search", serde_json::to_vec(&body)?)
+        let answer: SearchResponse =
+            keel::flight::client::action(&mut client, "search", serde_json::to_vec(&body)?)
                 .await
                 .context("search")?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&answer)?);
             return Ok(());
         }
-        for hit in answer["results"].as_array().into_iter().flatten() {
+        for hit in &answer.results {
             let text = hit["text"]
                 .as_str()
                 .map(String::from)
@@ -55,8 +56,8 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
         }
         eprintln!(
             "keel search: {} of {} rows of {:?}",
-            answer["results"].as_array().map_or(0, Vec::len),
-            answer["scanned_rows"],
+            answer.results.len(),
+            answer.scanned_rows,
             args.dataset
         );
         Ok(())

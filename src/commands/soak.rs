@@ -58,18 +58,8 @@ pub struct SoakArgs {
 }
 
 fn parse_duration(s: &str) -> anyhow::Result<Duration> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, 's')) => (&s[..i], 1.0),
-        Some((i, 'm')) => (&s[..i], 60.0),
-        Some((i, 'h')) => (&s[..i], 3600.0),
-        Some((i, 'd')) => (&s[..i], 86400.0),
-        _ => (s, 1.0),
-    };
-    let n: f64 = num
-        .parse()
-        .with_context(|| format!("bad duration {s:?} (use 90s, 5m, 1h)"))?;
-    Ok(Duration::from_secs_f64(n * mult))
+    humantime::parse_duration(s.trim())
+        .with_context(|| format!("bad duration {s:?} (use 90s, 5m, 1h, 24h)"))
 }
 
 pub fn run(args: SoakArgs) -> anyhow::Result<()> {
@@ -95,9 +85,17 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
         compare_secs: args.compare_secs,
         progress: std::io::stderr().is_terminal(),
     };
-    let model_bytes = std::fs::metadata(settings.embedder.model_dir.join("model.safetensors"))
+    let model_dir = &settings.embedder.model_dir;
+    let model_bytes = std::fs::metadata(model_dir.join("model.safetensors"))
         .map(|m| m.len())
         .unwrap_or(0);
+    // The memory bound is the model's own: its widths, heads and longest sequence.
+    let spec = keel_model::ModelSpec::from_dir(model_dir).with_context(|| {
+        format!(
+            "reading the model's configuration in {}",
+            model_dir.display()
+        )
+    })?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -108,6 +106,7 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
         args.workload,
         args.warmup_ops,
         model_bytes,
+        &spec,
     );
     report::write(&args.report, &observed, &report, args.warmup_ops)?;
     for c in &report.checks {

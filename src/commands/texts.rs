@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use arrow_array::{Array, StringArray};
 use keel::input::{self, Format, InputOptions, OnError};
-use keel_actors::variants::DEFAULT_TEMPLATE;
+use keel_wire::variants::DEFAULT_TEMPLATE;
 
 #[derive(clap::Args)]
 pub struct TextsArgs {

@@ -16,15 +16,11 @@ use tonic::metadata::MetadataMap;
 
 use crate::config::{AuthConfig, AuthMode};
 
-/// Equality whose time depends on the lengths only, not on where the bytes differ.
+/// Equality whose time does not depend on where the bytes differ (`subtle`; a length
+/// difference is answered at once, and lengths are not secret here).
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= x ^ y;
-    }
-    diff == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 /// Whether `candidate` equals any of `secrets`, comparing against all of them.
@@ -112,10 +108,6 @@ impl Auth {
             max_issued: c.max_issued_tokens.max(1),
             issued: Mutex::new(HashMap::new()),
         })
-    }
-
-    pub fn mode(&self) -> AuthMode {
-        self.mode
     }
 
     /// Lets a call in, or `Unauthenticated`.

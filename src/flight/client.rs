@@ -67,12 +67,13 @@ pub async fn connect_with(
     }
 }
 
-/// Runs a `DoAction` and parses its one JSON result.
-pub async fn action_json(
+/// Runs a `DoAction` and parses its one JSON result into `T` (the action's typed answer:
+/// `keel_engine::stats::Stats`, `SearchResponse`, `CleanupRecord`, ...).
+pub async fn action<T: serde::de::DeserializeOwned>(
     client: &mut FlightClient,
     kind: &str,
     body: Vec<u8>,
-) -> anyhow::Result<serde_json::Value> {
+) -> anyhow::Result<T> {
     use futures::StreamExt;
     let mut results = client
         .do_action(arrow_flight::Action::new(kind.to_string(), body))
@@ -81,5 +82,5 @@ pub async fn action_json(
         .next()
         .await
         .with_context(|| format!("the {kind} action returned nothing"))??;
-    Ok(serde_json::from_slice(&bytes)?)
+    serde_json::from_slice(&bytes).with_context(|| format!("the {kind} action's answer"))
 }

@@ -1,15 +1,18 @@
 //! The one mapping from Keel's errors to gRPC statuses, with codes chosen on purpose:
 //! the client's fault → `InvalidArgument` / `NotFound`; a limit → `ResourceExhausted`;
-//! shutting down → `Unavailable`; only true bugs → `Internal`.
+//! shutting down → `Unavailable`; only true bugs → `Internal`. (What the client sent is
+//! `keel_wire::WireError`, which converts itself: `InvalidArgument`, or the transport's
+//! own status.)
 
 use arrow_flight::error::FlightError;
-use keel_actors::ingest::IngestError;
-use keel_actors::sink::store::SinkError;
+use keel_engine::ingest::IngestError;
+use keel_engine::sink::store::SinkError;
 use tonic::Status;
+
+use crate::engine::EngineError;
 
 pub fn ingest(e: IngestError) -> Status {
     match e {
-        IngestError::InvalidArgument(m) => Status::invalid_argument(m),
         IngestError::ResourceExhausted(m) => Status::resource_exhausted(m),
         IngestError::Unavailable(m) => Status::unavailable(m),
         IngestError::Internal(m) => Status::internal(m),
@@ -29,17 +32,14 @@ pub fn sink(e: SinkError) -> Status {
     }
 }
 
-/// An error decoding what the client sent is the client's fault; a status the transport
-/// produced (the client went away, a message over the size limit) is kept as it is.
-pub fn client_data(e: FlightError) -> Status {
+pub fn engine(e: EngineError) -> Status {
     match e {
-        FlightError::Tonic(status) => *status,
-        FlightError::ProtocolError(m) if m.contains("multiple Schema messages") => {
-            Status::invalid_argument(
-                "the schema changed mid-stream; open a new stream for a new schema",
-            )
+        EngineError::TooManyStreams(_) => Status::resource_exhausted(e.to_string()),
+        EngineError::ShuttingDown | EngineError::ActorGone(..) => {
+            Status::unavailable(e.to_string())
         }
-        other => Status::invalid_argument(format!("cannot decode the Arrow IPC stream: {other}")),
+        EngineError::Sink(e) => sink(e),
+        EngineError::Task(_) => Status::internal(e.to_string()),
     }
 }
 

@@ -1,16 +1,22 @@
-//! The Arrow Flight service: descriptors and tickets decoded once, then typed handlers.
+//! The Arrow Flight front end, one module per job:
 //!
-//! - `DoExchange ["embed"]`: rows in, the same rows plus `embedding` out, in order;
-//! - `DoPut ["datasets", NAME]`: rows embedded and appended to a Parquet dataset, each
-//!   `PutResult` acknowledging rows that are on disk;
-//! - `DoGet NAME`, `ListFlights`, `GetFlightInfo`, `GetSchema`: datasets;
-//! - `DoAction`: `stats`, `cleanup`, `health`, `search`;
+//! - [`service`]: the thin `FlightService`: authentication, then a call into the others;
+//! - [`stream`]: one stream's pipeline — `DoExchange ["embed"]` (rows back with their
+//!   vectors, in order) and `DoPut ["datasets", NAME]` (rows appended, each `PutResult`
+//!   acknowledging rows on disk);
+//! - [`datasets`]: `ListFlights`, `GetFlightInfo`, `GetSchema`, `DoGet`;
+//! - [`actions`]: `DoAction` parsed once into a typed action (`stats`, `health`,
+//!   `cleanup`, `search`), one handler each;
+//! - [`auth`]: tokens, basic credentials, `Handshake`;
+//! - [`error`]: the one mapping from Keel's errors to gRPC statuses;
 //! - [`client`]: connecting as a client (the commands and the soak).
 //!
-//! Errors go through [`error`], the single mapping to gRPC statuses.
+//! Decoding, descriptor parsing, slicing and text extraction are `keel-wire`'s.
 
+pub mod actions;
 pub mod auth;
 pub mod client;
+pub mod datasets;
 pub mod error;
-pub mod frames;
 pub mod service;
+pub mod stream;

@@ -20,8 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context, bail};
 use arrow_array::{ArrayRef, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
-use keel_actors::template::Template;
-use keel_actors::variants::DEFAULT_TEMPLATE;
+use keel_wire::template::Template;
+use keel_wire::variants::DEFAULT_TEMPLATE;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {

@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, bail};
 use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
-use keel_actors::template::Template;
-use keel_actors::variants::{ANNOTATION_COLUMNS, VariantRecord, VcfLineParser};
+use keel_wire::template::Template;
+use keel_wire::variants::{ANNOTATION_COLUMNS, VariantRecord, VcfLineParser};
 use noodles::vcf::variant::io::Write as _;
 use noodles::{bcf, bgzf, vcf};
 

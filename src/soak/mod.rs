@@ -18,6 +18,8 @@ use arrow_array::{ArrayRef, RecordBatch, StringArray};
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::{FlightClient, FlightDescriptor};
 use futures::TryStreamExt;
+use keel_engine::cleanup::CleanupRecord;
+use keel_engine::stats::Stats;
 use serde::Serialize;
 
 use crate::config::Settings;
@@ -69,31 +71,30 @@ pub struct Observed {
     /// Samples taken with producers held and nothing in flight: memory that the work in
     /// flight does not blur (the one with the least allocated of a few readings each).
     pub settled: Vec<Sample>,
-    pub cleanups: Vec<serde_json::Value>,
+    pub cleanups: Vec<CleanupRecord>,
     pub bursts: Vec<Burst>,
-    pub final_stats: serde_json::Value,
+    pub final_stats: Stats,
     pub elapsed: Duration,
     pub rows_sent: u64,
     /// rows/s with the supervisor acting, and with it off, segment by segment.
     pub compare: Option<(Vec<f64>, Vec<f64>)>,
 }
 
-async fn stats(client: &mut FlightClient) -> anyhow::Result<serde_json::Value> {
-    crate::flight::client::action_json(client, "stats", Vec::new()).await
+async fn stats(client: &mut FlightClient) -> anyhow::Result<Stats> {
+    crate::flight::client::action(client, "stats", Vec::new()).await
 }
 
-fn sample_of(s: &serde_json::Value, started: Instant) -> Sample {
-    let u = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+fn sample_of(s: &Stats, started: Instant) -> Sample {
     Sample {
         t_s: started.elapsed().as_secs_f64(),
-        ops: u(&s["ops"]),
-        rows: u(&s["rows"]),
-        rss: u(&s["rss_bytes"]),
-        allocated: u(&s["memory"]["allocated_bytes"]),
-        resident: u(&s["memory"]["resident_bytes"]),
-        cache_bytes: u(&s["cache"]["bytes"]),
-        in_flight_rows: u(&s["in_flight_rows"]),
-        cleanups: u(&s["cleanups"]["total"]),
+        ops: s.ops,
+        rows: s.rows,
+        rss: s.rss_bytes,
+        allocated: s.memory.allocated_bytes,
+        resident: s.memory.resident_bytes,
+        cache_bytes: s.cache.counts.bytes,
+        in_flight_rows: s.in_flight_rows,
+        cleanups: s.cleanups.total,
     }
 }
 
@@ -231,7 +232,7 @@ async fn drive(
     let mut samples = Vec::new();
     let mut settled = Vec::new();
     let mut next_settle = opts.warmup_ops;
-    let mut cleanups: Vec<serde_json::Value> = Vec::new();
+    let mut cleanups: Vec<CleanupRecord> = Vec::new();
     let mut last_cleanup_at = 0u64;
     let mut bursts = Vec::new();
     // Burst cycle: (phase start, phase): 0 = before (idle), 1 = burst, 2 = recovering.
@@ -247,16 +248,12 @@ async fn drive(
         tokio::time::sleep(tick).await;
         let s = stats(&mut probe).await?;
         let sample = sample_of(&s, started);
-        for c in s["cleanups"]["recent"].as_array().into_iter().flatten() {
-            let at = c["at_ms"].as_u64().unwrap_or(0);
-            if at > last_cleanup_at {
+        for c in &s.cleanups.recent {
+            if c.at_ms > last_cleanup_at {
                 cleanups.push(c.clone());
             }
         }
-        last_cleanup_at = cleanups
-            .last()
-            .and_then(|c| c["at_ms"].as_u64())
-            .unwrap_or(last_cleanup_at);
+        last_cleanup_at = cleanups.last().map_or(last_cleanup_at, |c| c.at_ms);
         samples.push(sample);
         if opts.workload == Workload::Burst {
             let in_phase = phase.0.elapsed();
@@ -308,7 +305,7 @@ async fn drive(
                 sample.ops,
                 sample.rows as f64 / secs.max(1e-9),
                 sample.rss as f64 / 1e6,
-                s["cache"]["hit_rate"].as_f64().unwrap_or(0.0) * 100.0,
+                s.cache.hit_rate * 100.0,
                 sample.cleanups
             );
         }

@@ -21,7 +21,8 @@ pub struct TestServer {
     /// The settings it runs with.
     pub settings: Settings,
     pub metrics_addr: SocketAddr,
-    pub data_dir: PathBuf,
+    /// The server's storage.data_dir (held so that it is removed when the server drops).
+    _data_dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -40,12 +41,11 @@ impl TestServer {
             "model missing: run scripts/fetch-model.sh"
         );
         settings.embedder.workers = 2;
-        let data_dir = std::env::temp_dir().join(format!(
-            "keel-test-{}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
-        settings.storage.data_dir = data_dir.clone();
+        let data_dir = tempfile::Builder::new()
+            .prefix("keel-test-")
+            .tempdir()
+            .unwrap();
+        settings.storage.data_dir = data_dir.path().to_path_buf();
         settings.server.listen = "127.0.0.1:0".parse().unwrap();
         edit(&mut settings);
         settings.validate().unwrap();
@@ -70,7 +70,7 @@ impl TestServer {
             addr,
             settings: kept,
             metrics_addr,
-            data_dir,
+            _data_dir: data_dir,
             stop: Some(stop),
             done: Some(done),
         }
@@ -97,19 +97,7 @@ impl TestServer {
                 .unwrap()
                 .unwrap();
         }
-        let _ = std::fs::remove_dir_all(&self.data_dir);
     }
-}
-
-fn rand_suffix() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed) * 1000
-        + std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos() as u64
-            % 1000
 }
 
 pub fn text_batch(texts: &[Option<&str>]) -> RecordBatch {

@@ -1,0 +1,48 @@
+//! The embedder's member of the cleanup protocol.
+//!
+//! The replicas run on their own threads (see [`super::workers`]); this small actor is
+//! how the supervisor reaches them. On the CPU backend a forward pass keeps nothing after
+//! it returns — activations, masks and token buffers are owned by the pass and dropped
+//! with it — so a cleanup has nothing pooled to drop; on device backends it returns the
+//! device's pooled memory.
+
+use std::time::Instant;
+
+use actix::{Actor, Context, Handler, MessageResult};
+use keel_model::SentenceModel;
+
+use crate::cleanup::{Cleanup, CleanupAck};
+
+pub struct EmbedderJanitor {
+    /// A replica of the model (weights shared): the handle to its device.
+    model: SentenceModel,
+}
+
+impl EmbedderJanitor {
+    pub fn new(model: SentenceModel) -> Self {
+        Self { model }
+    }
+}
+
+impl Actor for EmbedderJanitor {
+    type Context = Context<Self>;
+}
+
+impl Handler<Cleanup> for EmbedderJanitor {
+    type Result = MessageResult<Cleanup>;
+
+    fn handle(&mut self, _: Cleanup, _: &mut Self::Context) -> Self::Result {
+        let started = Instant::now();
+        let detail = if self.model.release_pooled_memory() {
+            "returned pooled device memory"
+        } else {
+            "host backend: passes keep no scratch between batches"
+        };
+        MessageResult(CleanupAck::new(
+            "embedder",
+            0,
+            detail.to_string(),
+            started.elapsed(),
+        ))
+    }
+}

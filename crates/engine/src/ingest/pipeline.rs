@@ -1,0 +1,272 @@
+//! From texts to vectors: micro-batches, the cache, the embedder, and the in-flight bound.
+//!
+//! One [`Pipeline`] serves every stream. A stream first [`Pipeline::admit`]s the rows it
+//! is about to read — the returned [`InFlight`] holds that many permits of the
+//! `max_in_flight_rows` semaphore until it is dropped, after the rows are sent or stored
+//! — then calls [`Pipeline::embed`]. That cuts the rows into micro-batches of
+//! `micro_batch_rows` (one op each) and runs them concurrently: look the texts up in the
+//! cache, send the misses (deduplicated) to the embedder, insert the new vectors.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use actix::Addr;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
+
+use super::IngestError;
+use super::config::IngestConfig;
+use crate::cache::actor::CacheActor;
+use crate::cache::messages::{Insert, Lookup};
+use crate::embedder::workers::{EmbedError, EmbedderHandle};
+
+/// Counters of ingest, read by `stats` and the supervisor.
+#[derive(Debug, Default)]
+pub struct IngestCounters {
+    pub ops: AtomicU64,
+    pub rows: AtomicU64,
+    pub null_rows: AtomicU64,
+    pub embedded_rows: AtomicU64,
+    pub max_in_flight_rows_seen: AtomicU64,
+    /// Rows admitted and not yet released (a gauge).
+    pub in_flight_rows: AtomicU64,
+    /// Time streams spent waiting for permits, in microseconds (backpressure).
+    pub admit_wait_micros: AtomicU64,
+    pub streams_open: AtomicU64,
+    pub streams_total: AtomicU64,
+    pub streams_failed: AtomicU64,
+    /// Streams refused because the bound was reached (`ingest.when_full: reject`).
+    pub rejected_streams: AtomicU64,
+}
+
+/// Permits for rows in flight; dropping it releases them.
+pub struct InFlight {
+    _permit: OwnedSemaphorePermit,
+    rows: u64,
+    counters: Arc<IngestCounters>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.counters
+            .in_flight_rows
+            .fetch_sub(self.rows, Ordering::Relaxed);
+    }
+}
+
+pub struct Pipeline {
+    cache: Option<Addr<CacheActor>>,
+    embedder: EmbedderHandle,
+    permits: Arc<Semaphore>,
+    config: IngestConfig,
+    counters: Arc<IngestCounters>,
+    /// Set by the supervisor while RSS is above the hard watermark: each row then takes
+    /// two permits, halving the rows in flight until memory comes back.
+    pressure: Arc<AtomicBool>,
+    /// Model id and output settings: the part of every cache key that is not the text.
+    key_model: String,
+    key_settings: String,
+}
+
+impl Pipeline {
+    /// `counters` are shared with whoever reports them (stats, the supervisor's probe).
+    pub fn new(
+        config: IngestConfig,
+        cache: Option<Addr<CacheActor>>,
+        embedder: EmbedderHandle,
+        key_settings: String,
+        counters: Arc<IngestCounters>,
+        pressure: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            pressure,
+            permits: Arc::new(Semaphore::new(config.max_in_flight_rows)),
+            key_model: embedder.model_id().to_string(),
+            cache,
+            embedder,
+            config,
+            counters,
+            key_settings,
+        }
+    }
+
+    pub fn config(&self) -> &IngestConfig {
+        &self.config
+    }
+
+    pub fn counters(&self) -> &Arc<IngestCounters> {
+        &self.counters
+    }
+
+    pub fn dim(&self) -> usize {
+        self.embedder.dim()
+    }
+
+    pub fn embedder(&self) -> &EmbedderHandle {
+        &self.embedder
+    }
+
+    /// Permits for `rows` rows: twice as many under memory pressure, so that half as
+    /// many rows are admitted.
+    fn permits_for(&self, rows: usize) -> (u32, u32) {
+        let rows = rows.min(self.config.max_in_flight_rows) as u32;
+        let permits = if self.pressure.load(Ordering::Relaxed) {
+            (rows * 2).min(self.config.max_in_flight_rows as u32)
+        } else {
+            rows
+        };
+        (rows, permits)
+    }
+
+    fn in_flight(&self, permit: OwnedSemaphorePermit, rows: u32) -> InFlight {
+        let c = &self.counters;
+        let now = c.in_flight_rows.fetch_add(rows as u64, Ordering::Relaxed) + rows as u64;
+        c.max_in_flight_rows_seen.fetch_max(now, Ordering::Relaxed);
+        InFlight {
+            _permit: permit,
+            rows: rows as u64,
+            counters: c.clone(),
+        }
+    }
+
+    /// Waits until `rows` more rows may be in flight. `rows` must not exceed
+    /// `max_in_flight_rows` (streams take at most `slice_rows` at a time).
+    pub async fn admit(&self, rows: usize) -> Result<InFlight, IngestError> {
+        let (rows, permits) = self.permits_for(rows);
+        let waited = std::time::Instant::now();
+        let permit = self
+            .permits
+            .clone()
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| IngestError::Unavailable("the server is shutting down".into()))?;
+        self.counters
+            .admit_wait_micros
+            .fetch_add(waited.elapsed().as_micros() as u64, Ordering::Relaxed);
+        Ok(self.in_flight(permit, rows))
+    }
+
+    /// Admits `rows` if there is room now; `ResourceExhausted` if not.
+    pub fn try_admit(&self, rows: usize) -> Result<InFlight, IngestError> {
+        let (rows, permits) = self.permits_for(rows);
+        match self.permits.clone().try_acquire_many_owned(permits) {
+            Ok(permit) => Ok(self.in_flight(permit, rows)),
+            Err(TryAcquireError::Closed) => Err(IngestError::Unavailable(
+                "the server is shutting down".into(),
+            )),
+            Err(TryAcquireError::NoPermits) => {
+                self.counters
+                    .rejected_streams
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(IngestError::ResourceExhausted(format!(
+                    "{} rows are in flight, the bound (ingest.max_in_flight_rows); this stream \
+                     was refused (ingest.when_full: reject): retry it later",
+                    self.counters.in_flight_rows.load(Ordering::Relaxed)
+                )))
+            }
+        }
+    }
+
+    /// Stops admitting rows: waiting and future `admit`s fail with `Unavailable`.
+    pub fn close(&self) {
+        self.permits.close();
+    }
+
+    /// Vectors for `texts` (`rows × dim`, zeros where the text is null) and the validity
+    /// of each row. Runs one op per micro-batch, concurrently.
+    pub async fn embed(
+        &self,
+        texts: Vec<Option<String>>,
+    ) -> Result<(Vec<f32>, Vec<bool>), IngestError> {
+        let dim = self.dim();
+        let n = texts.len();
+        let valid: Vec<bool> = texts.iter().map(Option::is_some).collect();
+        let ops = texts
+            .chunks(self.config.micro_batch_rows)
+            .map(|chunk| self.op(chunk))
+            .collect::<Vec<_>>();
+        let mut out = Vec::with_capacity(n * dim);
+        for result in futures::future::join_all(ops).await {
+            out.extend(result?);
+        }
+        Ok((out, valid))
+    }
+
+    /// One op: a micro-batch's vectors, `chunk.len() × dim` values.
+    async fn op(&self, chunk: &[Option<String>]) -> Result<Vec<f32>, IngestError> {
+        let dim = self.dim();
+        let mut out = vec![0.0f32; chunk.len() * dim];
+        // Unique texts of the chunk and the rows that carry each.
+        let mut unique: Vec<(u128, &str, Vec<usize>)> = Vec::new();
+        let mut index: HashMap<u128, usize> = HashMap::new();
+        for (row, text) in chunk.iter().enumerate() {
+            if let Some(text) = text {
+                let key = crate::cache::key(&self.key_model, &self.key_settings, text);
+                match index.get(&key) {
+                    Some(&u) => unique[u].2.push(row),
+                    None => {
+                        index.insert(key, unique.len());
+                        unique.push((key, text, vec![row]));
+                    }
+                }
+            }
+        }
+        let cached = match &self.cache {
+            Some(cache) if !unique.is_empty() => cache
+                .send(Lookup {
+                    keys: unique.iter().map(|u| u.0).collect(),
+                })
+                .await
+                .map_err(|e| IngestError::Internal(format!("cache unavailable: {e}")))?,
+            _ => vec![None; unique.len()],
+        };
+        let mut misses = Vec::new();
+        for (u, hit) in unique.iter().zip(&cached) {
+            match hit {
+                Some(v) => {
+                    for &row in &u.2 {
+                        out[row * dim..(row + 1) * dim].copy_from_slice(v);
+                    }
+                }
+                None => misses.push(u),
+            }
+        }
+        if !misses.is_empty() {
+            let vectors = self
+                .embedder
+                .embed(misses.iter().map(|u| u.1.to_string()).collect())
+                .await
+                .map_err(|e| match e {
+                    EmbedError::Closed => {
+                        IngestError::Unavailable("the embedder is shut down".into())
+                    }
+                    EmbedError::Failed(m) => IngestError::Internal(m),
+                })?;
+            let mut inserts = Vec::with_capacity(misses.len());
+            for (u, v) in misses.iter().zip(vectors.chunks_exact(dim)) {
+                for &row in &u.2 {
+                    out[row * dim..(row + 1) * dim].copy_from_slice(v);
+                }
+                inserts.push((u.0, Arc::<[f32]>::from(v)));
+            }
+            self.counters
+                .embedded_rows
+                .fetch_add(misses.len() as u64, Ordering::Relaxed);
+            if let Some(cache) = &self.cache {
+                cache
+                    .send(Insert { entries: inserts })
+                    .await
+                    .map_err(|e| IngestError::Internal(format!("cache unavailable: {e}")))?;
+            }
+        }
+        let nulls = chunk.iter().filter(|t| t.is_none()).count();
+        self.counters.ops.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .rows
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        self.counters
+            .null_rows
+            .fetch_add(nulls as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+}

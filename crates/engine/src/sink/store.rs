@@ -1,0 +1,365 @@
+//! Datasets on disk.
+//!
+//! Layout: `data_dir/NAME/part-NNNNNNNNNN.parquet`, numbered from 0. A part is written to
+//! `.tmp-part-…` in the same folder, fsynced, renamed into place and the folder fsynced:
+//! a crash leaves either the whole part or none of it, and temporary files (ignored by
+//! every reader) are removed at start-up. All parts of a dataset share one schema.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::RecordBatch;
+use arrow_schema::{ArrowError, SchemaRef};
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::errors::ParquetError;
+use parquet::file::properties::WriterProperties;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error(
+        "invalid dataset name {0:?}: use 1-128 characters of A-Z a-z 0-9 _ - . (not starting with '.')"
+    )]
+    InvalidName(String),
+    #[error("dataset {0:?} does not exist")]
+    NotFound(String),
+    #[error("dataset {name:?} has schema {existing}, this stream sends {incoming}")]
+    SchemaMismatch {
+        name: String,
+        existing: String,
+        incoming: String,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parquet {
+        path: PathBuf,
+        #[source]
+        source: ParquetError,
+    },
+    #[error("{0}")]
+    Arrow(#[from] ArrowError),
+    #[error("the sink is shut down")]
+    Closed,
+    #[error("{0}")]
+    NotSearchable(String),
+}
+
+/// What `ListFlights` / `GetFlightInfo` say about a dataset.
+#[derive(Debug, Clone)]
+pub struct DatasetInfo {
+    pub name: String,
+    pub schema: SchemaRef,
+    pub rows: u64,
+    pub bytes: u64,
+    pub parts: usize,
+}
+
+pub struct DatasetStore {
+    root: PathBuf,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SinkError + '_ {
+    move |source| SinkError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl DatasetStore {
+    /// Opens (creating) the data folder and removes temporary files left by a crash.
+    pub fn open(root: &Path) -> Result<Self, SinkError> {
+        fs::create_dir_all(root).map_err(io(root))?;
+        for entry in fs::read_dir(root).map_err(io(root))? {
+            let dir = entry.map_err(io(root))?.path();
+            if dir.is_dir() {
+                for f in fs::read_dir(&dir).map_err(io(&dir))? {
+                    let f = f.map_err(io(&dir))?.path();
+                    if f.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(".tmp-"))
+                    {
+                        tracing::warn!(file = %f.display(), "removing a partial part left by an interrupted write");
+                        fs::remove_file(&f).map_err(io(&f))?;
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn validate_name(name: &str) -> Result<(), SinkError> {
+        if keel_wire::descriptor::is_valid_dataset_name(name) {
+            Ok(())
+        } else {
+            Err(SinkError::InvalidName(name.to_string()))
+        }
+    }
+
+    fn dir(&self, name: &str) -> Result<PathBuf, SinkError> {
+        Self::validate_name(name)?;
+        Ok(self.root.join(name))
+    }
+
+    /// Part files of a dataset, in order.
+    pub fn parts(&self, name: &str) -> Result<Vec<PathBuf>, SinkError> {
+        let dir = self.dir(name)?;
+        if !dir.is_dir() {
+            return Err(SinkError::NotFound(name.to_string()));
+        }
+        let mut parts: Vec<PathBuf> = fs::read_dir(&dir)
+            .map_err(io(&dir))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("part-") && n.ends_with(".parquet"))
+            })
+            .collect();
+        parts.sort();
+        Ok(parts)
+    }
+
+    /// Appends `batches` as one new part. Returns the rows now stored in the dataset.
+    pub fn append(&self, name: &str, batches: &[RecordBatch]) -> Result<u64, SinkError> {
+        let dir = self.dir(name)?;
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let Some(first) = batches.first() else {
+            return Ok(self.info(name)?.rows);
+        };
+        let schema = first.schema();
+        let existing = self.parts(name)?;
+        if let Some(part) = existing.first() {
+            let have = read_schema(part)?;
+            if have.fields() != schema.fields() {
+                return Err(SinkError::SchemaMismatch {
+                    name: name.to_string(),
+                    existing: format_schema(&have),
+                    incoming: format_schema(&schema),
+                });
+            }
+        }
+        let next = existing
+            .last()
+            .and_then(|p| {
+                p.file_stem()?
+                    .to_str()?
+                    .strip_prefix("part-")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map_or(0, |n| n + 1);
+        let final_path = dir.join(format!("part-{next:010}.parquet"));
+        let tmp_path = dir.join(format!(".tmp-part-{next:010}.parquet"));
+        let file = File::create(&tmp_path).map_err(io(&tmp_path))?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .build();
+        let pq = |source| SinkError::Parquet {
+            path: tmp_path.clone(),
+            source,
+        };
+        let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(pq)?;
+        for b in batches {
+            if b.schema().fields() != schema.fields() {
+                return Err(SinkError::SchemaMismatch {
+                    name: name.to_string(),
+                    existing: format_schema(&schema),
+                    incoming: format_schema(&b.schema()),
+                });
+            }
+            writer.write(b).map_err(pq)?;
+        }
+        let file = writer.into_inner().map_err(pq)?;
+        file.sync_all().map_err(io(&tmp_path))?;
+        drop(file);
+        fs::rename(&tmp_path, &final_path).map_err(io(&final_path))?;
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&dir))?;
+        Ok(self.info(name)?.rows)
+    }
+
+    pub fn info(&self, name: &str) -> Result<DatasetInfo, SinkError> {
+        let parts = self.parts(name)?;
+        let (mut rows, mut bytes) = (0u64, 0u64);
+        let mut schema: SchemaRef = Arc::new(arrow_schema::Schema::empty());
+        for (i, p) in parts.iter().enumerate() {
+            let file = File::open(p).map_err(io(p))?;
+            bytes += file.metadata().map_err(io(p))?.len();
+            let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|source| {
+                SinkError::Parquet {
+                    path: p.clone(),
+                    source,
+                }
+            })?;
+            rows += builder.metadata().file_metadata().num_rows() as u64;
+            if i == 0 {
+                schema = builder.schema().clone();
+            }
+        }
+        Ok(DatasetInfo {
+            name: name.to_string(),
+            schema,
+            rows,
+            bytes,
+            parts: parts.len(),
+        })
+    }
+
+    pub fn list(&self) -> Result<Vec<DatasetInfo>, SinkError> {
+        let mut names: Vec<String> = fs::read_dir(&self.root)
+            .map_err(io(&self.root))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().to_str().map(String::from))
+            .filter(|n| Self::validate_name(n).is_ok())
+            .collect();
+        names.sort();
+        names.iter().map(|n| self.info(n)).collect()
+    }
+
+    /// Reads a dataset's batches in order, handing each to `f`; stops at `f`'s first error.
+    pub fn read<E: From<SinkError>>(
+        &self,
+        name: &str,
+        batch_rows: usize,
+        mut f: impl FnMut(RecordBatch) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for p in self.parts(name)? {
+            let file = File::open(&p).map_err(io(&p))?;
+            let pq = |source| SinkError::Parquet {
+                path: p.clone(),
+                source,
+            };
+            let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+                .map_err(pq)?
+                .with_batch_size(batch_rows)
+                .build()
+                .map_err(pq)?;
+            for batch in reader {
+                f(batch.map_err(SinkError::Arrow)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_schema(path: &Path) -> Result<SchemaRef, SinkError> {
+    let file = File::open(path).map_err(io(path))?;
+    Ok(ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|source| SinkError::Parquet {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .schema()
+        .clone())
+}
+
+fn format_schema(schema: &SchemaRef) -> String {
+    let fields: Vec<String> = schema
+        .fields()
+        .iter()
+        .map(|f| format!("{}: {}", f.name(), f.data_type()))
+        .collect();
+    format!("[{}]", fields.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_array::{Int64Array, StringArray};
+
+    fn batch(start: i64, n: i64) -> RecordBatch {
+        RecordBatch::try_from_iter([
+            (
+                "id",
+                Arc::new(Int64Array::from_iter_values(start..start + n)) as _,
+            ),
+            (
+                "text",
+                Arc::new(StringArray::from_iter_values(
+                    (start..start + n).map(|i| format!("t{i}")),
+                )) as _,
+            ),
+        ])
+        .unwrap()
+    }
+
+    fn temp_root() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
+    }
+
+    #[test]
+    fn appends_parts_and_reads_them_back_in_order() {
+        let root = temp_root();
+        let store = DatasetStore::open(root.path()).unwrap();
+        assert_eq!(store.append("genes", &[batch(0, 10)]).unwrap(), 10);
+        assert_eq!(
+            store
+                .append("genes", &[batch(10, 5), batch(15, 5)])
+                .unwrap(),
+            20
+        );
+        let info = store.info("genes").unwrap();
+        assert_eq!((info.rows, info.parts), (20, 2));
+        let mut ids = Vec::new();
+        store
+            .read::<SinkError>("genes", 7, |b| {
+                let col = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+                ids.extend(col.values().iter().copied());
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(ids, (0..20).collect::<Vec<_>>());
+        assert_eq!(store.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn refuses_bad_names_schema_changes_and_unknown_datasets() {
+        let root = temp_root();
+        let store = DatasetStore::open(root.path()).unwrap();
+        for bad in ["", "../x", ".hidden", "a/b", &"x".repeat(129)] {
+            assert!(
+                matches!(
+                    store.append(bad, &[batch(0, 1)]),
+                    Err(SinkError::InvalidName(_))
+                ),
+                "{bad}"
+            );
+        }
+        store.append("d", &[batch(0, 3)]).unwrap();
+        let other =
+            RecordBatch::try_from_iter([("id", Arc::new(StringArray::from(vec!["x"])) as _)])
+                .unwrap();
+        assert!(matches!(
+            store.append("d", &[other]),
+            Err(SinkError::SchemaMismatch { .. })
+        ));
+        assert!(matches!(store.info("nope"), Err(SinkError::NotFound(_))));
+    }
+
+    #[test]
+    fn a_partial_write_is_invisible_and_removed_at_open() {
+        let root = temp_root();
+        let store = DatasetStore::open(root.path()).unwrap();
+        store.append("d", &[batch(0, 4)]).unwrap();
+        fs::write(
+            root.path().join("d/.tmp-part-0000000001.parquet"),
+            b"half a file",
+        )
+        .unwrap();
+        assert_eq!(store.info("d").unwrap().rows, 4);
+        let store = DatasetStore::open(root.path()).unwrap();
+        assert!(!root.path().join("d/.tmp-part-0000000001.parquet").exists());
+        assert_eq!(store.append("d", &[batch(4, 1)]).unwrap(), 5);
+    }
+}

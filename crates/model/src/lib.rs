@@ -1,0 +1,223 @@
+//! The sentence model: tokenizer, BERT encoder on burn, pooling and normalisation.
+//!
+//! Pure computation with no actors and no async, so it is unit-testable on its own; the
+//! engine's embedder workers (`keel-engine`) run it for the server and `keel embed` alike. [`SentenceModel::load`] reads a
+//! sentence-transformers folder; [`SentenceModel::embed_tokens`] runs one forward pass over
+//! a batch of any lengths; [`SentenceModel::embed`] tokenizes, plans length-bucketed passes
+//! and returns vectors in input order.
+//!
+//! The backend is picked at run time ([`Backend`]); the model code is the same for every
+//! device.
+
+mod batching;
+mod bert;
+pub mod gelu;
+mod spec;
+mod tokenize;
+mod weights;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use burn::tensor::Device;
+
+pub use batching::{BatchLimits, plan};
+pub use bert::TokenBatch;
+pub use spec::{ModelSpec, Pooling};
+pub use tokenize::TextTokenizer;
+
+use bert::Bert;
+use weights::WeightFile;
+
+/// Why a model could not be loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: unsupported model: {what}")]
+    Unsupported { path: PathBuf, what: String },
+    #[error("{path}: not a safetensors file: {what}")]
+    Format { path: PathBuf, what: String },
+    #[error("{path}: tensor {name:?} is missing")]
+    MissingTensor { path: PathBuf, name: String },
+    #[error("{path}: tensor {name:?} has shape {found:?}, expected {expected:?}")]
+    TensorShape {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("{path}: tensor {name:?} has dtype {dtype}, expected F32, F16 or BF16")]
+    TensorDtype {
+        path: PathBuf,
+        name: String,
+        dtype: String,
+    },
+    #[error("{path}: tokenizer: {what}")]
+    Tokenizer { path: PathBuf, what: String },
+    #[error("tokenizing failed: {0}")]
+    Encode(String),
+}
+
+/// Where the model runs. Chosen in configuration, resolved to a burn [`Device`] at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// burn's `flex` backend: pure Rust, SIMD, multi-threaded through rayon.
+    #[default]
+    Cpu,
+}
+
+impl Backend {
+    pub fn device(self) -> Result<Device, ModelError> {
+        match self {
+            Backend::Cpu => Ok(Device::flex()),
+        }
+    }
+
+    /// Whether tensors live in host memory (so host-side kernels may touch them).
+    pub fn is_host(self) -> bool {
+        matches!(self, Backend::Cpu)
+    }
+}
+
+/// A loaded sentence model. Cloning shares the weights (a replica for another thread).
+#[derive(Clone)]
+pub struct SentenceModel {
+    backend: Backend,
+    device: Device,
+    spec: Arc<ModelSpec>,
+    tokenizer: TextTokenizer,
+    bert: Bert,
+    model_id: String,
+}
+
+impl SentenceModel {
+    /// Loads a sentence-transformers folder onto `backend`'s device.
+    pub fn load(dir: &Path, backend: Backend) -> Result<Self, ModelError> {
+        let spec = Arc::new(ModelSpec::from_dir(dir)?);
+        let tokenizer = TextTokenizer::load(
+            &dir.join("tokenizer.json"),
+            spec.max_seq_length,
+            spec.vocab_size,
+        )?;
+        let device = backend.device()?;
+        let weights_path = dir.join("model.safetensors");
+        let mut weights = WeightFile::open(&weights_path)?;
+        let bert = Bert::load(spec.clone(), &mut weights, &device, backend.is_host())?;
+        let unused = weights.unused()?;
+        if !unused.is_empty() {
+            tracing::debug!(file = %weights_path.display(), ?unused, "tensors not used by the encoder");
+        }
+        let model_id = dir
+            .canonicalize()
+            .unwrap_or_else(|_| dir.to_path_buf())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into());
+        Ok(Self {
+            backend,
+            device,
+            spec,
+            tokenizer,
+            bert,
+            model_id,
+        })
+    }
+
+    /// Returns the device's pooled memory (GPU backends keep a pool of freed buffers);
+    /// live tensors, the weights among them, stay. Returns whether the backend pools: on
+    /// the host a pass keeps nothing after it returns, so there is nothing to return.
+    pub fn release_pooled_memory(&self) -> bool {
+        if self.backend.is_host() {
+            return false;
+        }
+        self.device.memory_cleanup();
+        true
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// Width of the sentence vectors.
+    pub fn dim(&self) -> usize {
+        self.spec.hidden_size
+    }
+
+    /// A short name of the model (its folder's name), part of cache keys and reports.
+    pub fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        self.tokenizer.encode(text)
+    }
+
+    /// One forward pass: sentence vectors of `rows` (token ids from [`Self::tokenize`]),
+    /// `rows.len() × dim` values, row-major, normalised if the model says so.
+    pub fn embed_tokens(&self, rows: &[&[u32]]) -> Vec<f32> {
+        let mut out = self.bert.forward(&TokenBatch { rows });
+        if self.spec.normalize {
+            for v in out.chunks_exact_mut(self.spec.hidden_size) {
+                l2_normalize(v);
+            }
+        }
+        out
+    }
+
+    /// Tokenizes `texts`, runs them in length-bucketed passes within `limits`, and returns
+    /// `texts.len() × dim` values in input order.
+    pub fn embed(&self, texts: &[&str], limits: BatchLimits) -> Result<Vec<f32>, ModelError> {
+        let tokens = texts
+            .iter()
+            .map(|t| self.tokenize(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(run_planned(&tokens, self.dim(), limits, |rows| self.embed_tokens(rows)).0)
+    }
+}
+
+/// Plans `tokens` into length-bucketed passes within `limits`, runs each through
+/// `forward` (which returns `rows × dim` values), and returns the vectors in input order
+/// with the number of passes.
+pub fn run_planned(
+    tokens: &[Vec<u32>],
+    dim: usize,
+    limits: BatchLimits,
+    mut forward: impl FnMut(&[&[u32]]) -> Vec<f32>,
+) -> (Vec<f32>, usize) {
+    let lengths: Vec<usize> = tokens.iter().map(Vec::len).collect();
+    let mut out = vec![0.0f32; tokens.len() * dim];
+    let passes = plan(&lengths, limits);
+    for pass in &passes {
+        let rows: Vec<&[u32]> = pass.iter().map(|&i| tokens[i].as_slice()).collect();
+        let vectors = forward(&rows);
+        for (&i, v) in pass.iter().zip(vectors.chunks_exact(dim)) {
+            out[i * dim..(i + 1) * dim].copy_from_slice(v);
+        }
+    }
+    (out, passes.len())
+}
+
+/// Scales `v` to unit L2 norm, as sentence-transformers' `Normalize` (norm clamped at 1e-12).
+pub fn l2_normalize(v: &mut [f32]) {
+    let norm = v
+        .iter()
+        .map(|x| (*x as f64) * (*x as f64))
+        .sum::<f64>()
+        .sqrt()
+        .max(1e-12);
+    for x in v {
+        *x = (*x as f64 / norm) as f32;
+    }
+}

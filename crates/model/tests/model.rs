@@ -1,0 +1,226 @@
+//! The sentence model against an independent float64 reference
+//! (`tests/data/minilm-reference.jsonl`, made by `scripts/tools/minilm_ref.py`),
+//! plus the properties a serving engine relies on: a text's vector does not depend on
+//! its batch, truncation happens at `max_seq_length`, and broken model folders fail at
+//! load with the file and tensor named.
+//!
+//! Needs the model: `scripts/fetch-model.sh` (the README's test command runs it).
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use keel_model::{Backend, BatchLimits, ModelError, SentenceModel};
+
+/// This crate's folder (`crates/model`).
+fn crate_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn repo_root() -> PathBuf {
+    crate_dir().join("../..")
+}
+
+fn model_dir() -> PathBuf {
+    std::env::var_os("KEEL_TEST_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("models/all-MiniLM-L6-v2"))
+}
+
+fn model() -> &'static SentenceModel {
+    static MODEL: OnceLock<SentenceModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let dir = model_dir();
+        assert!(
+            dir.join("model.safetensors").exists(),
+            "model missing in {}: run scripts/fetch-model.sh",
+            dir.display()
+        );
+        SentenceModel::load(&dir, Backend::Cpu).expect("model loads")
+    })
+}
+
+struct Reference {
+    text: String,
+    embedding: Vec<f32>,
+}
+
+fn reference() -> Vec<Reference> {
+    let path = crate_dir().join("tests/data/minilm-reference.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            Reference {
+                text: v["text"].as_str().unwrap().to_string(),
+                embedding: v["embedding"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+const LIMITS: BatchLimits = BatchLimits {
+    max_rows: 64,
+    max_tokens: 16_384,
+};
+
+#[test]
+fn every_reference_text_matches_the_float64_reference() {
+    let refs = reference();
+    assert_eq!(refs.len(), 20, "the reference file has 20 texts");
+    let texts: Vec<&str> = refs.iter().map(|r| r.text.as_str()).collect();
+    let model = model();
+    let dim = model.dim();
+    let got = model.embed(&texts, LIMITS).unwrap();
+    let mut failures = Vec::new();
+    for (r, v) in refs.iter().zip(got.chunks_exact(dim)) {
+        assert_eq!(v.len(), r.embedding.len());
+        let (cos, diff) = (cosine(v, &r.embedding), max_abs_diff(v, &r.embedding));
+        if cos < 0.99999 || diff > 1e-4 {
+            failures.push(format!(
+                "{:?}: cosine {cos:.8}, max |diff| {diff:.2e}",
+                r.text
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn a_vector_does_not_depend_on_its_batch() {
+    let refs = reference();
+    let model = model();
+    let dim = model.dim();
+    // Mixed lengths in one pass: short texts padded next to a 256-token one.
+    let texts: Vec<&str> = refs.iter().map(|r| r.text.as_str()).collect();
+    let one_pass = BatchLimits {
+        max_rows: 64,
+        max_tokens: 1 << 20,
+    };
+    let together = model.embed(&texts, one_pass).unwrap();
+    for (i, text) in texts.iter().enumerate() {
+        let alone = model.embed(&[text], one_pass).unwrap();
+        let diff = max_abs_diff(&alone, &together[i * dim..(i + 1) * dim]);
+        assert!(
+            diff <= 1e-5,
+            "{text:?}: alone vs in a batch differ by {diff:.2e}"
+        );
+    }
+}
+
+#[test]
+fn long_texts_are_truncated_at_max_seq_length() {
+    let model = model();
+    assert_eq!(model.spec().max_seq_length, 256);
+    let long = "pathogenic variant ".repeat(2000);
+    let ids = model.tokenize(&long).unwrap();
+    assert_eq!(ids.len(), 256);
+    assert_eq!(ids[0], 101, "[CLS] first");
+    assert_eq!(ids[255], 102, "[SEP] last, after truncation");
+    // A 5 MB text costs no more than its first 256 tokens.
+    let huge = "a".repeat(5 << 20);
+    assert!(model.tokenize(&huge).unwrap().len() <= 256);
+    assert_eq!(model.tokenize("").unwrap(), vec![101, 102]);
+}
+
+#[test]
+fn vectors_are_unit_length_and_empty_text_embeds() {
+    let model = model();
+    let v = model.embed(&["", "x"], LIMITS).unwrap();
+    for row in v.chunks_exact(model.dim()) {
+        let norm: f32 = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5, "norm {norm}");
+        assert!(row.iter().all(|x| x.is_finite()));
+    }
+}
+
+/// A copy of the model folder with `config.json` edited; the weights are linked. The
+/// folder is removed when the returned value drops.
+fn edited_model(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let src = model_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "1_Pooling/config.json",
+    ] {
+        std::os::unix::fs::symlink(src.join(f), dir.join(f)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    tmp
+}
+
+#[test]
+fn a_wrong_shape_names_the_file_and_the_tensor() {
+    let dir = edited_model(|c| c["intermediate_size"] = 1000.into());
+    let err = SentenceModel::load(dir.path(), Backend::Cpu)
+        .err()
+        .expect("load must fail");
+    match &err {
+        ModelError::TensorShape {
+            path,
+            name,
+            expected,
+            found,
+        } => {
+            assert!(path.ends_with("model.safetensors"));
+            assert_eq!(name, "encoder.layer.0.intermediate.dense.weight");
+            assert_eq!(expected, &vec![1000, 384]);
+            assert_eq!(found, &vec![1536, 384]);
+        }
+        other => panic!("unexpected error {other}"),
+    }
+    assert!(
+        err.to_string()
+            .contains("encoder.layer.0.intermediate.dense.weight")
+    );
+}
+
+#[test]
+fn a_missing_tensor_is_named() {
+    let dir = edited_model(|c| c["num_hidden_layers"] = 7.into());
+    let err = SentenceModel::load(dir.path(), Backend::Cpu)
+        .err()
+        .expect("load must fail");
+    assert!(
+        matches!(&err, ModelError::MissingTensor { name, .. } if name.starts_with("encoder.layer.6.")),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_non_bert_config_is_refused_before_reading_weights() {
+    let dir = edited_model(|c| c["model_type"] = "gpt2".into());
+    let err = SentenceModel::load(dir.path(), Backend::Cpu)
+        .err()
+        .expect("load must fail");
+    assert!(
+        err.to_string().contains("config.json") && err.to_string().contains("gpt2"),
+        "{err}"
+    );
+}

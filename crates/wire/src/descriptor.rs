@@ -1,0 +1,149 @@
+//! What a stream asks for, read once from its first message's `FlightDescriptor`.
+//!
+//! - path `["embed"]` (or `["embed", CMD]`, or a `Cmd` descriptor): rows come back with
+//!   their vectors (`DoExchange`);
+//! - path `["datasets", NAME]` (or `["datasets", NAME, CMD]`): rows are stored (`DoPut`).
+//!
+//! `CMD` is the JSON command of [`crate::text::EmbedCommand`] (or the descriptor's `cmd`).
+
+use arrow_flight::FlightDescriptor;
+use arrow_flight::flight_descriptor::DescriptorType;
+
+use crate::WireError;
+use crate::text::{EmbedCommand, TextSource};
+
+/// What a stream's descriptor asks for.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Vectors back to the client, row for row.
+    Embed(TextSource),
+    /// Rows appended to the named dataset.
+    Dataset(String, TextSource),
+}
+
+impl Target {
+    /// The text source, whatever the target.
+    pub fn source(&self) -> &TextSource {
+        match self {
+            Target::Embed(source) | Target::Dataset(_, source) => source,
+        }
+    }
+
+    /// Parses a stream's descriptor; `default_column` is the text column when the command
+    /// names none (`ingest.default_text_column`).
+    pub fn parse(d: Option<&FlightDescriptor>, default_column: &str) -> Result<Self, WireError> {
+        let d =
+            d.ok_or_else(|| WireError::invalid("the first message carries no flight descriptor"))?;
+        let source = |cmd: &[u8]| {
+            EmbedCommand::parse(cmd).and_then(|c| TextSource::from_command(&c, default_column))
+        };
+        match DescriptorType::try_from(d.r#type) {
+            Ok(DescriptorType::Path) => {
+                let path: Vec<&str> = d.path.iter().map(String::as_str).collect();
+                match path.as_slice() {
+                    ["embed"] => Ok(Target::Embed(source(&d.cmd)?)),
+                    ["embed", cmd] => Ok(Target::Embed(source(cmd.as_bytes())?)),
+                    ["datasets", name] => Ok(Target::Dataset(
+                        checked_dataset_name(name)?.to_string(),
+                        source(&d.cmd)?,
+                    )),
+                    ["datasets", name, cmd] => Ok(Target::Dataset(
+                        checked_dataset_name(name)?.to_string(),
+                        source(cmd.as_bytes())?,
+                    )),
+                    _ => Err(WireError::Invalid(format!(
+                        "unknown descriptor path {path:?}; use [\"embed\"] or [\"datasets\", NAME]"
+                    ))),
+                }
+            }
+            Ok(DescriptorType::Cmd) => Ok(Target::Embed(source(&d.cmd)?)),
+            _ => Err(WireError::invalid("unknown descriptor type")),
+        }
+    }
+}
+
+/// The dataset a `GetFlightInfo` / `GetSchema` descriptor names (path `["datasets", NAME]`).
+pub fn dataset_of(d: &FlightDescriptor) -> Result<&str, WireError> {
+    match d.path.as_slice() {
+        [kind, name] if kind == "datasets" => checked_dataset_name(name),
+        _ => Err(WireError::invalid(
+            "expected the descriptor path [\"datasets\", NAME]",
+        )),
+    }
+}
+
+/// Whether `name` may name a dataset: 1–128 of `A–Z a–z 0–9 _ - .`, not starting with a
+/// dot (a dataset is a folder; a name is never a path).
+pub fn is_valid_dataset_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+}
+
+/// `name` if it is a valid dataset name, else the error that says what a name may be.
+pub fn checked_dataset_name(name: &str) -> Result<&str, WireError> {
+    if is_valid_dataset_name(name) {
+        Ok(name)
+    } else {
+        Err(WireError::Invalid(format!(
+            "invalid dataset name {name:?}: use 1-128 characters of A-Z a-z 0-9 _ - . (not starting with '.')"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(p: &[&str]) -> FlightDescriptor {
+        FlightDescriptor::new_path(p.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn paths_and_commands_become_targets() {
+        assert!(matches!(
+            Target::parse(Some(&path(&["embed"])), "text").unwrap(),
+            Target::Embed(TextSource::Column(c)) if c == "text"
+        ));
+        assert!(matches!(
+            Target::parse(Some(&path(&["embed", r#"{"text_column":"t"}"#])), "text").unwrap(),
+            Target::Embed(TextSource::Column(c)) if c == "t"
+        ));
+        assert!(matches!(
+            Target::parse(Some(&path(&["datasets", "v1"])), "text").unwrap(),
+            Target::Dataset(n, _) if n == "v1"
+        ));
+        let cmd = FlightDescriptor::new_cmd(r#"{"template":"{gene}"}"#.as_bytes().to_vec());
+        assert!(matches!(
+            Target::parse(Some(&cmd), "text").unwrap(),
+            Target::Embed(TextSource::Template(_))
+        ));
+    }
+
+    #[test]
+    fn bad_descriptors_say_what_is_expected() {
+        let err = |d: Option<&FlightDescriptor>| Target::parse(d, "text").unwrap_err().to_string();
+        assert!(err(None).contains("no flight descriptor"));
+        assert!(err(Some(&path(&["nope"]))).contains("unknown descriptor path"));
+        assert!(err(Some(&path(&["datasets", "../etc"]))).contains("invalid dataset name"));
+        assert!(err(Some(&path(&["embed", "{bad"]))).contains("bad command JSON"));
+        assert!(dataset_of(&path(&["embed"])).is_err());
+        assert_eq!(
+            dataset_of(&path(&["datasets", "a.b-c_1"])).unwrap(),
+            "a.b-c_1"
+        );
+    }
+
+    #[test]
+    fn dataset_names_are_never_paths() {
+        for bad in ["", ".hidden", "a/b", "..", "a b", &"x".repeat(129)] {
+            assert!(!is_valid_dataset_name(bad), "{bad:?}");
+        }
+        for good in ["v1", "chrX.2026-11", "A_b"] {
+            assert!(is_valid_dataset_name(good), "{good:?}");
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! The [`Engine`]: what every Flight handler and the metrics endpoint share — the
+//! settings, the ingest pipeline, the actors' addresses, the sink, and the bound on open
+//! streams. [`crate::app`] builds it; [`crate::flight`] and
+//! [`crate::metrics`] use it; it imports neither, so the three do not form a circle.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use actix::Addr;
+use keel_engine::cache::actor::CacheActor;
+use keel_engine::cache::messages::GetCacheStats;
+use keel_engine::ingest::pipeline::{IngestCounters, Pipeline};
+use keel_engine::sink::store::{DatasetInfo, SinkError};
+use keel_engine::sink::writer::SinkWriter;
+use keel_engine::stats::{CleanupStats, MemoryStats, Stats, StreamStats};
+use keel_engine::supervisor::actor::SupervisorActor;
+use keel_engine::supervisor::messages::GetMemoryReport;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::Settings;
+
+/// Why the engine could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// `server.max_streams` streams are open.
+    #[error("{0} streams are open (server.max_streams); retry later")]
+    TooManyStreams(usize),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// An actor did not answer (it stopped: shutting down, or a bug).
+    #[error("{0} unavailable: {1}")]
+    ActorGone(&'static str, String),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("a blocking task failed: {0}")]
+    Task(String),
+}
+
+/// Everything a Flight handler needs; shared by all streams.
+pub struct Engine {
+    pub settings: Settings,
+    pub pipeline: Arc<Pipeline>,
+    pub cache: Option<Addr<CacheActor>>,
+    pub supervisor: Addr<SupervisorActor>,
+    pub sink: SinkWriter,
+    streams: Arc<Semaphore>,
+    closing: AtomicBool,
+    started: Instant,
+}
+
+impl Engine {
+    pub fn new(
+        settings: Settings,
+        pipeline: Arc<Pipeline>,
+        cache: Option<Addr<CacheActor>>,
+        supervisor: Addr<SupervisorActor>,
+        sink: SinkWriter,
+    ) -> Self {
+        Self {
+            streams: Arc::new(Semaphore::new(settings.server.max_streams)),
+            settings,
+            pipeline,
+            cache,
+            supervisor,
+            sink,
+            closing: AtomicBool::new(false),
+            started: Instant::now(),
+        }
+    }
+
+    /// A stream slot, or an error when `server.max_streams` are open or the server is
+    /// shutting down.
+    pub fn admit_stream(&self) -> Result<StreamSlot, EngineError> {
+        if self.is_closing() {
+            return Err(EngineError::ShuttingDown);
+        }
+        let permit = self
+            .streams
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| EngineError::TooManyStreams(self.settings.server.max_streams))?;
+        let counters = self.pipeline.counters().clone();
+        counters.streams_open.fetch_add(1, Ordering::Relaxed);
+        counters.streams_total.fetch_add(1, Ordering::Relaxed);
+        Ok(StreamSlot {
+            _permit: permit,
+            counters,
+        })
+    }
+
+    /// Streams open now.
+    pub fn open_streams(&self) -> u64 {
+        self.pipeline
+            .counters()
+            .streams_open
+            .load(Ordering::Relaxed)
+    }
+
+    /// No new streams from now on (SIGTERM); open ones may finish.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
+    }
+
+    /// A dataset's description, read off the async workers.
+    pub async fn dataset(&self, name: String) -> Result<DatasetInfo, EngineError> {
+        let store = self.sink.store().clone();
+        tokio::task::spawn_blocking(move || store.info(&name))
+            .await
+            .map_err(|e| EngineError::Task(e.to_string()))?
+            .map_err(EngineError::from)
+    }
+
+    /// Every figure of the engine now.
+    pub async fn stats(&self) -> Result<Stats, EngineError> {
+        let memory = self
+            .supervisor
+            .send(GetMemoryReport)
+            .await
+            .map_err(|e| EngineError::ActorGone("supervisor", e.to_string()))?;
+        let cache = match &self.cache {
+            Some(c) => c
+                .send(GetCacheStats)
+                .await
+                .map_err(|e| EngineError::ActorGone("cache", e.to_string()))?,
+            None => Default::default(),
+        };
+        let c = self.pipeline.counters();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        Ok(Stats {
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            rss_bytes: memory.rss_bytes,
+            peak_rss_bytes: memory.peak_rss_bytes,
+            memory: MemoryStats::from_report(&memory),
+            admit_wait_s: load(&c.admit_wait_micros) as f64 / 1e6,
+            ops: load(&c.ops),
+            rows: load(&c.rows),
+            null_rows: load(&c.null_rows),
+            embedded_rows: load(&c.embedded_rows),
+            in_flight_rows: load(&c.in_flight_rows),
+            max_in_flight_rows: self.pipeline.config().max_in_flight_rows as u64,
+            max_in_flight_rows_seen: load(&c.max_in_flight_rows_seen),
+            streams: StreamStats {
+                open: load(&c.streams_open),
+                total: load(&c.streams_total),
+                failed: load(&c.streams_failed),
+                rejected: load(&c.rejected_streams),
+                max: self.settings.server.max_streams as u64,
+            },
+            cache: cache.into(),
+            embedder: self.pipeline.embedder().stats(),
+            cleanups: CleanupStats::from_report(&memory),
+        })
+    }
+}
+
+/// One open stream; dropping it frees the slot.
+pub struct StreamSlot {
+    _permit: OwnedSemaphorePermit,
+    counters: Arc<IngestCounters>,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.counters.streams_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,88 @@
+//! Stored datasets over Flight: `ListFlights`, `GetFlightInfo`, `GetSchema` and `DoGet`.
+//! Reads go straight to the dataset store on blocking threads (parts are immutable once
+//! in place, so a read never races the writer).
+
+use arrow_array::RecordBatch;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::{
+    FlightData, FlightDescriptor, FlightEndpoint, FlightInfo, SchemaAsIpc, SchemaResult, Ticket,
+};
+use arrow_ipc::writer::IpcWriteOptions;
+use futures::{StreamExt, stream};
+use keel_engine::sink::store::{DatasetInfo, SinkError};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use super::error;
+use super::stream::BoxStream;
+use crate::engine::{Engine, EngineError};
+
+/// Rows per batch when a dataset is streamed back.
+const DO_GET_BATCH_ROWS: usize = 8192;
+
+/// Every dataset's `FlightInfo`.
+pub async fn list(engine: &Engine) -> Result<BoxStream<FlightInfo>, Status> {
+    let store = engine.sink.store().clone();
+    let infos = tokio::task::spawn_blocking(move || store.list())
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(error::sink)?;
+    let flights: Vec<Result<FlightInfo, Status>> = infos.iter().map(flight_info).collect();
+    Ok(Box::pin(stream::iter(flights)))
+}
+
+/// The dataset a descriptor (path `["datasets", NAME]`) names.
+pub async fn describe(engine: &Engine, d: &FlightDescriptor) -> Result<DatasetInfo, Status> {
+    let name = keel_wire::descriptor::dataset_of(d)?.to_string();
+    engine.dataset(name).await.map_err(error::engine)
+}
+
+pub fn flight_info(info: &DatasetInfo) -> Result<FlightInfo, Status> {
+    FlightInfo::new()
+        .try_with_schema(&info.schema)
+        .map_err(|e| Status::internal(e.to_string()))
+        .map(|fi| {
+            fi.with_descriptor(FlightDescriptor::new_path(vec![
+                "datasets".into(),
+                info.name.clone(),
+            ]))
+            .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(info.name.clone())))
+            .with_total_records(info.rows as i64)
+            .with_total_bytes(info.bytes as i64)
+            .with_ordered(true)
+        })
+}
+
+pub fn schema(info: &DatasetInfo) -> Result<SchemaResult, Status> {
+    let options = IpcWriteOptions::default();
+    SchemaAsIpc::new(&info.schema, &options)
+        .try_into()
+        .map_err(|e: arrow_schema::ArrowError| Status::internal(e.to_string()))
+}
+
+/// `DoGet`: the dataset named by the ticket, streamed back in order.
+pub async fn read(engine: &Engine, ticket: Ticket) -> Result<BoxStream<FlightData>, Status> {
+    let name = String::from_utf8(ticket.ticket.to_vec())
+        .map_err(|_| Status::invalid_argument("the ticket is not a UTF-8 dataset name"))?;
+    let info = engine.dataset(name.clone()).await.map_err(error::engine)?;
+    let store = engine.sink.store().clone();
+    let (tx, rx) = mpsc::channel::<Result<RecordBatch, FlightError>>(2);
+    tokio::task::spawn_blocking(move || {
+        let result = store.read(&name, DO_GET_BATCH_ROWS, |b| {
+            tx.blocking_send(Ok(b)).map_err(|_| SinkError::Closed)
+        });
+        if let Err(e) = result
+            && !matches!(e, SinkError::Closed)
+        {
+            let status = error::engine(EngineError::Sink(e));
+            let _ = tx.blocking_send(Err(error::into_flight(status)));
+        }
+    });
+    let encoded = FlightDataEncoderBuilder::new()
+        .with_schema(info.schema.clone())
+        .build(ReceiverStream::new(rx))
+        .map(|r| r.map_err(Status::from));
+    Ok(Box::pin(encoded))
+}
