@@ -212,5 +212,4 @@ async fn tls_with_a_generated_certificate() {
         );
     }
     server.stop().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -140,15 +140,16 @@ impl EmbedderHandle {
     }
 
     /// Vectors of `texts` from a thread outside any async runtime (`keel embed`), in
-    /// input order. The texts are sorted by length and sent as jobs of `rows_per_job`, so
-    /// each pass the workers plan holds texts of similar lengths.
+    /// input order. The texts are sorted by length (longest first) and sent as jobs of
+    /// `rows_per_job`, so each pass the workers plan holds texts of similar lengths.
     pub fn embed_blocking(
         &self,
         texts: &[&str],
         rows_per_job: usize,
     ) -> Result<Vec<f32>, EmbedError> {
+        // Longest first: the last jobs, which may leave a worker idle, are the short ones.
         let mut order: Vec<usize> = (0..texts.len()).collect();
-        order.sort_by_key(|&i| texts[i].len());
+        order.sort_by_key(|&i| std::cmp::Reverse(texts[i].len()));
         let mut replies = Vec::new();
         for chunk in order.chunks(rows_per_job.max(1)) {
             let (reply, rx) = oneshot::channel();
@@ -212,7 +213,7 @@ impl EmbedderWorkers {
             let counters = counters.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("keel-embedder-{i}"))
-                .spawn(move || worker(replica, rx, limits, counters))
+                .spawn(move || worker(replica, rx, limits, workers, counters))
                 .map_err(|e| StartError(e.to_string()))?;
             threads.push(thread);
         }
@@ -259,6 +260,7 @@ fn worker(
     replica: Replica,
     rx: Arc<Mutex<mpsc::Receiver<Work>>>,
     limits: BatchLimits,
+    workers: usize,
     counters: Arc<EmbedderCounters>,
 ) {
     let model = replica.model.clone();
@@ -273,8 +275,12 @@ fn worker(
                 Some(Work::Job(job)) => jobs.push(job),
                 Some(Work::Stop) | None => return,
             }
+            // A fair share of what is queued, so that a deep queue (`keel embed` sends a
+            // whole chunk at once) is split between the workers rather than left to the
+            // first one while the others idle at the end.
+            let share = rx.len().div_ceil(workers.max(1));
             let mut rows = jobs[0].texts.len();
-            while rows < limits.max_rows * DRAIN_PASSES {
+            while rows < limits.max_rows * DRAIN_PASSES && jobs.len() <= share {
                 match rx.try_recv() {
                     Ok(Work::Job(job)) => {
                         rows += job.texts.len();
