@@ -20,7 +20,6 @@ use keel_engine::memory::probe::ProcessProbe;
 use keel_engine::sink::store::DatasetStore;
 use keel_engine::sink::writer::SinkWriter;
 use keel_engine::supervisor::actor::SupervisorActor;
-use keel_model::SentenceModel;
 
 use crate::config::Settings;
 use crate::engine::Engine;
@@ -44,13 +43,12 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     crate::metrics::install();
     // Secrets first: a misconfigured auth section fails before the model loads.
     let auth = Arc::new(Auth::from_config(&settings.auth)?);
-    let model = SentenceModel::load(&settings.embedder.model_dir, settings.embedder.backend)
-        .with_context(|| {
-            format!(
-                "loading the model from {}",
-                settings.embedder.model_dir.display()
-            )
-        })?;
+    let model = settings.embedder.load_model().with_context(|| {
+        format!(
+            "loading the model from {}",
+            settings.embedder.model_dir.display()
+        )
+    })?;
     let key_settings = format!(
         "{:?}|normalize={}|max_seq={}",
         model.spec().pooling,

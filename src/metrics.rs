@@ -212,6 +212,16 @@ fn describe() {
     ] {
         describe_counter!(name, unit, help);
     }
+    describe_gauge!(
+        "keel_device_memory_in_use_bytes",
+        Unit::Bytes,
+        "GPU memory of live allocations (GPU backends)."
+    );
+    describe_gauge!(
+        "keel_device_memory_reserved_bytes",
+        Unit::Bytes,
+        "GPU memory reserved by the backend's pool (GPU backends)."
+    );
     describe_histogram!(
         "keel_embed_pass_rows",
         Unit::Count,
@@ -273,6 +283,10 @@ fn publish(s: &Stats) {
     total("keel_embed_tokens_total", e.tokens);
     set("keel_embed_busy_seconds_total", e.busy_ms as f64 / 1000.0);
     set("keel_embed_queue_jobs", e.queued_jobs as f64);
+    if let Some(m) = e.device_memory {
+        set("keel_device_memory_in_use_bytes", m.in_use_bytes as f64);
+        set("keel_device_memory_reserved_bytes", m.reserved_bytes as f64);
+    }
     counter!("keel_cleanups_total", "level" => "gentle").absolute(s.cleanups.gentle);
     counter!("keel_cleanups_total", "level" => "full").absolute(s.cleanups.full);
     if let Some(last) = s.cleanups.recent.last() {

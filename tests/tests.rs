@@ -5,6 +5,8 @@ mod common;
 mod crash;
 mod embedder;
 mod flight;
+#[cfg(feature = "gpu")]
+mod gpu;
 mod layout;
 mod memory;
 mod produce;

@@ -13,7 +13,6 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use keel_engine::embedder::workers::EmbedderWorkers;
 use keel_engine::memory::rss_bytes;
-use keel_model::SentenceModel;
 
 use crate::ConfigArgs;
 use keel::config::Settings;
@@ -57,7 +56,8 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         );
     }
     let started = Instant::now();
-    let model = SentenceModel::load(&cfg.model_dir, cfg.backend)
+    let model = cfg
+        .load_model()
         .with_context(|| format!("loading the model from {}", cfg.model_dir.display()))?;
     let workers = cfg.effective_workers();
     let (model_id, dim) = (model.model_id().to_string(), model.dim());

@@ -11,6 +11,7 @@
 
 mod batching;
 mod bert;
+mod device;
 pub mod gelu;
 mod spec;
 mod tokenize;
@@ -19,10 +20,9 @@ mod weights;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use burn::tensor::Device;
-
 pub use batching::{BatchLimits, plan};
 pub use bert::TokenBatch;
+pub use device::{Backend, DeviceMemory, DeviceOptions, ModelDevice};
 pub use spec::{ModelSpec, Pooling};
 pub use tokenize::TextTokenizer;
 
@@ -67,35 +67,23 @@ pub enum ModelError {
     Tokenizer { path: PathBuf, what: String },
     #[error("tokenizing failed: {0}")]
     Encode(String),
-}
-
-/// Where the model runs. Chosen in configuration, resolved to a burn [`Device`] at run time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Backend {
-    /// burn's `flex` backend: pure Rust, SIMD, multi-threaded through rayon.
-    #[default]
-    Cpu,
-}
-
-impl Backend {
-    pub fn device(self) -> Result<Device, ModelError> {
-        match self {
-            Backend::Cpu => Ok(Device::flex()),
-        }
-    }
-
-    /// Whether tensors live in host memory (so host-side kernels may touch them).
-    pub fn is_host(self) -> bool {
-        matches!(self, Backend::Cpu)
-    }
+    #[error("backend {0:?} is not compiled into this binary (build with the `gpu` feature)")]
+    BackendUnavailable(String),
+    #[error(
+        "no usable GPU adapter (found: {}){}",
+        if found.is_empty() { "none: is a Vulkan driver installed (libvulkan1 and the GPU vendor's ICD)?".to_string() } else { found.join("; ") },
+        if *software_allowed { "" } else { "; a software adapter runs only with embedder.allow_software_gpu: true" }
+    )]
+    NoGpu {
+        found: Vec<String>,
+        software_allowed: bool,
+    },
 }
 
 /// A loaded sentence model. Cloning shares the weights (a replica for another thread).
 #[derive(Clone)]
 pub struct SentenceModel {
-    backend: Backend,
-    device: Device,
+    device: ModelDevice,
     spec: Arc<ModelSpec>,
     tokenizer: TextTokenizer,
     bert: Bert,
@@ -103,18 +91,23 @@ pub struct SentenceModel {
 }
 
 impl SentenceModel {
-    /// Loads a sentence-transformers folder onto `backend`'s device.
+    /// Loads a sentence-transformers folder onto `backend`'s device (a software GPU
+    /// adapter refused).
     pub fn load(dir: &Path, backend: Backend) -> Result<Self, ModelError> {
+        Self::load_on(dir, ModelDevice::open(backend, DeviceOptions::default())?)
+    }
+
+    /// Loads a sentence-transformers folder onto an opened device.
+    pub fn load_on(dir: &Path, device: ModelDevice) -> Result<Self, ModelError> {
         let spec = Arc::new(ModelSpec::from_dir(dir)?);
         let tokenizer = TextTokenizer::load(
             &dir.join("tokenizer.json"),
             spec.max_seq_length,
             spec.vocab_size,
         )?;
-        let device = backend.device()?;
         let weights_path = dir.join("model.safetensors");
         let mut weights = WeightFile::open(&weights_path)?;
-        let bert = Bert::load(spec.clone(), &mut weights, &device, backend.is_host())?;
+        let bert = Bert::load(spec.clone(), &mut weights, &device.device, device.is_host())?;
         let unused = weights.unused()?;
         if !unused.is_empty() {
             tracing::debug!(file = %weights_path.display(), ?unused, "tensors not used by the encoder");
@@ -126,7 +119,6 @@ impl SentenceModel {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into());
         Ok(Self {
-            backend,
             device,
             spec,
             tokenizer,
@@ -139,11 +131,16 @@ impl SentenceModel {
     /// live tensors, the weights among them, stay. Returns whether the backend pools: on
     /// the host a pass keeps nothing after it returns, so there is nothing to return.
     pub fn release_pooled_memory(&self) -> bool {
-        if self.backend.is_host() {
+        if self.device.is_host() {
             return false;
         }
-        self.device.memory_cleanup();
+        self.device.device.memory_cleanup();
         true
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &ModelDevice {
+        &self.device
     }
 
     pub fn spec(&self) -> &ModelSpec {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use keel_model::{Backend, BatchLimits};
+use keel_model::{Backend, BatchLimits, DeviceOptions, ModelDevice, ModelError, SentenceModel};
 
 /// `embedder:` section.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -13,8 +13,12 @@ pub struct EmbedderConfig {
     /// A sentence-transformers model folder (config.json, model.safetensors, tokenizer.json,
     /// modules.json, 1_Pooling/). `scripts/fetch-model.sh` fills the default one.
     pub model_dir: PathBuf,
-    /// Where the model runs: `cpu` (burn's flex backend).
+    /// Where the model runs: `cpu` (burn's flex backend) or `wgpu` (the GPU, through its
+    /// Vulkan/Metal/DX12 driver; binaries built with the `gpu` feature, the default).
     pub backend: Backend,
+    /// With `backend: wgpu`, accept a software adapter (Mesa's lavapipe) when no GPU is
+    /// found. It runs the GPU code path on the CPU, far slower than `cpu`: for tests.
+    pub allow_software_gpu: bool,
     /// Model replicas, each on its own threads; 0 = one per available core.
     pub workers: usize,
     /// rayon threads per replica. On a CPU, one per replica and one replica per core is
@@ -32,6 +36,7 @@ impl Default for EmbedderConfig {
         Self {
             model_dir: PathBuf::from("models/all-MiniLM-L6-v2"),
             backend: Backend::Cpu,
+            allow_software_gpu: false,
             workers: 0,
             threads_per_worker: 1,
             max_batch_rows: 64,
@@ -71,15 +76,26 @@ impl EmbedderConfig {
         Ok(())
     }
 
-    /// Replicas to start: `workers`, or one per available core when 0.
+    /// Replicas to start: `workers`, or when 0 one per available core (CPU) or one (GPU:
+    /// one device, fed by one worker).
     pub fn effective_workers(&self) -> usize {
         if self.workers > 0 {
             self.workers
+        } else if self.backend != Backend::Cpu {
+            1
         } else {
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1)
         }
+    }
+
+    /// Opens the backend's device (checking the GPU adapter) and loads the model onto it.
+    pub fn load_model(&self) -> Result<SentenceModel, ModelError> {
+        let options = DeviceOptions {
+            allow_software_gpu: self.allow_software_gpu,
+        };
+        SentenceModel::load_on(&self.model_dir, ModelDevice::open(self.backend, options)?)
     }
 
     pub fn limits(&self) -> BatchLimits {

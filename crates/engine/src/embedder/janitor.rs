@@ -33,15 +33,25 @@ impl Handler<Cleanup> for EmbedderJanitor {
 
     fn handle(&mut self, _: Cleanup, _: &mut Self::Context) -> Self::Result {
         let started = Instant::now();
-        let detail = if self.model.release_pooled_memory() {
-            "returned pooled device memory"
+        let before = self.model.device().memory();
+        let (freed, detail) = if self.model.release_pooled_memory() {
+            let after = self.model.device().memory();
+            let reserved = |m: Option<keel_model::DeviceMemory>| m.map_or(0, |m| m.reserved_bytes);
+            let freed = reserved(before).saturating_sub(reserved(after));
+            (
+                freed,
+                format!("returned {freed} bytes of pooled device memory"),
+            )
         } else {
-            "host backend: passes keep no scratch between batches"
+            (
+                0,
+                "host backend: passes keep no scratch between batches".to_string(),
+            )
         };
         MessageResult(CleanupAck::new(
             "embedder",
-            0,
-            detail.to_string(),
+            freed,
+            detail,
             started.elapsed(),
         ))
     }

@@ -27,7 +27,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
 
-use keel_model::{BatchLimits, ModelError, SentenceModel, run_planned};
+use keel_model::{BatchLimits, DeviceMemory, ModelDevice, ModelError, SentenceModel, run_planned};
 use serde::{Deserialize, Serialize};
 
 use super::config::EmbedderConfig;
@@ -83,6 +83,10 @@ pub struct EmbedderStats {
     pub busy_ms: u64,
     pub queue_capacity: usize,
     pub queued_jobs: usize,
+    /// The device the model runs on: `host`, or the GPU adapter.
+    pub device: String,
+    /// The device memory pool (GPU backends); `None` on the host.
+    pub device_memory: Option<DeviceMemory>,
 }
 
 /// A model replica and the threads it computes on.
@@ -115,6 +119,7 @@ pub struct EmbedderHandle {
     model_id: Arc<str>,
     counters: Arc<EmbedderCounters>,
     workers: usize,
+    device: ModelDevice,
 }
 
 impl EmbedderHandle {
@@ -184,6 +189,8 @@ impl EmbedderHandle {
             busy_ms: c.busy_micros.load(Ordering::Relaxed) / 1000,
             queue_capacity: self.tx.max_capacity(),
             queued_jobs: self.tx.max_capacity() - self.tx.capacity(),
+            device: self.device.adapter.clone(),
+            device_memory: self.device.memory(),
         }
     }
 }
@@ -224,6 +231,7 @@ impl EmbedderWorkers {
                 model_id: model.model_id().into(),
                 counters,
                 workers,
+                device: model.device().clone(),
             },
             threads,
         })

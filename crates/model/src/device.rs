@@ -1,0 +1,154 @@
+//! Where the model runs: the backend named in configuration, resolved to a burn [`Device`]
+//! at run time, with the GPU adapter checked before any weight is loaded.
+//!
+//! `cpu` is burn's `flex` backend. `wgpu` (Cargo feature `gpu`) is burn's WGSL path on
+//! the machine's Vulkan (Metal, DX12) driver. A software adapter (Mesa's lavapipe,
+//! llvmpipe) runs the same kernels on the CPU, hundreds of times slower than a GPU: it is
+//! refused with an error naming the adapters found, unless the configuration allows it
+//! (the tests do, to run the GPU code path on machines without a GPU).
+
+use burn::tensor::Device;
+
+use crate::ModelError;
+
+/// Where the model runs. Chosen in configuration, resolved to a burn [`Device`] at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// burn's `flex` backend: pure Rust, SIMD, multi-threaded through rayon.
+    #[default]
+    Cpu,
+    /// burn's `wgpu` backend (WGSL kernels through the Vulkan, Metal or DX12 driver).
+    /// Needs a binary built with the `gpu` feature (the default build).
+    Wgpu,
+}
+
+/// What a backend needs beyond its name.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeviceOptions {
+    /// Accept a software GPU adapter (lavapipe) when no hardware one is found.
+    pub allow_software_gpu: bool,
+}
+
+/// A resolved device and what it is.
+#[derive(Clone)]
+pub struct ModelDevice {
+    pub backend: Backend,
+    pub device: Device,
+    /// The adapter's name and type (`"llvmpipe (LLVM 15.0.6, 256 bits), Cpu, Vulkan"`), or
+    /// `"host"` for the CPU backend.
+    pub adapter: String,
+}
+
+impl ModelDevice {
+    /// Opens `backend`'s device. The CPU backend cannot fail; `wgpu` fails with the
+    /// adapters it found when none is usable.
+    pub fn open(backend: Backend, options: DeviceOptions) -> Result<Self, ModelError> {
+        match backend {
+            Backend::Cpu => Ok(Self {
+                backend,
+                device: Device::flex(),
+                adapter: "host".into(),
+            }),
+            Backend::Wgpu => gpu::open(options),
+        }
+    }
+
+    /// Whether tensors live in host memory (so host-side kernels may touch them).
+    pub fn is_host(&self) -> bool {
+        self.backend == Backend::Cpu
+    }
+
+    /// Bytes the device's memory pool holds in use and reserved; `None` on the host.
+    pub fn memory(&self) -> Option<DeviceMemory> {
+        if self.is_host() {
+            return None;
+        }
+        self.device.memory_pool_usage().map(|u| DeviceMemory {
+            in_use_bytes: u.bytes_in_use,
+            reserved_bytes: u.bytes_reserved,
+        })
+    }
+}
+
+/// Device memory held by the backend's pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceMemory {
+    /// Bytes of live allocations (weights, tensors of a running pass).
+    pub in_use_bytes: u64,
+    /// Bytes reserved from the driver: in use plus pages kept for reuse.
+    pub reserved_bytes: u64,
+}
+
+#[cfg(feature = "gpu")]
+mod gpu {
+    use burn::tensor::{Device, DeviceKind};
+    use wgpu::{Backends, DeviceType, Instance, InstanceDescriptor};
+
+    use super::{Backend, DeviceOptions, ModelDevice};
+    use crate::ModelError;
+
+    /// Picks a hardware adapter (discrete, then integrated, then virtual), or a software
+    /// one when allowed; burn's `DeviceKind` indexes adapters of one type in the order
+    /// wgpu enumerates them, which is the order used here.
+    pub(super) fn open(options: DeviceOptions) -> Result<ModelDevice, ModelError> {
+        let backends = Backends::VULKAN | Backends::METAL | Backends::DX12;
+        let instance = Instance::new(InstanceDescriptor {
+            backends,
+            ..InstanceDescriptor::new_without_display_handle()
+        });
+        let adapters: Vec<wgpu::AdapterInfo> =
+            futures::executor::block_on(instance.enumerate_adapters(backends))
+                .into_iter()
+                .map(|a| a.get_info())
+                .collect();
+        let describe =
+            |a: &wgpu::AdapterInfo| format!("{}, {:?}, {:?}", a.name, a.device_type, a.backend);
+        // The first adapter of a type is burn's index 0 of that type.
+        let pick = |wanted: DeviceType| {
+            adapters
+                .iter()
+                .find(|a| a.device_type == wanted)
+                .map(|a| (0, a))
+        };
+        let chosen = [
+            (
+                DeviceType::DiscreteGpu,
+                DeviceKind::DiscreteGpu as fn(usize) -> DeviceKind,
+            ),
+            (DeviceType::IntegratedGpu, DeviceKind::IntegratedGpu),
+            (DeviceType::VirtualGpu, DeviceKind::VirtualGpu),
+        ]
+        .into_iter()
+        .find_map(|(t, kind)| pick(t).map(|(i, a)| (kind(i), describe(a))));
+        let chosen = match chosen {
+            Some(c) => c,
+            None => match pick(DeviceType::Cpu) {
+                Some((_, a)) if options.allow_software_gpu => (DeviceKind::Cpu, describe(a)),
+                _ => {
+                    let found: Vec<String> = adapters.iter().map(describe).collect();
+                    return Err(ModelError::NoGpu {
+                        found,
+                        software_allowed: options.allow_software_gpu,
+                    });
+                }
+            },
+        };
+        tracing::info!(adapter = %chosen.1, "GPU adapter");
+        Ok(ModelDevice {
+            backend: Backend::Wgpu,
+            device: Device::wgpu(chosen.0),
+            adapter: chosen.1,
+        })
+    }
+}
+
+#[cfg(not(feature = "gpu"))]
+mod gpu {
+    use super::{DeviceOptions, ModelDevice};
+    use crate::ModelError;
+
+    pub(super) fn open(_: DeviceOptions) -> Result<ModelDevice, ModelError> {
+        Err(ModelError::BackendUnavailable("wgpu".into()))
+    }
+}
