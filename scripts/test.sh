@@ -8,11 +8,22 @@ cd "$root"
 # Everything the tests read is in this repository or made here (tests/layout.rs checks).
 scripts/fetch-model.sh
 
+# The GPU backend's tests run on Mesa's software Vulkan (lavapipe) where there is no GPU.
+if ! ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+        (apt-get update -qq && apt-get install -y -qq mesa-vulkan-drivers libvulkan1) >/dev/null 2>&1 \
+            || sudo -n apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null 2>&1 || true
+    fi
+    ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1 \
+        || { echo "test: a Vulkan driver is needed (apt-get install mesa-vulkan-drivers)" >&2; exit 1; }
+fi
+
+# The release build, the tests and the binaries all carry the GPU backend (feature gpu).
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --release --workspace --no-fail-fast "$@"
+    cargo nextest run --release --workspace --features gpu --no-fail-fast "$@"
 else
     echo "test: cargo-nextest not found, using cargo test" >&2
-    cargo test --release --workspace --no-fail-fast "$@"
+    cargo test --release --workspace --features gpu --no-fail-fast "$@"
 fi
 
 # The TLS test makes its certificate with openssl.
@@ -32,7 +43,7 @@ if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import pyarrow.flig
 fi
 # The integration tests built target/release/keel already (with the test build's feature
 # set); a plain `cargo build` here would rebuild burn with another one.
-[[ -x target/release/keel ]] || cargo build --release --all-targets --quiet
+[[ -x target/release/keel ]] || cargo build --release --features gpu --all-targets --quiet
 "$venv/bin/python" tests/python/test_flight.py "$root/target/release/keel"
 
 # The quick soak: memory flat, cache bounded, bursts recovered, cleanups fast. Fails the

@@ -43,12 +43,15 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     crate::metrics::install();
     // Secrets first: a misconfigured auth section fails before the model loads.
     let auth = Arc::new(Auth::from_config(&settings.auth)?);
-    let model = settings.embedder.load_model().with_context(|| {
+    let groups = settings.embedder.load_models().with_context(|| {
         format!(
             "loading the model from {}",
             settings.embedder.model_dir.display()
         )
     })?;
+    // The janitor returns pooled device memory: it holds the GPU group's model when there
+    // is one (groups come GPU first).
+    let model = groups[0].0.clone();
     let key_settings = format!(
         "{:?}|normalize={}|max_seq={}",
         model.spec().pooling,
@@ -59,7 +62,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     // Enough queued jobs for every in-flight micro-batch: the permits are the real bound.
     let queue_jobs = ingest.max_in_flight_rows.div_ceil(ingest.micro_batch_rows) + 1;
     let janitor_model = model.clone();
-    let embedder = EmbedderWorkers::start(model, &settings.embedder, queue_jobs)?;
+    let embedder = EmbedderWorkers::start(groups, queue_jobs)?;
 
     let m = &settings.memory;
     if let Err(e) = allocator::configure(m.background_thread, m.dirty_decay_ms, m.muzzy_decay_ms) {

@@ -437,9 +437,9 @@ mod tests {
 
     #[test]
     fn invalid_values_are_rejected_with_their_key() {
-        let file = write("zero.yaml", "embedder:\n  max_batch_rows: 0\n");
+        let file = write("zero.yaml", "embedder:\n  cpu:\n    max_batch_rows: 0\n");
         let err = format!("{:#}", Settings::load(Some(&*file)).unwrap_err());
-        assert!(err.contains("embedder.max_batch_rows"), "{err}");
+        assert!(err.contains("embedder.cpu.max_batch_rows"), "{err}");
         let file = write(
             "cross.yaml",
             "ingest:\n  max_in_flight_rows: 100\n  slice_rows: 200\n",
@@ -454,15 +454,15 @@ mod tests {
         // environment concurrently in this one.
         unsafe {
             std::env::set_var("KEEL_SERVER__LISTEN", "127.0.0.1:6000");
-            std::env::set_var("KEEL_EMBEDDER__WORKERS", "3");
+            std::env::set_var("KEEL_EMBEDDER__CPU__WORKERS", "3");
         }
         let loaded = Settings::load(Some(&configs_dir().join("default.yaml"))).unwrap();
         unsafe {
             std::env::remove_var("KEEL_SERVER__LISTEN");
-            std::env::remove_var("KEEL_EMBEDDER__WORKERS");
+            std::env::remove_var("KEEL_EMBEDDER__CPU__WORKERS");
         }
         assert_eq!(loaded.server.listen, "127.0.0.1:6000".parse().unwrap());
-        assert_eq!(loaded.embedder.workers, 3);
+        assert_eq!(loaded.embedder.cpu.workers, 3);
     }
 
     #[test]

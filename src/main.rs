@@ -40,6 +40,10 @@ enum Command {
     Validate(commands::validate::ValidateArgs),
     /// Embed texts from stdin (one per line) and write JSON lines to stdout.
     Embed(commands::embed::EmbedArgs),
+    /// Run one Flight action (health, stats, cleanup, search) and print its JSON answer.
+    Action(commands::action::ActionArgs),
+    /// Copy a model folder with its weights stored in f16 or bf16 (half the bytes).
+    Convert(commands::convert::ConvertArgs),
     /// Render the records of an annotated VCF as texts (one per line) with a template.
     Texts(commands::texts::TextsArgs),
 }
@@ -61,6 +65,8 @@ fn main() -> ExitCode {
         Command::Soak(args) => commands::soak::run(args),
         Command::Embed(args) => commands::embed::run(args),
         Command::Texts(args) => commands::texts::run(args),
+        Command::Convert(args) => commands::convert::run(args),
+        Command::Action(args) => commands::action::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

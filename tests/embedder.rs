@@ -3,7 +3,6 @@
 
 use keel_engine::embedder::config::EmbedderConfig;
 use keel_engine::embedder::workers::EmbedderWorkers;
-use keel_model::{Backend, SentenceModel};
 
 use crate::common::repo_root;
 
@@ -29,16 +28,16 @@ fn workers_return_vectors_in_input_order_from_many_small_passes() {
             )
         })
         .collect();
-    let model =
-        SentenceModel::load(&repo_root().join("models/all-MiniLM-L6-v2"), Backend::Cpu).unwrap();
-    let dim = model.dim();
     // Two workers, tiny passes: both take several and finish out of order.
-    let cfg = EmbedderConfig {
-        workers: 2,
-        max_batch_rows: 3,
+    let mut cfg = EmbedderConfig {
+        model_dir: repo_root().join("models/all-MiniLM-L6-v2"),
         ..Default::default()
     };
-    let workers = EmbedderWorkers::start(model, &cfg, 16).unwrap();
+    cfg.cpu.workers = 2;
+    cfg.cpu.max_batch_rows = 3;
+    let groups = cfg.load_models().unwrap();
+    let dim = groups[0].0.dim();
+    let workers = EmbedderWorkers::start(groups, 16).unwrap();
     let texts: Vec<&str> = refs.iter().map(|r| r.0.as_str()).collect();
     let got = workers.handle().embed_blocking(&texts, 2).unwrap();
     assert_eq!(got.len(), texts.len() * dim);

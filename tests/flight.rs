@@ -286,7 +286,7 @@ async fn in_flight_rows_never_exceed_the_bound() {
     let server = TestServer::start(|s| {
         s.ingest.max_in_flight_rows = 100;
         s.ingest.slice_rows = 50;
-        s.embedder.workers = 1;
+        s.embedder.cpu.workers = 1;
         s.cache.max_bytes = 0;
     })
     .await;

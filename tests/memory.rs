@@ -94,7 +94,7 @@ async fn memory_comes_back_after_a_burst() {
         s.memory.recovery_window_ms = 300;
         s.memory.cooldown_ms = 100;
         s.supervisor.interval_ms = 50;
-        s.embedder.max_batch_tokens = 16_384;
+        s.embedder.cpu.max_batch_tokens = 16_384;
     })
     .await;
     let mut client = server.client().await;

@@ -3,6 +3,8 @@
 mod auth;
 mod common;
 mod crash;
+#[cfg(feature = "gpu")]
+mod device_check;
 mod embedder;
 mod flight;
 #[cfg(feature = "gpu")]

@@ -11,8 +11,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+use keel_engine::embedder::config::Backends;
 use keel_engine::embedder::workers::EmbedderWorkers;
 use keel_engine::memory::rss_bytes;
+use keel_model::Precision;
 
 use crate::ConfigArgs;
 use keel::config::Settings;
@@ -27,12 +29,22 @@ pub struct EmbedArgs {
     /// Model folder (overrides embedder.model_dir).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Most texts in one forward pass (overrides embedder.max_batch_rows).
+    /// Where the model runs: cpu, wgpu or both (overrides embedder.backend).
+    #[arg(long)]
+    backend: Option<Backends>,
+    /// Most texts in one forward pass (overrides embedder.cpu.max_batch_rows and
+    /// embedder.gpu.max_batch_rows).
     #[arg(long)]
     batch: Option<usize>,
-    /// Model replicas (overrides embedder.workers; 0 = one per core).
+    /// Most padded tokens in one GPU pass (overrides embedder.gpu.max_batch_tokens).
+    #[arg(long)]
+    gpu_batch_tokens: Option<usize>,
+    /// CPU model replicas (overrides embedder.cpu.workers; 0 = one per core).
     #[arg(long)]
     workers: Option<usize>,
+    /// What the GPU computes in: f32 or f16 (overrides embedder.gpu.precision).
+    #[arg(long)]
+    precision: Option<Precision>,
 }
 
 pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
@@ -40,11 +52,22 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
     if let Some(model) = args.model {
         settings.embedder.model_dir = model;
     }
+    let e = &mut settings.embedder;
+    if let Some(backend) = args.backend {
+        e.backend = backend;
+    }
     if let Some(batch) = args.batch {
-        settings.embedder.max_batch_rows = batch;
+        e.cpu.max_batch_rows = batch;
+        e.gpu.max_batch_rows = batch;
+    }
+    if let Some(tokens) = args.gpu_batch_tokens {
+        e.gpu.max_batch_tokens = tokens;
     }
     if let Some(workers) = args.workers {
-        settings.embedder.workers = workers;
+        e.cpu.workers = workers;
+    }
+    if let Some(precision) = args.precision {
+        e.gpu.precision = precision;
     }
     settings.validate()?;
     let cfg = &settings.embedder;
@@ -56,20 +79,31 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         );
     }
     let started = Instant::now();
-    let model = cfg
-        .load_model()
+    let groups = cfg
+        .load_models()
         .with_context(|| format!("loading the model from {}", cfg.model_dir.display()))?;
     let workers = cfg.effective_workers();
-    let (model_id, dim) = (model.model_id().to_string(), model.dim());
-    // Every job of a chunk may wait in the queue at once.
-    let embedder = EmbedderWorkers::start(model, cfg, CHUNK_LINES.div_ceil(cfg.max_batch_rows))?;
+    let (model_id, dim) = (groups[0].0.model_id().to_string(), groups[0].0.dim());
+    // Jobs of the smallest pass size any group uses; every job of a chunk may wait in the
+    // queue at once.
+    let rows_per_job = cfg
+        .groups()
+        .iter()
+        .map(|g| g.limits.max_rows)
+        .min()
+        .unwrap_or(1);
+    let embedder = EmbedderWorkers::start(groups, CHUNK_LINES.div_ceil(rows_per_job))?;
     let handle = embedder.handle();
+    // Kernel compilation (GPU) is start-up, not embedding: wait for it before timing.
+    while handle.warming().is_some() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let load_time = started.elapsed();
     tracing::info!(
         model = model_id,
         dim,
         workers,
-        threads_per_worker = cfg.threads_per_worker,
+        device = handle.stats().device,
         load_ms = load_time.as_millis() as u64,
         "model loaded"
     );
@@ -100,7 +134,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         }
         let texts: Vec<&str> = chunk.iter().map(String::as_str).collect();
         let t0 = Instant::now();
-        let vectors = handle.embed_blocking(&texts, cfg.max_batch_rows)?;
+        let vectors = handle.embed_blocking(&texts, rows_per_job)?;
         embed_time += t0.elapsed();
         for (text, v) in texts.iter().zip(vectors.chunks_exact(dim)) {
             serde_json::to_writer(
@@ -112,20 +146,31 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         texts_done += texts.len();
     }
     out.flush().context("writing stdout")?;
+    let stats = handle.stats();
     drop(handle);
     embedder.shutdown(std::time::Duration::from_secs(5));
 
     let secs = embed_time.as_secs_f64();
+    let device_memory = stats
+        .device_memory
+        .map(|m| {
+            format!(
+                "; device memory {} MB in use, {} MB reserved",
+                m.in_use_bytes / 1_000_000,
+                m.reserved_bytes / 1_000_000
+            )
+        })
+        .unwrap_or_default();
     eprintln!(
-        "keel embed: {texts_done} texts in {secs:.2} s ({:.0} texts/s; model load {:.2} s; {workers} workers × {} threads; max {} rows/pass; RSS {} MB)",
+        "keel embed: {texts_done} texts in {secs:.2} s ({:.0} texts/s; start-up {:.2} s; {workers} workers on {}; {} passes; RSS {} MB{device_memory})",
         if secs > 0.0 {
             texts_done as f64 / secs
         } else {
             0.0
         },
         load_time.as_secs_f64(),
-        cfg.threads_per_worker,
-        cfg.max_batch_rows,
+        stats.device,
+        stats.passes,
         rss_bytes().map(|b| b / 1_000_000).unwrap_or(0),
     );
     Ok(())

@@ -1,5 +1,7 @@
 //! One module per subcommand.
 
+pub mod action;
+pub mod convert;
 pub mod embed;
 pub mod produce;
 pub mod search;

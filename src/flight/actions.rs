@@ -122,7 +122,7 @@ impl Action {
     pub async fn run(self, engine: &Arc<Engine>) -> Result<Vec<u8>, Status> {
         let json = match self {
             Action::Stats => serde_json::to_vec(&engine.stats().await.map_err(error::engine)?),
-            Action::Health => serde_json::to_vec(&health(engine)),
+            Action::Health => serde_json::to_vec(&health(engine)?),
             Action::Cleanup(level) => serde_json::to_vec(&cleanup(engine, level).await?),
             Action::Search(request) => serde_json::to_vec(&search(engine, request).await?),
         };
@@ -130,8 +130,13 @@ impl Action {
     }
 }
 
-fn health(engine: &Engine) -> Health {
-    Health {
+/// `Unavailable` while a GPU worker is still compiling its kernels: a readiness probe
+/// sends traffic only to a warm engine.
+fn health(engine: &Engine) -> Result<Health, Status> {
+    if let Some(progress) = engine.pipeline.embedder().warming() {
+        return Err(Status::unavailable(format!("warming up: {progress}")));
+    }
+    Ok(Health {
         status: if engine.is_closing() {
             "shutting_down"
         } else {
@@ -140,7 +145,7 @@ fn health(engine: &Engine) -> Health {
         .into(),
         model: engine.pipeline.embedder().model_id().into(),
         dim: engine.pipeline.dim(),
-    }
+    })
 }
 
 async fn cleanup(engine: &Engine, level: CleanupLevel) -> Result<CleanupRecord, Status> {

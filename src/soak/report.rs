@@ -64,16 +64,29 @@ pub fn memory_bound(settings: &Settings, model_bytes: u64, spec: &ModelSpec) -> 
     let intermediate = spec.intermediate_size as u64;
     let heads = spec.num_heads as u64;
     let longest = spec.max_seq_length as u64;
-    let e = &settings.embedder;
-    let workers = e.effective_workers() as u64;
-    let tokens = e.max_batch_tokens as u64;
-    let activations = tokens * 4 * (intermediate + 4 * hidden) + tokens * heads * longest * 4;
+    let mut passes = 0;
+    for group in settings.embedder.groups() {
+        let tokens = group.limits.max_tokens as u64;
+        let workers = group.workers as u64;
+        passes += match group.backend {
+            keel_model::Backend::Cpu => {
+                workers * (tokens * 4 * (intermediate + 4 * hidden) + tokens * heads * longest * 4)
+            }
+            // Activations live on the device; the host holds, per batch in the pipeline
+            // and the one computing, the gathered embeddings, the mask and the output.
+            keel_model::Backend::Wgpu => {
+                workers
+                    * (keel_engine::embedder::workers::PIPELINE_DEPTH as u64 + 1)
+                    * (tokens * 4 * (hidden + 1) + tokens * longest)
+            }
+        };
+    }
     let row = 512 + 4 * hidden;
     model_bytes
         + 64 * 1024 * 1024
         + settings.cache.max_bytes
         + settings.ingest.max_in_flight_rows as u64 * row
-        + workers * activations
+        + passes
 }
 
 pub struct Report {

@@ -40,7 +40,7 @@ impl TestServer {
                 .exists(),
             "model missing: run scripts/fetch-model.sh"
         );
-        settings.embedder.workers = 2;
+        settings.embedder.cpu.workers = 2;
         let data_dir = tempfile::Builder::new()
             .prefix("keel-test-")
             .tempdir()
@@ -185,4 +185,118 @@ pub async fn action(client: &mut FlightClient, kind: &str, body: &str) -> serde_
 
 pub fn embed_path() -> FlightDescriptor {
     FlightDescriptor::new_path(vec!["embed".into()])
+}
+
+#[cfg(feature = "gpu")]
+/// A BERT with MiniLM's tokenizer and vocabulary but 2 layers of width 32 and
+/// deterministic random weights, written as a sentence-transformers folder.
+pub fn tiny_bert() -> tempfile::TempDir {
+    use safetensors::Dtype;
+    use safetensors::tensor::TensorView;
+    let dir = tempfile::tempdir().unwrap();
+    let src = repo_root().join("models/all-MiniLM-L6-v2");
+    for file in [
+        "tokenizer.json",
+        "modules.json",
+        "sentence_bert_config.json",
+    ] {
+        std::fs::copy(src.join(file), dir.path().join(file)).unwrap();
+    }
+    std::fs::create_dir(dir.path().join("1_Pooling")).unwrap();
+    std::fs::copy(
+        src.join("1_Pooling/config.json"),
+        dir.path().join("1_Pooling/config.json"),
+    )
+    .unwrap();
+    let (vocab, hidden, inter, layers, positions) =
+        (30522usize, 32usize, 64usize, 2usize, 512usize);
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config["hidden_size"] = hidden.into();
+    config["intermediate_size"] = inter.into();
+    config["num_hidden_layers"] = layers.into();
+    config["num_attention_heads"] = 4.into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut random = |n: usize, scale: f32, offset: f32| -> Vec<u8> {
+        (0..n)
+            .flat_map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let u = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                (offset + scale * u).to_le_bytes()
+            })
+            .collect()
+    };
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = vec![
+        (
+            "embeddings.word_embeddings.weight".into(),
+            vec![vocab, hidden],
+            random(vocab * hidden, 0.5, 0.0),
+        ),
+        (
+            "embeddings.position_embeddings.weight".into(),
+            vec![positions, hidden],
+            random(positions * hidden, 0.5, 0.0),
+        ),
+        (
+            "embeddings.token_type_embeddings.weight".into(),
+            vec![2, hidden],
+            random(2 * hidden, 0.5, 0.0),
+        ),
+        (
+            "embeddings.LayerNorm.weight".into(),
+            vec![hidden],
+            random(hidden, 0.2, 1.0),
+        ),
+        (
+            "embeddings.LayerNorm.bias".into(),
+            vec![hidden],
+            random(hidden, 0.2, 0.0),
+        ),
+    ];
+    for l in 0..layers {
+        let p = format!("encoder.layer.{l}");
+        for (name, out, inp) in [
+            ("attention.self.query", hidden, hidden),
+            ("attention.self.key", hidden, hidden),
+            ("attention.self.value", hidden, hidden),
+            ("attention.output.dense", hidden, hidden),
+            ("intermediate.dense", inter, hidden),
+            ("output.dense", hidden, inter),
+        ] {
+            let scale = 2.0 / (inp as f32).sqrt();
+            tensors.push((
+                format!("{p}.{name}.weight"),
+                vec![out, inp],
+                random(out * inp, scale, 0.0),
+            ));
+            tensors.push((format!("{p}.{name}.bias"), vec![out], random(out, 0.1, 0.0)));
+        }
+        for norm in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            tensors.push((
+                format!("{p}.{norm}.weight"),
+                vec![hidden],
+                random(hidden, 0.2, 1.0),
+            ));
+            tensors.push((
+                format!("{p}.{norm}.bias"),
+                vec![hidden],
+                random(hidden, 0.2, 0.0),
+            ));
+        }
+    }
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            (
+                name.clone(),
+                TensorView::new(Dtype::F32, shape.clone(), data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    dir
 }

@@ -21,12 +21,18 @@ use std::sync::Arc;
 use burn::tensor::activation;
 use burn::tensor::module::{attention, layer_norm, linear};
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Device, Tensor, TensorData};
+use burn::tensor::{Bool, Device, FloatDType, Tensor, TensorData};
 
 use super::ModelError;
+use super::device::Precision;
 use super::gelu;
 use super::spec::{ModelSpec, Pooling};
 use super::weights::WeightFile;
+
+/// A float tensor on `device`, stored in `dtype`.
+fn on_device<const D: usize>(data: TensorData, device: &Device, dtype: FloatDType) -> Tensor<D> {
+    Tensor::<D>::from_data(data, device).cast(dtype)
+}
 
 #[derive(Clone)]
 struct Linear {
@@ -42,12 +48,13 @@ impl Linear {
         inp: usize,
         out: usize,
         device: &Device,
+        dtype: FloatDType,
     ) -> Result<Self, ModelError> {
         let weight = w.get_linear_weight(&format!("{name}.weight"), out, inp)?;
         let bias = w.get(&format!("{name}.bias"), &[out])?;
         Ok(Self {
-            weight: Tensor::from_data(TensorData::new(weight, [inp, out]), device),
-            bias: Tensor::from_data(TensorData::new(bias, [out]), device),
+            weight: on_device(TensorData::new(weight, [inp, out]), device, dtype),
+            bias: on_device(TensorData::new(bias, [out]), device, dtype),
         })
     }
 
@@ -58,6 +65,7 @@ impl Linear {
         inp: usize,
         out: usize,
         device: &Device,
+        dtype: FloatDType,
     ) -> Result<Self, ModelError> {
         let mut weight = vec![0.0f32; inp * 3 * out];
         let mut bias = Vec::with_capacity(3 * out);
@@ -70,11 +78,12 @@ impl Linear {
             bias.extend(w.get(&format!("{name}.bias"), &[out])?);
         }
         Ok(Self {
-            weight: Tensor::from_data(TensorData::new(weight, [inp, 3 * out]), device),
-            bias: Tensor::from_data(TensorData::new(bias, [3 * out]), device),
+            weight: on_device(TensorData::new(weight, [inp, 3 * out]), device, dtype),
+            bias: on_device(TensorData::new(bias, [3 * out]), device, dtype),
         })
     }
 
+    /// `x · W + b`, in the weights' dtype (`x` in it already).
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         linear(x, self.weight.clone(), Some(self.bias.clone()))
     }
@@ -119,10 +128,14 @@ struct Block {
     out_norm: LayerNorm,
 }
 
-/// One tokenized batch, padded to its longest row.
+/// One tokenized batch, padded to its longest row (or further, to `pad_to`).
 pub struct TokenBatch<'a> {
     /// Token ids of each row, unpadded; every row is non-empty.
     pub rows: &'a [&'a [u32]],
+    /// Pad every row to at least this many positions (a sequence-length bucket, so that a
+    /// GPU compiles its kernels once per bucket); padding is masked, so it changes no
+    /// vector.
+    pub pad_to: usize,
 }
 
 /// A BERT encoder with its pooling, ready to run on one device.
@@ -138,6 +151,9 @@ pub struct Bert {
     blocks: Vec<Block>,
     /// Run GELU on the host with the vectorised kernel (CPU backend only).
     host_gelu: bool,
+    /// What the Linear layers, attention and GELU compute in; the residual stream,
+    /// LayerNorm and pooling stay f32.
+    compute: FloatDType,
 }
 
 impl Bert {
@@ -146,7 +162,12 @@ impl Bert {
         weights: &mut WeightFile,
         device: &Device,
         host_gelu: bool,
+        precision: Precision,
     ) -> Result<Self, ModelError> {
+        let compute = match precision {
+            Precision::F32 => FloatDType::F32,
+            Precision::F16 => FloatDType::F16,
+        };
         let h = spec.hidden_size;
         let word = weights.get("embeddings.word_embeddings.weight", &[spec.vocab_size, h])?;
         let mut pos = weights.get(
@@ -183,6 +204,7 @@ impl Bert {
                     h,
                     h,
                     device,
+                    compute,
                 )?,
                 attn_out: Linear::load(
                     weights,
@@ -190,6 +212,7 @@ impl Bert {
                     h,
                     h,
                     device,
+                    compute,
                 )?,
                 attn_norm: LayerNorm::load(
                     weights,
@@ -204,6 +227,7 @@ impl Bert {
                     h,
                     spec.intermediate_size,
                     device,
+                    compute,
                 )?,
                 down: Linear::load(
                     weights,
@@ -211,6 +235,7 @@ impl Bert {
                     spec.intermediate_size,
                     h,
                     device,
+                    compute,
                 )?,
                 out_norm: LayerNorm::load(
                     weights,
@@ -229,6 +254,7 @@ impl Bert {
             embed_norm,
             blocks,
             host_gelu,
+            compute,
         })
     }
 
@@ -241,10 +267,11 @@ impl Bert {
         let spec = &*self.spec;
         let (h, heads, dh) = (spec.hidden_size, spec.num_heads, spec.head_dim());
         let b = batch.rows.len();
-        let t = batch.rows.iter().map(|r| r.len()).max().unwrap_or(0);
-        if b == 0 || t == 0 {
+        let longest = batch.rows.iter().map(|r| r.len()).max().unwrap_or(0);
+        if b == 0 || longest == 0 {
             return Vec::new();
         }
+        let t = longest.max(batch.pad_to).min(spec.max_position_embeddings);
         let n = b * t;
 
         // Embeddings, gathered on the host. Padded positions get the position embedding
@@ -283,10 +310,11 @@ impl Bert {
         let mask: Tensor<4, Bool> =
             Tensor::from_data(TensorData::new(mask, [b, 1, t, t]), &self.device);
 
+        let (f32, compute) = (FloatDType::F32, self.compute);
         for block in &self.blocks {
             let qkv = block
                 .qkv
-                .forward(x.clone())
+                .forward(x.clone().cast(compute))
                 .reshape([b, t, 3 * heads, dh])
                 .swap_dims(1, 2);
             let q = qkv.clone().narrow(1, 0, heads);
@@ -302,14 +330,18 @@ impl Bert {
             )
             .swap_dims(1, 2)
             .reshape([n, h]);
-            x = block.attn_norm.forward(block.attn_out.forward(ctx) + x);
-            let up = block.up.forward(x.clone());
+            x = block
+                .attn_norm
+                .forward(block.attn_out.forward(ctx).cast(f32) + x);
+            let up = block.up.forward(x.clone().cast(compute));
             let act = if self.host_gelu {
                 gelu::gelu_tensor(up, &self.device)
             } else {
                 activation::gelu(up)
             };
-            x = block.out_norm.forward(block.down.forward(act) + x);
+            x = block
+                .out_norm
+                .forward(block.down.forward(act).cast(f32) + x);
         }
 
         let x = x.reshape([b, t, h]);

@@ -23,11 +23,37 @@ pub enum Backend {
     Wgpu,
 }
 
+/// What the model's matrix products, attention and GELU compute in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// 32-bit floats everywhere: within 1e-4 of the float64 reference.
+    #[default]
+    F32,
+    /// 16-bit floats for the Linear layers, attention and GELU (weights kept in f16 on the
+    /// device); the residual stream, LayerNorm and pooling stay f32. GPU backends only.
+    F16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            other => Err(format!("unknown precision {other:?} (f32 or f16)")),
+        }
+    }
+}
+
 /// What a backend needs beyond its name.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DeviceOptions {
     /// Accept a software GPU adapter (lavapipe) when no hardware one is found.
     pub allow_software_gpu: bool,
+    /// What the model computes in (`f16` needs a GPU backend).
+    pub precision: Precision,
 }
 
 /// A resolved device and what it is.
@@ -38,6 +64,7 @@ pub struct ModelDevice {
     /// The adapter's name and type (`"llvmpipe (LLVM 15.0.6, 256 bits), Cpu, Vulkan"`), or
     /// `"host"` for the CPU backend.
     pub adapter: String,
+    pub precision: Precision,
 }
 
 impl ModelDevice {
@@ -45,13 +72,23 @@ impl ModelDevice {
     /// adapters it found when none is usable.
     pub fn open(backend: Backend, options: DeviceOptions) -> Result<Self, ModelError> {
         match backend {
+            Backend::Cpu if options.precision != Precision::F32 => Err(ModelError::Precision(
+                "the cpu backend computes in f32; f16 needs backend wgpu".into(),
+            )),
             Backend::Cpu => Ok(Self {
                 backend,
                 device: Device::flex(),
                 adapter: "host".into(),
+                precision: Precision::F32,
             }),
             Backend::Wgpu => gpu::open(options),
         }
+    }
+
+    /// Whether the device compiles kernels per tensor shape, so that passes are padded to
+    /// a few sequence-length buckets ([`crate::LENGTH_BUCKETS`]) and warmed up at start.
+    pub fn compiles_per_shape(&self) -> bool {
+        !self.is_host()
     }
 
     /// Whether tensors live in host memory (so host-side kernels may touch them).
@@ -85,7 +122,7 @@ mod gpu {
     use burn::tensor::{Device, DeviceKind};
     use wgpu::{Backends, DeviceType, Instance, InstanceDescriptor};
 
-    use super::{Backend, DeviceOptions, ModelDevice};
+    use super::{Backend, DeviceOptions, ModelDevice, Precision};
     use crate::ModelError;
 
     /// Picks a hardware adapter (discrete, then integrated, then virtual), or a software
@@ -135,11 +172,40 @@ mod gpu {
             },
         };
         tracing::info!(adapter = %chosen.1, "GPU adapter");
+        if chosen.0 == DeviceKind::Cpu {
+            tune_lightly();
+        }
+        let device = Device::wgpu(chosen.0);
+        if options.precision == Precision::F16 && !device.supports_dtype(burn::tensor::DType::F16) {
+            return Err(ModelError::Precision(format!(
+                "the adapter {} cannot compute in f16 (no shader-f16 support); use precision: f32",
+                chosen.1
+            )));
+        }
         Ok(ModelDevice {
             backend: Backend::Wgpu,
-            device: Device::wgpu(chosen.0),
+            device,
             adapter: chosen.1,
+            precision: options.precision,
         })
+    }
+
+    /// On a software adapter, kernels run hundreds of times slower than on a GPU, and
+    /// autotuning's benchmarks (every candidate kernel, timed ten times, per shape) take
+    /// minutes: there, candidates are timed once and the first one within 60 % of the
+    /// adapter's peak is kept. What the kernels compute is the same. `CUBECL_*` environment
+    /// variables still override; a process whose kernel runtime is already configured
+    /// (a `cubecl.toml`, an earlier device) keeps its settings.
+    fn tune_lightly() {
+        use cubecl::config::autotune::AutotuneLevel;
+        use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+        let mut config = CubeClRuntimeConfig::default();
+        config.autotune.level = AutotuneLevel::Minimal;
+        config.autotune.bench.min_samples = 1;
+        config.autotune.bench.max_samples = 1;
+        if !CubeClRuntimeConfig::try_set(config.override_from_env()) {
+            tracing::debug!("kernel runtime already configured; autotune settings kept");
+        }
     }
 }
 

@@ -11,6 +11,7 @@
 
 mod batching;
 mod bert;
+mod convert;
 mod device;
 pub mod gelu;
 mod spec;
@@ -20,9 +21,10 @@ mod weights;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use batching::{BatchLimits, plan};
+pub use batching::{BatchLimits, LENGTH_BUCKETS, length_bucket, plan};
 pub use bert::TokenBatch;
-pub use device::{Backend, DeviceMemory, DeviceOptions, ModelDevice};
+pub use convert::{StoredPrecision, convert_model};
+pub use device::{Backend, DeviceMemory, DeviceOptions, ModelDevice, Precision};
 pub use spec::{ModelSpec, Pooling};
 pub use tokenize::TextTokenizer;
 
@@ -67,12 +69,14 @@ pub enum ModelError {
     Tokenizer { path: PathBuf, what: String },
     #[error("tokenizing failed: {0}")]
     Encode(String),
+    #[error("precision: {0}")]
+    Precision(String),
     #[error("backend {0:?} is not compiled into this binary (build with the `gpu` feature)")]
     BackendUnavailable(String),
     #[error(
         "no usable GPU adapter (found: {}){}",
         if found.is_empty() { "none: is a Vulkan driver installed (libvulkan1 and the GPU vendor's ICD)?".to_string() } else { found.join("; ") },
-        if *software_allowed { "" } else { "; a software adapter runs only with embedder.allow_software_gpu: true" }
+        if *software_allowed { "" } else { "; a software adapter runs only with embedder.gpu.allow_software: true" }
     )]
     NoGpu {
         found: Vec<String>,
@@ -107,7 +111,13 @@ impl SentenceModel {
         )?;
         let weights_path = dir.join("model.safetensors");
         let mut weights = WeightFile::open(&weights_path)?;
-        let bert = Bert::load(spec.clone(), &mut weights, &device.device, device.is_host())?;
+        let bert = Bert::load(
+            spec.clone(),
+            &mut weights,
+            &device.device,
+            device.is_host(),
+            device.precision,
+        )?;
         let unused = weights.unused()?;
         if !unused.is_empty() {
             tracing::debug!(file = %weights_path.display(), ?unused, "tensors not used by the encoder");
@@ -164,13 +174,32 @@ impl SentenceModel {
     /// One forward pass: sentence vectors of `rows` (token ids from [`Self::tokenize`]),
     /// `rows.len() × dim` values, row-major, normalised if the model says so.
     pub fn embed_tokens(&self, rows: &[&[u32]]) -> Vec<f32> {
-        let mut out = self.bert.forward(&TokenBatch { rows });
+        let longest = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+        let pad_to = self.padded_length(longest);
+        let mut out = self.bert.forward(&TokenBatch { rows, pad_to });
         if self.spec.normalize {
             for v in out.chunks_exact_mut(self.spec.hidden_size) {
                 l2_normalize(v);
             }
         }
         out
+    }
+
+    /// The length a pass whose longest row has `longest` tokens is padded to: itself on the
+    /// host, the next sequence-length bucket on a device that compiles kernels per shape.
+    pub fn padded_length(&self, longest: usize) -> usize {
+        if self.device.compiles_per_shape() {
+            length_bucket(longest, self.spec.max_seq_length)
+        } else {
+            longest
+        }
+    }
+
+    /// Splits tokenized rows into passes within `limits`, counting each pass at its padded
+    /// length. Returns row indices per pass.
+    pub fn plan(&self, tokens: &[Vec<u32>], limits: BatchLimits) -> Vec<Vec<usize>> {
+        let lengths: Vec<usize> = tokens.iter().map(|t| self.padded_length(t.len())).collect();
+        plan(&lengths, limits)
     }
 
     /// Tokenizes `texts`, runs them in length-bucketed passes within `limits`, and returns
@@ -180,30 +209,62 @@ impl SentenceModel {
             .iter()
             .map(|t| self.tokenize(t))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(run_planned(&tokens, self.dim(), limits, |rows| self.embed_tokens(rows)).0)
+        let passes = self.plan(&tokens, limits);
+        Ok(run_planned(&tokens, &passes, self.dim(), |rows| {
+            self.embed_tokens(rows)
+        }))
+    }
+
+    /// Runs one pass of every shape `limits` allows — each sequence-length bucket up to
+    /// `max_seq_length`, at row counts from 1 up to the most the token budget allows, in
+    /// powers of two — so that a device that compiles and autotunes kernels per shape
+    /// does it now rather than in front of the first requests. Returns the passes run.
+    /// On the host it runs one small pass (nothing to compile) and returns 1.
+    pub fn warm_up(&self, limits: BatchLimits) -> usize {
+        let unk = [0u32; 1];
+        if !self.device.compiles_per_shape() {
+            self.embed_tokens(&[&unk]);
+            return 1;
+        }
+        let mut passes = 0;
+        for &len in LENGTH_BUCKETS
+            .iter()
+            .filter(|&&b| b <= self.spec.max_seq_length)
+        {
+            let row = vec![0u32; len];
+            let most = limits.max_rows.min(limits.max_tokens / len).max(1);
+            let mut rows = 1;
+            loop {
+                let batch: Vec<&[u32]> = (0..rows).map(|_| row.as_slice()).collect();
+                self.embed_tokens(&batch);
+                passes += 1;
+                if rows == most {
+                    break;
+                }
+                rows = (rows * 2).min(most);
+            }
+        }
+        passes
     }
 }
 
-/// Plans `tokens` into length-bucketed passes within `limits`, runs each through
-/// `forward` (which returns `rows × dim` values), and returns the vectors in input order
-/// with the number of passes.
+/// Runs `passes` (row indices into `tokens`) through `forward`, which returns `rows × dim`
+/// values, and returns the vectors in input order.
 pub fn run_planned(
     tokens: &[Vec<u32>],
+    passes: &[Vec<usize>],
     dim: usize,
-    limits: BatchLimits,
     mut forward: impl FnMut(&[&[u32]]) -> Vec<f32>,
-) -> (Vec<f32>, usize) {
-    let lengths: Vec<usize> = tokens.iter().map(Vec::len).collect();
+) -> Vec<f32> {
     let mut out = vec![0.0f32; tokens.len() * dim];
-    let passes = plan(&lengths, limits);
-    for pass in &passes {
+    for pass in passes {
         let rows: Vec<&[u32]> = pass.iter().map(|&i| tokens[i].as_slice()).collect();
         let vectors = forward(&rows);
         for (&i, v) in pass.iter().zip(vectors.chunks_exact(dim)) {
             out[i * dim..(i + 1) * dim].copy_from_slice(v);
         }
     }
-    (out, passes.len())
+    out
 }
 
 /// Scales `v` to unit L2 norm, as sentence-transformers' `Normalize` (norm clamped at 1e-12).

@@ -224,3 +224,50 @@ fn a_non_bert_config_is_refused_before_reading_weights() {
         "{err}"
     );
 }
+
+/// Many published models ship their weights in f16 or bf16. A half-precision copy (written by
+/// `convert_model`, which `keel convert` runs) is half the size, loads like the f32 file,
+/// and stays close to the float64 reference: f16 keeps 11 significant bits of each weight,
+/// bf16 8, so the vectors move by about that much.
+#[test]
+fn half_precision_copies_load_and_stay_close_to_the_reference() {
+    use keel_model::{StoredPrecision, convert_model};
+    let original = std::fs::metadata(model_dir().join("model.safetensors"))
+        .unwrap()
+        .len();
+    let refs = reference();
+    let texts: Vec<&str> = refs.iter().map(|r| r.text.as_str()).collect();
+    for (precision, min_cosine) in [
+        (StoredPrecision::F16, 0.9999),
+        (StoredPrecision::Bf16, 0.999),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let size = convert_model(&model_dir(), dir.path(), precision).unwrap();
+        assert!(
+            size < original / 2 + 1_000_000,
+            "{precision:?}: {size} bytes against {original} in f32"
+        );
+        assert!(dir.path().join("tokenizer.json").exists());
+        assert!(dir.path().join("1_Pooling/config.json").exists());
+        let model = SentenceModel::load(dir.path(), Backend::Cpu).unwrap();
+        let got = model.embed(&texts, LIMITS).unwrap();
+        let mut worst = 1.0f64;
+        for (r, v) in refs.iter().zip(got.chunks_exact(model.dim())) {
+            worst = worst.min(cosine(v, &r.embedding));
+        }
+        assert!(
+            worst >= min_cosine,
+            "{precision:?}: worst cosine to the reference {worst:.6}"
+        );
+        // Not the f32 model in disguise: the rounding shows.
+        assert!(worst < 0.999_999_9, "{precision:?}: {worst}");
+    }
+}
+
+#[test]
+fn a_conversion_never_writes_over_its_source() {
+    let err =
+        keel_model::convert_model(&model_dir(), &model_dir(), keel_model::StoredPrecision::F16)
+            .unwrap_err();
+    assert!(err.to_string().contains("another folder"), "{err}");
+}

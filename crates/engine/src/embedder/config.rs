@@ -1,10 +1,43 @@
 //! Configuration of the embedder: which model, where it runs, how passes are sized.
+//!
+//! `backend` says where the model runs: `cpu`, `wgpu` (the GPU), or `both` (GPU workers
+//! and CPU workers taking work from one queue). Each device kind has its own block
+//! (`cpu:`, `gpu:`) with its own pass sizes, since a GPU wants passes tens of times larger
+//! than a CPU core does.
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use keel_model::{Backend, BatchLimits, DeviceOptions, ModelDevice, ModelError, SentenceModel};
+use keel_model::{
+    Backend, BatchLimits, DeviceOptions, ModelDevice, ModelError, Precision, SentenceModel,
+};
+
+/// Where the embedder's workers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backends {
+    /// burn's flex backend on the host's cores.
+    #[default]
+    Cpu,
+    /// burn's wgpu backend on the GPU.
+    Wgpu,
+    /// GPU workers and CPU workers side by side, on one queue.
+    Both,
+}
+
+impl std::str::FromStr for Backends {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "wgpu" => Ok(Self::Wgpu),
+            "both" => Ok(Self::Both),
+            other => Err(format!("unknown backend {other:?} (cpu, wgpu or both)")),
+        }
+    }
+}
 
 /// `embedder:` section.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -13,16 +46,22 @@ pub struct EmbedderConfig {
     /// A sentence-transformers model folder (config.json, model.safetensors, tokenizer.json,
     /// modules.json, 1_Pooling/). `scripts/fetch-model.sh` fills the default one.
     pub model_dir: PathBuf,
-    /// Where the model runs: `cpu` (burn's flex backend) or `wgpu` (the GPU, through its
-    /// Vulkan/Metal/DX12 driver; binaries built with the `gpu` feature, the default).
-    pub backend: Backend,
-    /// With `backend: wgpu`, accept a software adapter (Mesa's lavapipe) when no GPU is
-    /// found. It runs the GPU code path on the CPU, far slower than `cpu`: for tests.
-    pub allow_software_gpu: bool,
+    /// `cpu`, `wgpu` or `both`.
+    pub backend: Backends,
+    /// The CPU workers (`backend: cpu` or `both`).
+    pub cpu: CpuConfig,
+    /// The GPU workers (`backend: wgpu` or `both`).
+    pub gpu: GpuConfig,
+}
+
+/// `embedder.cpu:`: model replicas on the host's cores.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CpuConfig {
     /// Model replicas, each on its own threads; 0 = one per available core.
     pub workers: usize,
-    /// rayon threads per replica. On a CPU, one per replica and one replica per core is
-    /// fastest (measured); more threads per replica helps single-stream latency.
+    /// rayon threads per replica. One per replica and one replica per core is fastest
+    /// (measured); more threads per replica helps single-stream latency.
     pub threads_per_worker: usize,
     /// Most rows in one forward pass.
     pub max_batch_rows: usize,
@@ -31,16 +70,66 @@ pub struct EmbedderConfig {
     pub max_batch_tokens: usize,
 }
 
-impl Default for EmbedderConfig {
+impl Default for CpuConfig {
     fn default() -> Self {
         Self {
-            model_dir: PathBuf::from("models/all-MiniLM-L6-v2"),
-            backend: Backend::Cpu,
-            allow_software_gpu: false,
             workers: 0,
             threads_per_worker: 1,
             max_batch_rows: 64,
             max_batch_tokens: 8192,
+        }
+    }
+}
+
+/// `embedder.gpu:`: one device, fed by workers that tokenize ahead of it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfig {
+    /// Workers feeding the device, each with its own pass in flight. 1 keeps the device
+    /// busy when tokenizing runs ahead (it does); 2 overlaps one pass's host work (the
+    /// embedding gather, the copy back) with the other's kernels.
+    pub workers: usize,
+    /// `f32` (within 1e-4 of the float64 reference) or `f16` (matrix products, attention
+    /// and GELU in half precision; LayerNorm and the residual stream in f32).
+    pub precision: Precision,
+    /// Most rows in one forward pass.
+    pub max_batch_rows: usize,
+    /// Most padded tokens (rows × padded length) in one forward pass; bounds the device
+    /// memory of a pass (about `max_batch_tokens × 4 × intermediate_size` bytes of
+    /// activations in f32, and the attention scores).
+    pub max_batch_tokens: usize,
+    /// Host threads that tokenize ahead of the device; 0 = one per available core.
+    pub tokenizer_threads: usize,
+    /// Run one pass of every shape at start-up, so kernel compilation and autotuning are
+    /// paid before the first request (`health` answers only after). Off, the first
+    /// requests of each shape pay it.
+    pub warm_up: bool,
+    /// Accept a software adapter (Mesa's lavapipe) when no GPU is found. It runs the GPU
+    /// code path on the CPU, far slower than the cpu backend: for tests.
+    pub allow_software: bool,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            precision: Precision::F32,
+            max_batch_rows: 256,
+            max_batch_tokens: 32_768,
+            tokenizer_threads: 0,
+            warm_up: true,
+            allow_software: false,
+        }
+    }
+}
+
+impl Default for EmbedderConfig {
+    fn default() -> Self {
+        Self {
+            model_dir: PathBuf::from("models/all-MiniLM-L6-v2"),
+            backend: Backends::Cpu,
+            cpu: CpuConfig::default(),
+            gpu: GpuConfig::default(),
         }
     }
 }
@@ -53,6 +142,27 @@ pub struct InvalidEmbedderConfig {
     pub why: String,
 }
 
+/// One kind of worker the embedder starts: on which device, how many, how passes are
+/// sized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerGroup {
+    pub backend: Backend,
+    pub workers: usize,
+    /// rayon threads per worker (CPU); GPU workers compute on the device.
+    pub threads_per_worker: usize,
+    pub limits: BatchLimits,
+    /// Host threads tokenizing ahead of the device; `None`: each worker tokenizes inline
+    /// (CPU workers, for which tokenizing is under 1 % of a pass).
+    pub tokenizer_threads: Option<usize>,
+    pub warm_up: bool,
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
 impl EmbedderConfig {
     pub fn validate(&self) -> Result<(), InvalidEmbedderConfig> {
         let bad = |key, why: &str| {
@@ -61,47 +171,116 @@ impl EmbedderConfig {
                 why: why.to_string(),
             })
         };
-        if self.threads_per_worker == 0 {
-            return bad("threads_per_worker", "must be at least 1");
+        let (cpu, gpu) = (&self.cpu, &self.gpu);
+        if cpu.threads_per_worker == 0 {
+            return bad("cpu.threads_per_worker", "must be at least 1");
         }
-        if self.max_batch_rows == 0 {
-            return bad("max_batch_rows", "must be at least 1");
+        if cpu.max_batch_rows == 0 {
+            return bad("cpu.max_batch_rows", "must be at least 1");
         }
-        if self.max_batch_tokens < 2 {
-            return bad("max_batch_tokens", "must be at least 2");
+        if cpu.max_batch_tokens < 2 {
+            return bad("cpu.max_batch_tokens", "must be at least 2");
         }
-        if self.workers > 1024 {
-            return bad("workers", "more than 1024 replicas is surely a typo");
+        if cpu.workers > 1024 {
+            return bad("cpu.workers", "more than 1024 replicas is surely a typo");
+        }
+        if gpu.workers == 0 {
+            return bad("gpu.workers", "must be at least 1");
+        }
+        if gpu.workers > 64 {
+            return bad(
+                "gpu.workers",
+                "more than 64 workers on one device is surely a typo",
+            );
+        }
+        if gpu.max_batch_rows == 0 {
+            return bad("gpu.max_batch_rows", "must be at least 1");
+        }
+        if gpu.max_batch_tokens < 8 {
+            return bad(
+                "gpu.max_batch_tokens",
+                "must be at least 8 (one row of the shortest sequence bucket)",
+            );
         }
         Ok(())
     }
 
-    /// Replicas to start: `workers`, or when 0 one per available core (CPU) or one (GPU:
-    /// one device, fed by one worker).
+    /// Whether a worker group runs on the GPU.
+    pub fn uses_gpu(&self) -> bool {
+        self.backend != Backends::Cpu
+    }
+
+    /// The worker groups to start, GPU first.
+    pub fn groups(&self) -> Vec<WorkerGroup> {
+        let mut groups = Vec::new();
+        if self.uses_gpu() {
+            let g = &self.gpu;
+            groups.push(WorkerGroup {
+                backend: Backend::Wgpu,
+                workers: g.workers,
+                threads_per_worker: 1,
+                limits: BatchLimits {
+                    max_rows: g.max_batch_rows,
+                    max_tokens: g.max_batch_tokens,
+                },
+                tokenizer_threads: Some(if g.tokenizer_threads == 0 {
+                    cores()
+                } else {
+                    g.tokenizer_threads
+                }),
+                warm_up: g.warm_up,
+            });
+        }
+        if self.backend != Backends::Wgpu {
+            let c = &self.cpu;
+            groups.push(WorkerGroup {
+                backend: Backend::Cpu,
+                workers: if c.workers == 0 { cores() } else { c.workers },
+                threads_per_worker: c.threads_per_worker,
+                limits: BatchLimits {
+                    max_rows: c.max_batch_rows,
+                    max_tokens: c.max_batch_tokens,
+                },
+                tokenizer_threads: None,
+                warm_up: false,
+            });
+        }
+        groups
+    }
+
+    /// Workers across all groups.
     pub fn effective_workers(&self) -> usize {
-        if self.workers > 0 {
-            self.workers
-        } else if self.backend != Backend::Cpu {
-            1
-        } else {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        }
+        self.groups().iter().map(|g| g.workers).sum()
     }
 
-    /// Opens the backend's device (checking the GPU adapter) and loads the model onto it.
-    pub fn load_model(&self) -> Result<SentenceModel, ModelError> {
-        let options = DeviceOptions {
-            allow_software_gpu: self.allow_software_gpu,
-        };
-        SentenceModel::load_on(&self.model_dir, ModelDevice::open(self.backend, options)?)
-    }
-
-    pub fn limits(&self) -> BatchLimits {
+    /// The largest pass any group runs: rows and padded tokens.
+    pub fn largest_pass(&self) -> BatchLimits {
+        let groups = self.groups();
         BatchLimits {
-            max_rows: self.max_batch_rows,
-            max_tokens: self.max_batch_tokens,
+            max_rows: groups.iter().map(|g| g.limits.max_rows).max().unwrap_or(1),
+            max_tokens: groups
+                .iter()
+                .map(|g| g.limits.max_tokens)
+                .max()
+                .unwrap_or(1),
         }
+    }
+
+    /// Opens each group's device (checking the GPU adapter) and loads the model onto it.
+    pub fn load_models(&self) -> Result<Vec<(SentenceModel, WorkerGroup)>, ModelError> {
+        self.groups()
+            .into_iter()
+            .map(|group| {
+                let options = match group.backend {
+                    Backend::Cpu => DeviceOptions::default(),
+                    Backend::Wgpu => DeviceOptions {
+                        allow_software_gpu: self.gpu.allow_software,
+                        precision: self.gpu.precision,
+                    },
+                };
+                let device = ModelDevice::open(group.backend, options)?;
+                Ok((SentenceModel::load_on(&self.model_dir, device)?, group))
+            })
+            .collect()
     }
 }

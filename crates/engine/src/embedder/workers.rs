@@ -17,20 +17,31 @@
 //! texts, sorted by length, go in as jobs of `max_batch_rows`, so the command and the
 //! server share one scheduler.
 //!
+//! A GPU worker is two threads: a feeder that takes jobs, tokenizes them in parallel on
+//! a pool of host threads and plans the passes, and the device thread that runs them. A
+//! bounded hand-over of [`PIPELINE_DEPTH`] planned batches sits between the two, so the
+//! device never waits on the tokenizer while work is queued. Passes on the GPU are padded
+//! to sequence-length buckets (`keel_model::LENGTH_BUCKETS`), and the device thread first
+//! runs one pass of every shape (`embedder.gpu.warm_up`), so kernel compilation and
+//! autotuning happen before the first request: [`EmbedderHandle::warming`] says whether
+//! that is still going on. CPU workers and GPU workers can serve one queue side by side
+//! (`embedder.backend: both`).
+//!
 //! The model runs inside `catch_unwind`: a bug on one input fails that pass's jobs with
 //! an error, and the worker goes on.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
 
 use keel_model::{BatchLimits, DeviceMemory, ModelDevice, ModelError, SentenceModel, run_planned};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::config::EmbedderConfig;
+use super::config::WorkerGroup;
 
 /// Why a job got no vectors.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -51,6 +62,9 @@ pub struct StartError(String);
 /// docs/BENCHMARKS.md, "keel serve").
 const DRAIN_PASSES: usize = 4;
 
+/// Planned batches a GPU worker's feeder may hold ready ahead of its device.
+pub const PIPELINE_DEPTH: usize = 2;
+
 struct Job {
     texts: Vec<String>,
     reply: oneshot::Sender<Result<Vec<f32>, EmbedError>>,
@@ -62,6 +76,13 @@ enum Work {
     Stop,
 }
 
+/// Jobs taken together, tokenized and planned into passes.
+struct Planned {
+    jobs: Vec<Job>,
+    /// Token ids per row (rows of every job, in job order) and the passes, or why not.
+    tokens: Result<(Vec<Vec<u32>>, Vec<Vec<usize>>), ModelError>,
+}
+
 /// Counters of the embedder, read by `stats`.
 #[derive(Default)]
 struct EmbedderCounters {
@@ -70,6 +91,10 @@ struct EmbedderCounters {
     passes: AtomicU64,
     tokens: AtomicU64,
     busy_micros: AtomicU64,
+    /// Workers whose device is still running its warm-up passes.
+    warming: AtomicUsize,
+    warm_up_passes: AtomicU64,
+    warm_up_micros: AtomicU64,
 }
 
 /// The embedder's figures in `stats`.
@@ -83,10 +108,18 @@ pub struct EmbedderStats {
     pub busy_ms: u64,
     pub queue_capacity: usize,
     pub queued_jobs: usize,
-    /// The device the model runs on: `host`, or the GPU adapter.
+    /// The devices the model runs on: `host`, the GPU adapter, or both (`; `-separated).
     pub device: String,
     /// The device memory pool (GPU backends); `None` on the host.
     pub device_memory: Option<DeviceMemory>,
+    /// Whether a GPU worker is still compiling its kernels (start-up warm-up).
+    #[serde(default)]
+    pub warming: bool,
+    /// Warm-up passes run so far, and the longest time a worker's warm-up took.
+    #[serde(default)]
+    pub warm_up_passes: u64,
+    #[serde(default)]
+    pub warm_up_ms: u64,
 }
 
 /// A model replica and the threads it computes on.
@@ -119,7 +152,7 @@ pub struct EmbedderHandle {
     model_id: Arc<str>,
     counters: Arc<EmbedderCounters>,
     workers: usize,
-    device: ModelDevice,
+    devices: Arc<[ModelDevice]>,
 }
 
 impl EmbedderHandle {
@@ -142,6 +175,19 @@ impl EmbedderHandle {
 
     pub fn model_id(&self) -> &str {
         &self.model_id
+    }
+
+    /// While a GPU worker is still running its start-up warm-up (compiling and autotuning
+    /// kernels): how far it got. `None` once every worker is warm.
+    pub fn warming(&self) -> Option<String> {
+        let c = &self.counters;
+        let warming = c.warming.load(Ordering::Acquire);
+        (warming > 0).then(|| {
+            format!(
+                "{warming} GPU worker(s) still compiling kernels ({} warm-up passes done)",
+                c.warm_up_passes.load(Ordering::Relaxed)
+            )
+        })
     }
 
     /// Vectors of `texts` from a thread outside any async runtime (`keel embed`), in
@@ -189,8 +235,16 @@ impl EmbedderHandle {
             busy_ms: c.busy_micros.load(Ordering::Relaxed) / 1000,
             queue_capacity: self.tx.max_capacity(),
             queued_jobs: self.tx.max_capacity() - self.tx.capacity(),
-            device: self.device.adapter.clone(),
-            device_memory: self.device.memory(),
+            device: self
+                .devices
+                .iter()
+                .map(|d| d.adapter.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+            device_memory: self.devices.iter().find_map(ModelDevice::memory),
+            warming: c.warming.load(Ordering::Acquire) > 0,
+            warm_up_passes: c.warm_up_passes.load(Ordering::Relaxed),
+            warm_up_ms: c.warm_up_micros.load(Ordering::Relaxed) / 1000,
         }
     }
 }
@@ -198,41 +252,83 @@ impl EmbedderHandle {
 /// The running embedder: its worker threads and the handle that feeds them.
 pub struct EmbedderWorkers {
     handle: EmbedderHandle,
+    /// Threads that take work from the queue (one per worker); each stops at a `Stop`.
+    takers: usize,
     threads: Vec<JoinHandle<()>>,
 }
 
+/// What every worker thread shares.
+#[derive(Clone)]
+struct Shared {
+    rx: Arc<Mutex<mpsc::Receiver<Work>>>,
+    counters: Arc<EmbedderCounters>,
+    /// Workers across all groups: the fair share of a deep queue.
+    workers: usize,
+}
+
 impl EmbedderWorkers {
-    /// Starts `cfg.effective_workers()` replicas of `model`. `queue_jobs` bounds the queue.
+    /// Starts every group's workers on its model (loaded on the group's device), all
+    /// taking jobs from one queue of at most `queue_jobs`.
     pub fn start(
-        model: SentenceModel,
-        cfg: &EmbedderConfig,
+        groups: Vec<(SentenceModel, WorkerGroup)>,
         queue_jobs: usize,
     ) -> Result<Self, StartError> {
+        let Some((first, _)) = groups.first() else {
+            return Err(StartError("no embedder workers configured".into()));
+        };
+        let (dim, model_id) = (first.dim(), Arc::<str>::from(first.model_id()));
         let (tx, rx) = mpsc::channel::<Work>(queue_jobs.max(1));
-        let rx = Arc::new(Mutex::new(rx));
-        let counters = Arc::new(EmbedderCounters::default());
-        let workers = cfg.effective_workers();
-        let limits = cfg.limits();
-        let mut threads = Vec::with_capacity(workers);
-        for i in 0..workers {
-            let replica = Replica::new(model.clone(), cfg.threads_per_worker)?;
-            let rx = rx.clone();
-            let counters = counters.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("keel-embedder-{i}"))
-                .spawn(move || worker(replica, rx, limits, workers, counters))
-                .map_err(|e| StartError(e.to_string()))?;
-            threads.push(thread);
+        let workers: usize = groups.iter().map(|(_, g)| g.workers).sum();
+        let shared = Shared {
+            rx: Arc::new(Mutex::new(rx)),
+            counters: Arc::new(EmbedderCounters::default()),
+            workers,
+        };
+        let mut threads = Vec::new();
+        let mut devices = Vec::new();
+        for (model, group) in groups {
+            devices.push(model.device().clone());
+            match group.tokenizer_threads {
+                None => {
+                    for _ in 0..group.workers {
+                        let replica = Replica::new(model.clone(), group.threads_per_worker)?;
+                        let (shared, limits) = (shared.clone(), group.limits);
+                        threads.push(spawn(
+                            format!("keel-embedder-{}", threads.len()),
+                            move || inline_worker(replica, shared, limits),
+                        )?);
+                    }
+                }
+                Some(tokenizer_threads) => {
+                    let tokenizers = Arc::new(
+                        rayon::ThreadPoolBuilder::new()
+                            .num_threads(tokenizer_threads.max(1))
+                            .thread_name(|i| format!("keel-tokenize-{i}"))
+                            .build()
+                            .map_err(|e| StartError(e.to_string()))?,
+                    );
+                    for _ in 0..group.workers {
+                        threads.extend(start_pipelined(
+                            Replica::new(model.clone(), group.threads_per_worker)?,
+                            &group,
+                            shared.clone(),
+                            tokenizers.clone(),
+                            threads.len(),
+                        )?);
+                    }
+                }
+            }
         }
         Ok(Self {
             handle: EmbedderHandle {
                 tx,
-                dim: model.dim(),
-                model_id: model.model_id().into(),
-                counters,
+                dim,
+                model_id,
+                counters: shared.counters,
                 workers,
-                device: model.device().clone(),
+                devices: devices.into(),
             },
+            takers: workers,
             threads,
         })
     }
@@ -244,7 +340,7 @@ impl EmbedderWorkers {
     /// Tells every worker to stop after the jobs queued so far, and waits for them at
     /// most `wait` (then leaves them to the process's exit).
     pub fn shutdown(self, wait: std::time::Duration) {
-        for _ in 0..self.threads.len() {
+        for _ in 0..self.takers {
             if self.handle.tx.blocking_send(Work::Stop).is_err() {
                 break;
             }
@@ -264,109 +360,210 @@ impl EmbedderWorkers {
     }
 }
 
-fn worker(
-    replica: Replica,
-    rx: Arc<Mutex<mpsc::Receiver<Work>>>,
-    limits: BatchLimits,
-    workers: usize,
-    counters: Arc<EmbedderCounters>,
-) {
-    let model = replica.model.clone();
-    let dim = model.dim();
-    let mut stopping = false;
-    while !stopping {
-        let mut jobs = Vec::new();
-        {
-            // One worker waits at a time; the others are computing.
-            let Ok(mut rx) = rx.lock() else { return };
-            match rx.blocking_recv() {
-                Some(Work::Job(job)) => jobs.push(job),
-                Some(Work::Stop) | None => return,
-            }
-            // A fair share of what is queued, so that a deep queue (`keel embed` sends a
-            // whole chunk at once) is split between the workers rather than left to the
-            // first one while the others idle at the end.
-            let share = rx.len().div_ceil(workers.max(1));
-            let mut rows = jobs[0].texts.len();
-            while rows < limits.max_rows * DRAIN_PASSES && jobs.len() <= share {
-                match rx.try_recv() {
-                    Ok(Work::Job(job)) => {
-                        rows += job.texts.len();
-                        jobs.push(job);
-                    }
-                    Ok(Work::Stop) => {
-                        stopping = true;
-                        break;
-                    }
-                    Err(_) => break,
-                }
-            }
+fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, StartError> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(f)
+        .map_err(|e| StartError(e.to_string()))
+}
+
+/// A CPU worker: takes jobs, tokenizes them, runs the passes, replies; one thread.
+fn inline_worker(replica: Replica, shared: Shared, limits: BatchLimits) {
+    loop {
+        let (jobs, stopping) = take_jobs(&shared, limits);
+        if !jobs.is_empty() {
+            let planned = plan_jobs(&replica.model, jobs, limits, None);
+            compute(&replica, planned, &shared.counters);
         }
-        let started = std::time::Instant::now();
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            run_jobs(&replica, &model, &jobs, limits)
-        }));
-        let outcome = match result {
-            Ok(Ok((vectors, passes, tokens))) => {
-                counters.passes.fetch_add(passes, Ordering::Relaxed);
-                counters.tokens.fetch_add(tokens, Ordering::Relaxed);
-                Ok(vectors)
-            }
-            Ok(Err(e)) => Err(EmbedError::Failed(e.to_string())),
-            Err(_) => Err(EmbedError::Failed(
-                "the model panicked on this batch".into(),
-            )),
-        };
-        counters
-            .busy_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        counters
-            .jobs
-            .fetch_add(jobs.len() as u64, Ordering::Relaxed);
-        match outcome {
-            Ok(vectors) => {
-                let mut offset = 0;
-                for job in jobs {
-                    let n = job.texts.len();
-                    counters.rows.fetch_add(n as u64, Ordering::Relaxed);
-                    let _ = job
-                        .reply
-                        .send(Ok(vectors[offset * dim..(offset + n) * dim].to_vec()));
-                    offset += n;
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, jobs = jobs.len(), "embedding pass failed");
-                for job in jobs {
-                    let _ = job.reply.send(Err(e.clone()));
-                }
-            }
+        if stopping {
+            return;
         }
     }
 }
 
-/// Vectors of every job's texts, concatenated in job order.
-fn run_jobs(
-    replica: &Replica,
+/// A GPU worker: the device thread (warm-up first, then the passes it is handed) and its
+/// feeder (takes jobs once the device is warm, tokenizes on `tokenizers`, plans).
+fn start_pipelined(
+    replica: Replica,
+    group: &WorkerGroup,
+    shared: Shared,
+    tokenizers: Arc<rayon::ThreadPool>,
+    index: usize,
+) -> Result<[JoinHandle<()>; 2], StartError> {
+    let (planned_tx, planned_rx) = std::sync::mpsc::sync_channel::<Planned>(PIPELINE_DEPTH);
+    let (warm_tx, warm_rx) = std::sync::mpsc::channel::<()>();
+    let (limits, warm_up) = (group.limits, group.warm_up);
+    let model = replica.model.clone();
+    let counters = shared.counters.clone();
+    if warm_up {
+        counters.warming.fetch_add(1, Ordering::AcqRel);
+    }
+    let device = spawn(format!("keel-device-{index}"), move || {
+        if warm_up {
+            let started = std::time::Instant::now();
+            let passes = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                replica.threads.install(|| replica.model.warm_up(limits))
+            }));
+            let elapsed = started.elapsed();
+            match passes {
+                Ok(passes) => {
+                    counters
+                        .warm_up_passes
+                        .fetch_add(passes as u64, Ordering::Relaxed);
+                    tracing::info!(
+                        passes,
+                        seconds = elapsed.as_secs_f64(),
+                        device = %replica.model.device().adapter,
+                        "GPU warm-up done: kernels compiled for every pass shape"
+                    );
+                }
+                Err(_) => tracing::error!("GPU warm-up panicked; serving cold"),
+            }
+            counters
+                .warm_up_micros
+                .fetch_max(elapsed.as_micros() as u64, Ordering::Relaxed);
+            counters.warming.fetch_sub(1, Ordering::AcqRel);
+        }
+        let _ = warm_tx.send(());
+        for planned in planned_rx {
+            compute(&replica, planned, &counters);
+        }
+    })?;
+    let feeder = spawn(format!("keel-feeder-{index}"), move || {
+        // Jobs wait in the queue (for other workers to take) until this device is warm.
+        if warm_rx.recv().is_err() {
+            return;
+        }
+        loop {
+            let (jobs, stopping) = take_jobs(&shared, limits);
+            if !jobs.is_empty() {
+                let planned = plan_jobs(&model, jobs, limits, Some(&tokenizers));
+                if planned_tx.send(planned).is_err() {
+                    return;
+                }
+            }
+            if stopping {
+                return;
+            }
+        }
+    })?;
+    Ok([feeder, device])
+}
+
+/// Waits for a job, then drains what else is queued, up to [`DRAIN_PASSES`] passes' worth
+/// of rows and a fair share of the queue. Returns the jobs and whether a `Stop` (or the
+/// queue's end) was seen.
+fn take_jobs(shared: &Shared, limits: BatchLimits) -> (Vec<Job>, bool) {
+    let mut jobs = Vec::new();
+    // One worker waits at a time; the others are computing.
+    let Ok(mut rx) = shared.rx.lock() else {
+        return (jobs, true);
+    };
+    match rx.blocking_recv() {
+        Some(Work::Job(job)) => jobs.push(job),
+        Some(Work::Stop) | None => return (jobs, true),
+    }
+    // A fair share of what is queued, so that a deep queue (`keel embed` sends a whole
+    // chunk at once) is split between the workers rather than left to the first one
+    // while the others idle at the end.
+    let share = rx.len().div_ceil(shared.workers.max(1));
+    let mut rows = jobs[0].texts.len();
+    while rows < limits.max_rows * DRAIN_PASSES && jobs.len() <= share {
+        match rx.try_recv() {
+            Ok(Work::Job(job)) => {
+                rows += job.texts.len();
+                jobs.push(job);
+            }
+            Ok(Work::Stop) => return (jobs, true),
+            Err(_) => break,
+        }
+    }
+    (jobs, false)
+}
+
+/// Tokenizes every job's texts (in parallel on `tokenizers`, else on this thread) and
+/// plans the passes.
+fn plan_jobs(
     model: &SentenceModel,
-    jobs: &[Job],
+    jobs: Vec<Job>,
     limits: BatchLimits,
-) -> Result<(Vec<f32>, u64, u64), ModelError> {
+    tokenizers: Option<&rayon::ThreadPool>,
+) -> Planned {
     let texts: Vec<&str> = jobs
         .iter()
         .flat_map(|j| j.texts.iter().map(String::as_str))
         .collect();
-    let tokens = texts
-        .iter()
-        .map(|t| model.tokenize(t))
-        .collect::<Result<Vec<_>, _>>()?;
-    let token_count = tokens.iter().map(Vec::len).sum::<usize>() as u64;
-    let (out, passes) = run_planned(&tokens, model.dim(), limits, |rows| {
-        let started = std::time::Instant::now();
-        let vectors = replica.embed_tokens(rows);
-        metrics::histogram!("keel_embed_pass_seconds").record(started.elapsed().as_secs_f64());
-        metrics::histogram!("keel_embed_pass_rows").record(rows.len() as f64);
-        vectors
-    });
-    Ok((out, passes as u64, token_count))
+    let tokenize = || -> Result<Vec<Vec<u32>>, ModelError> {
+        match tokenizers {
+            Some(pool) => pool.install(|| texts.par_iter().map(|t| model.tokenize(t)).collect()),
+            None => texts.iter().map(|t| model.tokenize(t)).collect(),
+        }
+    };
+    let tokens = std::panic::catch_unwind(AssertUnwindSafe(tokenize))
+        .unwrap_or_else(|_| Err(ModelError::Encode("the tokenizer panicked".into())))
+        .map(|tokens| {
+            let passes = model.plan(&tokens, limits);
+            (tokens, passes)
+        });
+    Planned { jobs, tokens }
+}
+
+/// Runs a planned batch's passes and replies to its jobs, each with its own vectors.
+fn compute(replica: &Replica, planned: Planned, counters: &EmbedderCounters) {
+    let Planned { jobs, tokens } = planned;
+    let dim = replica.model.dim();
+    let started = std::time::Instant::now();
+    let outcome = match tokens {
+        Err(e) => Err(EmbedError::Failed(e.to_string())),
+        Ok((tokens, passes)) => {
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                run_planned(&tokens, &passes, dim, |rows| {
+                    let started = std::time::Instant::now();
+                    let vectors = replica.embed_tokens(rows);
+                    metrics::histogram!("keel_embed_pass_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    metrics::histogram!("keel_embed_pass_rows").record(rows.len() as f64);
+                    vectors
+                })
+            }));
+            match result {
+                Ok(vectors) => {
+                    counters
+                        .passes
+                        .fetch_add(passes.len() as u64, Ordering::Relaxed);
+                    let token_count = tokens.iter().map(Vec::len).sum::<usize>() as u64;
+                    counters.tokens.fetch_add(token_count, Ordering::Relaxed);
+                    Ok(vectors)
+                }
+                Err(_) => Err(EmbedError::Failed(
+                    "the model panicked on this batch".into(),
+                )),
+            }
+        }
+    };
+    counters
+        .busy_micros
+        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    counters
+        .jobs
+        .fetch_add(jobs.len() as u64, Ordering::Relaxed);
+    match outcome {
+        Ok(vectors) => {
+            let mut offset = 0;
+            for job in jobs {
+                let n = job.texts.len();
+                counters.rows.fetch_add(n as u64, Ordering::Relaxed);
+                let _ = job
+                    .reply
+                    .send(Ok(vectors[offset * dim..(offset + n) * dim].to_vec()));
+                offset += n;
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, jobs = jobs.len(), "embedding pass failed");
+            for job in jobs {
+                let _ = job.reply.send(Err(e.clone()));
+            }
+        }
+    }
 }

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Builds what scripts/device-check.sh carries to a GPU machine, into one folder
+# (default .device, git-ignored), at most 64 MiB: the release binary with the GPU backend
+# (stripped, xz-compressed), MiniLM with f16 weights (`keel convert`), 16 000 variant
+# texts, the float64 reference of 20 texts, and Debian's Vulkan loader as .debs.
+#
+#   scripts/device-bundle.sh [DIR] [--uncompressed]   (--uncompressed: a plain binary,
+#                                                      for the dry run here)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+dir="${1:-.device}"
+mkdir -p "$dir"
+scripts/fetch-model.sh
+
+cargo build --release --features gpu --bin keel
+keel=target/release/keel
+if [[ " $* " == *" --uncompressed "* ]]; then
+    cp "$keel" "$dir/keel"
+    rm -f "$dir/keel.xz"
+else
+    strip -o "$dir/keel.stripped" "$keel"
+    xz -6 -T0 -c "$dir/keel.stripped" >"$dir/keel.xz"
+    rm -f "$dir/keel.stripped" "$dir/keel"
+fi
+
+rm -rf "$dir/model"
+"$keel" convert models/all-MiniLM-L6-v2 "$dir/model" --precision f16
+# Only what the engine and sentence-transformers read.
+rm -f "$dir/model/README.md" "$dir/model/data_config.json"
+
+cp crates/model/tests/data/minilm-reference.jsonl "$dir/reference.jsonl"
+# Variant texts as Keel renders them from the sample VCF, repeated to 16 000 lines with
+# a distinct suffix so the cache cannot answer them.
+"$keel" texts data/test-haploidX.vcf 2>/dev/null \
+    | awk '{ t[NR] = $0 } END { for (i = 0; i < 16000; i++) print t[i % NR + 1] " #" i }' \
+    >"$dir/texts.txt"
+
+# Debian's Vulkan loader, for GPU machines whose image lacks it.
+mkdir -p "$dir/debs"
+if command -v apt-get >/dev/null 2>&1 && ! compgen -G "$dir/debs/libvulkan1_*.deb" >/dev/null; then
+    (cd "$dir/debs" && apt-get download libvulkan1 >/dev/null 2>&1) \
+        || echo "device-bundle: could not download libvulkan1 (the GPU machine must have the loader)" >&2
+fi
+du -sh "$dir" "$dir"/* >&2

@@ -1,0 +1,109 @@
+//! `scripts/device-check.sh --dry-run` end to end on this machine's Vulkan (lavapipe in CI):
+//! the script a GPU machine runs, with a tiny BERT in the bundle so that it finishes in
+//! minutes on a software adapter. Checks that it writes its report with every part filled.
+
+use crate::common::*;
+
+#[test]
+fn the_device_check_dry_run_writes_a_full_report() {
+    let bundle = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let b = bundle.path();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_keel"), b.join("keel")).unwrap();
+    let tiny = tiny_bert();
+    std::fs::rename(tiny.path(), b.join("model")).unwrap_or_else(|_| {
+        copy_dir(tiny.path(), &b.join("model"));
+    });
+    let texts: Vec<String> = (0..12)
+        .map(|i| {
+            format!(
+                "TP53 chr17:{} C>T missense_variant{}",
+                7_670_000 + i,
+                " x".repeat(i)
+            )
+        })
+        .collect();
+    std::fs::write(b.join("texts.txt"), texts.join("\n") + "\n").unwrap();
+    // The reference: the CPU backend's vectors of the tiny model.
+    let model =
+        keel_model::SentenceModel::load(&b.join("model"), keel_model::Backend::Cpu).unwrap();
+    let refs: Vec<&str> = texts[..6].iter().map(String::as_str).collect();
+    let vectors = model
+        .embed(
+            &refs,
+            keel_model::BatchLimits {
+                max_rows: 8,
+                max_tokens: 1024,
+            },
+        )
+        .unwrap();
+    let lines: Vec<String> = refs
+        .iter()
+        .zip(vectors.chunks_exact(model.dim()))
+        .map(|(t, v)| serde_json::json!({ "text": t, "embedding": v }).to_string())
+        .collect();
+    std::fs::write(b.join("reference.jsonl"), lines.join("\n") + "\n").unwrap();
+
+    let status = std::process::Command::new(repo_root().join("scripts/device-check.sh"))
+        .arg(b)
+        .arg(out.path())
+        .arg("--dry-run")
+        .status()
+        .unwrap();
+    let log = std::fs::read_to_string(out.path().join("log.txt")).unwrap_or_default();
+    assert!(status.success(), "device-check failed; its log:\n{log}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap())
+            .unwrap();
+    let parity = &report["parity"]["wgpu_f32_vs_cpu"];
+    assert!(parity["max_abs_diff"].as_f64().unwrap() <= 1e-5, "{report}");
+    assert!(
+        report["parity"]["cpu_vs_float64"]["max_abs_diff"]
+            .as_f64()
+            .unwrap()
+            <= 1e-6,
+        "{report}"
+    );
+    assert!(
+        report["keel_embed"][0]["texts_per_s"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    assert!(
+        report["keel_embed"][0]["device_mb_reserved"].is_number(),
+        "{report}"
+    );
+    let serve = &report["keel_serve"];
+    assert!(
+        serve["keel_produce_rows_per_s"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    assert!(serve["warm_up_ms"].is_number(), "{report}");
+    let peak = serve["device_memory_at_peak"]["reserved_bytes"]
+        .as_u64()
+        .unwrap();
+    let after = serve["device_memory_after_cleanup"]["reserved_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        after < peak,
+        "a full cleanup kept {after} of {peak} reserved bytes: {report}"
+    );
+    let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    assert!(
+        md.contains("## Parity") && md.contains("## keel serve"),
+        "{md}"
+    );
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
