@@ -85,7 +85,10 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     let memory_cfg = settings.memory.clone();
     let counters = Arc::new(IngestCounters::default());
     let cache_bytes = Arc::new(AtomicU64::new(0));
-    let probe = Box::new(ProcessProbe::new(counters.clone(), cache_bytes.clone()));
+    let probe = Box::new(
+        ProcessProbe::new(counters.clone(), cache_bytes.clone())
+            .with_device(model.device().clone()),
+    );
     let pressure = Arc::new(AtomicBool::new(false));
     let supervisor_pressure = pressure.clone();
     let actix_thread = std::thread::Builder::new()

@@ -37,7 +37,7 @@ fn start(data_dir: &Path, port: u16) -> Server {
             "KEEL_EMBEDDER__MODEL_DIR",
             repo_root().join("models/all-MiniLM-L6-v2"),
         )
-        .env("KEEL_EMBEDDER__WORKERS", "2")
+        .env("KEEL_EMBEDDER__CPU__WORKERS", "2")
         .env("KEEL_METRICS__ENABLED", "false")
         .env("KEEL_SERVER__SHUTDOWN_GRACE_MS", "30000")
         .env("RUST_LOG", "warn")

@@ -37,6 +37,9 @@ pub struct Sample {
     pub cache_bytes: u64,
     pub in_flight_rows: u64,
     pub cleanups: u64,
+    /// GPU memory pool: bytes reserved from the driver and in use (0 without a GPU).
+    pub device_reserved: u64,
+    pub device_in_use: u64,
 }
 
 pub struct SoakOptions {
@@ -95,6 +98,8 @@ fn sample_of(s: &Stats, started: Instant) -> Sample {
         cache_bytes: s.cache.counts.bytes,
         in_flight_rows: s.in_flight_rows,
         cleanups: s.cleanups.total,
+        device_reserved: s.embedder.device_memory.map_or(0, |m| m.reserved_bytes),
+        device_in_use: s.embedder.device_memory.map_or(0, |m| m.in_use_bytes),
     }
 }
 

@@ -272,6 +272,29 @@ pub fn build(
         "0",
         Some(creep_alarms == 0),
     ));
+    // On a GPU, its memory pool beside host memory: growth over the run, judged like host
+    // memory on settled readings, and what an idle cleanup brings it back to.
+    if o.samples.iter().any(|s| s.device_reserved > 0) {
+        let device_growth = growth(|s| s.device_in_use);
+        checks.push(check(
+            "GPU memory in use growth, first 1000 ops after warm-up (settled)",
+            device_growth,
+            "MB",
+            "< 5",
+            "< 0.5",
+            device_growth.map(|g| g < 5.0),
+        ));
+        let first = settled.first().map(|s| s.device_reserved as f64);
+        let last = settled.last().map(|s| s.device_reserved as f64);
+        checks.push(check(
+            "GPU memory reserved, last settled reading / first after warm-up",
+            first.zip(last).and_then(|(f, l)| (f > 0.0).then(|| l / f)),
+            "ratio",
+            "(reported)",
+            "<= 1.05",
+            None,
+        ));
+    }
     if let Some(r) = ratio {
         // A ratio of two timings on a shared machine is noise in a short run (a fresh
         // clone's CI once read 0.86 from 15 s segments): reported here, judged in

@@ -76,11 +76,16 @@ enum Work {
     Stop,
 }
 
-/// Jobs taken together, tokenized and planned into passes.
+/// Token ids per row (rows of every job, in job order) and the passes (row indices).
+struct Tokenized {
+    rows: Vec<Vec<u32>>,
+    passes: Vec<Vec<usize>>,
+}
+
+/// Jobs taken together, tokenized and planned into passes (or why they could not be).
 struct Planned {
     jobs: Vec<Job>,
-    /// Token ids per row (rows of every job, in job order) and the passes, or why not.
-    tokens: Result<(Vec<Vec<u32>>, Vec<Vec<usize>>), ModelError>,
+    tokens: Result<Tokenized, ModelError>,
 }
 
 /// Counters of the embedder, read by `stats`.
@@ -501,9 +506,9 @@ fn plan_jobs(
     };
     let tokens = std::panic::catch_unwind(AssertUnwindSafe(tokenize))
         .unwrap_or_else(|_| Err(ModelError::Encode("the tokenizer panicked".into())))
-        .map(|tokens| {
-            let passes = model.plan(&tokens, limits);
-            (tokens, passes)
+        .map(|rows| {
+            let passes = model.plan(&rows, limits);
+            Tokenized { rows, passes }
         });
     Planned { jobs, tokens }
 }
@@ -515,7 +520,10 @@ fn compute(replica: &Replica, planned: Planned, counters: &EmbedderCounters) {
     let started = std::time::Instant::now();
     let outcome = match tokens {
         Err(e) => Err(EmbedError::Failed(e.to_string())),
-        Ok((tokens, passes)) => {
+        Ok(Tokenized {
+            rows: tokens,
+            passes,
+        }) => {
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 run_planned(&tokens, &passes, dim, |rows| {
                     let started = std::time::Instant::now();

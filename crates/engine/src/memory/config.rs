@@ -12,6 +12,10 @@ pub struct MemoryConfig {
     pub soft: f64,
     /// Above this fraction of the limit, a full cleanup.
     pub hard: f64,
+    /// The GPU memory budget in bytes (reserved by burn's pool); above `soft` × it a
+    /// gentle cleanup, above `hard` × it a full one, both returning the pool's free pages.
+    /// 0 = no device watermarks.
+    pub device_limit_bytes: u64,
     /// After a cleanup, no other automatic one for this long (hysteresis).
     pub cooldown_ms: u64,
     /// After this long without ops, one gentle cleanup gives memory back (recovery).
@@ -30,6 +34,7 @@ impl Default for MemoryConfig {
             limit_bytes: 0,
             soft: 0.75,
             hard: 0.9,
+            device_limit_bytes: 0,
             cooldown_ms: 5_000,
             recovery_window_ms: 2_000,
             background_thread: true,

@@ -2,7 +2,8 @@
 //! behaviour (a creep) that the real process would take hours to show.
 //!
 //! [`ProcessProbe`] reads this process: RSS, jemalloc's figures, the ingest counters (ops
-//! and rows in flight, so memory can be put against work) and the cache's byte gauge.
+//! and rows in flight, so memory can be put against work), the cache's byte gauge and,
+//! with a GPU, its memory pool.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +26,12 @@ pub struct MemorySample {
     pub resident: u64,
     pub in_flight_rows: u64,
     pub cache_bytes: u64,
+    /// Bytes the GPU's memory pool has reserved from the driver (0 without a GPU).
+    #[serde(default)]
+    pub device_reserved: u64,
+    /// Bytes of live allocations in the GPU's pool (0 without a GPU).
+    #[serde(default)]
+    pub device_in_use: u64,
 }
 
 pub trait MemoryProbe: Send + 'static {
@@ -36,6 +43,7 @@ pub struct ProcessProbe {
     started: Instant,
     counters: Arc<IngestCounters>,
     cache_bytes: Arc<AtomicU64>,
+    device: Option<keel_model::ModelDevice>,
 }
 
 impl ProcessProbe {
@@ -44,13 +52,25 @@ impl ProcessProbe {
             started: Instant::now(),
             counters,
             cache_bytes,
+            device: None,
         }
+    }
+
+    /// Also samples the memory pool of `device` (a GPU; the host has none).
+    pub fn with_device(mut self, device: keel_model::ModelDevice) -> Self {
+        self.device = (!device.is_host()).then_some(device);
+        self
     }
 }
 
 impl MemoryProbe for ProcessProbe {
     fn sample(&mut self) -> MemorySample {
         let a = allocator::stats();
+        let device = self
+            .device
+            .as_ref()
+            .and_then(|d| d.memory())
+            .unwrap_or_default();
         MemorySample {
             at_ms: self.started.elapsed().as_millis() as u64,
             ops: self.counters.ops.load(Ordering::Relaxed),
@@ -60,6 +80,8 @@ impl MemoryProbe for ProcessProbe {
             resident: a.resident,
             in_flight_rows: self.counters.in_flight_rows.load(Ordering::Relaxed),
             cache_bytes: self.cache_bytes.load(Ordering::Relaxed),
+            device_reserved: device.reserved_bytes,
+            device_in_use: device.in_use_bytes,
         }
     }
 }

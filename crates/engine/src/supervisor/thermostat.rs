@@ -8,6 +8,8 @@
 //! - RSS above `memory.hard` × limit → pressure on, and a full cleanup;
 //! - `allocated` creeping (see below) → a full cleanup and a warning;
 //! - RSS above `memory.soft` × limit → a gentle cleanup; pressure off once below it;
+//! - GPU memory reserved above `memory.hard` / `memory.soft` × `memory.device_limit_bytes`
+//!   → a full / gentle cleanup (which returns the pool's free pages to the driver);
 //! - no op for `memory.recovery_window_ms` after work, nothing in flight → one gentle
 //!   cleanup, which hands a burst's memory back to the OS.
 //!
@@ -38,8 +40,10 @@ const MIN_SETTLED: usize = 8;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cause {
     HardWatermark,
+    DeviceHardWatermark,
     Creep,
     SoftWatermark,
+    DeviceSoftWatermark,
     Idle,
 }
 
@@ -66,6 +70,8 @@ pub struct Thermostat {
     memory: MemoryConfig,
     soft: u64,
     hard: u64,
+    /// Device watermarks in bytes reserved; `None` without `memory.device_limit_bytes`.
+    device: Option<(u64, u64)>,
     pressure: bool,
     previous: Option<MemorySample>,
     last_ops_change_ms: u64,
@@ -92,6 +98,10 @@ impl Thermostat {
         Self {
             soft: (limit as f64 * memory.soft) as u64,
             hard: (limit as f64 * memory.hard) as u64,
+            device: (memory.device_limit_bytes > 0).then(|| {
+                let l = memory.device_limit_bytes as f64;
+                ((l * memory.soft) as u64, (l * memory.hard) as u64)
+            }),
             settled: VecDeque::with_capacity(config.creep_window),
             config,
             memory,
@@ -142,6 +152,7 @@ impl Thermostat {
             return tick;
         }
         let mb = |b: u64| b / 1_000_000;
+        let (device_soft, device_hard) = self.device.unwrap_or((u64::MAX, u64::MAX));
         tick.cleanup = if s.rss > self.hard {
             Some(Decision {
                 level: CleanupLevel::Full,
@@ -150,6 +161,16 @@ impl Thermostat {
                     "RSS {} MB above the hard watermark {} MB",
                     mb(s.rss),
                     mb(self.hard)
+                ),
+            })
+        } else if s.device_reserved > device_hard {
+            Some(Decision {
+                level: CleanupLevel::Full,
+                cause: Cause::DeviceHardWatermark,
+                reason: format!(
+                    "GPU memory reserved {} MB above the device hard watermark {} MB",
+                    mb(s.device_reserved),
+                    mb(device_hard)
                 ),
             })
         } else if let Some(c) = self.creep().filter(|c| self.alarming(c)) {
@@ -171,6 +192,16 @@ impl Thermostat {
                     "RSS {} MB above the soft watermark {} MB",
                     mb(s.rss),
                     mb(self.soft)
+                ),
+            })
+        } else if s.device_reserved > device_soft {
+            Some(Decision {
+                level: CleanupLevel::Gentle,
+                cause: Cause::DeviceSoftWatermark,
+                reason: format!(
+                    "GPU memory reserved {} MB above the device soft watermark {} MB",
+                    mb(s.device_reserved),
+                    mb(device_soft)
                 ),
             })
         } else if !self.idle_cleaned
@@ -427,6 +458,57 @@ mod tests {
         assert_eq!(at(&mut t, 300, 800).pressure, None);
         assert!(t.pressure());
         assert_eq!(at(&mut t, 400, 100).pressure, Some(false));
+    }
+
+    #[test]
+    fn device_watermarks_ask_for_cleanups_and_leave_pressure_to_host_memory() {
+        let config = SupervisorConfig::default();
+        let memory = MemoryConfig {
+            cooldown_ms: 100,
+            recovery_window_ms: 1 << 40,
+            device_limit_bytes: 1000,
+            ..Default::default()
+        };
+        let mut t = Thermostat::new(config, memory, 1 << 40);
+        let mut device = |at_ms, reserved| {
+            let tick = t.observe(
+                &MemorySample {
+                    at_ms,
+                    rss: 100,
+                    device_reserved: reserved,
+                    ..Default::default()
+                },
+                false,
+            );
+            if tick.cleanup.is_some() {
+                t.cleaned(at_ms);
+            }
+            tick
+        };
+        assert_eq!(device(0, 700), Tick::default());
+        let soft = device(10, 800).cleanup.unwrap();
+        assert_eq!(
+            (soft.level, soft.cause),
+            (CleanupLevel::Gentle, Cause::DeviceSoftWatermark)
+        );
+        assert!(soft.reason.contains("GPU memory"), "{}", soft.reason);
+        assert!(device(50, 950).cleanup.is_none(), "within the cooldown");
+        let hard = device(200, 950);
+        assert_eq!(
+            hard.cleanup.map(|d| (d.level, d.cause)),
+            Some((CleanupLevel::Full, Cause::DeviceHardWatermark))
+        );
+        assert_eq!(
+            hard.pressure, None,
+            "device memory does not hold back ingest"
+        );
+        // Without a device limit, device memory decides nothing.
+        let mut t = thermostat(1 << 40, 0);
+        let s = MemorySample {
+            device_reserved: u64::MAX / 2,
+            ..Default::default()
+        };
+        assert!(t.observe(&s, false).cleanup.is_none());
     }
 
     #[test]
