@@ -1,6 +1,7 @@
 //! Crash safety of datasets, with the real binary: `kill -9` in the middle of a `DoPut`
 //! loses no acknowledged row, leaves nothing half-written, and the producer resumes from
-//! the count `GetFlightInfo` reports; SIGTERM drains an open stream with no row lost.
+//! the count `GetFlightInfo` reports; SIGTERM drains an open stream with no row lost;
+//! `keel produce` retries through kills and resumes, in DoPut and DoExchange alike.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -235,4 +236,251 @@ async fn sigterm_drains_an_open_put_with_no_row_lost() {
     assert_eq!(stored(&mut c).await, all);
     server.child.kill().unwrap();
     server.child.wait().unwrap();
+}
+
+// `keel produce` across server kills: retries with back-off, resumes from what the server
+// holds, and refuses to resume onto rows of another input.
+
+/// A CSV of `n` rows, `id` 0.. and a text drawn from a small pool (so that a restarted
+/// server's empty cache fills again quickly and the test spends its time on the kills).
+fn id_csv(path: &Path, n: usize, tag: &str) {
+    let mut s = String::from("id,text\n");
+    for i in 0..n {
+        s.push_str(&format!("{i},{tag} variant {} missense\n", i % 150));
+    }
+    std::fs::write(path, s).unwrap();
+}
+
+fn produce_cmd(port: u16, input: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_keel"));
+    c.args(["produce", "--input"])
+        .arg(input)
+        .args(["--to", &format!("grpc://127.0.0.1:{port}")])
+        .args(["--rows-per-batch", "250", "--retry-for", "3m"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// The ids of a stored dataset, in stored order.
+async fn stored_ids(c: &mut FlightClient, name: &str) -> Vec<i64> {
+    let batches: Vec<RecordBatch> = c
+        .do_get(Ticket::new(name.to_string()))
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    ids_of(&batches)
+}
+
+fn ids_of(batches: &[RecordBatch]) -> Vec<i64> {
+    let mut out = Vec::new();
+    for b in batches {
+        let col = arrow_cast::cast(
+            b.column_by_name("id").unwrap(),
+            &arrow_schema::DataType::Int64,
+        )
+        .unwrap();
+        let ids = col
+            .as_any()
+            .downcast_ref::<arrow_array::Int64Array>()
+            .unwrap();
+        out.extend(ids.values().iter().copied());
+    }
+    out
+}
+
+/// Waits until `progress` (polled every 100 ms) reaches `at_least`.
+async fn wait_for(what: &str, at_least: u64, mut progress: impl AsyncFnMut() -> u64) {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let n = progress().await;
+        if n >= at_least {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {n} < {at_least} after 240 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn rows_seen(server: &Server) -> u64 {
+    let mut c = client(server).await;
+    let stats: serde_json::Value = {
+        let mut r = c
+            .do_action(arrow_flight::Action::new("stats", Vec::new()))
+            .await
+            .unwrap();
+        serde_json::from_slice(&r.next().await.unwrap().unwrap()).unwrap()
+    };
+    stats["rows"].as_u64().unwrap()
+}
+
+fn kill(server: &mut Server) {
+    server.child.kill().unwrap(); // SIGKILL
+    server.child.wait().unwrap();
+}
+
+fn finish(mut producer: std::process::Child) -> (bool, String) {
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(producer.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let status = producer.wait().unwrap();
+    (status.success(), stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_retries_through_two_kills_and_stores_every_row_once_in_order() {
+    const TOTAL: usize = 20_000;
+    let dir = scratch("retry-put");
+    let input = dir.path().join("rows.csv");
+    id_csv(&input, TOTAL, "put");
+    let port = free_port();
+    let mut server = start(dir.path(), port);
+    let producer = produce_cmd(port, &input)
+        .args([
+            "--dataset",
+            "ingest",
+            "--resume",
+            "--retries",
+            "20",
+            "--rate",
+            "4000",
+        ])
+        .spawn()
+        .unwrap();
+    for kill_at in [3_000, 9_000] {
+        let mut c = client(&server).await;
+        wait_for("stored rows", kill_at, async || {
+            dataset_rows(&mut c, "ingest").await
+        })
+        .await;
+        kill(&mut server);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        server = start(dir.path(), port);
+    }
+    let (ok, stderr) = finish(producer);
+    assert!(ok, "keel produce failed:\n{stderr}");
+    assert!(
+        stderr.contains("went away after") && stderr.contains("retrying in"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("h2 protocol error"),
+        "raw transport errors stay in the debug log:\n{stderr}"
+    );
+    let mut c = client(&server).await;
+    assert_eq!(
+        stored_ids(&mut c, "ingest").await,
+        (0..TOTAL as i64).collect::<Vec<_>>()
+    );
+    kill(&mut server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_exchange_retries_through_two_kills_and_writes_every_row_once() {
+    const TOTAL: usize = 20_000;
+    let dir = scratch("retry-exchange");
+    let input = dir.path().join("rows.csv");
+    let out = dir.path().join("out.parquet");
+    id_csv(&input, TOTAL, "exchange");
+    let port = free_port();
+    let mut server = start(dir.path(), port);
+    let producer = produce_cmd(port, &input)
+        .args(["--exchange", "--out"])
+        .arg(&out)
+        .args(["--retries", "20", "--rate", "4000"])
+        .spawn()
+        .unwrap();
+    for kill_at in [3_000, 5_000] {
+        wait_for("rows embedded", kill_at, async || rows_seen(&server).await).await;
+        kill(&mut server);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        server = start(dir.path(), port);
+    }
+    let (ok, stderr) = finish(producer);
+    assert!(ok, "keel produce failed:\n{stderr}");
+    assert!(
+        stderr.contains("went away after") && stderr.contains("rows were returned"),
+        "{stderr}"
+    );
+    let file = std::fs::File::open(&out).unwrap();
+    let batches: Vec<RecordBatch> =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+    assert_eq!(ids_of(&batches), (0..TOTAL as i64).collect::<Vec<_>>());
+    let nulls: usize = batches
+        .iter()
+        .map(|b| b.column_by_name("embedding").unwrap().null_count())
+        .sum();
+    assert_eq!(nulls, 0, "every row has its vector");
+    kill(&mut server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_is_refused_onto_another_inputs_rows_and_a_lost_server_says_how_to_go_on() {
+    let dir = scratch("resume-refused");
+    let (a, b) = (dir.path().join("a.csv"), dir.path().join("b.csv"));
+    id_csv(&a, 300, "first");
+    id_csv(&b, 600, "second");
+    let port = free_port();
+    let mut server = start(dir.path(), port);
+    let run = |input: &Path, extra: &[&str]| {
+        let out = produce_cmd(port, input).args(extra).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, stderr) = run(&a, &["--dataset", "d"]);
+    assert!(ok, "{stderr}");
+    // Resuming the same input onto its complete dataset sends nothing more.
+    let (ok, stderr) = run(&a, &["--dataset", "d", "--resume"]);
+    assert!(ok, "{stderr}");
+    let mut c = client(&server).await;
+    assert_eq!(stored_ids(&mut c, "d").await, (0..300).collect::<Vec<_>>());
+    // Another file's rows are not this input's first rows.
+    let (ok, stderr) = run(&b, &["--dataset", "d", "--resume"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("cannot resume") && stderr.contains("text"),
+        "{stderr}"
+    );
+    assert_eq!(stored_ids(&mut c, "d").await.len(), 300, "nothing appended");
+
+    // No retries and the server gone: the message says what is stored and what to do.
+    let producer = produce_cmd(port, &b)
+        .args(["--dataset", "e", "--retries", "0", "--rate", "200"])
+        .spawn()
+        .unwrap();
+    wait_for("stored rows", 100, async || dataset_rows(&mut c, "e").await).await;
+    kill(&mut server);
+    let (ok, stderr) = finish(producer);
+    assert!(!ok);
+    assert!(
+        stderr.contains("stopped: ")
+            && stderr.contains("of 600 rows stored")
+            && stderr.contains("--resume"),
+        "{stderr}"
+    );
+}
+
+async fn dataset_rows(c: &mut FlightClient, name: &str) -> u64 {
+    match c
+        .get_flight_info(FlightDescriptor::new_path(vec![
+            "datasets".into(),
+            name.into(),
+        ]))
+        .await
+    {
+        Ok(info) => info.total_records.max(0) as u64,
+        Err(_) => 0,
+    }
 }

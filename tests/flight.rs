@@ -277,6 +277,83 @@ async fn put_stores_a_dataset_that_get_and_list_return() {
     let texts_back = crate::common::texts_of(&back);
     assert_eq!(texts_back, all);
     assert!(back.iter().all(|b| embeddings(b).value_length() == 384));
+
+    // A JSON ticket names a range of rows, read across parts of 40.
+    let mut range = async |ticket: &str| -> Result<Vec<String>, tonic::Status> {
+        let batches: Vec<RecordBatch> = client
+            .do_get(Ticket::new(ticket.to_string()))
+            .await
+            .map_err(to_status)?
+            .try_collect()
+            .await
+            .map_err(to_status)?;
+        Ok(crate::common::texts_of(&batches))
+    };
+    assert_eq!(
+        range(r#"{"dataset": "variants", "offset": 38, "limit": 5}"#)
+            .await
+            .unwrap(),
+        all[38..43]
+    );
+    assert_eq!(
+        range(r#"{"dataset": "variants", "offset": 99}"#)
+            .await
+            .unwrap(),
+        all[99..]
+    );
+    assert!(
+        range(r#"{"dataset": "variants", "offset": 100}"#)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let bad = range(r#"{"dataset": "variants", "offset": "x"}"#)
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad}");
+    assert!(bad.message().contains("bad ticket JSON"), "{bad}");
+    let missing = range(r#"{"dataset": "nope", "limit": 1}"#)
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing}");
+    server.stop().await;
+}
+
+/// The cache is keyed by the rendered text: a changed template costs embeddings only for
+/// rows whose text it changes (here, a field every row lacks adds nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_template_changes_cache_keys_only_where_texts_change() {
+    let server = TestServer::start(|_| {}).await;
+    let mut client = server.client().await;
+    let batch = RecordBatch::try_from_iter([
+        (
+            "gene",
+            Arc::new(StringArray::from(vec![Some("BRCA1"), Some("TP53"), None])) as ArrayRef,
+        ),
+        (
+            "sift",
+            Arc::new(StringArray::from(vec![None, Some("deleterious(0)"), None])) as ArrayRef,
+        ),
+        (
+            "pos",
+            Arc::new(Int64Array::from(vec![43045712, 7675088, 877772])) as ArrayRef,
+        ),
+    ])
+    .unwrap();
+    let run = async |client: &mut arrow_flight::FlightClient, template: &str| {
+        let cmd = serde_json::json!({ "template": template }).to_string();
+        exchange(client, FlightDescriptor::new_cmd(cmd), vec![batch.clone()])
+            .await
+            .unwrap();
+        let stats = action(client, "stats", "").await;
+        (
+            stats["embedded_rows"].as_u64().unwrap(),
+            stats["cache"]["hits"].as_u64().unwrap(),
+        )
+    };
+    assert_eq!(run(&mut client, "{gene} at {pos}").await, (3, 0));
+    // Adds " {sift}": only TP53's text changes ("TP53 at 7675088 deleterious(0)").
+    assert_eq!(run(&mut client, "{gene} at {pos} {sift}").await, (4, 2));
     server.stop().await;
 }
 

@@ -453,3 +453,85 @@ async fn produce_streams_the_sample_vcf_and_search_finds_sensible_neighbours() {
         .unwrap();
     server.stop().await;
 }
+
+#[test]
+fn csv_rows_that_do_not_fit_the_columns_are_skipped_with_their_line_or_stop_the_read() {
+    let dir = scratch("csv-bad");
+    let path = dir.path().join("rows.csv");
+    // 1 100 good rows (the types are inferred from the first 1 000: `id` is Int64), then
+    // a row with a text where `id` is a number, one with a field too many, one with a
+    // field too few, and a last good row.
+    let mut s = String::from("id,text\n");
+    for i in 0..1100 {
+        s.push_str(&format!("{i},variant {i}\n"));
+    }
+    s.push_str("not-a-number,variant x\n"); // line 1102
+    s.push_str("1101,variant y,extra\n"); // line 1103
+    s.push_str("1102\n"); // line 1104
+    s.push_str("1103,\"variant, last\"\n");
+    std::fs::write(&path, s).unwrap();
+
+    let (batches, skipped) = read_all(&path, &options(None, OnError::Skip)).unwrap();
+    assert_eq!(skipped, 3);
+    let ids: Vec<Option<String>> = column(&batches, "id");
+    let expected: Vec<Option<String>> = (0..1100)
+        .chain([1103])
+        .map(|i| Some(i.to_string()))
+        .collect();
+    assert_eq!(ids, expected, "every good row once, in order");
+    assert_eq!(
+        column(&batches, "text").last().unwrap().as_deref(),
+        Some("variant, last")
+    );
+
+    let err = read_all(&path, &options(None, OnError::Fail)).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("line 1102") && msg.contains("--on-error skip"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_bcf_with_format_and_sample_columns_is_read_as_its_sites() {
+    use noodles::{bcf, vcf};
+    let dir = scratch("bcf-samples");
+    let text = "##fileformat=VCFv4.3\n\
+##contig=<ID=chr1,length=248956422>\n\
+##INFO=<ID=CSQ,Number=.,Type=String,Description=\"Consequence annotations from Ensembl VEP. Format: Consequence|SYMBOL|SIFT\">\n\
+##FORMAT=<ID=GT,Number=1,Type=String,Description=\"Genotype\">\n\
+##FORMAT=<ID=DP,Number=1,Type=Integer,Description=\"Read depth\">\n\
+#CHROM\tPOS\tID\tREF\tALT\tQUAL\tFILTER\tINFO\tFORMAT\tNA00001\tNA00002\n\
+chr1\t877772\t.\tG\tC\t50\tPASS\t.\tGT:DP\t0/1:12\t1/1:30\n\
+chr1\t877831\trs6672356\tT\tC\t50\tPASS\tCSQ=missense_variant|SAMD11|tolerated(0.3)\tGT:DP\t0/0:8\t0/1:21\n";
+    let vcf_path = dir.path().join("samples.vcf");
+    std::fs::write(&vcf_path, text).unwrap();
+    let mut reader = vcf::io::Reader::new(text.as_bytes());
+    let header = reader.read_header().unwrap();
+    let records: Vec<vcf::Record> = reader.records().collect::<Result<_, _>>().unwrap();
+    let bcf_path = dir.path().join("samples.bcf");
+    let mut w = bcf::io::Writer::new(std::fs::File::create(&bcf_path).unwrap());
+    w.write_header(&header).unwrap();
+    for r in &records {
+        w.write_variant_record(&header, r).unwrap();
+    }
+    w.try_finish().unwrap();
+
+    for path in [&vcf_path, &bcf_path] {
+        let (batches, skipped) = read_all(path, &options(None, OnError::Fail)).unwrap();
+        assert_eq!(skipped, 0, "{}", path.display());
+        assert_eq!(
+            column(&batches, "text"),
+            vec![
+                Some("chr1:877772 G>C".to_string()),
+                Some("SAMD11 chr1:877831 T>C missense_variant tolerated(0.3)".to_string()),
+            ],
+            "{}: sites only, no stray separators",
+            path.display()
+        );
+        assert_eq!(
+            column(&batches, "id"),
+            vec![None, Some("rs6672356".to_string())]
+        );
+    }
+}

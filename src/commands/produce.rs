@@ -6,20 +6,30 @@
 //! read on its own thread, batch by batch, and paced by `--rate`; `--exchange` gets the
 //! rows back (written to `--out` as Parquet, if given), `--dataset NAME` stores them on
 //! the server. Replies are read while batches are written.
+//!
+//! Long ingests survive the server going away: on a lost connection `keel produce`
+//! reconnects with exponential back-off (`--retries`, `--retry-for`) and goes on from the
+//! first row the server does not hold: for a dataset the count `GetFlightInfo` reports
+//! (rows are stored durably before they are acknowledged), for an exchange the rows whose
+//! vectors came back. `--resume` picks up a dataset an earlier run left unfinished, after
+//! checking that its rows are this input's first rows.
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use arrow_array::RecordBatch;
-use arrow_flight::FlightDescriptor;
+use arrow_array::{Array, RecordBatch, StringArray};
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
+use arrow_flight::{FlightClient, FlightDescriptor, Ticket};
+use arrow_schema::DataType;
 use futures::{StreamExt, TryStreamExt};
 use keel::flight::stream::PutAck;
 use keel::input::{self, Format, InputOptions, OnError};
 use keel_engine::stats::Stats;
+use keel_wire::descriptor::DatasetTicket;
 
 #[derive(clap::Args)]
 pub struct ProduceArgs {
@@ -42,6 +52,11 @@ pub struct ProduceArgs {
     /// Store the rows on the server as this dataset (DoPut).
     #[arg(long)]
     dataset: Option<String>,
+    /// With --dataset: go on with a dataset an earlier run of this input left unfinished:
+    /// the rows it holds are checked against the input's first rows, skipped, and the rest
+    /// appended. Refused when the dataset was made from other rows.
+    #[arg(long, requires = "dataset")]
+    resume: bool,
     /// Rows per record batch sent.
     #[arg(long, default_value_t = 1024)]
     rows_per_batch: usize,
@@ -64,6 +79,14 @@ pub struct ProduceArgs {
     /// Seconds to keep retrying the first connection (the server may still be starting).
     #[arg(long, default_value_t = 60)]
     connect_timeout: u64,
+    /// When the server goes away mid-stream: reconnect and go on at most this many times
+    /// (0: stop at the first loss). Waits 1 s, 2 s, 4 s, ... up to 30 s between attempts.
+    #[arg(long, default_value_t = 8)]
+    retries: u32,
+    /// Stop retrying once this long has passed since the connection was lost (e.g. 90s,
+    /// 10m); a restarting server has this long to come back.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    retry_for: Duration,
 }
 
 pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
@@ -82,11 +105,56 @@ pub fn run(args: ProduceArgs) -> anyhow::Result<()> {
     runtime.block_on(produce(args))
 }
 
+/// Why one attempt at the stream ended early.
+enum Stop {
+    /// The server went away (connection lost, unavailable): retrying may help.
+    Gone(anyhow::Error),
+    /// Anything else (a bad input record, a refused request): retrying would not help.
+    Fatal(anyhow::Error),
+}
+
+/// Whether a Flight error means the server or the connection went away, rather than a
+/// request the server refused.
+fn server_gone(e: &FlightError) -> bool {
+    let FlightError::Tonic(status) = e else {
+        return false;
+    };
+    use tonic::Code;
+    match status.code() {
+        Code::Unavailable | Code::Cancelled | Code::Aborted => true,
+        // A connection cut mid-stream surfaces as an h2 or transport error.
+        Code::Unknown | Code::Internal => {
+            let m = status.message().to_ascii_lowercase();
+            [
+                "h2 protocol error",
+                "transport error",
+                "connection",
+                "broken pipe",
+                "stream closed",
+                "reset",
+            ]
+            .iter()
+            .any(|s| m.contains(s))
+        }
+        _ => false,
+    }
+}
+
+fn classify(e: FlightError) -> Stop {
+    if server_gone(&e) {
+        Stop::Gone(e.into())
+    } else {
+        Stop::Fatal(e.into())
+    }
+}
+
 /// Reads the input on a thread of its own, paced by `rate`, into a bounded channel: the
-/// file is never in memory whole, and a slow server slows the reading.
+/// file is never in memory whole, and a slow server slows the reading. The first `skip`
+/// rows are passed over (the server holds them already).
 fn spawn_reader(
     mut batches: input::Batches,
     rate: Option<f64>,
+    skip: u64,
 ) -> tokio::sync::mpsc::Receiver<anyhow::Result<RecordBatch>> {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     std::thread::Builder::new()
@@ -94,12 +162,32 @@ fn spawn_reader(
         .spawn(move || {
             let started = Instant::now();
             let mut sent = 0u64;
+            let mut to_skip = skip;
+            // The last batch passed over whole: when the server holds every row, a
+            // zero-row slice of it still opens the stream (schema and descriptor).
+            let mut passed_over: Option<RecordBatch> = None;
+            let mut sent_any = false;
             for batch in batches.by_ref() {
+                let batch = match batch {
+                    Ok(b) if to_skip > 0 => {
+                        let n = b.num_rows() as u64;
+                        if n <= to_skip {
+                            to_skip -= n;
+                            passed_over = Some(b);
+                            continue;
+                        }
+                        let rest = b.slice(to_skip as usize, (n - to_skip) as usize);
+                        to_skip = 0;
+                        Ok(rest)
+                    }
+                    other => other,
+                };
                 let rows = batch.as_ref().map(|b| b.num_rows() as u64).unwrap_or(0);
                 let failed = batch.is_err();
                 if tx.blocking_send(batch).is_err() || failed {
                     return;
                 }
+                sent_any = true;
                 sent += rows;
                 if let Some(rate) = rate {
                     let due = Duration::from_secs_f64(sent as f64 / rate);
@@ -107,6 +195,13 @@ fn spawn_reader(
                         std::thread::sleep(wait);
                     }
                 }
+            }
+            if to_skip > 0 {
+                let _ = tx.blocking_send(Err(anyhow::anyhow!(
+                    "the input ended {to_skip} rows before the rows the server already holds"
+                )));
+            } else if !sent_any && let Some(b) = passed_over {
+                let _ = tx.blocking_send(Ok(b.slice(0, 0)));
             }
         })
         .expect("spawning the reader thread");
@@ -131,6 +226,134 @@ fn progress(total: Option<u64>) -> indicatif::ProgressBar {
     bar
 }
 
+/// The wait before retry `attempt` (1-based): 1 s, 2 s, 4 s, ... at most 30 s.
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_secs(1u64 << attempt.saturating_sub(1).min(5)).min(Duration::from_secs(30))
+}
+
+/// Rows the dataset holds (0 when it does not exist yet).
+async fn dataset_rows(client: &mut FlightClient, name: &str) -> Result<u64, FlightError> {
+    let descriptor = FlightDescriptor::new_path(vec!["datasets".into(), name.into()]);
+    match client.get_flight_info(descriptor).await {
+        Ok(info) => Ok(info.total_records.max(0) as u64),
+        Err(FlightError::Tonic(s)) if s.code() == tonic::Code::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// One row of a stored dataset, read with a ranged ticket.
+async fn stored_row(
+    client: &mut FlightClient,
+    name: &str,
+    row: u64,
+) -> anyhow::Result<RecordBatch> {
+    let ticket = DatasetTicket {
+        dataset: name.to_string(),
+        offset: row,
+        limit: Some(1),
+    };
+    let batches: Vec<RecordBatch> = client
+        .do_get(Ticket::new(serde_json::to_vec(&ticket)?))
+        .await?
+        .try_collect()
+        .await?;
+    batches
+        .into_iter()
+        .find(|b| b.num_rows() == 1)
+        .with_context(|| format!("dataset {name:?} has no row {row}"))
+}
+
+/// A cell as text, for comparing an input row with the stored row it became (Parquet may
+/// store a column in another Arrow type: a view or dictionary comes back as plain Utf8).
+fn cell(column: &dyn Array) -> anyhow::Result<Option<String>> {
+    let as_text = arrow_cast::cast(column, &DataType::Utf8)?;
+    let strings = as_text
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .context("a Utf8 cast gives strings")?;
+    Ok((!strings.is_null(0)).then(|| strings.value(0).to_string()))
+}
+
+/// The first column where the stored row differs from the input row, as a message.
+fn difference(input: &RecordBatch, stored: &RecordBatch) -> anyhow::Result<Option<String>> {
+    for (field, column) in input.schema().fields().iter().zip(input.columns()) {
+        let name = field.name();
+        let Some(kept) = stored.column_by_name(name) else {
+            return Ok(Some(format!("it has no column {name:?}")));
+        };
+        let (a, b) = (cell(column.as_ref())?, cell(kept.as_ref())?);
+        if a != b {
+            let show = |v: &Option<String>| {
+                v.as_deref()
+                    .map_or("null".to_string(), |s| format!("{s:?}"))
+            };
+            return Ok(Some(format!(
+                "its {name} is {} where the input has {}",
+                show(&b),
+                show(&a)
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// `--resume`: checks that the `held` rows of the dataset are the input's first rows
+/// (its first and last stored rows against the input's), so that skipping them is right.
+async fn check_resume(
+    client: &mut FlightClient,
+    args: &ProduceArgs,
+    opts: &InputOptions,
+    name: &str,
+    held: u64,
+) -> anyhow::Result<()> {
+    if held == 0 {
+        eprintln!("keel produce: dataset {name:?} holds no rows yet; starting from the first row");
+        return Ok(());
+    }
+    let input = input::open(&args.input, opts)?;
+    let (mut first, mut last, mut seen) = (None, None, 0u64);
+    for batch in input.batches {
+        let batch = batch?;
+        let n = batch.num_rows() as u64;
+        if first.is_none() && n > 0 {
+            first = Some(batch.slice(0, 1));
+        }
+        if seen + n >= held {
+            last = Some(batch.slice((held - 1 - seen) as usize, 1));
+            break;
+        }
+        seen += n;
+    }
+    let refuse = |why: String| {
+        anyhow::anyhow!(
+            "cannot resume: dataset {name:?} holds {held} rows that are not the first rows of {}: {why}; \
+             store this input under another dataset name, or drop --resume to append to it",
+            args.input.display()
+        )
+    };
+    let (Some(first), Some(last)) = (first, last) else {
+        return Err(refuse(format!("the input has only {seen} rows")));
+    };
+    for (row, input_row) in [(0, &first), (held - 1, &last)] {
+        let kept = stored_row(client, name, row).await?;
+        if let Some(why) = difference(input_row, &kept)? {
+            return Err(refuse(format!("stored row {} differs: {why}", row + 1)));
+        }
+    }
+    eprintln!(
+        "keel produce: resuming: dataset {name:?} holds the first {held} rows of {}; sending the rest",
+        args.input.display()
+    );
+    Ok(())
+}
+
+/// What the attempts share: the rows the server holds (dataset) or returned (exchange)
+/// so far, counted from the input's first row.
+struct Progress {
+    done: Arc<AtomicU64>,
+    bar: indicatif::ProgressBar,
+}
+
 async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
     let opts = InputOptions {
         format: args.format,
@@ -139,124 +362,189 @@ async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
         text_column: args.text_column.clone().unwrap_or_else(|| "text".into()),
         on_error: args.on_error,
     };
-    let input = input::open(&args.input, &opts)?;
+    // Opened once up front: a bad file or template fails before anything is sent.
+    let first_open = input::open(&args.input, &opts)?;
+    let (format, total_rows) = (first_open.format, first_open.total_rows);
+    drop(first_open);
     // VCF/BCF texts are rendered here; other inputs name their text to the server.
-    let command = match (
-        input.format.renders_text(),
-        &args.template,
-        &args.text_column,
-    ) {
+    let command = match (format.renders_text(), &args.template, &args.text_column) {
         (true, _, _) | (false, None, None) => serde_json::json!({}),
         (false, Some(t), _) => serde_json::json!({ "template": t }),
         (false, None, Some(c)) => serde_json::json!({ "text_column": c }),
     };
-    let skipped = input.skipped.clone();
-    let bar = progress(input.total_rows);
+    let cmd = serde_json::to_vec(&command)?;
     let mut client = keel::flight::client::connect_with(
         &args.to,
         Duration::from_secs(args.connect_timeout),
         &args.auth,
     )
     .await?;
-    let cmd = serde_json::to_vec(&command)?;
-    let started = Instant::now();
-    // Rows read from the file and handed to Flight; a read error ends the stream (the
-    // server sees it cancelled) and is reported after the replies.
-    let read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let read_error = std::sync::Arc::new(std::sync::Mutex::new(None::<anyhow::Error>));
-    let batches = {
-        let (read, read_error) = (read.clone(), read_error.clone());
-        tokio_stream::wrappers::ReceiverStream::new(spawn_reader(input.batches, args.rate)).map(
-            move |b| match b {
-                Ok(b) => {
-                    read.fetch_add(b.num_rows() as u64, Ordering::Relaxed);
-                    Ok(b)
-                }
-                Err(e) => {
-                    let msg = format!("{e:#}");
-                    *read_error.lock().expect("not poisoned") = Some(e);
-                    Err(FlightError::ExternalError(msg.into()))
-                }
-            },
-        )
-    };
-    let outcome: anyhow::Result<usize> = async {
-        if let Some(name) = &args.dataset {
-            let mut descriptor = FlightDescriptor::new_path(vec!["datasets".into(), name.clone()]);
-            descriptor.cmd = cmd.into();
-            let data = FlightDataEncoderBuilder::new()
-                .with_flight_descriptor(Some(descriptor))
-                .build(batches);
-            let mut acks = client.do_put(data).await?;
-            let mut stored = 0u64;
-            while let Some(ack) = acks.next().await {
-                let ack: PutAck = serde_json::from_slice(&ack?.app_metadata)?;
-                stored = ack.acknowledged_rows;
-                bar.set_position(stored);
-            }
-            Ok(stored as usize)
-        } else {
-            let descriptor = if command.as_object().is_some_and(|o| o.is_empty()) {
-                FlightDescriptor::new_path(vec!["embed".into()])
+
+    // `origin`: the dataset row where this input's first row is (or goes).
+    let (origin, resumed) = match &args.dataset {
+        Some(name) => {
+            let held = dataset_rows(&mut client, name).await?;
+            if args.resume {
+                check_resume(&mut client, &args, &opts, name, held).await?;
+                (0, held)
             } else {
-                FlightDescriptor::new_cmd(cmd)
-            };
-            let data = FlightDataEncoderBuilder::new()
-                .with_flight_descriptor(Some(descriptor))
-                .build(batches);
-            // do_exchange sends on its own task (tonic) while this one reads the replies.
-            let mut replies = client.do_exchange(data).await?;
-            let mut writer: Option<parquet::arrow::ArrowWriter<std::fs::File>> = None;
-            let mut n = 0;
-            while let Some(batch) = replies.try_next().await? {
-                n += batch.num_rows();
-                bar.inc(batch.num_rows() as u64);
-                if let Some(out) = &args.out {
-                    if writer.is_none() {
-                        let file = std::fs::File::create(out)
-                            .with_context(|| format!("creating {}", out.display()))?;
-                        writer = Some(parquet::arrow::ArrowWriter::try_new(
-                            file,
-                            batch.schema(),
-                            None,
-                        )?);
-                    }
-                    writer.as_mut().expect("created above").write(&batch)?;
-                }
+                (held, 0)
             }
-            if let Some(w) = writer {
-                w.close()?;
-            }
-            Ok(n)
         }
+        None => (0, 0),
+    };
+    let progress = Progress {
+        done: Arc::new(AtomicU64::new(resumed)),
+        bar: progress(total_rows),
+    };
+    progress.bar.set_position(resumed);
+    let started = Instant::now();
+    let mut writer: Option<parquet::arrow::ArrowWriter<std::fs::File>> = None;
+    let mut attempt = 0u32;
+    let mut lost_since: Option<Instant> = None;
+    let (skipped, sent_total) = loop {
+        let from = progress.done.load(Ordering::Relaxed);
+        let input = input::open(&args.input, &opts)?;
+        let skipped = input.skipped.clone();
+        let read = Arc::new(AtomicU64::new(0));
+        let outcome = match &args.dataset {
+            Some(name) => {
+                put(
+                    &mut client,
+                    &args,
+                    name,
+                    &cmd,
+                    input.batches,
+                    from,
+                    &read,
+                    &progress,
+                )
+                .await
+            }
+            None => {
+                exchange(
+                    &mut client,
+                    &args,
+                    &command,
+                    &cmd,
+                    input.batches,
+                    from,
+                    &read,
+                    &progress,
+                    &mut writer,
+                )
+                .await
+            }
+        };
+        let stop = match outcome {
+            Ok(()) => break (skipped, from + read.load(Ordering::Relaxed)),
+            Err(Stop::Fatal(e)) => {
+                progress.bar.finish_and_clear();
+                return Err(e.context(stopped(
+                    &args,
+                    progress.done.load(Ordering::Relaxed),
+                    total_rows,
+                )));
+            }
+            Err(Stop::Gone(e)) => e,
+        };
+        tracing::debug!(error = format!("{stop:#}"), "server went away");
+        let lost = *lost_since.get_or_insert_with(Instant::now);
+        attempt += 1;
+        let done = progress.done.load(Ordering::Relaxed);
+        let wait = backoff(attempt);
+        if attempt > args.retries || lost.elapsed() + wait > args.retry_for {
+            progress.bar.finish_and_clear();
+            return Err(stop.context(format!(
+                "the server at {} went away ({}); {}",
+                args.to,
+                if args.retries == 0 {
+                    "--retries 0".to_string()
+                } else {
+                    format!(
+                        "gave up after {} attempts in {:.0} s",
+                        attempt - 1,
+                        lost.elapsed().as_secs_f64()
+                    )
+                },
+                stopped(&args, done, total_rows)
+            )));
+        }
+        progress.bar.suspend(|| {
+            eprintln!(
+                "keel produce: server at {} went away after {done} rows were {}; retrying in {} s (attempt {attempt}/{})",
+                args.to,
+                if args.dataset.is_some() { "stored" } else { "returned" },
+                wait.as_secs(),
+                args.retries
+            )
+        });
+        tokio::time::sleep(wait).await;
+        let budget = args
+            .retry_for
+            .saturating_sub(lost.elapsed())
+            .max(Duration::from_secs(1));
+        client = match keel::flight::client::connect_with(&args.to, budget, &args.auth).await {
+            Ok(c) => c,
+            Err(e) => {
+                progress.bar.finish_and_clear();
+                return Err(e.context(stopped(&args, done, total_rows)));
+            }
+        };
+        if let Some(name) = &args.dataset {
+            // The server's count decides: rows it stored but could not acknowledge are
+            // not sent twice, rows it acknowledged are never sent again.
+            let held = match dataset_rows(&mut client, name).await {
+                Ok(n) => n,
+                Err(e) => {
+                    progress.bar.finish_and_clear();
+                    return Err(anyhow::Error::from(e).context(stopped(&args, done, total_rows)));
+                }
+            };
+            if held < origin + done {
+                bail!(
+                    "dataset {name:?} holds {held} rows, fewer than the {} acknowledged: was it removed while this ran?",
+                    origin + done
+                );
+            }
+            progress.done.store(held - origin, Ordering::Relaxed);
+            progress.bar.set_position(held - origin);
+        }
+        // Success resets the clock: the next loss gets the whole budget again.
+        lost_since = None;
+    };
+    progress.bar.finish_and_clear();
+    if let Some(w) = writer {
+        w.close()?;
     }
-    .await;
-    bar.finish_and_clear();
-    if let Some(e) = read_error.lock().expect("not poisoned").take() {
-        return Err(e.context(format!(
-            "reading {} (rows sent before the error: {})",
-            args.input.display(),
-            read.load(Ordering::Relaxed)
-        )));
-    }
-    let received = outcome?;
-    let rows = read.load(Ordering::Relaxed) as usize;
+    let done = progress.done.load(Ordering::Relaxed);
     let skipped = skipped.load(Ordering::Relaxed);
     let secs = started.elapsed().as_secs_f64();
     let stats: Option<Stats> = keel::flight::client::action(&mut client, "stats", Vec::new())
         .await
         .ok();
+    let this_run = done.saturating_sub(resumed);
     eprintln!(
-        "keel produce: {received} of {rows} rows {} in {secs:.2} s ({:.0} rows/s); {skipped} input records skipped",
+        "keel produce: {done} of {sent_total} rows {}{} in {secs:.2} s ({:.0} rows/s); {skipped} input records skipped{}",
         if args.dataset.is_some() {
             "stored"
         } else {
             "embedded and returned"
         },
+        if resumed > 0 {
+            format!(" ({resumed} by an earlier run)")
+        } else {
+            String::new()
+        },
         if secs > 0.0 {
-            received as f64 / secs
+            this_run as f64 / secs
         } else {
             0.0
+        },
+        if attempt > 0 {
+            format!("; the server went away {attempt} times and the stream went on")
+        } else {
+            String::new()
         },
     );
     if let Some(s) = stats {
@@ -272,8 +560,157 @@ async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
             s.ops,
         );
     }
-    if received != rows {
-        bail!("{} rows were sent but {received} came back", rows);
+    if done != sent_total {
+        bail!(
+            "{sent_total} rows were read but {done} are {}",
+            if args.dataset.is_some() {
+                "stored"
+            } else {
+                "back"
+            }
+        );
     }
     Ok(())
+}
+
+/// "stopped: N of M rows stored; run again with --resume".
+fn stopped(args: &ProduceArgs, done: u64, total: Option<u64>) -> String {
+    let of = total.map(|t| format!(" of {t}")).unwrap_or_default();
+    match &args.dataset {
+        Some(name) => format!(
+            "stopped: {done}{of} rows stored in dataset {name:?}; run the same command with --resume to send the rest"
+        ),
+        None => format!(
+            "stopped: {done}{of} rows came back{}",
+            args.out
+                .as_ref()
+                .map(|o| format!(" and are in {}", o.display()))
+                .unwrap_or_default()
+        ),
+    }
+}
+
+/// The input's batches from row `from` on, counted into `read` as Flight takes them; a
+/// read error ends the stream and is kept for the report.
+fn flight_batches(
+    args: &ProduceArgs,
+    batches: input::Batches,
+    from: u64,
+    read: &Arc<AtomicU64>,
+    read_error: &Arc<std::sync::Mutex<Option<anyhow::Error>>>,
+) -> impl futures::Stream<Item = Result<RecordBatch, FlightError>> + Send + 'static {
+    let (read, read_error) = (read.clone(), read_error.clone());
+    tokio_stream::wrappers::ReceiverStream::new(spawn_reader(batches, args.rate, from)).map(
+        move |b| match b {
+            Ok(b) => {
+                read.fetch_add(b.num_rows() as u64, Ordering::Relaxed);
+                Ok(b)
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                *read_error.lock().expect("not poisoned") = Some(e);
+                Err(FlightError::ExternalError(msg.into()))
+            }
+        },
+    )
+}
+
+fn read_failure(args: &ProduceArgs, error: anyhow::Error, from: u64, read: u64) -> Stop {
+    Stop::Fatal(error.context(format!(
+        "reading {} (rows sent before the error: {})",
+        args.input.display(),
+        from + read
+    )))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn put(
+    client: &mut FlightClient,
+    args: &ProduceArgs,
+    name: &str,
+    cmd: &[u8],
+    batches: input::Batches,
+    from: u64,
+    read: &Arc<AtomicU64>,
+    progress: &Progress,
+) -> Result<(), Stop> {
+    let read_error = Arc::new(std::sync::Mutex::new(None));
+    let mut descriptor = FlightDescriptor::new_path(vec!["datasets".into(), name.to_string()]);
+    descriptor.cmd = cmd.to_vec().into();
+    let data = FlightDataEncoderBuilder::new()
+        .with_flight_descriptor(Some(descriptor))
+        .build(flight_batches(args, batches, from, read, &read_error));
+    let result: Result<(), FlightError> = async {
+        let mut acks = client.do_put(data).await?;
+        while let Some(ack) = acks.next().await {
+            let ack: PutAck = serde_json::from_slice(&ack?.app_metadata)
+                .map_err(|e| FlightError::ProtocolError(format!("a DoPut acknowledgement: {e}")))?;
+            progress
+                .done
+                .store(from + ack.acknowledged_rows, Ordering::Relaxed);
+            progress.bar.set_position(from + ack.acknowledged_rows);
+        }
+        Ok(())
+    }
+    .await;
+    if let Some(e) = read_error.lock().expect("not poisoned").take() {
+        return Err(read_failure(args, e, from, read.load(Ordering::Relaxed)));
+    }
+    result.map_err(classify)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn exchange(
+    client: &mut FlightClient,
+    args: &ProduceArgs,
+    command: &serde_json::Value,
+    cmd: &[u8],
+    batches: input::Batches,
+    from: u64,
+    read: &Arc<AtomicU64>,
+    progress: &Progress,
+    writer: &mut Option<parquet::arrow::ArrowWriter<std::fs::File>>,
+) -> Result<(), Stop> {
+    let read_error = Arc::new(std::sync::Mutex::new(None));
+    let descriptor = if command.as_object().is_some_and(|o| o.is_empty()) {
+        FlightDescriptor::new_path(vec!["embed".into()])
+    } else {
+        FlightDescriptor::new_cmd(cmd.to_vec())
+    };
+    let data = FlightDataEncoderBuilder::new()
+        .with_flight_descriptor(Some(descriptor))
+        .build(flight_batches(args, batches, from, read, &read_error));
+    let result: Result<(), Stop> = async {
+        // do_exchange sends on its own task (tonic) while this one reads the replies.
+        let mut replies = client.do_exchange(data).await.map_err(classify)?;
+        while let Some(batch) = replies.try_next().await.map_err(classify)? {
+            if let Some(out) = &args.out {
+                if writer.is_none() {
+                    let file = std::fs::File::create(out)
+                        .with_context(|| format!("creating {}", out.display()))
+                        .map_err(Stop::Fatal)?;
+                    *writer = Some(
+                        parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None)
+                            .map_err(|e| Stop::Fatal(e.into()))?,
+                    );
+                }
+                writer
+                    .as_mut()
+                    .expect("created above")
+                    .write(&batch)
+                    .map_err(|e| Stop::Fatal(e.into()))?;
+            }
+            // Counted once written: a retry resends exactly the rows not yet written.
+            progress
+                .done
+                .fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+            progress.bar.inc(batch.num_rows() as u64);
+        }
+        Ok(())
+    }
+    .await;
+    if let Some(e) = read_error.lock().expect("not poisoned").take() {
+        return Err(read_failure(args, e, from, read.load(Ordering::Relaxed)));
+    }
+    result
 }

@@ -11,6 +11,7 @@ use arrow_flight::{
 use arrow_ipc::writer::IpcWriteOptions;
 use futures::{StreamExt, stream};
 use keel_engine::sink::store::{DatasetInfo, SinkError};
+use keel_wire::descriptor::DatasetTicket;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
@@ -62,17 +63,24 @@ pub fn schema(info: &DatasetInfo) -> Result<SchemaResult, Status> {
         .map_err(|e: arrow_schema::ArrowError| Status::internal(e.to_string()))
 }
 
-/// `DoGet`: the dataset named by the ticket, streamed back in order.
+/// `DoGet`: the dataset named by the ticket (or the range of its rows a JSON ticket
+/// names), streamed back in order.
 pub async fn read(engine: &Engine, ticket: Ticket) -> Result<BoxStream<FlightData>, Status> {
-    let name = String::from_utf8(ticket.ticket.to_vec())
-        .map_err(|_| Status::invalid_argument("the ticket is not a UTF-8 dataset name"))?;
-    let info = engine.dataset(name.clone()).await.map_err(error::engine)?;
+    let ticket = DatasetTicket::parse(&ticket.ticket).map_err(Status::from)?;
+    let info = engine
+        .dataset(ticket.dataset.clone())
+        .await
+        .map_err(error::engine)?;
     let store = engine.sink.store().clone();
     let (tx, rx) = mpsc::channel::<Result<RecordBatch, FlightError>>(2);
     tokio::task::spawn_blocking(move || {
-        let result = store.read(&name, DO_GET_BATCH_ROWS, |b| {
-            tx.blocking_send(Ok(b)).map_err(|_| SinkError::Closed)
-        });
+        let result = store.read_range(
+            &ticket.dataset,
+            ticket.offset,
+            ticket.limit,
+            DO_GET_BATCH_ROWS,
+            |b| tx.blocking_send(Ok(b)).map_err(|_| SinkError::Closed),
+        );
         if let Err(e) = result
             && !matches!(e, SinkError::Closed)
         {

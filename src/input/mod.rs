@@ -132,7 +132,17 @@ pub fn open(path: &Path, opts: &InputOptions) -> anyhow::Result<Input> {
         Format::Csv | Format::Tsv => {
             let delimiter = if format == Format::Csv { b',' } else { b'\t' };
             let total = count_lines(path, |l| !l.is_empty())?.saturating_sub(1);
-            (csv(path, delimiter, &opts.text_column, n)?, Some(total))
+            (
+                csv(
+                    path,
+                    delimiter,
+                    &opts.text_column,
+                    n,
+                    opts.on_error,
+                    skipped.clone(),
+                )?,
+                Some(total),
+            )
         }
         Format::Text => {
             let total = count_lines(path, |_| true)?;
@@ -207,8 +217,17 @@ fn arrow_ipc(path: &Path, n: usize) -> anyhow::Result<Batches> {
 }
 
 /// CSV/TSV with a header row; column types inferred from the first 1000 rows, except
-/// `text_column`, read as a string.
-fn csv(path: &Path, delimiter: u8, text_column: &str, n: usize) -> anyhow::Result<Batches> {
+/// `text_column`, read as a string. A row that does not fit those columns (a field too
+/// many or too few, a value of another type) is skipped with its line, or stops the read,
+/// per `on_error`.
+fn csv(
+    path: &Path,
+    delimiter: u8,
+    text_column: &str,
+    n: usize,
+    on_error: OnError,
+    skipped: Arc<AtomicU64>,
+) -> anyhow::Result<Batches> {
     let format = arrow_csv::reader::Format::default()
         .with_header(true)
         .with_delimiter(delimiter);
@@ -226,14 +245,135 @@ fn csv(path: &Path, delimiter: u8, text_column: &str, n: usize) -> anyhow::Resul
             }
         })
         .collect();
-    let reader = arrow_csv::ReaderBuilder::new(Arc::new(Schema::new(fields)))
-        .with_format(format)
-        .with_batch_size(n)
-        .build_buffered(vcf::open_text(path)?)?;
-    let path = path.display().to_string();
-    Ok(Box::new(reader.map(move |b| {
-        b.with_context(|| format!("{path}: a row does not match the inferred columns"))
-    })))
+    let schema = Arc::new(Schema::new(fields));
+    let records = ::csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        .has_headers(true)
+        .flexible(true)
+        .from_reader(vcf::open_text(path)?);
+    Ok(Box::new(CsvRows {
+        records,
+        format: arrow_csv::reader::Format::default().with_delimiter(delimiter),
+        schema,
+        delimiter,
+        rows_per_batch: n,
+        path: path.display().to_string(),
+        on_error,
+        skipped,
+        done: false,
+    }))
+}
+
+/// CSV records read by the `csv` crate (quotes, embedded newlines, line numbers) and
+/// decoded by arrow-csv a batch at a time; when a batch does not decode, its rows are
+/// decoded one by one to find the ones that do not fit.
+struct CsvRows {
+    records: ::csv::Reader<Box<dyn BufRead + Send>>,
+    /// How a record is decoded (no header: the records come one by one).
+    format: arrow_csv::reader::Format,
+    schema: Arc<Schema>,
+    delimiter: u8,
+    rows_per_batch: usize,
+    path: String,
+    on_error: OnError,
+    skipped: Arc<AtomicU64>,
+    done: bool,
+}
+
+impl CsvRows {
+    /// Decodes CSV text (no header) into one batch.
+    fn decode(&self, text: &[u8]) -> Result<Option<RecordBatch>, arrow_schema::ArrowError> {
+        let mut decoder = arrow_csv::ReaderBuilder::new(self.schema.clone())
+            .with_format(self.format.clone())
+            .with_batch_size(self.rows_per_batch)
+            .build_decoder();
+        let mut at = 0;
+        while at < text.len() {
+            let used = decoder.decode(&text[at..])?;
+            if used == 0 {
+                break;
+            }
+            at += used;
+        }
+        decoder.flush()
+    }
+
+    fn next_batch(&mut self) -> anyhow::Result<Option<RecordBatch>> {
+        // Each record re-written as one CSV record, with the line it started on.
+        let mut rows: Vec<(u64, Vec<u8>)> = Vec::with_capacity(self.rows_per_batch);
+        let mut record = ::csv::ByteRecord::new();
+        while rows.len() < self.rows_per_batch {
+            let more = self
+                .records
+                .read_byte_record(&mut record)
+                .with_context(|| format!("{}: reading CSV", self.path))?;
+            if !more {
+                self.done = true;
+                break;
+            }
+            let line = record.position().map_or(0, |p| p.line());
+            let mut writer = ::csv::WriterBuilder::new()
+                .delimiter(self.delimiter)
+                .has_headers(false)
+                .from_writer(Vec::new());
+            writer.write_byte_record(&record)?;
+            rows.push((
+                line,
+                writer.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?,
+            ));
+        }
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let all: Vec<u8> = rows.iter().flat_map(|(_, r)| r.iter().copied()).collect();
+        if let Ok(batch) = self.decode(&all) {
+            return Ok(batch);
+        }
+        let mut good = Vec::with_capacity(rows.len());
+        for (line, row) in &rows {
+            match self.decode(row) {
+                Ok(Some(b)) => good.push(b),
+                Ok(None) => {}
+                Err(e) => match self.on_error {
+                    OnError::Fail => bail!(
+                        "{}: line {line}: the row does not match the columns ({e}) (--on-error skip would skip it)",
+                        self.path
+                    ),
+                    OnError::Skip => {
+                        self.skipped.fetch_add(1, Ordering::Relaxed);
+                        eprintln!(
+                            "keel: {}: line {line}: the row does not match the columns ({e}); skipped",
+                            self.path
+                        );
+                    }
+                },
+            }
+        }
+        Ok(Some(arrow_select::concat::concat_batches(
+            &self.schema,
+            &good,
+        )?))
+    }
+}
+
+impl Iterator for CsvRows {
+    type Item = anyhow::Result<RecordBatch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while !self.done {
+            match self.next_batch() {
+                // A batch whose every row was skipped yields nothing; read on.
+                Ok(Some(b)) if b.num_rows() == 0 => continue,
+                Ok(Some(b)) => return Some(Ok(b)),
+                Ok(None) => return None,
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        None
+    }
 }
 
 /// Plain text, one row per line, column `text`.

@@ -72,6 +72,42 @@ pub fn dataset_of(d: &FlightDescriptor) -> Result<&str, WireError> {
     }
 }
 
+/// A `DoGet` ticket: a dataset's name (all its rows), or JSON naming a range of its rows,
+/// `{"dataset": NAME, "offset": 1000, "limit": 10}` (`offset` defaults to 0, `limit` to
+/// the rest).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetTicket {
+    pub dataset: String,
+    #[serde(default)]
+    pub offset: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+}
+
+impl DatasetTicket {
+    /// Parses a ticket: a plain name, or the JSON form.
+    pub fn parse(ticket: &[u8]) -> Result<Self, WireError> {
+        let text = std::str::from_utf8(ticket)
+            .map_err(|_| WireError::invalid("the ticket is not UTF-8"))?;
+        let ticket = if text.trim_start().starts_with('{') {
+            serde_json::from_str(text).map_err(|e| {
+                WireError::Invalid(format!(
+                    "bad ticket JSON ({e}); expected a dataset name or {{\"dataset\": NAME, \"offset\": N, \"limit\": N}}"
+                ))
+            })?
+        } else {
+            Self {
+                dataset: text.to_string(),
+                offset: 0,
+                limit: None,
+            }
+        };
+        checked_dataset_name(&ticket.dataset)?;
+        Ok(ticket)
+    }
+}
+
 /// Whether `name` may name a dataset: 1–128 of `A–Z a–z 0–9 _ - .`, not starting with a
 /// dot (a dataset is a folder; a name is never a path).
 pub fn is_valid_dataset_name(name: &str) -> bool {
@@ -135,6 +171,29 @@ mod tests {
             dataset_of(&path(&["datasets", "a.b-c_1"])).unwrap(),
             "a.b-c_1"
         );
+    }
+
+    #[test]
+    fn tickets_name_a_dataset_or_a_range_of_its_rows() {
+        let t = DatasetTicket::parse(b"v1").unwrap();
+        assert_eq!((t.dataset.as_str(), t.offset, t.limit), ("v1", 0, None));
+        let t = DatasetTicket::parse(br#"{"dataset":"v1","offset":10,"limit":2}"#).unwrap();
+        assert_eq!((t.dataset.as_str(), t.offset, t.limit), ("v1", 10, Some(2)));
+        let back = DatasetTicket::parse(&serde_json::to_vec(&t).unwrap()).unwrap();
+        assert_eq!(back, t);
+        for bad in [
+            &b"../x"[..],
+            br#"{"dataset":"v1","offset":-1}"#,
+            br#"{"dataset":"v1","rows":1}"#,
+            b"{",
+            &[0xff],
+        ] {
+            assert!(
+                DatasetTicket::parse(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //!
 //! A template is parsed once into literal and field parts, so rendering a row is a
 //! sequence of appends with no re-parsing. `{{` and `}}` are literal braces. A field the
-//! row lacks renders as nothing: variant annotations are sparse and an absent SIFT score
-//! must not fail a record; whether a field *name* exists at all is checked once, against
+//! row lacks (or holds empty) renders as nothing, with the separator before it: variant
+//! annotations are sparse, and an absent SIFT score must neither fail a record nor leave
+//! a doubled space in its text; whether a field *name* exists at all is checked once, against
 //! the schema, with [`Template::fields`].
 
 /// A parsed template.
@@ -92,18 +93,41 @@ impl Template {
         out
     }
 
-    /// Appends the rendering to `out`; `value(name)` gives a field's text, `None` = empty.
+    /// Appends the rendering to `out`; `value(name)` gives a field's text, `None` or `""`
+    /// = missing. A missing field takes the literal before it with it (the separator or
+    /// label between it and the field before), and the first field written drops the
+    /// literal before it when no field was written yet, so that sparse annotations give
+    /// `chr1:877772 G>C`, never `" chr1:877772 G>C    "`. The literals before the first
+    /// field and after the last are always written.
     pub fn render_into<'a>(
         &self,
         out: &mut String,
         mut value: impl FnMut(&str) -> Option<&'a str>,
     ) {
-        for p in &self.parts {
+        let last_field = self
+            .parts
+            .iter()
+            .rposition(|p| matches!(p, Part::Field(_)))
+            .expect("a template has a field");
+        let mut written = false;
+        let mut pending: Option<&str> = None;
+        let mut seen_field = false;
+        for (i, p) in self.parts.iter().enumerate() {
             match p {
-                Part::Literal(s) => out.push_str(s),
+                Part::Literal(s) if !seen_field || i > last_field => out.push_str(s),
+                Part::Literal(s) => pending = Some(s),
                 Part::Field(name) => {
-                    if let Some(v) = value(name) {
-                        out.push_str(v);
+                    seen_field = true;
+                    let before = pending.take();
+                    match value(name).filter(|v| !v.is_empty()) {
+                        Some(v) => {
+                            if written && let Some(sep) = before {
+                                out.push_str(sep);
+                            }
+                            out.push_str(v);
+                            written = true;
+                        }
+                        None => {}
                     }
                 }
             }
@@ -133,7 +157,40 @@ mod tests {
             "alt" => None,
             _ => unreachable!(),
         });
-        assert_eq!(s, "BRCA1 chr17:43045712 A>");
+        assert_eq!(
+            s, "BRCA1 chr17:43045712 A",
+            "a missing field takes its separator"
+        );
+    }
+
+    #[test]
+    fn missing_fields_leave_no_stray_separators() {
+        let t = Template::parse(
+            "{gene} {chrom}:{pos} {ref}>{alt} {consequence} {amino_acids} {sift} {polyphen}",
+        )
+        .unwrap();
+        let site = |k: &str| match k {
+            "chrom" => Some("chr1"),
+            "pos" => Some("877772"),
+            "ref" => Some("G"),
+            "alt" => Some("C"),
+            "sift" => Some(""),
+            _ => None,
+        };
+        assert_eq!(t.render(site), "chr1:877772 G>C");
+        let some = |k: &str| match k {
+            "gene" => Some("SAMD11"),
+            "polyphen" => Some("benign(0)"),
+            k => site(k),
+        };
+        assert_eq!(t.render(some), "SAMD11 chr1:877772 G>C benign(0)");
+        // What is around the fields is kept; a template of one missing field is empty.
+        let t = Template::parse("[{gene}|{consequence}]").unwrap();
+        assert_eq!(
+            t.render(|k| (k == "consequence").then_some("stop_gained")),
+            "[stop_gained]"
+        );
+        assert_eq!(t.render(|_| None), "[]");
     }
 
     #[test]

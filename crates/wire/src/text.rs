@@ -207,7 +207,7 @@ mod tests {
     }
 
     #[test]
-    fn templates_format_any_column_and_render_nulls_empty() {
+    fn templates_format_any_column_and_drop_null_fields_with_their_separator() {
         let b = batch();
         let cmd = EmbedCommand::parse(br#"{"template": "{gene}:{pos}"}"#).unwrap();
         let s = TextSource::from_command(&cmd, "text").unwrap();
@@ -217,7 +217,7 @@ mod tests {
             vec![
                 Some("BRCA1:1".into()),
                 Some("TP53:2".into()),
-                Some(":3".into())
+                Some("3".into())
             ]
         );
     }

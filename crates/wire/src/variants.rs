@@ -20,11 +20,12 @@ pub struct VariantRecord {
 }
 
 impl VariantRecord {
+    /// A field's value; `None` where it is absent, empty or VCF's missing value `.`.
     pub fn get(&self, name: &str) -> Option<&str> {
         self.fields
             .get(name)
             .map(String::as_str)
-            .filter(|v| !v.is_empty())
+            .filter(|v| !v.is_empty() && *v != ".")
     }
 
     pub fn render(&self, template: &Template) -> String {
@@ -189,11 +190,12 @@ chrX\t2700200\t.\tC\tT\t1\tPASS\tAC=1\n";
             "XG chrX:2700157 G>A missense_variant D/N tolerated(0.97) benign(0)"
         );
         assert_eq!(records[1].as_ref().unwrap_err().line, 5);
-        // No annotation: the missing fields render empty, the record still counts.
-        assert_eq!(
-            records[2].as_ref().unwrap().render(&t),
-            " chrX:2700200 C>T    "
-        );
+        // No annotation: the missing fields and their separators leave nothing behind,
+        // and the record still counts.
+        assert_eq!(records[2].as_ref().unwrap().render(&t), "chrX:2700200 C>T");
+        // VCF's missing value `.` is a missing field.
+        let r = records[2].as_ref().unwrap();
+        assert_eq!((r.get("id"), r.get("qual")), (None, Some("1")));
     }
 
     #[test]
