@@ -13,7 +13,8 @@ dir="${1:-.device}"
 mkdir -p "$dir"
 scripts/fetch-model.sh
 
-cargo build --release --features gpu --bin keel
+# The same feature set as the tests' build (scripts/test.sh), so neither rebuilds burn.
+cargo build --release --features gpu --all-targets
 keel=target/release/keel
 if [[ " $* " == *" --uncompressed "* ]]; then
     cp "$keel" "$dir/keel"

@@ -5,11 +5,12 @@
 //!
 //! lavapipe runs burn's kernels on one CPU thread at under 1 GFLOP/s (measured: a
 //! 64 × 384 · 384 × 1536 matmul takes ~100 ms), so a MiniLM pass over the 20 reference
-//! texts, two of them 256 tokens long, takes minutes there. The tests therefore use
-//! MiniLM itself on the short reference texts (one pass), and a tiny BERT with random
-//! weights — same architecture, same code, MiniLM's tokenizer — wherever a test needs many
-//! passes, a server or every pass shape. `scripts/device-check.sh` runs all 20 reference
-//! texts on a real GPU.
+//! texts, two of them 256 tokens long, takes over seven minutes there (compiling and
+//! autotuning included). The tests therefore run MiniLM on the 18 reference texts of up
+//! to 32 tokens, with kernel fusion on (in this process) and off (`keel embed` in a
+//! process of its own), and a tiny BERT with random weights — same architecture, same
+//! code, MiniLM's tokenizer — wherever a test needs many passes, a server or every pass
+//! shape. `scripts/device-check.sh` runs all 20 reference texts on a real GPU.
 
 use std::path::Path;
 
@@ -24,6 +25,7 @@ fn options(precision: Precision) -> DeviceOptions {
     DeviceOptions {
         allow_software_gpu: true,
         precision,
+        fusion: true,
     }
 }
 
@@ -68,6 +70,11 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0f32, f32::max)
 }
 
+/// The reference texts the tests run MiniLM on: all but the two of 256 tokens (18 of 20,
+/// 3 to 30 tokens, four sequence buckets). Those two alone take lavapipe over seven
+/// minutes (see the module note); `scripts/device-check.sh` runs all 20 on a GPU.
+const REFERENCE_TOKENS: usize = 32;
+
 const LIMITS: BatchLimits = BatchLimits {
     max_rows: 64,
     max_tokens: 8192,
@@ -90,16 +97,16 @@ fn variant_texts(n: usize) -> Vec<String> {
         .collect()
 }
 
-/// MiniLM on the GPU backend against the float64 reference: the reference texts of up
-/// to 16 tokens, in one pass (one sequence bucket; see the module note for why not all).
+/// MiniLM on the GPU backend (fusion on) against the float64 reference: the reference
+/// texts of up to 32 tokens (see the module note for why not all), over four buckets.
 #[test]
 fn minilm_on_the_gpu_backend_matches_the_float64_reference() {
     let model = gpu_model(&repo_root().join("models/all-MiniLM-L6-v2"), Precision::F32);
     let refs: Vec<(String, Vec<f32>)> = reference()
         .into_iter()
-        .filter(|(t, _)| model.tokenize(t).unwrap().len() <= 16)
+        .filter(|(t, _)| model.tokenize(t).unwrap().len() <= REFERENCE_TOKENS)
         .collect();
-    assert!(refs.len() >= 10, "{} short reference texts", refs.len());
+    assert!(refs.len() >= 10, "{} reference texts", refs.len());
     let texts: Vec<&str> = refs.iter().map(|r| r.0.as_str()).collect();
     let got = model.embed(&texts, LIMITS).unwrap();
     for ((text, expected), v) in refs.iter().zip(got.chunks_exact(model.dim())) {
@@ -334,4 +341,85 @@ async fn serve_with_gpu_and_cpu_workers_answers_with_the_cpu_backends_vectors() 
         }
     }
     assert_eq!(row, texts.len());
+}
+
+/// Texts on stdin through `keel embed --backend wgpu` (a process of its own, since fusion
+/// is one setting per process), with `KEEL_*` settings; the vectors in input order.
+fn keel_embed_on_the_gpu(model: &Path, texts: &[&str], env: &[(&str, &str)]) -> Vec<Vec<f32>> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["embed", "--backend", "wgpu", "--model"])
+        .arg(model)
+        .env("KEEL_EMBEDDER__GPU__ALLOW_SOFTWARE", "true")
+        .env("KEEL_EMBEDDER__GPU__WARM_UP", "false")
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for t in texts {
+        writeln!(stdin, "{t}").unwrap();
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "keel embed failed:\n{stderr}");
+    let vectors: Vec<Vec<f32>> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect();
+    assert_eq!(vectors.len(), texts.len(), "{stderr}");
+    vectors
+}
+
+/// Fusion off (`embedder.gpu.fusion: false`, every operation its own kernel) computes
+/// what fusion on computes: MiniLM through `keel embed` against the float64 reference.
+#[test]
+fn minilm_without_fusion_matches_the_float64_reference() {
+    let model = repo_root().join("models/all-MiniLM-L6-v2");
+    let tokenizer = cpu_model(&model);
+    let refs: Vec<(String, Vec<f32>)> = reference()
+        .into_iter()
+        .filter(|(t, _)| tokenizer.tokenize(t).unwrap().len() <= REFERENCE_TOKENS)
+        .collect();
+    let texts: Vec<&str> = refs.iter().map(|r| r.0.as_str()).collect();
+    let got = keel_embed_on_the_gpu(&model, &texts, &[("KEEL_EMBEDDER__GPU__FUSION", "false")]);
+    for ((text, expected), v) in refs.iter().zip(&got) {
+        let diff = max_diff(v, expected);
+        assert!(diff <= 1e-4, "{text:?}: max |diff| {diff:.2e}");
+        assert!(cosine(v, expected) >= 0.99999, "{text:?}");
+    }
+}
+
+/// burn's fusion registry is one per process: a device asking for the other setting than
+/// the process's first GPU device is refused with the reason, not silently ignored.
+#[test]
+fn fusion_is_one_setting_per_process() {
+    let on = DeviceOptions {
+        fusion: true,
+        ..options(Precision::F32)
+    };
+    ModelDevice::open(Backend::Wgpu, on).expect("a Vulkan adapter");
+    let off = DeviceOptions {
+        fusion: false,
+        ..on
+    };
+    match ModelDevice::open(Backend::Wgpu, off) {
+        Err(e @ ModelError::Fusion(_)) => {
+            assert!(e.to_string().contains("one setting"), "{e}")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("fusion off accepted in a process where it is on"),
+    }
 }

@@ -79,9 +79,11 @@ def run(cmd, env=None, stdin=None, timeout=900):
     return p.stdout, err
 
 
-def embed(path, backend, batch=None, precision="f32"):
+def embed(path, backend, batch=None, precision="f32", fusion=True):
     cmd = [KEEL, "embed", "--backend", backend, "--precision", precision]
     env = dict(BASE_ENV)
+    # Kernel fusion is one setting per process: off, every operation is its own kernel.
+    env["KEEL_EMBEDDER__GPU__FUSION"] = "true" if fusion else "false"
     if DRY:
         # Each keel embed is a new process that would warm up anew; keel serve's warm-up
         # below is the one a dry run exercises.
@@ -136,6 +138,9 @@ for precision in PRECISIONS:
     report["parity"][f"wgpu_{precision}_vs_cpu"] = compare(gpu_ref, cpu_ref)
     report["parity"][f"wgpu_{precision}_vs_float64"] = compare(gpu_ref, f64)
     report.setdefault("startup_s", {})[precision] = info["startup_s"]
+# burn's fusion has had wrong-result reports on Vulkan (burn #5257): both ways, compared.
+gpu_ref, _ = embed(ref_file, "wgpu", fusion=False)
+report["parity"]["wgpu_f32_no_fusion_vs_float64"] = compare(gpu_ref, f64)
 log("parity", json.dumps(report["parity"]))
 
 # 3. keel embed throughput (texts in, vectors out, tokenization included).
@@ -146,6 +151,11 @@ for precision in PRECISIONS:
         row = {"precision": precision, "batch": batch, **info}
         report["keel_embed"].append(row)
         log("keel embed", json.dumps(row))
+# What fusion buys: f32 at the largest pass size without it.
+_, info = embed(texts_file, "wgpu", BATCHES[-1], "f32", fusion=False)
+row = {"precision": "f32", "batch": BATCHES[-1], "fusion": False, **info}
+report["keel_embed"].append(row)
+log("keel embed", json.dumps(row))
 if not DRY:
     _, info = embed(texts_file, "cpu", 25)
     report["keel_embed_cpu"] = {"batch": 25, **info}
@@ -264,7 +274,8 @@ for k, v in report["parity"].items():
 lines += ["", "## Throughput (texts/s, tokenization included)", "",
           "| engine | precision | batch | texts/s |", "|---|---|---|---|"]
 for r in report["keel_embed"]:
-    lines.append(f"| keel embed (wgpu) | {r['precision']} | {r['batch']} | {r['texts_per_s']} |")
+    engine = "keel embed (wgpu)" if r.get("fusion", True) else "keel embed (wgpu, fusion off)"
+    lines.append(f"| {engine} | {r['precision']} | {r['batch']} | {r['texts_per_s']} |")
 if "keel_embed_cpu" in report:
     r = report["keel_embed_cpu"]
     lines.append(f"| keel embed (cpu, {report['cores']} cores) | f32 | {r['batch']} | {r['texts_per_s']} |")

@@ -24,6 +24,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let options = DeviceOptions {
         allow_software_gpu: true,
         precision,
+        // KEEL_FUSION=0 runs every operation as its own kernel.
+        fusion: std::env::var("KEEL_FUSION").map_or(true, |v| v != "0"),
     };
     let device = ModelDevice::open(Backend::Wgpu, options)?;
     eprintln!(
@@ -61,7 +63,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_tokens: 8192,
     };
     let mut got = Vec::new();
-    for round in 0..3 {
+    // KEEL_ROUNDS passes (default 3): the first compiles and autotunes.
+    let rounds: usize = std::env::var("KEEL_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    for round in 0..rounds {
         let t = Instant::now();
         got = model.embed(&refs, limits)?;
         eprintln!("pass {round}: {:?}", t.elapsed());

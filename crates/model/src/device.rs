@@ -48,12 +48,25 @@ impl std::str::FromStr for Precision {
 }
 
 /// What a backend needs beyond its name.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct DeviceOptions {
     /// Accept a software GPU adapter (lavapipe) when no hardware one is found.
     pub allow_software_gpu: bool,
     /// What the model computes in (`f16` needs a GPU backend).
     pub precision: Precision,
+    /// GPU backends: fuse chains of operations into fewer kernels (burn's fusion). One
+    /// setting per process (see [`ModelDevice::open`]).
+    pub fusion: bool,
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        Self {
+            allow_software_gpu: false,
+            precision: Precision::F32,
+            fusion: true,
+        }
+    }
 }
 
 /// A resolved device and what it is.
@@ -69,7 +82,9 @@ pub struct ModelDevice {
 
 impl ModelDevice {
     /// Opens `backend`'s device. The CPU backend cannot fail; `wgpu` fails with the
-    /// adapters it found when none is usable.
+    /// adapters it found when none is usable, and when `fusion` differs from the setting
+    /// of a GPU device opened earlier in the process (burn keeps one registry of fusion
+    /// optimizations per process, sealed at the first GPU operation).
     pub fn open(backend: Backend, options: DeviceOptions) -> Result<Self, ModelError> {
         match backend {
             Backend::Cpu if options.precision != Precision::F32 => Err(ModelError::Precision(
@@ -171,7 +186,8 @@ mod gpu {
                 }
             },
         };
-        tracing::info!(adapter = %chosen.1, "GPU adapter");
+        tracing::info!(adapter = %chosen.1, fusion = options.fusion, "GPU adapter");
+        set_fusion(options.fusion)?;
         if chosen.0 == DeviceKind::Cpu {
             tune_lightly();
         }
@@ -188,6 +204,32 @@ mod gpu {
             adapter: chosen.1,
             precision: options.precision,
         })
+    }
+
+    /// burn fuses chains of element-wise operations (and matmul epilogues) into single
+    /// kernels. Its optimizations are a process-wide registry that seals at the first
+    /// operation on a GPU device, so one setting holds for every GPU model of a process:
+    /// the first device opened decides, and a later one asking otherwise is refused.
+    fn set_fusion(on: bool) -> Result<(), ModelError> {
+        static CHOSEN: std::sync::OnceLock<Result<bool, String>> = std::sync::OnceLock::new();
+        let chosen = CHOSEN.get_or_init(|| {
+            if !on {
+                // With every optimization removed, each operation runs as its own kernel:
+                // what the backend computes without fusion.
+                for name in burn_cubecl::fusion::BUILTIN_NAMES {
+                    burn_cubecl::fusion::remove(name).map_err(|e| e.to_string())?;
+                }
+            }
+            Ok(on)
+        });
+        match chosen {
+            Ok(c) if *c == on => Ok(()),
+            Ok(c) => Err(ModelError::Fusion(format!(
+                "kernel fusion is already {} in this process; every GPU device of a process shares one setting",
+                if *c { "on" } else { "off" }
+            ))),
+            Err(e) => Err(ModelError::Fusion(e.clone())),
+        }
     }
 
     /// On a software adapter, kernels run hundreds of times slower than on a GPU, and

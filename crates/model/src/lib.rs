@@ -71,6 +71,8 @@ pub enum ModelError {
     Encode(String),
     #[error("precision: {0}")]
     Precision(String),
+    #[error("fusion: {0}")]
+    Fusion(String),
     #[error("backend {0:?} is not compiled into this binary (build with the `gpu` feature)")]
     BackendUnavailable(String),
     #[error(

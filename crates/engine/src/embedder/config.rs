@@ -104,6 +104,10 @@ pub struct GpuConfig {
     /// paid before the first request (`health` answers only after). Off, the first
     /// requests of each shape pay it.
     pub warm_up: bool,
+    /// Fuse chains of operations into fewer kernels (burn's fusion: fewer launches and
+    /// memory round trips). Off, every operation runs as its own kernel: the escape hatch
+    /// should fusion ever compute wrong results on a driver (the tests check both).
+    pub fusion: bool,
     /// Accept a software adapter (Mesa's lavapipe) when no GPU is found. It runs the GPU
     /// code path on the CPU, far slower than the cpu backend: for tests.
     pub allow_software: bool,
@@ -118,6 +122,7 @@ impl Default for GpuConfig {
             max_batch_tokens: 32_768,
             tokenizer_threads: 0,
             warm_up: true,
+            fusion: true,
             allow_software: false,
         }
     }
@@ -276,6 +281,7 @@ impl EmbedderConfig {
                     Backend::Wgpu => DeviceOptions {
                         allow_software_gpu: self.gpu.allow_software,
                         precision: self.gpu.precision,
+                        fusion: self.gpu.fusion,
                     },
                 };
                 let device = ModelDevice::open(group.backend, options)?;
