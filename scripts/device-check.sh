@@ -15,7 +15,10 @@ out="${2:?usage: device-check.sh BUNDLE OUT [--dry-run]}"
 shift 2
 
 # The Vulkan loader: the bundle carries Debian's libvulkan1 as .debs for machines without it.
-if ! ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1'; then
+# (Read whole, not piped into `grep -q`: under pipefail, grep's early exit would make
+# ldconfig die of SIGPIPE and the loader look missing.)
+loaders="$(ldconfig -p 2>/dev/null || true)"
+if ! grep -q 'libvulkan\.so\.1' <<<"$loaders"; then
     if compgen -G "$bundle/debs/*.deb" >/dev/null; then
         for deb in "$bundle"/debs/*.deb; do dpkg -x "$deb" /; done
         ldconfig
