@@ -287,6 +287,7 @@ fn publish(s: &Stats) {
         set("keel_device_memory_in_use_bytes", m.in_use_bytes as f64);
         set("keel_device_memory_reserved_bytes", m.reserved_bytes as f64);
     }
+    counter!("keel_cleanups_total", "level" => "trim").absolute(s.cleanups.trim);
     counter!("keel_cleanups_total", "level" => "gentle").absolute(s.cleanups.gentle);
     counter!("keel_cleanups_total", "level" => "full").absolute(s.cleanups.full);
     if let Some(last) = s.cleanups.recent.last() {

@@ -20,6 +20,14 @@ struct Server {
     addr: String,
 }
 
+/// A server whose test panicked is not left running.
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

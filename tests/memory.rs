@@ -84,6 +84,39 @@ async fn a_cleanup_reaches_every_actor_and_the_allocator() {
     server.stop().await;
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Waits (20 s at most) for the supervisor's idle cleanup at or after `since_ms`; returns
+/// its record and the stats that showed it.
+async fn idle_cleanup_after(
+    client: &mut arrow_flight::FlightClient,
+    since_ms: u64,
+) -> (serde_json::Value, serde_json::Value) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats = action(client, "stats", "").await;
+        let idle = stats["cleanups"]["recent"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| {
+                c["reason"].as_str().unwrap().starts_with("idle")
+                    && c["at_ms"].as_u64().unwrap() >= since_ms
+            })
+            .cloned();
+        if let Some(idle) = idle {
+            return (idle, stats);
+        }
+        assert!(Instant::now() < deadline, "no idle cleanup: {stats}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// After a burst of long texts at full in-flight, memory comes back once the engine has
 /// been idle for the recovery window (the supervisor's idle cleanup purges the
 /// allocator). The margin is generous; the soak benchmark measures the exact figure.
@@ -122,27 +155,8 @@ async fn memory_comes_back_after_a_burst() {
         .unwrap();
 
     // Wait for the idle cleanup that follows the burst.
-    let burst_end_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let after = loop {
-        let stats = action(&mut client, "stats", "").await;
-        let idle_done = stats["cleanups"]["recent"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|c| {
-                c["reason"].as_str().unwrap().starts_with("idle")
-                    && c["at_ms"].as_u64().unwrap() >= burst_end_ms
-            });
-        if idle_done {
-            break stats["rss_bytes"].as_f64().unwrap();
-        }
-        assert!(Instant::now() < deadline, "no idle cleanup: {stats}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (_, stats) = idle_cleanup_after(&mut client, now_ms()).await;
+    let after = stats["rss_bytes"].as_f64().unwrap();
     assert!(
         peak > before + 20e6,
         "the burst must raise RSS to be a test: {before} → {peak}"
@@ -154,6 +168,68 @@ async fn memory_comes_back_after_a_burst() {
     assert!(
         recovery > 0.5,
         "recovery {recovery:.3}: before {before}, peak {peak}, after {after}"
+    );
+    server.stop().await;
+}
+
+/// A lull does not cost the working set: the idle cleanup (trim) returns allocator pages
+/// but evicts nothing the cache's budget allows, so the same texts after the lull are all
+/// cache hits. Pressure (a gentle cleanup) still shrinks the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_cleanup_keeps_the_cache_and_pressure_still_shrinks_it() {
+    let server = TestServer::start(|s| {
+        s.memory.recovery_window_ms = 300;
+        s.memory.cooldown_ms = 100;
+        s.supervisor.interval_ms = 50;
+        // A gentle cleanup would empty the cache: only a trim keeps it.
+        s.cache.low_watermark = 0.0;
+    })
+    .await;
+    let mut client = server.client().await;
+    let texts: Vec<String> = (0..200)
+        .map(|i| format!("working set variant {i}"))
+        .collect();
+    let batch = || text_batch(&texts.iter().map(|s| Some(s.as_str())).collect::<Vec<_>>());
+    exchange(&mut client, embed_path(), vec![batch()])
+        .await
+        .unwrap();
+    let (idle, stats) = idle_cleanup_after(&mut client, now_ms()).await;
+    assert_eq!(stats["cache"]["entries"], 200, "{stats}");
+    assert_eq!(idle["level"], "trim", "{idle}");
+    let hits_before = action(&mut client, "stats", "").await["cache"]["hits"]
+        .as_u64()
+        .unwrap();
+    exchange(&mut client, embed_path(), vec![batch()])
+        .await
+        .unwrap();
+    let stats = action(&mut client, "stats", "").await;
+    assert_eq!(
+        stats["cache"]["hits"].as_u64().unwrap() - hits_before,
+        200,
+        "every text of the working set is still cached after the lull: {stats}"
+    );
+    assert!(stats["cleanups"]["trim"].as_u64().unwrap() >= 1, "{stats}");
+
+    // An explicit trim keeps the entries too; a gentle cleanup (pressure) evicts down to
+    // the low watermark, here everything.
+    let trim = action(&mut client, "cleanup", r#"{"level": "trim"}"#).await;
+    let cache_ack = trim["acks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["actor"] == "cache")
+        .unwrap()
+        .clone();
+    assert_eq!(cache_ack["freed_bytes"], 0, "{trim}");
+    assert_eq!(
+        action(&mut client, "stats", "").await["cache"]["entries"],
+        200
+    );
+    let gentle = action(&mut client, "cleanup", r#"{"level": "gentle"}"#).await;
+    assert_eq!(gentle["level"], "gentle", "{gentle}");
+    assert_eq!(
+        action(&mut client, "stats", "").await["cache"]["entries"],
+        0
     );
     server.stop().await;
 }

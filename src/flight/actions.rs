@@ -24,7 +24,7 @@ pub const ACTIONS: [(&str, &str); 4] = [
     ),
     (
         "cleanup",
-        "Run a cleanup now; body {\"level\": \"gentle\"|\"full\"}; returns each actor's duration",
+        "Run a cleanup now; body {\"level\": \"trim\"|\"gentle\"|\"full\"}; returns each actor's duration",
     ),
     ("health", "JSON: status, model, dimension"),
     (

@@ -60,12 +60,19 @@ pub struct SoakOptions {
     pub progress: bool,
 }
 
-/// A burst's memory: RSS before it, at its peak, and after the idle spell that follows.
+/// A burst's memory: RSS less the cache's bytes (the cache may keep what a burst added, up
+/// to its budget; an idle cleanup evicts nothing) before it, at its peak, and after the
+/// idle spell that follows.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Burst {
     pub before: u64,
     pub peak: u64,
     pub after: u64,
+}
+
+/// Memory a burst should give back: RSS less the cache's (bounded, kept) entries.
+fn transient(s: &Sample) -> u64 {
+    s.rss.saturating_sub(s.cache_bytes)
 }
 
 /// Everything a run observed.
@@ -265,8 +272,8 @@ async fn drive(
             match phase.1 {
                 0 if in_phase >= recovery_window + Duration::from_secs(1) => {
                     burst = Burst {
-                        before: sample.rss,
-                        peak: sample.rss,
+                        before: transient(&sample),
+                        peak: transient(&sample),
                         after: 0,
                     };
                     control.long.store(true, Ordering::Relaxed);
@@ -274,7 +281,7 @@ async fn drive(
                     phase = (Instant::now(), 1);
                 }
                 1 => {
-                    burst.peak = burst.peak.max(sample.rss);
+                    burst.peak = burst.peak.max(transient(&sample));
                     if in_phase >= Duration::from_secs(8) {
                         control.paused.store(true, Ordering::Relaxed);
                         control.long.store(false, Ordering::Relaxed);
@@ -282,7 +289,7 @@ async fn drive(
                     }
                 }
                 2 => {
-                    burst.peak = burst.peak.max(sample.rss);
+                    burst.peak = burst.peak.max(transient(&sample));
                     // Producers finish the stream they are in after the pause: wait until
                     // ops have stood still long enough for the supervisor's idle cleanup.
                     if sample.ops != last_ops {
@@ -294,7 +301,7 @@ async fn drive(
                         && quiet >= recovery_window + Duration::from_millis(1500)
                         && sample.in_flight_rows == 0
                     {
-                        burst.after = sample.rss;
+                        burst.after = transient(&sample);
                         bursts.push(burst);
                         phase = (Instant::now(), 0);
                     }

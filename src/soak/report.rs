@@ -254,7 +254,7 @@ pub fn build(
     if workload == Workload::Burst {
         let worst = recoveries.iter().copied().reduce(f64::min);
         checks.push(check(
-            "worst recovery after a burst",
+            "worst recovery after a burst (RSS less the cache)",
             worst,
             "ratio",
             ">= 0.9",

@@ -15,8 +15,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CleanupLevel {
-    /// Return memory without giving up anything useful: allocator pages, pooled device
-    /// memory, and the cache down to its low watermark.
+    /// Return memory that nothing holds: allocator pages and pooled device memory. Evicts
+    /// nothing (the idle cleanup: a lull must not cost the cache its working set).
+    Trim,
+    /// What trim does, and the cache down to its low watermark (memory pressure).
     Gentle,
     /// Everything gentle does, and empty what may be emptied.
     Full,

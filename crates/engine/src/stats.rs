@@ -87,6 +87,8 @@ impl From<CacheStats> for CacheFigures {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CleanupStats {
     pub total: u64,
+    #[serde(default)]
+    pub trim: u64,
     pub gentle: u64,
     pub full: u64,
     /// The last `supervisor.cleanup_history` cleanups, oldest first.
@@ -113,6 +115,7 @@ impl CleanupStats {
     pub fn from_report(m: &MemoryReport) -> Self {
         Self {
             total: m.cleanups_total,
+            trim: m.cleanups_trim,
             gentle: m.cleanups_gentle,
             full: m.cleanups_full,
             recent: m.recent_cleanups.clone(),

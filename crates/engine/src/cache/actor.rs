@@ -76,6 +76,8 @@ impl Handler<Cleanup> for CacheActor {
         let started = std::time::Instant::now();
         let before = self.cache.bytes();
         let target = match msg.level {
+            // Entries the budget allows stay; only pressure evicts.
+            CleanupLevel::Trim => before,
             CleanupLevel::Full if self.config.clear_on_full_cleanup => 0,
             _ => (self.cache.max_bytes() as f64 * self.config.low_watermark) as usize,
         };

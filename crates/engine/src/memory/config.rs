@@ -18,7 +18,8 @@ pub struct MemoryConfig {
     pub device_limit_bytes: u64,
     /// After a cleanup, no other automatic one for this long (hysteresis).
     pub cooldown_ms: u64,
-    /// After this long without ops, one gentle cleanup gives memory back (recovery).
+    /// After this long without ops, one trim cleanup gives memory back (allocator pages,
+    /// pooled device memory; the cache keeps its entries: only pressure evicts).
     pub recovery_window_ms: u64,
     /// jemalloc background purging threads.
     pub background_thread: bool,

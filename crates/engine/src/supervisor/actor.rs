@@ -31,6 +31,7 @@ pub struct SupervisorActor {
     peak_rss: u64,
     cleanups: VecDeque<CleanupRecord>,
     cleanups_total: u64,
+    cleanups_trim: u64,
     cleanups_gentle: u64,
     cleanups_full: u64,
     running: bool,
@@ -62,6 +63,7 @@ impl SupervisorActor {
             members,
             peak_rss: 0,
             cleanups_total: 0,
+            cleanups_trim: 0,
             cleanups_gentle: 0,
             cleanups_full: 0,
             running: false,
@@ -185,6 +187,7 @@ impl SupervisorActor {
                 act.cleanups.push_back(record.clone());
                 act.cleanups_total += 1;
                 match level {
+                    CleanupLevel::Trim => act.cleanups_trim += 1,
                     CleanupLevel::Gentle => act.cleanups_gentle += 1,
                     CleanupLevel::Full => act.cleanups_full += 1,
                 }
@@ -235,6 +238,7 @@ impl Handler<GetMemoryReport> for SupervisorActor {
             samples: self.samples.len(),
             creep: self.thermostat.creep(),
             cleanups_total: self.cleanups_total,
+            cleanups_trim: self.cleanups_trim,
             cleanups_gentle: self.cleanups_gentle,
             cleanups_full: self.cleanups_full,
             recent_cleanups: self.cleanups.iter().cloned().collect(),

@@ -32,6 +32,7 @@ pub struct MemoryReport {
     pub samples: usize,
     pub creep: Option<Creep>,
     pub cleanups_total: u64,
+    pub cleanups_trim: u64,
     pub cleanups_gentle: u64,
     pub cleanups_full: u64,
     pub recent_cleanups: Vec<CleanupRecord>,

@@ -210,7 +210,7 @@ impl Thermostat {
         {
             self.idle_cleaned = true;
             Some(Decision {
-                level: CleanupLevel::Gentle,
+                level: CleanupLevel::Trim,
                 cause: Cause::Idle,
                 reason: "idle: returning memory after work".to_string(),
             })
@@ -535,7 +535,7 @@ mod tests {
         let idle = t.observe(&sample(3300, 10, 0), false).cleanup;
         assert_eq!(
             idle.map(|d| (d.level, d.cause)),
-            Some((CleanupLevel::Gentle, Cause::Idle))
+            Some((CleanupLevel::Trim, Cause::Idle))
         );
         // Once per lull.
         assert!(t.observe(&sample(5000, 10, 0), false).cleanup.is_none());
