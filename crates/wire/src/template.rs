@@ -119,15 +119,12 @@ impl Template {
                 Part::Field(name) => {
                     seen_field = true;
                     let before = pending.take();
-                    match value(name).filter(|v| !v.is_empty()) {
-                        Some(v) => {
-                            if written && let Some(sep) = before {
-                                out.push_str(sep);
-                            }
-                            out.push_str(v);
-                            written = true;
+                    if let Some(v) = value(name).filter(|v| !v.is_empty()) {
+                        if written && let Some(sep) = before {
+                            out.push_str(sep);
                         }
-                        None => {}
+                        out.push_str(v);
+                        written = true;
                     }
                 }
             }
