@@ -328,6 +328,13 @@ async fn rows_seen(server: &Server) -> u64 {
     stats["rows"].as_u64().unwrap()
 }
 
+/// SIGKILL, a second and a half down, and a new server on the same port and data.
+async fn restart(mut server: Server, data_dir: &Path, port: u16) -> Server {
+    kill(&mut server);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    start(data_dir, port)
+}
+
 fn kill(server: &mut Server) {
     server.child.kill().unwrap(); // SIGKILL
     server.child.wait().unwrap();
@@ -366,9 +373,7 @@ async fn produce_retries_through_two_kills_and_stores_every_row_once_in_order() 
             dataset_rows(&mut c, "ingest").await
         })
         .await;
-        kill(&mut server);
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        server = start(dir.path(), port);
+        server = restart(server, dir.path(), port).await;
     }
     let (ok, stderr) = finish(producer);
     assert!(ok, "keel produce failed:\n{stderr}");
@@ -405,9 +410,7 @@ async fn produce_exchange_retries_through_two_kills_and_writes_every_row_once() 
         .unwrap();
     for kill_at in [3_000, 5_000] {
         wait_for("rows embedded", kill_at, async || rows_seen(&server).await).await;
-        kill(&mut server);
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        server = start(dir.path(), port);
+        server = restart(server, dir.path(), port).await;
     }
     let (ok, stderr) = finish(producer);
     assert!(ok, "keel produce failed:\n{stderr}");
