@@ -140,6 +140,20 @@ fn server_gone(e: &FlightError) -> bool {
     }
 }
 
+/// A person's words for a lost server: "connection lost", or the server's own message
+/// when it said it is unavailable (shutting down, overloaded).
+fn gone_reason(e: &anyhow::Error) -> String {
+    match e.downcast_ref::<FlightError>() {
+        Some(FlightError::Tonic(status))
+            if status.code() == tonic::Code::Unavailable
+                && !status.message().to_ascii_lowercase().contains("transport") =>
+        {
+            format!("unavailable: {}", status.message())
+        }
+        _ => "connection lost".to_string(),
+    }
+}
+
 fn classify(e: FlightError) -> Stop {
     if server_gone(&e) {
         Stop::Gone(e.into())
@@ -455,9 +469,11 @@ async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
         let wait = backoff(attempt);
         if attempt > args.retries || lost.elapsed() + wait > args.retry_for {
             progress.bar.finish_and_clear();
-            return Err(stop.context(format!(
-                "the server at {} went away ({}); {}",
+            // The transport's own words (h2, hyper) are in the debug log above.
+            return Err(anyhow::anyhow!(
+                "the server at {} went away ({}; {}); {}",
                 args.to,
+                gone_reason(&stop),
                 if args.retries == 0 {
                     "--retries 0".to_string()
                 } else {
@@ -468,7 +484,7 @@ async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
                     )
                 },
                 stopped(&args, done, total_rows)
-            )));
+            ));
         }
         progress.bar.suspend(|| {
             eprintln!(
@@ -542,7 +558,10 @@ async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
             0.0
         },
         if attempt > 0 {
-            format!("; the server went away {attempt} times and the stream went on")
+            format!(
+                "; the server went away {attempt} time{} and the stream went on",
+                if attempt == 1 { "" } else { "s" }
+            )
         } else {
             String::new()
         },
