@@ -418,14 +418,7 @@ async fn produce_exchange_retries_through_two_kills_and_writes_every_row_once() 
         stderr.contains("went away after") && stderr.contains("rows were returned"),
         "{stderr}"
     );
-    let file = std::fs::File::open(&out).unwrap();
-    let batches: Vec<RecordBatch> =
-        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-            .unwrap()
-            .build()
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+    let batches = crate::common::read_parquet(&out);
     assert_eq!(ids_of(&batches), (0..TOTAL as i64).collect::<Vec<_>>());
     let nulls: usize = batches
         .iter()

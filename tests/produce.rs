@@ -327,14 +327,7 @@ async fn produce_streams_the_sample_vcf_and_search_finds_sensible_neighbours() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     assert!(stderr.contains("777 of 777 rows"), "{stderr}");
-    let file = std::fs::File::open(&out).unwrap();
-    let back: Vec<RecordBatch> =
-        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-            .unwrap()
-            .build()
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+    let back = crate::common::read_parquet(&out);
     assert_eq!(back.iter().map(|b| b.num_rows()).sum::<usize>(), 777);
     assert!(back[0].column_by_name("embedding").is_some());
 

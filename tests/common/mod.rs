@@ -150,6 +150,17 @@ pub async fn exchange_raw(
 }
 
 /// The `text` column of `batches`, in order.
+/// Every batch of a Parquet file (a `keel produce --out`).
+pub fn read_parquet(path: &Path) -> Vec<RecordBatch> {
+    let file = std::fs::File::open(path).unwrap();
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
 pub fn texts_of(batches: &[RecordBatch]) -> Vec<String> {
     batches
         .iter()
