@@ -4,7 +4,13 @@
 #
 #   scripts/soak.sh quick   # ≈ 4.5 min: mixed workload with the throughput comparison, then bursts
 #   scripts/soak.sh hour    # 1 h mixed workload, then 10 min of bursts
-#   scripts/soak.sh day     # 24 h mixed workload
+#   scripts/soak.sh long    # 100 000 ops of the mixed workload (≈ 1 h here) with heap
+#                           # profiles every 25 000 ops, then 10 min of bursts
+#   scripts/soak.sh day     # 24 h mixed workload; run it again after an interruption
+#                           # and it resumes from reports/day-mixed/samples.csv
+#
+# long and day sample heap profiles (jemalloc prof, one sample per 256 KiB allocated:
+# no measurable cost); scripts/heap-diff.sh compares two.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -25,11 +31,21 @@ case "$preset" in
         "$keel" soak --config "$config" --workload mixed --duration 1h --compare-secs 60 --report reports/hour-mixed
         "$keel" soak --config "$config" --workload burst --duration 10m --report reports/hour-burst
         ;;
+    long)
+        _RJEM_MALLOC_CONF=prof:true,lg_prof_sample:18 \
+            "$keel" soak --config "$config" --workload mixed --ops 100000 --compare-secs 60 \
+            --heap-profile-every 25000 --report reports/long-mixed
+        "$keel" soak --config "$config" --workload burst --duration 10m --report reports/long-burst
+        ;;
     day)
-        "$keel" soak --config "$config" --workload mixed --duration 24h --compare-secs 300 --report reports/day-mixed
+        # --resume: continues an interrupted run (a fresh engine, its own warm-up); starts
+        # one when reports/day-mixed holds none. Remove the folder to start over.
+        _RJEM_MALLOC_CONF=prof:true,lg_prof_sample:18 \
+            "$keel" soak --config "$config" --workload mixed --duration 24h \
+            --heap-profile-every 250000 --resume --report reports/day-mixed
         ;;
     *)
-        echo "usage: scripts/soak.sh quick|hour|day" >&2
+        echo "usage: scripts/soak.sh quick|hour|long|day" >&2
         exit 2
         ;;
 esac

@@ -11,7 +11,7 @@ use anyhow::Context;
 
 #[derive(clap::Args)]
 pub struct ActionArgs {
-    /// The action: health, stats, cleanup or search (docs/FLIGHT.md).
+    /// The action: health, stats, cleanup, search or heap-profile (docs/FLIGHT.md).
     name: String,
     /// The action's JSON body.
     #[arg(long, default_value = "")]

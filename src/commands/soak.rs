@@ -34,7 +34,7 @@ pub struct SoakArgs {
     /// Drive a running engine instead of starting one here.
     #[arg(long)]
     target: Option<String>,
-    /// Folder for samples.csv, report.json, memory.png, report.md.
+    /// Folder for samples.csv (written as the run goes), report.json, memory.png, report.md.
     #[arg(long, default_value = "reports/soak")]
     report: PathBuf,
     /// Concurrent producer streams.
@@ -55,6 +55,15 @@ pub struct SoakArgs {
     /// rounds of this many seconds each, interleaved (0 = skip).
     #[arg(long, default_value_t = 0)]
     compare_secs: u64,
+    /// Every this many ops after warm-up, at a settled reading, write a jemalloc heap
+    /// profile into the report folder (needs _RJEM_MALLOC_CONF=prof:true; 0 = never).
+    #[arg(long, default_value_t = 0)]
+    heap_profile_every: u64,
+    /// Continue the run whose samples.csv is in the report folder (an interrupted one):
+    /// a fresh engine runs what is left of --ops or --duration, and the report covers every
+    /// segment. Starts a new run when the folder has none.
+    #[arg(long)]
+    resume: bool,
 }
 
 fn parse_duration(s: &str) -> anyhow::Result<Duration> {
@@ -63,7 +72,7 @@ fn parse_duration(s: &str) -> anyhow::Result<Duration> {
 }
 
 pub fn run(args: SoakArgs) -> anyhow::Result<()> {
-    let settings = Settings::load(args.config.config.as_deref())?;
+    let mut settings = Settings::load(args.config.config.as_deref())?;
     let duration = match (&args.duration, args.ops) {
         (Some(d), _) => Some(parse_duration(d)?),
         (None, None) => Some(Duration::from_secs(120)),
@@ -71,6 +80,59 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
     };
     if args.streams == 0 || args.batch_rows == 0 {
         bail!("--streams and --batch-rows must be at least 1");
+    }
+    if args.heap_profile_every > 0 && args.target.is_none() {
+        if !keel_engine::memory::allocator::profiling() {
+            bail!(
+                "--heap-profile-every needs jemalloc's profiling: run with _RJEM_MALLOC_CONF=prof:true \
+                 (e.g. _RJEM_MALLOC_CONF=prof:true,lg_prof_sample:18 keel soak ...)"
+            );
+        }
+        let dir = std::path::absolute(args.report.join("heap"))?;
+        settings.memory.heap_profile_dir.get_or_insert(dir);
+    }
+    let resuming = args.resume && args.report.join("samples.csv").exists();
+    let mut log = if resuming {
+        keel::soak::log::SampleLog::resume(&args.report)?
+    } else {
+        keel::soak::log::SampleLog::create(&args.report)?
+    };
+    let done = log.offsets;
+    // What is left of the run.
+    let duration = duration.map(|d| d.saturating_sub(Duration::from_secs_f64(done.t_s)));
+    if resuming {
+        let left = match (duration, args.ops) {
+            (Some(d), _) => !d.is_zero(),
+            (None, Some(n)) => n > done.ops,
+            (None, None) => true,
+        };
+        if !left {
+            let verdict = std::fs::read(args.report.join("report.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|j| j["verdict"].as_str().map(str::to_string));
+            match verdict.as_deref() {
+                Some("pass") => {
+                    eprintln!(
+                        "keel soak: the run in {} is complete: PASS",
+                        args.report.display()
+                    );
+                    return Ok(());
+                }
+                Some(v) => bail!("the run in {} is complete: {v}", args.report.display()),
+                None => bail!(
+                    "the run in {} reached its end without a report; remove the folder to start over",
+                    args.report.display()
+                ),
+            }
+        }
+        eprintln!(
+            "keel soak: resuming {} at {:.0} s, {} ops (segment {})",
+            args.report.display(),
+            done.t_s,
+            done.ops,
+            done.segment
+        );
     }
     let opts = SoakOptions {
         ops: args.ops,
@@ -83,6 +145,7 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
         warmup_ops: args.warmup_ops,
         settle_every: args.settle_every,
         compare_secs: args.compare_secs,
+        heap_profile_every: args.heap_profile_every,
         progress: std::io::stderr().is_terminal(),
     };
     let model_dir = &settings.embedder.model_dir;
@@ -99,7 +162,12 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let observed = runtime.block_on(keel::soak::run(&settings, args.target.as_deref(), &opts))?;
+    let observed = runtime.block_on(keel::soak::run(
+        &settings,
+        args.target.as_deref(),
+        &opts,
+        &mut log,
+    ))?;
     let report = report::build(
         &observed,
         &settings,

@@ -4,7 +4,8 @@
 //! - `stats`: every figure of the engine ([`keel_engine::stats::Stats`]);
 //! - `health`: status, model and dimension;
 //! - `cleanup`: run one now, `{"level": "gentle"|"full"}` (gentle when empty);
-//! - `search`: the rows of a dataset nearest a text, `{"dataset", "text", "k"}`.
+//! - `search`: the rows of a dataset nearest a text, `{"dataset", "text", "k"}`;
+//! - `heap-profile`: a jemalloc heap profile written to `memory.heap_profile_dir`.
 
 use std::sync::Arc;
 
@@ -17,7 +18,7 @@ use super::error;
 use crate::engine::Engine;
 
 /// Every action, with its description for `ListActions`.
-pub const ACTIONS: [(&str, &str); 4] = [
+pub const ACTIONS: [(&str, &str); 5] = [
     (
         "stats",
         "JSON: memory, cache, embedder, ops, rows, in-flight rows, recent cleanups",
@@ -31,6 +32,10 @@ pub const ACTIONS: [(&str, &str); 4] = [
         "search",
         "Nearest rows of a dataset by cosine; body {\"dataset\": NAME, \"text\": \"...\", \"k\": 10}",
     ),
+    (
+        "heap-profile",
+        "Write a jemalloc heap profile to memory.heap_profile_dir; returns {\"path\": ...}",
+    ),
 ];
 
 /// A parsed action.
@@ -40,6 +45,7 @@ pub enum Action {
     Health,
     Cleanup(CleanupLevel),
     Search(SearchRequest),
+    HeapProfile,
 }
 
 /// The `search` action's body.
@@ -112,8 +118,12 @@ impl Action {
                 keel_wire::descriptor::checked_dataset_name(&request.dataset)?;
                 Ok(Action::Search(request))
             }
+            "heap-profile" if empty(body) => Ok(Action::HeapProfile),
+            "heap-profile" => Err(Status::invalid_argument(
+                "heap-profile takes no body (the folder is memory.heap_profile_dir)",
+            )),
             other => Err(Status::invalid_argument(format!(
-                "unknown action {other:?}; actions: stats, cleanup, health, search"
+                "unknown action {other:?}; actions: stats, cleanup, health, search, heap-profile"
             ))),
         }
     }
@@ -125,6 +135,7 @@ impl Action {
             Action::Health => serde_json::to_vec(&health(engine)?),
             Action::Cleanup(level) => serde_json::to_vec(&cleanup(engine, level).await?),
             Action::Search(request) => serde_json::to_vec(&search(engine, request).await?),
+            Action::HeapProfile => serde_json::to_vec(&heap_profile(engine)?),
         };
         json.map_err(|e| Status::internal(format!("encoding the answer: {e}")))
     }
@@ -146,6 +157,30 @@ fn health(engine: &Engine) -> Result<Health, Status> {
         model: engine.pipeline.embedder().model_id().into(),
         dim: engine.pipeline.dim(),
     })
+}
+
+/// Writes `keel.PID.SEQ.heap` into `memory.heap_profile_dir`.
+fn heap_profile(engine: &Engine) -> Result<serde_json::Value, Status> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let Some(dir) = &engine.settings.memory.heap_profile_dir else {
+        return Err(Status::failed_precondition(
+            "heap profiles are off: set memory.heap_profile_dir (and start keel with \
+             _RJEM_MALLOC_CONF=prof:true)",
+        ));
+    };
+    if !keel_engine::memory::allocator::profiling() {
+        return Err(Status::failed_precondition(
+            "heap profiling is off in this process: start keel with _RJEM_MALLOC_CONF=prof:true",
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Status::internal(format!("creating heap_profile_dir {}: {e}", dir.display()))
+    })?;
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let path = dir.join(format!("keel.{}.{seq}.heap", std::process::id()));
+    keel_engine::memory::allocator::dump_profile(&path).map_err(Status::internal)?;
+    Ok(serde_json::json!({ "path": path }))
 }
 
 async fn cleanup(engine: &Engine, level: CleanupLevel) -> Result<CleanupRecord, Status> {

@@ -2,10 +2,11 @@
 //!
 //! The engine runs in this process (or elsewhere, `--target`); `streams` producers send
 //! a workload's rows through `DoExchange` and read the replies; a sampler calls the
-//! `stats` action every tick and keeps every sample for `samples.csv`. When the run ends
-//! (`ops` or `duration`), [`report`] computes the figures, checks them against the
-//! targets and writes the report folder.
+//! `stats` action every tick and writes every sample to `samples.csv` ([`log`]) as it
+//! goes. When the run ends (`ops` or `duration`), [`report`] reads the samples back,
+//! computes the figures, checks them against the targets and writes the report folder.
 
+pub mod log;
 pub mod report;
 pub mod workload;
 
@@ -23,11 +24,14 @@ use keel_engine::stats::Stats;
 use serde::Serialize;
 
 use crate::config::Settings;
+use log::{SampleLog, SeenCleanup};
 use workload::{Generator, Workload};
 
-/// One row of `samples.csv`.
+/// One reading of the engine's figures (a line of `samples.csv`).
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Sample {
+    /// 0, then one more for each resumption of an interrupted run (a fresh engine).
+    pub segment: u32,
     pub t_s: f64,
     pub ops: u64,
     pub rows: u64,
@@ -57,6 +61,9 @@ pub struct SoakOptions {
     /// Seconds per segment of the throughput comparison with the supervisor's actions off
     /// (0 = no comparison).
     pub compare_secs: u64,
+    /// Every this many ops after warm-up, at a settled reading, have the engine write a
+    /// jemalloc heap profile (the `heap-profile` action; 0 = never).
+    pub heap_profile_every: u64,
     pub progress: bool,
 }
 
@@ -75,13 +82,15 @@ fn transient(s: &Sample) -> u64 {
     s.rss.saturating_sub(s.cache_bytes)
 }
 
-/// Everything a run observed.
+/// Everything a run observed (all segments of a resumed one).
 pub struct Observed {
     pub samples: Vec<Sample>,
     /// Samples taken with producers held and nothing in flight: memory that the work in
     /// flight does not blur (the one with the least allocated of a few readings each).
     pub settled: Vec<Sample>,
-    pub cleanups: Vec<CleanupRecord>,
+    pub cleanups: Vec<SeenCleanup>,
+    /// Heap profiles written during this segment: (ops, path).
+    pub heap_profiles: Vec<(u64, String)>,
     pub bursts: Vec<Burst>,
     pub final_stats: Stats,
     pub elapsed: Duration,
@@ -94,8 +103,19 @@ async fn stats(client: &mut FlightClient) -> anyhow::Result<Stats> {
     crate::flight::client::action(client, "stats", Vec::new()).await
 }
 
+/// Has the engine write a heap profile; returns its path.
+async fn heap_profile(client: &mut FlightClient) -> anyhow::Result<String> {
+    #[derive(serde::Deserialize)]
+    struct Written {
+        path: String,
+    }
+    let w: Written = crate::flight::client::action(client, "heap-profile", Vec::new()).await?;
+    Ok(w.path)
+}
+
 fn sample_of(s: &Stats, started: Instant) -> Sample {
     Sample {
+        segment: 0,
         t_s: started.elapsed().as_secs_f64(),
         ops: s.ops,
         rows: s.rows,
@@ -211,11 +231,13 @@ async fn settle(
 }
 
 /// Runs producers against `addr` until `until` says stop; samples every `tick`.
+/// With `log`, every sample goes to `samples.csv` (and none is kept here).
 async fn drive(
     addr: &str,
     opts: &SoakOptions,
     tick: Duration,
     recovery_window: Duration,
+    mut log: Option<&mut SampleLog>,
 ) -> anyhow::Result<Observed> {
     let mut probe = crate::flight::client::connect(addr, Duration::ZERO).await?;
     let control = Arc::new(Control {
@@ -240,11 +262,13 @@ async fn drive(
             rate,
         )));
     }
+    let ops_before = log.as_ref().map_or(0, |l| l.offsets.ops);
     let started = Instant::now();
-    let mut samples = Vec::new();
     let mut settled = Vec::new();
     let mut next_settle = opts.warmup_ops;
-    let mut cleanups: Vec<CleanupRecord> = Vec::new();
+    let mut next_profile = opts.warmup_ops.max(opts.heap_profile_every);
+    let mut heap_profiles = Vec::new();
+    let mut cleanups: Vec<SeenCleanup> = Vec::new();
     let mut last_cleanup_at = 0u64;
     let mut bursts = Vec::new();
     // Burst cycle: (phase start, phase): 0 = before (idle), 1 = burst, 2 = recovering.
@@ -259,14 +283,21 @@ async fn drive(
     loop {
         tokio::time::sleep(tick).await;
         let s = stats(&mut probe).await?;
+        // `sample`: this engine's counters, which pace the run; `logged`: with the
+        // earlier segments' totals added.
         let sample = sample_of(&s, started);
-        for c in &s.cleanups.recent {
-            if c.at_ms > last_cleanup_at {
-                cleanups.push(c.clone());
-            }
+        let new: Vec<CleanupRecord> = s
+            .cleanups
+            .recent
+            .iter()
+            .filter(|c| c.at_ms > last_cleanup_at)
+            .cloned()
+            .collect();
+        last_cleanup_at = new.iter().map(|c| c.at_ms).max().unwrap_or(last_cleanup_at);
+        if let Some(log) = log.as_deref_mut() {
+            let logged = log.offset(sample);
+            cleanups.extend(log.write(&logged, false, &new, None)?);
         }
-        last_cleanup_at = cleanups.last().map_or(last_cleanup_at, |c| c.at_ms);
-        samples.push(sample);
         if opts.workload == Workload::Burst {
             let in_phase = phase.0.elapsed();
             match phase.1 {
@@ -323,11 +354,24 @@ async fn drive(
         }
         if opts.settle_every > 0 && opts.workload != Workload::Burst && sample.ops >= next_settle {
             if let Some(s) = settle(&mut probe, &control, started).await? {
-                settled.push(s);
+                // Heap profiles are taken here: producers held, nothing in flight.
+                let profile = if opts.heap_profile_every > 0 && s.ops >= next_profile {
+                    next_profile = s.ops + opts.heap_profile_every;
+                    let path = heap_profile(&mut probe).await?;
+                    heap_profiles.push((s.ops, path.clone()));
+                    Some(path)
+                } else {
+                    None
+                };
+                if let Some(log) = log.as_deref_mut() {
+                    let logged = log.offset(s);
+                    log.write(&logged, true, &[], profile.as_deref())?;
+                    settled.push(logged);
+                }
             }
             next_settle = sample.ops.max(next_settle) + opts.settle_every;
         }
-        let done_ops = opts.ops.is_some_and(|n| sample.ops >= n);
+        let done_ops = opts.ops.is_some_and(|n| sample.ops + ops_before >= n);
         let done_time = opts.duration.is_some_and(|d| started.elapsed() >= d);
         if producers.iter().any(|p| p.is_finished()) || done_ops || done_time {
             break;
@@ -344,9 +388,10 @@ async fn drive(
     let elapsed = started.elapsed();
     let final_stats = stats(&mut probe).await?;
     Ok(Observed {
-        samples,
+        samples: Vec::new(),
         settled,
         cleanups,
+        heap_profiles,
         bursts,
         final_stats,
         elapsed,
@@ -372,6 +417,7 @@ async fn segment(addr: &str, opts: &SoakOptions, secs: u64) -> anyhow::Result<f6
         warmup_ops: 0,
         settle_every: 0,
         compare_secs: 0,
+        heap_profile_every: 0,
         progress: false,
     };
     let o = drive(
@@ -379,24 +425,44 @@ async fn segment(addr: &str, opts: &SoakOptions, secs: u64) -> anyhow::Result<f6
         &seg,
         Duration::from_millis(250),
         Duration::from_secs(1),
+        None,
     )
     .await?;
     Ok(o.rows_sent as f64 / o.elapsed.as_secs_f64())
 }
 
-/// Runs a soak. With `target` None the engine is started here from `settings`.
+/// Runs a soak (or the rest of an interrupted one: `log` resumed), writing its samples to
+/// `log`; returns every segment's samples, read back. With `target` None the engine is
+/// started here from `settings`.
 pub async fn run(
     settings: &Settings,
     target: Option<&str>,
     opts: &SoakOptions,
+    log: &mut SampleLog,
+) -> anyhow::Result<Observed> {
+    let mut observed = run_segment(settings, target, opts, log).await?;
+    let (samples, settled, cleanups) = log::read(log.path())?;
+    observed.samples = samples;
+    observed.settled = settled;
+    observed.cleanups = cleanups;
+    observed.elapsed += Duration::from_secs_f64(log.offsets.t_s);
+    observed.rows_sent += log.offsets.rows;
+    Ok(observed)
+}
+
+async fn run_segment(
+    settings: &Settings,
+    target: Option<&str>,
+    opts: &SoakOptions,
+    log: &mut SampleLog,
 ) -> anyhow::Result<Observed> {
     let tick = Duration::from_millis(settings.supervisor.interval_ms.max(100));
     let recovery = Duration::from_millis(settings.memory.recovery_window_ms);
     if let Some(addr) = target {
-        return drive(addr, opts, tick, recovery).await;
+        return drive(addr, opts, tick, recovery, Some(log)).await;
     }
     let (addr, stop, done) = start_engine(settings.clone()).await?;
-    let mut observed = drive(&addr, opts, tick, recovery).await;
+    let mut observed = drive(&addr, opts, tick, recovery, Some(log)).await;
     let _ = stop.send(());
     done.await??;
     if let (Ok(o), true) = (&mut observed, opts.compare_secs > 0) {

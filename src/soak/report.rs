@@ -1,11 +1,14 @@
-//! Figures of a soak run, their verdicts, and the report folder:
-//! `samples.csv`, `report.json`, `memory.png`, `report.md`.
+//! Figures of a soak run, their verdicts, and the rest of the report folder beside
+//! `samples.csv`: `report.json`, `memory.png`, `report.md`.
+//!
+//! A resumed run has several segments, each with a fresh engine: warm-up is excluded per
+//! segment, growth is read in the first, and slopes are fitted across segments with an
+//! intercept each (a restart's drop in memory is not a trend).
 
 use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::Context;
-use keel_engine::memory::creep;
 use keel_model::ModelSpec;
 use serde::Serialize;
 
@@ -44,6 +47,32 @@ fn check(
         target: target.into(),
         pass,
     }
+}
+
+/// The slope of y on x shared by every group, each with its own intercept (a fixed-effects
+/// fit: each group is centred on its own means), and its standard error. With one group,
+/// the ordinary least-squares slope.
+pub fn pooled_slope(points: &[(u32, f64, f64)]) -> Option<(f64, f64)> {
+    let mut means: std::collections::BTreeMap<u32, (f64, f64, f64)> = Default::default();
+    for &(g, x, y) in points {
+        let m = means.entry(g).or_default();
+        *m = (m.0 + x, m.1 + y, m.2 + 1.0);
+    }
+    let centred: Vec<(f64, f64)> = points
+        .iter()
+        .map(|&(g, x, y)| {
+            let (sx, sy, n) = means[&g];
+            (x - sx / n, y - sy / n)
+        })
+        .collect();
+    let dof = centred.len() as f64 - means.len() as f64 - 1.0;
+    let sxx: f64 = centred.iter().map(|p| p.0 * p.0).sum();
+    if dof < 1.0 || sxx <= 0.0 {
+        return None;
+    }
+    let b = centred.iter().map(|p| p.0 * p.1).sum::<f64>() / sxx;
+    let resid: f64 = centred.iter().map(|p| (p.1 - b * p.0).powi(2)).sum();
+    Some((b, (resid / dof / sxx).sqrt()))
 }
 
 fn quantile(mut xs: Vec<f64>, q: f64) -> Option<f64> {
@@ -108,7 +137,14 @@ pub fn build(
     model_bytes: u64,
     spec: &ModelSpec,
 ) -> Report {
-    let post: Vec<&Sample> = o.samples.iter().filter(|s| s.ops >= warmup_ops).collect();
+    // Each segment's first op count: its warm-up is counted from there.
+    let mut starts: std::collections::BTreeMap<u32, u64> = Default::default();
+    for s in o.samples.iter().chain(&o.settled) {
+        let e = starts.entry(s.segment).or_insert(s.ops);
+        *e = (*e).min(s.ops);
+    }
+    let warm = |s: &&Sample| s.ops >= starts.get(&s.segment).copied().unwrap_or(0) + warmup_ops;
+    let post: Vec<&Sample> = o.samples.iter().filter(warm).collect();
     // The cache fills up to its budget by design (checked on its own below): memory
     // figures exclude its accounted bytes, so that growth means growth elsewhere.
     let rss = |s: &Sample| s.rss.saturating_sub(s.cache_bytes);
@@ -116,33 +152,35 @@ pub fn build(
     // Memory in use swings by tens of MB with the work in flight, so growth is judged on
     // settled readings (producers held, nothing in flight): the first after warm-up
     // against the first at least 1000 ops later.
-    let settled: Vec<&Sample> = o.settled.iter().filter(|s| s.ops >= warmup_ops).collect();
+    let settled: Vec<&Sample> = o.settled.iter().filter(warm).collect();
     let growth = |f: fn(&Sample) -> u64| {
         let start = settled.first()?;
-        let end = settled.iter().find(|s| s.ops >= start.ops + 1000)?;
+        let end = settled
+            .iter()
+            .find(|s| s.segment == start.segment && s.ops >= start.ops + 1000)?;
         Some((f(end) as f64 - f(start) as f64) / MB)
     };
     let growth_rss = growth(rss);
     let growth_alloc = growth(alloc);
     let pts = |v: &[&Sample], f: fn(&Sample) -> u64| {
         v.iter()
-            .map(|s| (s.ops as f64, f(s) as f64 / MB))
+            .map(|s| (s.segment, s.ops as f64, f(s) as f64 / MB))
             .collect::<Vec<_>>()
     };
-    let per_1000 = |p: Vec<(f64, f64)>| {
+    let per_1000 = |p: Vec<(u32, f64, f64)>| {
         (p.len() >= 3)
-            .then(|| creep::slope(&p))
+            .then(|| pooled_slope(&p))
             .flatten()
             .map(|(b, se)| (b * 1000.0, se * 1000.0))
     };
     let slope_rss = per_1000(pts(&post, rss));
     let slope_alloc = per_1000(pts(&post, alloc));
     let slope_settled = per_1000(pts(&settled, alloc));
-    let per_hour: Vec<(f64, f64)> = post
+    let per_hour: Vec<(u32, f64, f64)> = post
         .iter()
-        .map(|s| (s.t_s / 3600.0, rss(s) as f64 / MB))
+        .map(|s| (s.segment, s.t_s / 3600.0, rss(s) as f64 / MB))
         .collect();
-    let slope_hour = creep::slope(&per_hour);
+    let slope_hour = pooled_slope(&per_hour);
     let recoveries: Vec<f64> = o
         .bursts
         .iter()
@@ -153,16 +191,8 @@ pub fn build(
     let budget = settings.cache.max_bytes;
     let c = &o.final_stats.cache;
     let hit_rate = (c.counts.hits + c.counts.misses > 0).then_some(c.hit_rate);
-    let durations: Vec<f64> = o
-        .cleanups
-        .iter()
-        .map(|c| c.total_micros as f64 / 1000.0)
-        .collect();
-    let creep_alarms = o
-        .cleanups
-        .iter()
-        .filter(|c| c.reason.starts_with("creep"))
-        .count();
+    let durations: Vec<f64> = o.cleanups.iter().map(|c| c.ms).collect();
+    let creep_alarms = o.cleanups.iter().filter(|c| c.kind() == "creep").count();
     let peak_rss = o.samples.iter().map(|s| s.rss).max().unwrap_or(0);
     let bound = memory_bound(settings, model_bytes, spec);
     let rows_per_s = o.rows_sent as f64 / o.elapsed.as_secs_f64().max(1e-9);
@@ -313,6 +343,7 @@ pub fn build(
         "verdict": if checks.iter().all(|c| c.pass != Some(false)) { "pass" } else { "fail" },
         "workload": workload,
         "elapsed_s": o.elapsed.as_secs_f64(),
+        "segments": starts.len(),
         "ops": total_ops,
         "rows_sent": o.rows_sent,
         "rows_per_s": rows_per_s,
@@ -333,6 +364,7 @@ pub fn build(
             "p99_ms": quantile(durations, 0.99),
             "records": o.cleanups,
         },
+        "heap_profiles": o.heap_profiles,
         "peak_rss_bytes": peak_rss,
         "rss_bound_bytes": bound,
         "compare_rows_per_s": o.compare.as_ref().map(|(on, off)| serde_json::json!({"actions_on": on, "actions_off": off})),
@@ -366,55 +398,8 @@ fn commit() -> Option<String> {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
 }
 
-/// One line of `samples.csv` (`settled`: 1 for a reading taken with producers held and
-/// nothing in flight).
-#[derive(Serialize)]
-struct CsvRow {
-    t_s: f64,
-    ops: u64,
-    rows: u64,
-    rss_bytes: u64,
-    allocated_bytes: u64,
-    resident_bytes: u64,
-    cache_bytes: u64,
-    in_flight_rows: u64,
-    cleanups: u64,
-    settled: u8,
-}
-
-impl CsvRow {
-    fn new(s: &Sample, settled: u8) -> Self {
-        Self {
-            t_s: (s.t_s * 1000.0).round() / 1000.0,
-            ops: s.ops,
-            rows: s.rows,
-            rss_bytes: s.rss,
-            allocated_bytes: s.allocated,
-            resident_bytes: s.resident,
-            cache_bytes: s.cache_bytes,
-            in_flight_rows: s.in_flight_rows,
-            cleanups: s.cleanups,
-            settled,
-        }
-    }
-}
-
 pub fn write(dir: &Path, o: &Observed, report: &Report, warmup_ops: u64) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut rows: Vec<CsvRow> = o
-        .samples
-        .iter()
-        .map(|s| CsvRow::new(s, 0))
-        .chain(o.settled.iter().map(|s| CsvRow::new(s, 1)))
-        .collect();
-    rows.sort_by(|a, b| a.t_s.total_cmp(&b.t_s));
-    let path = dir.join("samples.csv");
-    let mut csv =
-        csv::Writer::from_path(&path).with_context(|| format!("writing {}", path.display()))?;
-    for row in &rows {
-        csv.serialize(row)?;
-    }
-    csv.flush()?;
     std::fs::write(
         dir.join("report.json"),
         serde_json::to_vec_pretty(&report.json)?,
@@ -459,6 +444,46 @@ pub fn write(dir: &Path, o: &Observed, report: &Report, warmup_ops: u64) -> anyh
             "| {} | {} | {} | {} | {} |",
             c.name, value, c.threshold, c.target, verdict
         );
+    }
+    if j["segments"].as_u64().unwrap_or(1) > 1 {
+        let _ = writeln!(
+            md,
+            "\nResumed: {} segments, each a fresh engine with its own warm-up excluded; slopes \
+             are fitted across them with an intercept each. The hit rate is the last segment's.",
+            j["segments"]
+        );
+    }
+    // What the supervisor did, by reason.
+    let mut kinds: std::collections::BTreeMap<&str, (usize, f64, i64, u64)> = Default::default();
+    for c in &o.cleanups {
+        let k = kinds.entry(c.kind()).or_default();
+        k.0 += 1;
+        k.1 = k.1.max(c.ms);
+        k.2 += c.rss_returned_bytes;
+        k.3 += c.freed_bytes;
+    }
+    if !kinds.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n| cleanups by reason | count | longest | RSS returned (total) | freed by members (total) |\n|---|---|---|---|---|"
+        );
+        for (kind, (n, ms, returned, freed)) in &kinds {
+            let _ = writeln!(
+                md,
+                "| {kind} | {n} | {ms:.2} ms | {:.1} MB | {:.1} MB |",
+                *returned as f64 / MB,
+                *freed as f64 / MB
+            );
+        }
+    }
+    if !o.heap_profiles.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nHeap profiles (settled, `scripts/heap-diff.sh OLD NEW`):\n"
+        );
+        for (ops, path) in &o.heap_profiles {
+            let _ = writeln!(md, "- {ops} ops: `{path}`");
+        }
     }
     let _ = writeln!(md, "\n![memory](memory.png)");
     std::fs::write(dir.join("report.md"), md)?;
@@ -567,20 +592,40 @@ fn plot(path: &Path, o: &Observed, warmup_ops: u64) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .label("settled allocated, cache excl. (judged)")
         .legend(|(x, y)| Circle::new((x + 10, y), 4, BLACK.filled()));
-    let marks: Vec<(f64, f64)> = s
-        .windows(2)
-        .filter(|w| w[1].cleanups > w[0].cleanups)
-        .map(|w| (w[1].ops as f64, w[1].rss as f64 / MB))
-        .collect();
-    chart
-        .draw_series(
-            marks
-                .iter()
-                .map(|p| TriangleMarker::new(*p, 8, RED.filled())),
-        )
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .label("cleanup")
-        .legend(|(x, y)| TriangleMarker::new((x + 10, y), 6, RED.filled()));
+    // Each cleanup at the RSS of the sample that saw it, coloured by its reason.
+    let palette = [
+        RED,
+        RGBColor(255, 140, 0),
+        RGBColor(128, 0, 128),
+        CYAN,
+        BLACK,
+        BLUE,
+    ];
+    let mut kinds: Vec<&str> = o.cleanups.iter().map(|c| c.kind()).collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    let rss_at = |ops: u64| {
+        let i = s.partition_point(|x| x.ops < ops).min(s.len() - 1);
+        s[i].rss as f64 / MB
+    };
+    for (i, kind) in kinds.iter().enumerate() {
+        let colour = palette[i % palette.len()];
+        let of_kind: Vec<_> = o.cleanups.iter().filter(|c| c.kind() == *kind).collect();
+        let returned: i64 = of_kind.iter().map(|c| c.rss_returned_bytes).sum();
+        chart
+            .draw_series(
+                of_kind.iter().map(|c| {
+                    TriangleMarker::new((c.ops as f64, rss_at(c.ops)), 8, colour.filled())
+                }),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(format!(
+                "cleanup: {kind} ({}, returned {:.1} MB RSS)",
+                of_kind.len(),
+                returned as f64 / MB
+            ))
+            .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 6, colour.filled()));
+    }
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
@@ -591,4 +636,27 @@ fn plot(path: &Path, o: &Observed, warmup_ops: u64) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pooled_slope;
+
+    #[test]
+    fn the_pooled_slope_ignores_a_restarts_drop() {
+        // Two segments on the same slope (0.5), the second 100 lower: a restart.
+        let mut pts: Vec<(u32, f64, f64)> = (0..20)
+            .map(|i| (0, i as f64, 10.0 + 0.5 * i as f64))
+            .collect();
+        pts.extend((20..40).map(|i| (1, i as f64, -90.0 + 0.5 * i as f64)));
+        let (b, se) = pooled_slope(&pts).unwrap();
+        assert!((b - 0.5).abs() < 1e-12 && se < 1e-9, "{b} ± {se}");
+        // One line through both would read the drop as a steep fall.
+        let flat: Vec<(u32, f64, f64)> = pts.iter().map(|&(_, x, y)| (0, x, y)).collect();
+        assert!(pooled_slope(&flat).unwrap().0 < -1.0);
+        // One group: the ordinary least-squares line.
+        let one: Vec<(u32, f64, f64)> = (0..10).map(|i| (3, i as f64, 2.0 - i as f64)).collect();
+        assert!((pooled_slope(&one).unwrap().0 + 1.0).abs() < 1e-12);
+        assert!(pooled_slope(&one[..2]).is_none());
+    }
 }

@@ -92,3 +92,26 @@ pub fn configure(
     }
     Ok(())
 }
+
+/// Whether jemalloc samples allocations for heap profiles (`opt.prof`: set only at start,
+/// with `_RJEM_MALLOC_CONF=prof:true`). False when jemalloc cannot be read.
+pub fn profiling() -> bool {
+    // SAFETY: `opt.prof` is a bool, as read here.
+    unsafe { tikv_jemalloc_ctl::raw::read::<bool>(b"opt.prof\0") }.unwrap_or(false)
+}
+
+/// Writes a heap profile (the live sampled allocations and their stacks, jemalloc's
+/// `prof.dump`) to `path`; read two with `jeprof --base=OLD BINARY NEW`.
+pub fn dump_profile(path: &std::path::Path) -> Result<(), String> {
+    if !profiling() {
+        return Err(
+            "heap profiling is off: start the process with _RJEM_MALLOC_CONF=prof:true".into(),
+        );
+    }
+    let name = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("{} contains a NUL byte", path.display()))?;
+    // SAFETY: `prof.dump` takes a `const char *` naming the file; the string is
+    // NUL-terminated and outlives the call, which does not keep the pointer.
+    unsafe { tikv_jemalloc_ctl::raw::write(b"prof.dump\0", name.as_ptr()) }
+        .map_err(|e| format!("jemalloc prof.dump to {}: {e}", path.display()))
+}

@@ -27,6 +27,10 @@ pub struct MemoryConfig {
     pub dirty_decay_ms: i64,
     /// jemalloc: how long pages stay muzzy (ms; 0 = return at once).
     pub muzzy_decay_ms: i64,
+    /// Folder the `heap-profile` action writes jemalloc heap profiles to (`None`: the
+    /// action is refused). Profiles are sampled only in a process started with
+    /// `_RJEM_MALLOC_CONF=prof:true` (docs/OPERATIONS.md, "Heap profiles").
+    pub heap_profile_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for MemoryConfig {
@@ -41,6 +45,7 @@ impl Default for MemoryConfig {
             background_thread: true,
             dirty_decay_ms: 1_000,
             muzzy_decay_ms: 0,
+            heap_profile_dir: None,
         }
     }
 }
