@@ -18,6 +18,16 @@ if ! ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1; then
         || { echo "test: a Vulkan driver is needed (apt-get install mesa-vulkan-drivers)" >&2; exit 1; }
 fi
 
+# The shared-cache tests start Debian's redis-server on free loopback ports.
+if ! command -v redis-server >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+        (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null 2>&1 \
+            || sudo -n apt-get install -y -qq redis-server >/dev/null 2>&1 || true
+    fi
+    command -v redis-server >/dev/null 2>&1 \
+        || { echo "test: redis-server is needed (apt-get install redis-server)" >&2; exit 1; }
+fi
+
 # The release build, the tests and the binaries all carry the GPU backend (feature gpu).
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --release --workspace --features gpu --no-fail-fast "$@"
@@ -35,16 +45,19 @@ if ! command -v openssl >/dev/null 2>&1; then
     command -v openssl >/dev/null 2>&1 || { echo "test: openssl is needed (apt-get install openssl)" >&2; exit 1; }
 fi
 
-# pyarrow, the client Keel's users have, in a venv of its own.
+# pyarrow, the client Keel's users have, in a venv of its own, with Keel's own client
+# package (python/) and grpcio's health checker.
 venv="${KEEL_TEST_VENV:-$root/.cache/venv}"
-if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import pyarrow.flight" 2>/dev/null; then
+if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import pyarrow.flight, numpy, grpc_health" 2>/dev/null; then
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "pyarrow>=20"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "pyarrow>=20" numpy grpcio-health-checking
 fi
+"$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --force-reinstall ./python
 # The integration tests built target/release/keel already (with the test build's feature
 # set); a plain `cargo build` here would rebuild burn with another one.
 [[ -x target/release/keel ]] || cargo build --release --features gpu --all-targets --quiet
 "$venv/bin/python" tests/python/test_flight.py "$root/target/release/keel"
+"$venv/bin/python" tests/python/test_client.py "$root/target/release/keel"
 
 # The quick soak: memory flat, cache bounded, bursts recovered, cleanups fast. Fails the
 # run if a criterion fails (reports in reports/quick-*).

@@ -20,6 +20,7 @@ use keel_engine::memory::probe::ProcessProbe;
 use keel_engine::sink::store::DatasetStore;
 use keel_engine::sink::writer::SinkWriter;
 use keel_engine::supervisor::actor::SupervisorActor;
+use tonic_health::ServingStatus;
 
 use crate::config::Settings;
 use crate::engine::Engine;
@@ -37,6 +38,34 @@ pub struct Running {
     actix_thread: std::thread::JoinHandle<()>,
 }
 
+/// xxh3 of the model's weights file: part of every cache key.
+fn weights_digest(model_dir: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    let path = model_dir.join("model.safetensors");
+    let mut file =
+        std::fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("{:016x}", h.digest()))
+}
+
+/// A Redis URL without its password, for the log.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
 /// Loads the model and starts the actors, the embedder threads and the sink.
 pub fn start(settings: Settings) -> anyhow::Result<Running> {
     // Before any worker records a histogram.
@@ -52,11 +81,16 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     // The janitor returns pooled device memory: it holds the GPU group's model when there
     // is one (groups come GPU first).
     let model = groups[0].0.clone();
+    // Everything that shapes a vector besides its text: the cache keys of both levels
+    // carry it, so that no other model, weights or precision is ever served (a fleet
+    // shares the second level).
     let key_settings = format!(
-        "{:?}|normalize={}|max_seq={}",
+        "{:?}|normalize={}|max_seq={}|weights={}|precision={}",
         model.spec().pooling,
         model.spec().normalize,
-        model.spec().max_seq_length
+        model.spec().max_seq_length,
+        weights_digest(&settings.embedder.model_dir)?,
+        settings.embedder.precision_key(),
     );
     let ingest = &settings.ingest;
     // Enough queued jobs for every in-flight micro-batch: the permits are the real bound.
@@ -118,14 +152,22 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         .context("starting the actor thread")?;
     let (cache, supervisor, actix) = addrs_rx.recv().context("the actor system did not start")?;
 
-    let pipeline = Arc::new(Pipeline::new(
-        settings.ingest.clone(),
-        cache.clone(),
-        embedder.handle(),
-        key_settings,
-        counters,
-        pressure,
-    ));
+    let shared = keel_engine::cache::shared::SharedCache::new(&settings.cache.shared)
+        .map_err(anyhow::Error::msg)?;
+    if let Some(url) = &settings.cache.shared.url {
+        tracing::info!(url = %redacted(url), "second-level cache in Redis");
+    }
+    let pipeline = Arc::new(
+        Pipeline::new(
+            settings.ingest.clone(),
+            cache.clone(),
+            embedder.handle(),
+            key_settings,
+            counters,
+            pressure,
+        )
+        .with_shared_cache(shared),
+    );
     let engine = Arc::new(Engine::new(settings, pipeline, cache, supervisor, sink));
     Ok(Running {
         engine,
@@ -154,11 +196,31 @@ impl Running {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let grace = std::time::Duration::from_millis(engine.settings.server.shutdown_grace_ms);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        // The standard gRPC health service (grpc.health.v1) on the same port, for
+        // Kubernetes' gRPC probes: SERVING once the model is loaded and warm, NOT_SERVING
+        // before and while draining. It needs no credentials (probes carry none).
+        let (health, health_service) = tonic_health::server::health_reporter();
+        set_health(&health, ServingStatus::NotServing).await;
+        let warming_engine = engine.clone();
+        let warm_reporter = health.clone();
+        tokio::spawn(async move {
+            while warming_engine.pipeline.embedder().warming().is_some() {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            if !warming_engine.is_closing() {
+                set_health(&warm_reporter, ServingStatus::Serving).await;
+                // A SIGTERM that came in between wins.
+                if warming_engine.is_closing() {
+                    set_health(&warm_reporter, ServingStatus::NotServing).await;
+                }
+            }
+        });
         let closing_engine = engine.clone();
         tokio::spawn(async move {
             shutdown.await;
             tracing::info!("shutting down: no new streams");
             closing_engine.close();
+            set_health(&health, ServingStatus::NotServing).await;
             // Give open streams their grace period, then stop the server.
             let deadline = tokio::time::Instant::now() + grace;
             while closing_engine.open_streams() > 0 && tokio::time::Instant::now() < deadline {
@@ -179,6 +241,7 @@ impl Running {
                 .context("server.tls: the certificate or key is not usable")?;
         }
         builder
+            .add_service(health_service)
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;
@@ -214,6 +277,17 @@ impl Running {
         let _ = actix_thread.join();
         tracing::info!("stopped");
     }
+}
+
+/// The whole server's status (service "") and the Flight service's, together.
+async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter
+        .set_service_status(
+            <FlightServiceServer<KeelFlight> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
 }
 
 /// Binds `addr` (port 0 picks a free one).

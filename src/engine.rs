@@ -141,6 +141,7 @@ impl Engine {
             rows: load(&c.rows),
             null_rows: load(&c.null_rows),
             embedded_rows: load(&c.embedded_rows),
+            coalesced_rows: load(&c.coalesced_rows),
             in_flight_rows: load(&c.in_flight_rows),
             max_in_flight_rows: self.pipeline.config().max_in_flight_rows as u64,
             max_in_flight_rows_seen: load(&c.max_in_flight_rows_seen),
@@ -151,7 +152,10 @@ impl Engine {
                 rejected: load(&c.rejected_streams),
                 max: self.settings.server.max_streams as u64,
             },
-            cache: cache.into(),
+            cache: keel_engine::stats::CacheFigures {
+                shared: self.pipeline.shared_cache().map(|s| s.stats()),
+                ..cache.into()
+            },
             embedder: self.pipeline.embedder().stats(),
             cleanups: CleanupStats::from_report(&memory),
         })

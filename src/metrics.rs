@@ -27,6 +27,10 @@ const PASS_ROWS_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.
 const PASS_SECONDS_BUCKETS: [f64; 12] = [
     0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
+/// Upper bounds of the seconds-per-Redis-lookup histogram.
+const LOOKUP_SECONDS_BUCKETS: [f64; 10] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
+];
 
 /// Installs the process-wide recorder (once) and returns its handle.
 pub fn install() -> &'static PrometheusHandle {
@@ -41,6 +45,12 @@ pub fn install() -> &'static PrometheusHandle {
                 b.set_buckets_for_metric(
                     Matcher::Full("keel_embed_pass_seconds".into()),
                     &PASS_SECONDS_BUCKETS,
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("keel_cache_shared_lookup_seconds".into()),
+                    &LOOKUP_SECONDS_BUCKETS,
                 )
             })
             .expect("the bucket lists are not empty")
@@ -179,6 +189,11 @@ fn describe() {
             Unit::Count,
             "Rows computed by the model (cache misses).",
         ),
+        (
+            "keel_rows_coalesced_total",
+            Unit::Count,
+            "Rows that took the vector of the same text embedded at that moment for another micro-batch.",
+        ),
         ("keel_streams_total", Unit::Count, "Streams opened."),
         (
             "keel_streams_failed_total",
@@ -232,6 +247,56 @@ fn describe() {
         Unit::Seconds,
         "Duration of a forward pass."
     );
+    describe_histogram!(
+        "keel_cache_shared_lookup_seconds",
+        Unit::Seconds,
+        "Duration of one second-level (Redis) lookup round trip (MGET)."
+    );
+    for (name, help) in [
+        (
+            "keel_cache_shared_hits_total",
+            "Vectors found in the second level (Redis).",
+        ),
+        (
+            "keel_cache_shared_misses_total",
+            "Keys looked up in Redis and not found.",
+        ),
+        (
+            "keel_cache_shared_errors_total",
+            "Failed Redis lookups (counted as misses).",
+        ),
+        (
+            "keel_cache_shared_timeouts_total",
+            "Redis lookups over cache.shared.timeout_ms.",
+        ),
+        (
+            "keel_cache_shared_skipped_total",
+            "Keys not looked up: the breaker was open.",
+        ),
+        (
+            "keel_cache_shared_breaker_trips_total",
+            "Times the Redis circuit breaker opened.",
+        ),
+        (
+            "keel_cache_shared_writes_total",
+            "Vectors written back to Redis.",
+        ),
+        (
+            "keel_cache_shared_write_errors_total",
+            "Vectors whose write to Redis failed.",
+        ),
+        (
+            "keel_cache_shared_writes_dropped_total",
+            "Writes dropped: queue full or breaker open.",
+        ),
+    ] {
+        describe_counter!(name, Unit::Count, help);
+    }
+    describe_gauge!(
+        "keel_cache_shared_breaker_open",
+        Unit::Count,
+        "1 while the Redis circuit breaker is open."
+    );
 }
 
 /// Publishes `stats` into the recorder.
@@ -263,6 +328,7 @@ fn publish(s: &Stats) {
     total("keel_ops_total", s.ops);
     total("keel_rows_total", s.rows);
     total("keel_rows_embedded_total", s.embedded_rows);
+    total("keel_rows_coalesced_total", s.coalesced_rows);
     set("keel_in_flight_rows", s.in_flight_rows as f64);
     set("keel_in_flight_rows_max", s.max_in_flight_rows as f64);
     set("keel_backpressure_wait_seconds_total", s.admit_wait_s);
@@ -277,6 +343,21 @@ fn publish(s: &Stats) {
     total("keel_cache_hits_total", c.hits);
     total("keel_cache_misses_total", c.misses);
     total("keel_cache_evictions_total", c.evictions);
+    if let Some(r) = &s.cache.shared {
+        total("keel_cache_shared_hits_total", r.hits);
+        total("keel_cache_shared_misses_total", r.misses);
+        total("keel_cache_shared_errors_total", r.errors);
+        total("keel_cache_shared_timeouts_total", r.timeouts);
+        total("keel_cache_shared_skipped_total", r.skipped);
+        total("keel_cache_shared_breaker_trips_total", r.breaker_trips);
+        total("keel_cache_shared_writes_total", r.writes);
+        total("keel_cache_shared_write_errors_total", r.write_errors);
+        total("keel_cache_shared_writes_dropped_total", r.writes_dropped);
+        set(
+            "keel_cache_shared_breaker_open",
+            f64::from(u8::from(r.breaker_open)),
+        );
+    }
     let e = &s.embedder;
     total("keel_embed_passes_total", e.passes);
     total("keel_embed_rows_total", e.rows);

@@ -54,3 +54,73 @@ fn files_at_top(root: &Path, out: &mut Vec<PathBuf>) {
         out.push(root.join(name));
     }
 }
+
+/// `deploy/kubernetes`: the ConfigMap is configs/default.yaml as scripts/k8s-configmap.sh
+/// makes it, `keel validate` accepts it, and the Deployment's memory limit is at least twice
+/// the bound it prints (Keel budgets half of its cgroup limit).
+#[test]
+fn the_kubernetes_configmap_is_current_and_valid_and_the_memory_limit_fits_it() {
+    let root = repo_root();
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = dir.path().join("configmap.yaml");
+    let made = std::process::Command::new(root.join("scripts/k8s-configmap.sh"))
+        .arg(&fresh)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let committed = std::fs::read_to_string(root.join("deploy/kubernetes/configmap.yaml")).unwrap();
+    assert_eq!(
+        committed,
+        std::fs::read_to_string(&fresh).unwrap(),
+        "deploy/kubernetes/configmap.yaml is stale: run scripts/k8s-configmap.sh"
+    );
+    // The embedded keel.yaml, un-indented.
+    let (_, body) = committed.split_once("  keel.yaml: |\n").unwrap();
+    let yaml: String = body
+        .lines()
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let config = dir.path().join("keel.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    // The pod's model path does not exist here: validate with the repository's model.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["validate", "--config"])
+        .arg(&config)
+        .env(
+            "KEEL_EMBEDDER__MODEL_DIR",
+            root.join("models/all-MiniLM-L6-v2"),
+        )
+        .env("KEEL_EMBEDDER__CPU__WORKERS", "2")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "keel validate refused the ConfigMap: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bound: u64 = stdout
+        .split_once("memory bound: ")
+        .and_then(|(_, r)| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no memory bound printed: {stdout}"));
+    let deployment =
+        std::fs::read_to_string(root.join("deploy/kubernetes/deployment.yaml")).unwrap();
+    let limit_line = deployment
+        .lines()
+        .find(|l| l.trim_start().starts_with("limits:"))
+        .unwrap();
+    let mib: u64 = limit_line
+        .split("memory: ")
+        .nth(1)
+        .and_then(|r| r.trim_end_matches(['}', ' ']).strip_suffix("Mi"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no memory limit in {limit_line:?}"));
+    assert!(
+        mib << 20 >= 2 * bound,
+        "the Deployment's memory limit {mib} MiB is under twice the bound {bound} B"
+    );
+    assert!(deployment.contains("grpc: {port: 50051}"), "gRPC probes");
+    assert!(committed.contains("listen: 0.0.0.0:50051"));
+}

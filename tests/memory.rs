@@ -233,3 +233,30 @@ async fn an_idle_cleanup_keeps_the_cache_and_pressure_still_shrinks_it() {
     );
     server.stop().await;
 }
+
+/// The residual creep the long soak's heap profiles found: the cache's hash table doubled
+/// its allocation at each growth while the entries' accounting rose smoothly, so memory
+/// less the cache's accounted bytes stepped up as the cache filled. Now the table is made
+/// once: jemalloc's live bytes less the accounted ones stay level from the first entry to
+/// a full cache.
+#[test]
+fn memory_less_the_cache_stays_level_as_the_cache_fills() {
+    use keel_engine::cache::store::VectorCache;
+    use keel_engine::memory::allocator;
+    let mut cache = VectorCache::new(100 << 20);
+    cache.insert(0, std::sync::Arc::from(vec![0.5f32; 384]));
+    let base = allocator::stats().allocated as i64 - cache.bytes() as i64;
+    let mut worst = 0i64;
+    for k in 1..60_000u128 {
+        cache.insert(k, std::sync::Arc::from(vec![0.5f32; 384]));
+        if k % 1000 == 0 {
+            let outside = allocator::stats().allocated as i64 - cache.bytes() as i64;
+            worst = worst.max((outside - base).abs());
+        }
+    }
+    assert!(cache.stats().evictions > 0, "the cache filled up");
+    assert!(
+        worst < 128 * 1024,
+        "memory less the cache moved by {worst} bytes as it filled"
+    );
+}

@@ -6,6 +6,7 @@ mod crash;
 #[cfg(feature = "gpu")]
 mod device_check;
 mod embedder;
+mod fleet;
 mod flight;
 #[cfg(feature = "gpu")]
 mod gpu;

@@ -18,5 +18,20 @@ pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&settings)?);
     }
     eprintln!("keel validate: configuration is valid");
+    // With the model at hand, the peak its memory can reach (docs/OPERATIONS.md): what a
+    // container's memory limit is sized from.
+    let dir = &settings.embedder.model_dir;
+    if let (Ok(spec), Ok(weights)) = (
+        keel_model::ModelSpec::from_dir(dir),
+        std::fs::metadata(dir.join("model.safetensors")),
+    ) {
+        let bound = keel::soak::report::memory_bound(&settings, weights.len(), &spec);
+        println!(
+            "memory bound: {bound} bytes ({} MB) peak RSS with this configuration and model; \
+             Keel budgets half of a container's memory limit: give it at least {} MiB",
+            bound / 1_000_000,
+            (2 * bound).div_ceil(1 << 20)
+        );
+    }
     Ok(())
 }

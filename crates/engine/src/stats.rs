@@ -25,6 +25,10 @@ pub struct Stats {
     pub null_rows: u64,
     /// Rows computed by the model (cache misses).
     pub embedded_rows: u64,
+    /// Rows that missed the cache while another micro-batch was embedding the same text,
+    /// and took its vector.
+    #[serde(default)]
+    pub coalesced_rows: u64,
     pub in_flight_rows: u64,
     pub max_in_flight_rows: u64,
     pub max_in_flight_rows_seen: u64,
@@ -68,6 +72,9 @@ pub struct CacheFigures {
     pub counts: CacheStats,
     /// hits / (hits + misses); 0 before the first look-up.
     pub hit_rate: f64,
+    /// The second level (Redis, `cache.shared`); absent when it is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared: Option<crate::cache::shared::SharedCacheStats>,
 }
 
 impl From<CacheStats> for CacheFigures {
@@ -80,6 +87,7 @@ impl From<CacheStats> for CacheFigures {
             } else {
                 0.0
             },
+            shared: None,
         }
     }
 }

@@ -12,6 +12,8 @@ pub struct CacheConfig {
     pub low_watermark: f64,
     /// Whether a full cleanup empties the cache (otherwise it shrinks to the low watermark).
     pub clear_on_full_cleanup: bool,
+    /// The second level, shared by a fleet through Redis (off unless `url` is set).
+    pub shared: super::shared::SharedCacheConfig,
 }
 
 impl Default for CacheConfig {
@@ -20,6 +22,7 @@ impl Default for CacheConfig {
             max_bytes: 100 * 1024 * 1024,
             low_watermark: 0.7,
             clear_on_full_cleanup: false,
+            shared: Default::default(),
         }
     }
 }
@@ -32,6 +35,6 @@ impl CacheConfig {
                 self.low_watermark
             ));
         }
-        Ok(())
+        self.shared.validate()
     }
 }

@@ -1,13 +1,15 @@
 //! The vector cache: a byte-budgeted LRU of sentence vectors, owned by an actix actor.
 //!
 //! [`store::VectorCache`] is the plain data structure (testable without actors);
-//! [`actor::CacheActor`] owns one and answers [`messages`]. Keys are 128-bit hashes of
+//! [`actor::CacheActor`] owns one and answers [`messages`]; [`shared::SharedCache`] is the
+//! optional second level in Redis, shared by a fleet. Keys are 128-bit hashes of
 //! (model id, output settings, text) made by [`key`], so a changed model or setting can
 //! never serve a stale vector.
 
 pub mod actor;
 pub mod config;
 pub mod messages;
+pub mod shared;
 pub mod store;
 
 /// The cache key of `text` under a model and its output settings.

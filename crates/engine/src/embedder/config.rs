@@ -211,6 +211,18 @@ impl EmbedderConfig {
     }
 
     /// Whether a worker group runs on the GPU.
+    /// The arithmetic of each backend in use, for cache keys: `cpu=f32`, `wgpu=f16,cpu=f32`.
+    pub fn precision_key(&self) -> String {
+        let mut parts = Vec::new();
+        if self.uses_gpu() {
+            parts.push(format!("wgpu={:?}", self.gpu.precision));
+        }
+        if self.backend != Backends::Wgpu {
+            parts.push("cpu=F32".to_string());
+        }
+        parts.join(",")
+    }
+
     pub fn uses_gpu(&self) -> bool {
         self.backend != Backends::Cpu
     }

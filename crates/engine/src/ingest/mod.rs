@@ -2,12 +2,14 @@
 //!
 //! - [`output`]: the input batch plus its `embedding` column;
 //! - [`pipeline`]: micro-batches (the op), cache look-ups, embedder calls, cache inserts,
-//!   and the semaphore that bounds in-flight rows.
+//!   and the semaphore that bounds in-flight rows;
+//! - [`coalesce`]: texts being embedded now, so that concurrent misses compute one once.
 //!
 //! Which text a row stands for, and the slicing of a stream, are the wire crate's
 //! (`keel_wire::slicer`); the Flight service (in the `keel` binary) owns one task per
 //! stream and drives these.
 
+pub mod coalesce;
 pub mod config;
 pub mod output;
 pub mod pipeline;

@@ -15,9 +15,11 @@ use actix::Addr;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use super::IngestError;
+use super::coalesce::{Claimed, InFlightTexts};
 use super::config::IngestConfig;
 use crate::cache::actor::CacheActor;
 use crate::cache::messages::{Insert, Lookup};
+use crate::cache::shared::SharedCache;
 use crate::embedder::workers::{EmbedError, EmbedderHandle};
 
 /// Counters of ingest, read by `stats` and the supervisor.
@@ -27,6 +29,9 @@ pub struct IngestCounters {
     pub rows: AtomicU64,
     pub null_rows: AtomicU64,
     pub embedded_rows: AtomicU64,
+    /// Rows whose text another micro-batch was embedding at the same moment: they took
+    /// its vector instead of computing their own.
+    pub coalesced_rows: AtomicU64,
     pub max_in_flight_rows_seen: AtomicU64,
     /// Rows admitted and not yet released (a gauge).
     pub in_flight_rows: AtomicU64,
@@ -66,6 +71,10 @@ pub struct Pipeline {
     /// Model id and output settings: the part of every cache key that is not the text.
     key_model: String,
     key_settings: String,
+    /// The second level (Redis), looked up for the first level's misses.
+    shared: Option<SharedCache>,
+    /// Texts being embedded now (by any micro-batch of any stream).
+    computing: InFlightTexts,
 }
 
 impl Pipeline {
@@ -87,7 +96,19 @@ impl Pipeline {
             config,
             counters,
             key_settings,
+            shared: None,
+            computing: InFlightTexts::default(),
         }
+    }
+
+    /// Adds the second cache level (Redis) below the first.
+    pub fn with_shared_cache(mut self, shared: Option<SharedCache>) -> Self {
+        self.shared = shared;
+        self
+    }
+
+    pub fn shared_cache(&self) -> Option<&SharedCache> {
+        self.shared.as_ref()
     }
 
     pub fn config(&self) -> &IngestConfig {
@@ -192,6 +213,38 @@ impl Pipeline {
         Ok((out, valid))
     }
 
+    /// Embeds `texts` with the model, writes each vector into its rows of `out`, and adds
+    /// it to `inserts` (for the caches).
+    async fn compute(
+        &self,
+        texts: &[&(u128, &str, Vec<usize>)],
+        out: &mut [f32],
+        inserts: &mut Vec<(u128, Arc<[f32]>)>,
+    ) -> Result<(), IngestError> {
+        if texts.is_empty() {
+            return Ok(());
+        }
+        let dim = self.dim();
+        let vectors = self
+            .embedder
+            .embed(texts.iter().map(|u| u.1.to_string()).collect())
+            .await
+            .map_err(|e| match e {
+                EmbedError::Closed => IngestError::Unavailable("the embedder is shut down".into()),
+                EmbedError::Failed(m) => IngestError::Internal(m),
+            })?;
+        for (u, v) in texts.iter().zip(vectors.chunks_exact(dim)) {
+            for &row in &u.2 {
+                out[row * dim..(row + 1) * dim].copy_from_slice(v);
+            }
+            inserts.push((u.0, Arc::<[f32]>::from(v)));
+        }
+        self.counters
+            .embedded_rows
+            .fetch_add(texts.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// One op: a micro-batch's vectors, `chunk.len() × dim` values.
     async fn op(&self, chunk: &[Option<String>]) -> Result<Vec<f32>, IngestError> {
         let dim = self.dim();
@@ -231,28 +284,68 @@ impl Pipeline {
                 None => misses.push(u),
             }
         }
-        if !misses.is_empty() {
-            let vectors = self
-                .embedder
-                .embed(misses.iter().map(|u| u.1.to_string()).collect())
-                .await
-                .map_err(|e| match e {
-                    EmbedError::Closed => {
-                        IngestError::Unavailable("the embedder is shut down".into())
+        // The second level: one round trip for this micro-batch's misses; what it has goes
+        // into the first level too.
+        if let (Some(shared), false) = (&self.shared, misses.is_empty()) {
+            let keys: Vec<u128> = misses.iter().map(|u| u.0).collect();
+            let found = shared.get(&keys, dim).await;
+            let mut promoted = Vec::new();
+            let mut still = Vec::with_capacity(misses.len());
+            for (u, hit) in misses.into_iter().zip(found) {
+                match hit {
+                    Some(v) => {
+                        for &row in &u.2 {
+                            out[row * dim..(row + 1) * dim].copy_from_slice(&v);
+                        }
+                        promoted.push((u.0, v));
                     }
-                    EmbedError::Failed(m) => IngestError::Internal(m),
-                })?;
-            let mut inserts = Vec::with_capacity(misses.len());
-            for (u, v) in misses.iter().zip(vectors.chunks_exact(dim)) {
-                for &row in &u.2 {
-                    out[row * dim..(row + 1) * dim].copy_from_slice(v);
+                    None => still.push(u),
                 }
-                inserts.push((u.0, Arc::<[f32]>::from(v)));
             }
-            self.counters
-                .embedded_rows
-                .fetch_add(misses.len() as u64, Ordering::Relaxed);
-            if let Some(cache) = &self.cache {
+            misses = still;
+            if let (Some(cache), false) = (&self.cache, promoted.is_empty()) {
+                cache
+                    .send(Insert { entries: promoted })
+                    .await
+                    .map_err(|e| IngestError::Internal(format!("cache unavailable: {e}")))?;
+            }
+        }
+        if !misses.is_empty() {
+            // A text another micro-batch is embedding right now is waited for, not
+            // computed twice. Ours are published before theirs are awaited (no cycle).
+            let keys: Vec<u128> = misses.iter().map(|u| u.0).collect();
+            let Claimed {
+                mine,
+                theirs,
+                claim,
+            } = self.computing.claim(&keys);
+            let mut inserts = Vec::with_capacity(misses.len());
+            let mine: Vec<_> = mine.into_iter().map(|i| misses[i]).collect();
+            self.compute(&mine, &mut out, &mut inserts).await?;
+            claim.publish(&inserts);
+            let mut fallback = Vec::new();
+            for (i, rx) in theirs {
+                let u = misses[i];
+                match rx.await {
+                    Ok(v) => {
+                        for &row in &u.2 {
+                            out[row * dim..(row + 1) * dim].copy_from_slice(&v);
+                        }
+                        self.counters
+                            .coalesced_rows
+                            .fetch_add(u.2.len() as u64, Ordering::Relaxed);
+                    }
+                    // Its claimant failed or was cancelled: compute it here.
+                    Err(_) => fallback.push(u),
+                }
+            }
+            self.compute(&fallback, &mut out, &mut inserts).await?;
+            if let Some(shared) = &self.shared {
+                shared.put(&inserts).await;
+            }
+            if let Some(cache) = &self.cache
+                && !inserts.is_empty()
+            {
                 cache
                     .send(Insert { entries: inserts })
                     .await

@@ -1,0 +1,387 @@
+//! The second-level cache: vectors shared by every Keel of a fleet through Redis.
+//!
+//! The in-process LRU stays the first level. A micro-batch's first-level misses are
+//! looked up here in one pipelined round trip (`MGET`); the vectors the model then
+//! computes are written back off the hot path, by one writer task that drains a bounded
+//! queue into pipelined `SET ... EX` commands (a full queue drops the write and counts it).
+//!
+//! Redis trouble never fails a stream: a lookup that errs or outlasts `timeout_ms` is a
+//! miss, counted; after `breaker_errors` failures in a row a circuit breaker stops asking
+//! for `breaker_open_ms`, then lets one lookup through to probe (a success closes it).
+//! The connection is redis-rs's `ConnectionManager`, which reconnects with back-off, so a
+//! restarted Redis is found again without restarting Keel.
+//!
+//! Keys are `key_prefix` + the 32 hex digits of the first-level key, which hashes the
+//! model's identity (weights digest, pooling, normalisation, truncation, precision) with
+//! the text: another model or precision on the same Redis never gets a hit. Values are the
+//! vector's little-endian f32 bytes; a value of another length is a miss (and an error).
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{OnceCell, mpsc};
+
+/// `cache.shared:`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SharedCacheConfig {
+    /// `redis://[user:password@]host:port[/db]` (or `rediss://` for TLS); `None`: off.
+    pub url: Option<String>,
+    /// Prefix of every key Keel writes.
+    pub key_prefix: String,
+    /// Seconds a written vector lives (`SET ... EX`); 0 = no expiry.
+    pub ttl_s: u64,
+    /// Longest wait for one lookup round trip; a slower one is a miss.
+    pub timeout_ms: u64,
+    /// Vectors queued for writing back at most; beyond, writes are dropped (and counted).
+    pub max_pending_writes: usize,
+    /// Failed lookups in a row that open the circuit breaker.
+    pub breaker_errors: u32,
+    /// How long an open breaker skips Redis before one lookup probes it again.
+    pub breaker_open_ms: u64,
+}
+
+impl Default for SharedCacheConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            key_prefix: "keel:v1:".into(),
+            ttl_s: 7 * 24 * 3600,
+            timeout_ms: 50,
+            max_pending_writes: 16_384,
+            breaker_errors: 5,
+            breaker_open_ms: 5_000,
+        }
+    }
+}
+
+impl SharedCacheConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(url) = &self.url {
+            redis::Client::open(url.as_str())
+                .map_err(|e| format!("cache.shared.url {url:?}: {e}"))?;
+        }
+        if self.timeout_ms == 0 {
+            return Err("cache.shared.timeout_ms must be at least 1".into());
+        }
+        if self.breaker_errors == 0 {
+            return Err("cache.shared.breaker_errors must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// The second level's figures (`stats` → `cache.shared`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SharedCacheStats {
+    /// Vectors found in Redis.
+    pub hits: u64,
+    /// Keys looked up and not found.
+    pub misses: u64,
+    /// Lookups that failed (connection, protocol, a value of the wrong length).
+    pub errors: u64,
+    /// Lookups that outlasted `timeout_ms`.
+    pub timeouts: u64,
+    /// Keys not looked up because the breaker was open.
+    pub skipped: u64,
+    /// Times the breaker opened.
+    pub breaker_trips: u64,
+    pub breaker_open: bool,
+    /// Vectors written back, failed writes, and writes dropped on a full queue.
+    pub writes: u64,
+    pub write_errors: u64,
+    pub writes_dropped: u64,
+    /// Lookup round trips and their total and longest time.
+    pub lookups: u64,
+    pub lookup_micros_total: u64,
+    pub lookup_micros_max: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    errors: AtomicU64,
+    timeouts: AtomicU64,
+    skipped: AtomicU64,
+    breaker_trips: AtomicU64,
+    writes: AtomicU64,
+    write_errors: AtomicU64,
+    writes_dropped: AtomicU64,
+    lookups: AtomicU64,
+    lookup_micros_total: AtomicU64,
+    lookup_micros_max: AtomicU64,
+}
+
+/// Consecutive failures, and until when the breaker stays open.
+#[derive(Default)]
+struct Breaker {
+    failures: u32,
+    open_until: Option<Instant>,
+    /// A probe is out while the breaker is half-open: others keep skipping.
+    probing: bool,
+}
+
+/// Handle to the second level; cheap to clone.
+#[derive(Clone)]
+pub struct SharedCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: SharedCacheConfig,
+    client: redis::Client,
+    /// Made on first use, inside the runtime that serves streams.
+    connection: OnceCell<ConnectionManager>,
+    writes: OnceCell<mpsc::Sender<(u128, Arc<[f32]>)>>,
+    counters: Counters,
+    breaker: Mutex<Breaker>,
+    breaker_open: AtomicBool,
+}
+
+impl SharedCache {
+    /// `None` when `config.url` is unset. Connecting is lazy: Redis being down at
+    /// start-up only counts errors until it is up.
+    pub fn new(config: &SharedCacheConfig) -> Result<Option<Self>, String> {
+        let Some(url) = &config.url else {
+            return Ok(None);
+        };
+        let client = redis::Client::open(url.as_str())
+            .map_err(|e| format!("cache.shared.url {url:?}: {e}"))?;
+        Ok(Some(Self {
+            inner: Arc::new(Inner {
+                config: config.clone(),
+                client,
+                connection: OnceCell::new(),
+                writes: OnceCell::new(),
+                counters: Counters::default(),
+                breaker: Mutex::new(Breaker::default()),
+                breaker_open: AtomicBool::new(false),
+            }),
+        }))
+    }
+
+    fn redis_key(&self, key: u128) -> String {
+        format!("{}{key:032x}", self.inner.config.key_prefix)
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
+        let i = &self.inner;
+        let timeout = Duration::from_millis(i.config.timeout_ms);
+        i.connection
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout.max(Duration::from_millis(250))))
+                    .set_response_timeout(Some(timeout))
+                    // Reconnection: 100 ms doubling to 5 s, a few tries per failure; the
+                    // breaker paces how often a failure starts another round.
+                    .set_min_delay(Duration::from_millis(100))
+                    .set_max_delay(Duration::from_secs(5))
+                    .set_number_of_retries(3);
+                ConnectionManager::new_lazy_with_config(i.client.clone(), config)
+            })
+            .await
+            .cloned()
+    }
+
+    /// Whether a lookup may go to Redis now (closed breaker, or the one half-open probe).
+    fn admit(&self) -> bool {
+        let mut b = self.inner.breaker.lock().unwrap_or_else(|e| e.into_inner());
+        match b.open_until {
+            None => true,
+            Some(until) if Instant::now() >= until && !b.probing => {
+                b.probing = true;
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    fn record(&self, ok: bool) {
+        let i = &self.inner;
+        let mut b = i.breaker.lock().unwrap_or_else(|e| e.into_inner());
+        b.probing = false;
+        if ok {
+            b.failures = 0;
+            if b.open_until.take().is_some() {
+                tracing::info!("Redis answers again: the shared cache is back");
+            }
+        } else {
+            b.failures += 1;
+            if b.failures >= i.config.breaker_errors {
+                if b.open_until.is_none() {
+                    i.counters.breaker_trips.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        failures = b.failures,
+                        "Redis keeps failing: the shared cache is skipped for {} ms at a time",
+                        i.config.breaker_open_ms
+                    );
+                }
+                b.open_until =
+                    Some(Instant::now() + Duration::from_millis(i.config.breaker_open_ms));
+            }
+        }
+        i.breaker_open
+            .store(b.open_until.is_some(), Ordering::Relaxed);
+    }
+
+    /// Looks `keys` up in one round trip: a vector of `dim` values per key found. Never
+    /// fails: trouble is counted and reads as misses.
+    pub async fn get(&self, keys: &[u128], dim: usize) -> Vec<Option<Arc<[f32]>>> {
+        let c = &self.inner.counters;
+        let none = || vec![None; keys.len()];
+        if keys.is_empty() {
+            return none();
+        }
+        if !self.admit() {
+            c.skipped.fetch_add(keys.len() as u64, Ordering::Relaxed);
+            return none();
+        }
+        let started = Instant::now();
+        let names: Vec<String> = keys.iter().map(|&k| self.redis_key(k)).collect();
+        let lookup = async {
+            let mut conn = self.connection().await?;
+            let mut cmd = redis::cmd("MGET");
+            cmd.arg(&names);
+            cmd.query_async::<Vec<Option<Vec<u8>>>>(&mut conn).await
+        };
+        let timeout = Duration::from_millis(self.inner.config.timeout_ms);
+        let answer = tokio::time::timeout(timeout, lookup).await;
+        let micros = started.elapsed().as_micros() as u64;
+        c.lookups.fetch_add(1, Ordering::Relaxed);
+        c.lookup_micros_total.fetch_add(micros, Ordering::Relaxed);
+        c.lookup_micros_max.fetch_max(micros, Ordering::Relaxed);
+        metrics::histogram!("keel_cache_shared_lookup_seconds").record(micros as f64 / 1e6);
+        let values = match answer {
+            Ok(Ok(v)) if v.len() == keys.len() => v,
+            Ok(Ok(v)) => {
+                c.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(got = v.len(), asked = keys.len(), "MGET answered oddly");
+                self.record(false);
+                return none();
+            }
+            Ok(Err(e)) => {
+                c.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "shared cache lookup failed");
+                self.record(false);
+                return none();
+            }
+            Err(_) => {
+                c.timeouts.fetch_add(1, Ordering::Relaxed);
+                self.record(false);
+                return none();
+            }
+        };
+        self.record(true);
+        values
+            .into_iter()
+            .map(|v| match v {
+                Some(bytes) if bytes.len() == dim * 4 => {
+                    c.hits.fetch_add(1, Ordering::Relaxed);
+                    Some(
+                        bytes
+                            .chunks_exact(4)
+                            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                            .collect(),
+                    )
+                }
+                Some(_) => {
+                    c.errors.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+                None => {
+                    c.misses.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// Queues vectors for writing back; returns at once (a full queue drops them).
+    pub async fn put(&self, entries: &[(u128, Arc<[f32]>)]) {
+        if entries.is_empty() || self.inner.breaker_open.load(Ordering::Relaxed) {
+            return;
+        }
+        let tx = self
+            .inner
+            .writes
+            .get_or_init(|| async {
+                let (tx, rx) = mpsc::channel(self.inner.config.max_pending_writes.max(1));
+                tokio::spawn(writer(self.clone(), rx));
+                tx
+            })
+            .await;
+        for e in entries {
+            if tx.try_send(e.clone()).is_err() {
+                self.inner
+                    .counters
+                    .writes_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn stats(&self) -> SharedCacheStats {
+        let c = &self.inner.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        SharedCacheStats {
+            hits: l(&c.hits),
+            misses: l(&c.misses),
+            errors: l(&c.errors),
+            timeouts: l(&c.timeouts),
+            skipped: l(&c.skipped),
+            breaker_trips: l(&c.breaker_trips),
+            breaker_open: self.inner.breaker_open.load(Ordering::Relaxed),
+            writes: l(&c.writes),
+            write_errors: l(&c.write_errors),
+            writes_dropped: l(&c.writes_dropped),
+            lookups: l(&c.lookups),
+            lookup_micros_total: l(&c.lookup_micros_total),
+            lookup_micros_max: l(&c.lookup_micros_max),
+        }
+    }
+}
+
+/// Drains the write queue: whatever is waiting goes out as one pipeline of `SET`s.
+async fn writer(cache: SharedCache, mut rx: mpsc::Receiver<(u128, Arc<[f32]>)>) {
+    const MAX_PER_PIPELINE: usize = 512;
+    let mut batch = Vec::with_capacity(MAX_PER_PIPELINE);
+    while rx.recv_many(&mut batch, MAX_PER_PIPELINE).await > 0 {
+        let c = &cache.inner.counters;
+        let n = batch.len() as u64;
+        if cache.inner.breaker_open.load(Ordering::Relaxed) {
+            c.writes_dropped.fetch_add(n, Ordering::Relaxed);
+            batch.clear();
+            continue;
+        }
+        let ttl = cache.inner.config.ttl_s;
+        let mut pipe = redis::pipe();
+        for (key, vector) in batch.drain(..) {
+            let bytes: Vec<u8> = vector.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let set = pipe.cmd("SET").arg(cache.redis_key(key)).arg(bytes);
+            if ttl > 0 {
+                set.arg("EX").arg(ttl);
+            }
+            set.ignore();
+        }
+        // Writes get a longer deadline than lookups: nobody waits on them.
+        let timeout = Duration::from_millis(cache.inner.config.timeout_ms.max(1) * 20);
+        let sent = tokio::time::timeout(timeout, async {
+            let mut conn = cache.connection().await?;
+            pipe.query_async::<()>(&mut conn).await
+        })
+        .await;
+        match sent {
+            Ok(Ok(())) => c.writes.fetch_add(n, Ordering::Relaxed),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "shared cache write failed");
+                c.write_errors.fetch_add(n, Ordering::Relaxed)
+            }
+            Err(_) => c.write_errors.fetch_add(n, Ordering::Relaxed),
+        };
+    }
+}

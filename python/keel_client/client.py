@@ -1,0 +1,337 @@
+"""A Keel client over Arrow Flight, with pyarrow only."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+Data = Union[pa.Table, pa.RecordBatch, pa.RecordBatchReader, Iterable[pa.RecordBatch], str, "os.PathLike[str]"]
+
+# Errors after which a stream is sent again, to the next address: the server went away
+# or is draining. Anything else (a bad column, a refused token) is the caller's to fix.
+_RETRYABLE = (flight.FlightUnavailableError, flight.FlightCancelledError, ConnectionError)
+
+
+class KeelError(RuntimeError):
+    """A call Keel refused or could not finish; `code` is the Flight error's class name."""
+
+    def __init__(self, message: str, code: str = "", address: str = ""):
+        super().__init__(message)
+        self.code = code
+        self.address = address
+
+
+def _batches(data: Data, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """The record batches of any supported input, streamed (files are not read whole)."""
+    if isinstance(data, (str, os.PathLike)):
+        path = os.fspath(data)
+        lower = path.lower()
+        if lower.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows)
+        elif lower.endswith((".arrow", ".feather", ".ipc")):
+            import pyarrow.ipc as ipc
+
+            with pa.memory_map(path) as source:
+                try:
+                    reader = ipc.open_file(source)
+                    for i in range(reader.num_record_batches):
+                        yield reader.get_batch(i)
+                except pa.ArrowInvalid:
+                    source.seek(0)
+                    yield from ipc.open_stream(source)
+        elif lower.endswith((".csv", ".tsv", ".csv.gz", ".tsv.gz")):
+            import pyarrow.csv as csv
+
+            delimiter = "\t" if ".tsv" in lower else ","
+            yield from csv.open_csv(path, parse_options=csv.ParseOptions(delimiter=delimiter))
+        else:
+            raise KeelError(f"{path}: not .parquet, .arrow/.feather/.ipc or .csv/.tsv")
+    elif isinstance(data, pa.Table):
+        yield from data.to_batches(max_chunksize=batch_rows)
+    elif isinstance(data, pa.RecordBatch):
+        yield data
+    else:
+        yield from data
+
+
+class KeelClient:
+    """Streams Arrow data through one or several Keel servers.
+
+    addresses: one or several `grpc://host:port` (or `grpc+tls://host:port`). A table is
+    split over them and the slices streamed concurrently; a slice whose server goes away
+    is sent again to the next address, so every row comes back exactly once.
+    token: a bearer token (`auth.mode: token`), sent as `authorization: Bearer ...`.
+    tls_root_certs: PEM bytes, or a path to them, to trust a server's certificate.
+    timeout: seconds a call may take.
+    text_column / template: which text each row is embedded by (the server's default
+    column when neither is given); see docs/FLIGHT.md.
+    """
+
+    def __init__(
+        self,
+        addresses: Union[str, Sequence[str]] = "grpc://127.0.0.1:50051",
+        *,
+        token: Optional[str] = None,
+        tls_root_certs: Union[bytes, str, "os.PathLike[str]", None] = None,
+        timeout: float = 300.0,
+        text_column: Optional[str] = None,
+        template: Optional[str] = None,
+        batch_rows: int = 4096,
+        retries: int = 2,
+    ):
+        self.addresses: List[str] = [addresses] if isinstance(addresses, str) else list(addresses)
+        if not self.addresses:
+            raise ValueError("at least one address")
+        if text_column and template:
+            raise ValueError("text_column or template, not both")
+        if isinstance(tls_root_certs, (str, os.PathLike)):
+            with open(tls_root_certs, "rb") as f:
+                tls_root_certs = f.read()
+        self._tls_root_certs = tls_root_certs
+        headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+        self._options = flight.FlightCallOptions(timeout=timeout, headers=headers)
+        self.text_column = text_column
+        self.template = template
+        self.batch_rows = batch_rows
+        self.retries = retries
+        self._clients: Dict[str, flight.FlightClient] = {}
+        self._lock = threading.Lock()
+
+    # -- connections ----------------------------------------------------------------
+
+    def _client(self, address: str) -> flight.FlightClient:
+        with self._lock:
+            c = self._clients.get(address)
+            if c is None:
+                kwargs: Dict[str, Any] = {}
+                if self._tls_root_certs:
+                    kwargs["tls_root_certs"] = self._tls_root_certs
+                c = flight.connect(address, **kwargs)
+                self._clients[address] = c
+            return c
+
+    def _forget(self, address: str) -> None:
+        with self._lock:
+            c = self._clients.pop(address, None)
+        if c is not None:
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001 - a broken connection may not close cleanly
+                pass
+
+    def close(self) -> None:
+        for address in list(self._clients):
+            self._forget(address)
+
+    def __enter__(self) -> "KeelClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _command(self, text_column: Optional[str], template: Optional[str]) -> bytes:
+        text_column = text_column or self.text_column
+        template = template or self.template
+        if text_column and template:
+            raise ValueError("text_column or template, not both")
+        cmd: Dict[str, str] = {}
+        if text_column:
+            cmd["text_column"] = text_column
+        if template:
+            cmd["template"] = template
+        return json.dumps(cmd).encode()
+
+    # -- embedding ------------------------------------------------------------------
+
+    def _exchange(self, address: str, batches: List[pa.RecordBatch], command: bytes) -> pa.Table:
+        """One DoExchange: writes on this thread, reads on another (Keel's backpressure
+        reaches a writer that does not read as a stall)."""
+        client = self._client(address)
+        descriptor = flight.FlightDescriptor.for_command(command)
+        writer, reader = client.do_exchange(descriptor, options=self._options)
+        out: List[pa.RecordBatch] = []
+        failure: List[BaseException] = []
+
+        def read() -> None:
+            try:
+                for chunk in reader:
+                    out.append(chunk.data)
+            except BaseException as e:  # noqa: BLE001 - handed to the writer's thread
+                failure.append(e)
+
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        try:
+            writer.begin(batches[0].schema)
+            for b in batches:
+                writer.write_batch(b)
+            writer.done_writing()
+        except BaseException as e:  # noqa: BLE001 - the reader has the server's reason
+            t.join()
+            raise failure[0] if failure else e
+        t.join()
+        writer.close()
+        if failure:
+            raise failure[0]
+        if not out:
+            return pa.Table.from_batches([], schema=reader.schema)
+        return pa.Table.from_batches(out)
+
+    def _embed_slice(self, batches: List[pa.RecordBatch], command: bytes, first: int) -> pa.Table:
+        """A slice to addresses[first], then the next ones while the server is gone."""
+        tries = len(self.addresses) * (self.retries + 1)
+        last: Optional[BaseException] = None
+        for k in range(tries):
+            address = self.addresses[(first + k) % len(self.addresses)]
+            try:
+                return self._exchange(address, batches, command)
+            except _RETRYABLE as e:
+                last = e
+                self._forget(address)
+            except flight.FlightError as e:
+                raise KeelError(str(e), type(e).__name__, address) from e
+        raise KeelError(f"no Keel server answered ({', '.join(self.addresses)}): {last}",
+                        type(last).__name__ if last else "", "")
+
+    def embed(
+        self,
+        data: Data,
+        *,
+        text_column: Optional[str] = None,
+        template: Optional[str] = None,
+    ) -> pa.Table:
+        """Every row of `data` with its `embedding` column, in order.
+
+        data: a Table, RecordBatch, RecordBatchReader, iterable of batches, or a path to a
+        Parquet, Arrow IPC or CSV/TSV file. With several addresses the rows are split into
+        as many contiguous slices, embedded concurrently.
+        """
+        command = self._command(text_column, template)
+        batches = [b for b in _batches(data, self.batch_rows)]
+        if not batches:
+            raise KeelError("no record batch to embed (an empty reader has no schema)")
+        schema = batches[0].schema
+        rows = sum(b.num_rows for b in batches)
+        n = min(len(self.addresses), max(1, rows))
+        if n == 1:
+            return self._embed_slice(batches, command, 0)
+        table = pa.Table.from_batches(batches, schema=schema)
+        size = -(-rows // n)
+        slices = [table.slice(i * size, size).to_batches(max_chunksize=self.batch_rows) or
+                  [pa.RecordBatch.from_pylist([], schema=schema)] for i in range(n)]
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            parts = list(pool.map(lambda i: self._embed_slice(slices[i], command, i), range(n)))
+        return pa.concat_tables(parts)
+
+    def embed_to_parquet(
+        self,
+        data: Data,
+        out: Union[str, "os.PathLike[str]"],
+        *,
+        text_column: Optional[str] = None,
+        template: Optional[str] = None,
+        chunk_rows: int = 65536,
+    ) -> int:
+        """Embeds `data` a chunk at a time into a Parquet file (memory: one chunk); returns
+        the rows written."""
+        import pyarrow.parquet as pq
+
+        writer: Optional[pq.ParquetWriter] = None
+        rows = 0
+        pending: List[pa.RecordBatch] = []
+
+        def flush() -> None:
+            nonlocal writer, rows
+            if not pending:
+                return
+            t = self.embed(pa.Table.from_batches(pending), text_column=text_column, template=template)
+            pending.clear()
+            if writer is None:
+                writer = pq.ParquetWriter(os.fspath(out), t.schema)
+            writer.write_table(t)
+            rows += t.num_rows
+
+        for b in _batches(data, self.batch_rows):
+            pending.append(b)
+            if sum(p.num_rows for p in pending) >= chunk_rows:
+                flush()
+        flush()
+        if writer is not None:
+            writer.close()
+        return rows
+
+    # -- datasets -------------------------------------------------------------------
+
+    def put(
+        self,
+        data: Data,
+        dataset: str,
+        *,
+        text_column: Optional[str] = None,
+        template: Optional[str] = None,
+        address: Optional[str] = None,
+    ) -> int:
+        """Embeds `data` and stores it as (or appends it to) a dataset; returns the
+        dataset's rows once every row sent is durable."""
+        address = address or self.addresses[0]
+        client = self._client(address)
+        command = self._command(text_column, template)
+        # The command rides as the path's third part: pyarrow's descriptors carry a path or
+        # a command, not both.
+        path = ["datasets", dataset] + ([command.decode()] if command != b"{}" else [])
+        descriptor = flight.FlightDescriptor.for_path(*path)
+        batches = iter(_batches(data, self.batch_rows))
+        first = next(batches, None)
+        if first is None:
+            raise KeelError("no record batch to store")
+        try:
+            writer, meta = client.do_put(descriptor, first.schema, options=self._options)
+            dataset_rows = 0
+            for b in [first, *batches]:
+                writer.write_batch(b)
+            writer.done_writing()
+            while True:
+                buf = meta.read()
+                if buf is None:
+                    break
+                dataset_rows = json.loads(buf.to_pybytes())["dataset_rows"]
+            writer.close()
+            return dataset_rows
+        except flight.FlightError as e:
+            raise KeelError(str(e), type(e).__name__, address) from e
+
+    def read(self, dataset: str, *, address: Optional[str] = None) -> pa.Table:
+        """A stored dataset, every row with its embedding."""
+        address = address or self.addresses[0]
+        try:
+            return self._client(address).do_get(flight.Ticket(dataset.encode()),
+                                                 options=self._options).read_all()
+        except flight.FlightError as e:
+            raise KeelError(str(e), type(e).__name__, address) from e
+
+    # -- actions --------------------------------------------------------------------
+
+    def action(self, name: str, body: Optional[Dict[str, Any]] = None, *,
+               address: Optional[str] = None) -> Dict[str, Any]:
+        """One Flight action (`health`, `stats`, `cleanup`, `search`): its JSON answer."""
+        address = address or self.addresses[0]
+        payload = json.dumps(body).encode() if body is not None else b""
+        try:
+            results = list(self._client(address).do_action(flight.Action(name, payload),
+                                                           options=self._options))
+        except flight.FlightError as e:
+            raise KeelError(str(e), type(e).__name__, address) from e
+        return json.loads(results[0].body.to_pybytes())
+
+    def health(self, *, address: Optional[str] = None) -> Dict[str, Any]:
+        return self.action("health", address=address)
+
+    def stats(self, *, address: Optional[str] = None) -> Dict[str, Any]:
+        return self.action("stats", address=address)

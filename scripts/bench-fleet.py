@@ -1,0 +1,174 @@
+"""The shared cache's figures, on one machine: Keel replicas and a redis-server on loopback.
+
+    .cache/venv/bin/python scripts/bench-fleet.py target/release/keel [--rows 3000] [--rounds 3]
+
+(the venv of scripts/test.sh, with `pip install ./python`). Measures, in one run:
+- replica A, cold: rows/s through the model (every text new), and A again: rows/s from
+  its own first-level cache;
+- replica B (fresh, same Redis), the same rows: rows/s from the second level, against A's
+  own cache-hit speed; the Redis lookup round trip per micro-batch (mean and longest);
+- Redis killed: replica B on new texts, against replica N with no cache at all (the
+  no-cache speed); Redis restarted: how long until B's lookups succeed again.
+Prints a Markdown table; every figure names the run it came from.
+"""
+import argparse
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import pyarrow as pa
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "python"))
+from keel_client import KeelClient  # noqa: E402
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(port, workdir):
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return proc
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
+
+
+def start_keel(binary, workdir, name, redis_url=None, cache_bytes=None):
+    port = free_port()
+    env = dict(os.environ, KEEL_SERVER__LISTEN=f"127.0.0.1:{port}",
+               KEEL_STORAGE__DATA_DIR=os.path.join(workdir, name),
+               KEEL_EMBEDDER__MODEL_DIR=os.path.join(ROOT, "models/all-MiniLM-L6-v2"),
+               KEEL_METRICS__ENABLED="false", RUST_LOG="warn")
+    if redis_url:
+        env["KEEL_CACHE__SHARED__URL"] = redis_url
+    if cache_bytes is not None:
+        env["KEEL_CACHE__MAX_BYTES"] = str(cache_bytes)
+    proc = subprocess.Popen([binary, "serve", "--config", os.path.join(ROOT, "configs/default.yaml")],
+                            env=env)
+    client = KeelClient(f"grpc://127.0.0.1:{port}", timeout=600)
+    deadline = time.time() + 120
+    while True:
+        try:
+            client.health()
+            return proc, client
+        except Exception:  # noqa: BLE001 - not up yet
+            if proc.poll() is not None or time.time() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def texts(tag, n):
+    base = subprocess.run([BINARY, "texts", os.path.join(ROOT, "data/test-haploidX.vcf")],
+                          capture_output=True, text=True, check=True).stdout.splitlines()
+    return [f"{base[i % len(base)]} [{tag} {i}]" for i in range(n)]
+
+
+def rate(client, rows):
+    table = pa.table({"text": rows})
+    started = time.perf_counter()
+    out = client.embed(table)
+    elapsed = time.perf_counter() - started
+    assert out.num_rows == len(rows)
+    return len(rows) / elapsed
+
+
+def main():
+    global BINARY
+    ap = argparse.ArgumentParser()
+    ap.add_argument("binary", nargs="?", default=os.path.join(ROOT, "target/release/keel"))
+    ap.add_argument("--rows", type=int, default=3000)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    BINARY = args.binary
+    work = tempfile.mkdtemp(prefix="keel-bench-fleet-")
+    rport = free_port()
+    redis = start_redis(rport, work)
+    url = f"redis://127.0.0.1:{rport}/0"
+    procs = []
+    results = {"cold": [], "own": [], "shared": [], "lookup_ms": [], "lookup_max_ms": [],
+               "down": [], "nocache": []}
+    try:
+        for r in range(args.rounds):
+            a_proc, a = start_keel(BINARY, work, f"a{r}", url)
+            b_proc, b = start_keel(BINARY, work, f"b{r}", url)
+            n_proc, n = start_keel(BINARY, work, f"n{r}", None, cache_bytes=0)
+            procs += [a_proc, b_proc, n_proc]
+            rows = texts(f"round{r}", args.rows)
+            results["cold"].append(rate(a, rows))
+            results["own"].append(rate(a, rows))
+            # Wait for A's write-back to land before B reads.
+            deadline = time.time() + 30
+            while a.stats()["cache"]["shared"]["writes"] < args.rows and time.time() < deadline:
+                time.sleep(0.05)
+            results["shared"].append(rate(b, rows))
+            sb = b.stats()
+            sh = sb["cache"]["shared"]
+            assert sb["embedded_rows"] == 0, sb
+            results["lookup_ms"].append(sh["lookup_micros_total"] / max(sh["lookups"], 1) / 1000)
+            results["lookup_max_ms"].append(sh["lookup_micros_max"] / 1000)
+            # Redis away: B on new texts, against no cache at all (same texts, N first).
+            fresh = texts(f"down{r}", args.rows // 2)
+            results["nocache"].append(rate(n, fresh))
+            redis.kill()
+            redis.wait()
+            results["down"].append(rate(b, fresh))
+            redis = start_redis(rport, work)
+            started = time.time()
+            probe = 0
+            while True:
+                b.embed(pa.table({"text": [f"probe {r} {probe}"]}))
+                probe += 1
+                s = b.stats()["cache"]["shared"]
+                if not s["breaker_open"] and s["misses"] + s["hits"] > sh["misses"] + sh["hits"] + 1:
+                    break
+                time.sleep(0.1)
+            results.setdefault("recovered_s", []).append(time.time() - started)
+            for p in (a_proc, b_proc, n_proc):
+                p.terminate()
+                p.wait(timeout=30)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        redis.kill()
+
+    def fmt(xs, unit=""):
+        return f"{statistics.median(xs):,.0f}{unit} ({min(xs):,.0f}–{max(xs):,.0f})"
+
+    own, shared = statistics.median(results["own"]), statistics.median(results["shared"])
+    down, nocache = statistics.median(results["down"]), statistics.median(results["nocache"])
+    print(f"\nMachine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}; "
+          f"{args.rounds} rounds of {args.rows} rows; median (min–max)\n")
+    print("| figure | value |\n|---|---|")
+    print(f"| replica A, cold (every text through the model) | {fmt(results['cold'], ' rows/s')} |")
+    print(f"| replica A again (its own first-level hits) | {fmt(results['own'], ' rows/s')} |")
+    print(f"| replica B, same rows (second-level hits from Redis) | {fmt(results['shared'], ' rows/s')} |")
+    print(f"| B's speed / A's own cache-hit speed | {shared / own:.2f} |")
+    print(f"| Redis lookup per micro-batch (MGET of ≤ 25 keys), mean | "
+          f"{statistics.median(results['lookup_ms']):.3f} ms |")
+    print(f"| Redis lookup, longest | {max(results['lookup_max_ms']):.1f} ms |")
+    print(f"| no cache at all, new texts | {fmt(results['nocache'], ' rows/s')} |")
+    print(f"| replica B with Redis killed, new texts | {fmt(results['down'], ' rows/s')} |")
+    print(f"| Redis down / no cache | {down / nocache:.2f} |")
+    print(f"| Redis restarted → B's lookups answered again | "
+          f"{statistics.median(results['recovered_s']):.1f} s |")
+
+
+if __name__ == "__main__":
+    main()
