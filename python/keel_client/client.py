@@ -17,8 +17,24 @@ Data = Union[pa.Table, pa.RecordBatch, pa.RecordBatchReader, Iterable[pa.RecordB
 _RETRYABLE = (flight.FlightUnavailableError, flight.FlightCancelledError, ConnectionError)
 
 
+def _code(e: BaseException) -> str:
+    """The gRPC status a pyarrow exception stands for, by name."""
+    if isinstance(e, pa.ArrowInvalid):
+        return "InvalidArgument"
+    return {
+        "FlightUnauthenticatedError": "Unauthenticated",
+        "FlightUnauthorizedError": "PermissionDenied",
+        "FlightUnavailableError": "Unavailable",
+        "FlightTimedOutError": "DeadlineExceeded",
+        "FlightCancelledError": "Cancelled",
+        "FlightServerError": "ServerError",
+        "FlightInternalError": "Internal",
+    }.get(type(e).__name__, type(e).__name__)
+
+
 class KeelError(RuntimeError):
-    """A call Keel refused or could not finish; `code` is the Flight error's class name."""
+    """A call Keel refused or could not finish; `code` names the gRPC status
+    (`InvalidArgument`, `Unauthenticated`, `Unavailable`, `ResourceExhausted`, ...)."""
 
     def __init__(self, message: str, code: str = "", address: str = ""):
         super().__init__(message)
@@ -195,10 +211,10 @@ class KeelClient:
             except _RETRYABLE as e:
                 last = e
                 self._forget(address)
-            except flight.FlightError as e:
-                raise KeelError(str(e), type(e).__name__, address) from e
+            except (flight.FlightError, pa.ArrowException) as e:
+                raise KeelError(str(e), _code(e), address) from e
         raise KeelError(f"no Keel server answered ({', '.join(self.addresses)}): {last}",
-                        type(last).__name__ if last else "", "")
+                        _code(last) if last else "Unavailable", "")
 
     def embed(
         self,
@@ -304,8 +320,8 @@ class KeelClient:
                 dataset_rows = json.loads(buf.to_pybytes())["dataset_rows"]
             writer.close()
             return dataset_rows
-        except flight.FlightError as e:
-            raise KeelError(str(e), type(e).__name__, address) from e
+        except (flight.FlightError, pa.ArrowException) as e:
+            raise KeelError(str(e), _code(e), address) from e
 
     def read(self, dataset: str, *, address: Optional[str] = None) -> pa.Table:
         """A stored dataset, every row with its embedding."""
@@ -313,8 +329,8 @@ class KeelClient:
         try:
             return self._client(address).do_get(flight.Ticket(dataset.encode()),
                                                  options=self._options).read_all()
-        except flight.FlightError as e:
-            raise KeelError(str(e), type(e).__name__, address) from e
+        except (flight.FlightError, pa.ArrowException) as e:
+            raise KeelError(str(e), _code(e), address) from e
 
     # -- actions --------------------------------------------------------------------
 
@@ -326,8 +342,8 @@ class KeelClient:
         try:
             results = list(self._client(address).do_action(flight.Action(name, payload),
                                                            options=self._options))
-        except flight.FlightError as e:
-            raise KeelError(str(e), type(e).__name__, address) from e
+        except (flight.FlightError, pa.ArrowException) as e:
+            raise KeelError(str(e), _code(e), address) from e
         return json.loads(results[0].body.to_pybytes())
 
     def health(self, *, address: Optional[str] = None) -> Dict[str, Any]:
