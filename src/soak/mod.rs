@@ -195,12 +195,14 @@ async fn producer(
 }
 
 /// Holds the producers until the engine has nothing in flight and its op count stands
-/// still, then returns the reading with the least allocated of three.
+/// still, then returns the reading with the least allocated of three (and, with
+/// `profile`, the path of a heap profile taken while they are still held).
 async fn settle(
     probe: &mut FlightClient,
     control: &Control,
     started: Instant,
-) -> anyhow::Result<Option<Sample>> {
+    profile: bool,
+) -> anyhow::Result<(Option<Sample>, Option<String>)> {
     const POLL: Duration = Duration::from_millis(50);
     control.paused.store(true, Ordering::Relaxed);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -226,8 +228,13 @@ async fn settle(
             }
         }
     }
+    let path = if settled && profile {
+        Some(heap_profile(probe).await?)
+    } else {
+        None
+    };
     control.paused.store(false, Ordering::Relaxed);
-    Ok(best)
+    Ok((best, path))
 }
 
 /// Runs producers against `addr` until `until` says stop; samples every `tick`.
@@ -353,16 +360,14 @@ async fn drive(
             );
         }
         if opts.settle_every > 0 && opts.workload != Workload::Burst && sample.ops >= next_settle {
-            if let Some(s) = settle(&mut probe, &control, started).await? {
-                // Heap profiles are taken here: producers held, nothing in flight.
-                let profile = if opts.heap_profile_every > 0 && s.ops >= next_profile {
-                    next_profile = s.ops + opts.heap_profile_every;
-                    let path = heap_profile(&mut probe).await?;
-                    heap_profiles.push((s.ops, path.clone()));
-                    Some(path)
-                } else {
-                    None
-                };
+            // Heap profiles are taken there: producers held, nothing in flight.
+            let due = opts.heap_profile_every > 0 && sample.ops >= next_profile;
+            let (reading, profile) = settle(&mut probe, &control, started, due).await?;
+            if let Some(path) = &profile {
+                next_profile = sample.ops + opts.heap_profile_every;
+                heap_profiles.push((ops_before + sample.ops, path.clone()));
+            }
+            if let Some(s) = reading {
                 if let Some(log) = log.as_deref_mut() {
                     let logged = log.offset(s);
                     log.write(&logged, true, &[], profile.as_deref())?;
