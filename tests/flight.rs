@@ -436,6 +436,9 @@ async fn actions_report_stats_cleanup_and_health() {
         .await
         .unwrap();
     let names: Vec<&str> = actions.iter().map(|a| a.r#type.as_str()).collect();
-    assert_eq!(names, ["stats", "cleanup", "health", "search"]);
+    assert_eq!(
+        names,
+        ["stats", "cleanup", "health", "search", "heap-profile"]
+    );
     server.stop().await;
 }

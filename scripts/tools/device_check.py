@@ -95,11 +95,13 @@ def embed(path, backend, batch=None, precision="f32", fusion=True):
     with open(path, "rb") as f:
         out, err = run(cmd, env=env, stdin=f)
     vectors = [json.loads(l)["embedding"] for l in out.decode().splitlines()]
-    m = re.search(r"\(([\d.]+) texts/s; start-up ([\d.]+) s", err)
+    # texts/s from the count and the seconds: the printed rate is rounded to a whole
+    # number, 0 for a first pass that compiles its kernels on a loaded software adapter.
+    m = re.search(r"(\d+) texts in ([\d.]+) s \([\d.]+ texts/s; start-up ([\d.]+) s", err)
     mem = re.search(r"device memory (\d+) MB in use, (\d+) MB reserved", err)
     return vectors, {
-        "texts_per_s": float(m.group(1)) if m else None,
-        "startup_s": float(m.group(2)) if m else None,
+        "texts_per_s": round(int(m.group(1)) / max(float(m.group(2)), 1e-3), 3) if m else None,
+        "startup_s": float(m.group(3)) if m else None,
         "device_mb_in_use": int(mem.group(1)) if mem else None,
         "device_mb_reserved": int(mem.group(2)) if mem else None,
     }
