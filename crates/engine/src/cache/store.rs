@@ -254,7 +254,7 @@ mod tests {
     fn accounting_uses_the_allocators_size_classes() {
         // 16 + 384 × 4 = 1 552 requested bytes live in jemalloc's 1 792-byte class.
         assert_eq!(entry_bytes(384), 1792 + 48);
-        // 100 MiB holds ≈ 55 700 such entries beside a table of 131 072 buckets.
+        // 100 MiB holds ≈ 55 500 such entries beside a table of 131 072 buckets.
         let cap = capacity(100 << 20, entry_bytes(384));
         assert!(table_bytes(table_entries(cap)) + cap * entry_bytes(384) <= 100 << 20);
         assert!((55_000..57_000).contains(&cap), "{cap}");
