@@ -278,6 +278,18 @@ fn describe() {
             "Times the Redis circuit breaker opened.",
         ),
         (
+            "keel_cache_shared_leased_total",
+            "Keys this replica leased to compute for the fleet.",
+        ),
+        (
+            "keel_cache_shared_waited_total",
+            "Keys another replica was computing, waited for instead of computed.",
+        ),
+        (
+            "keel_cache_shared_taken_over_total",
+            "Keys whose lease expired while waited for, computed here.",
+        ),
+        (
             "keel_cache_shared_writes_total",
             "Vectors written back to Redis.",
         ),
@@ -350,6 +362,9 @@ fn publish(s: &Stats) {
         total("keel_cache_shared_timeouts_total", r.timeouts);
         total("keel_cache_shared_skipped_total", r.skipped);
         total("keel_cache_shared_breaker_trips_total", r.breaker_trips);
+        total("keel_cache_shared_leased_total", r.leased);
+        total("keel_cache_shared_waited_total", r.waited);
+        total("keel_cache_shared_taken_over_total", r.taken_over);
         total("keel_cache_shared_writes_total", r.writes);
         total("keel_cache_shared_write_errors_total", r.write_errors);
         total("keel_cache_shared_writes_dropped_total", r.writes_dropped);

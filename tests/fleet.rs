@@ -201,6 +201,147 @@ async fn another_model_on_the_same_redis_gets_no_hit() {
     }
 }
 
+/// The cache key carries the arithmetic: the same model computed in f16 on the GPU backend
+/// (Mesa's software Vulkan here) is never served the CPU backend's f32 vectors, nor the
+/// reverse.
+#[cfg(feature = "gpu")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_precision_on_the_same_redis_gets_no_hit() {
+    let redis = Redis::start();
+    let model = tiny_bert();
+    let dir = model.path().to_path_buf();
+    let cpu = TestServer::start({
+        let dir = dir.clone();
+        let url = redis.url();
+        move |s| {
+            shared(&url)(s);
+            s.embedder.model_dir = dir;
+        }
+    })
+    .await;
+    let rows = texts("precision", 40);
+    embed(&cpu, &rows).await;
+    written(&cpu, 40).await;
+    let f16 = TestServer::start(|s| {
+        shared(&redis.url())(s);
+        s.embedder.model_dir = dir.clone();
+        s.embedder.backend = keel_engine::embedder::config::Backends::Wgpu;
+        s.embedder.gpu.allow_software = true;
+        s.embedder.gpu.precision = keel_model::Precision::F16;
+        s.embedder.gpu.max_batch_rows = 8;
+        s.embedder.gpu.max_batch_tokens = 256;
+    })
+    .await;
+    // Kernels compile before the first stream is served.
+    let mut client = f16.client().await;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while keel::flight::client::action::<serde_json::Value>(&mut client, "health", Vec::new())
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "the f16 replica never warmed up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    embed(&f16, &rows).await;
+    let s = stats(&f16).await;
+    assert_eq!(s["embedded_rows"], 40, "{s}");
+    assert_eq!(s["cache"]["shared"]["hits"], 0, "{s}");
+    for server in [cpu, f16] {
+        server.stop().await;
+    }
+}
+
+/// Three replicas missing the same new texts at the same moment embed each text once
+/// between them: one leases it in Redis, the others wait for its vector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_missing_the_same_texts_at_once_embed_each_once_fleet_wide() {
+    let redis = Redis::start();
+    let servers = [
+        TestServer::start(shared(&redis.url())).await,
+        TestServer::start(shared(&redis.url())).await,
+        TestServer::start(shared(&redis.url())).await,
+    ];
+    let rows = texts("lease", 300);
+    // Each replica takes the rows in another order, so that every replica both leases
+    // texts and waits for others'.
+    let orders: Vec<Vec<String>> = (0..3)
+        .map(|r| {
+            let mut o = rows.clone();
+            o.rotate_left(r * 100);
+            o
+        })
+        .collect();
+    let results = futures::future::join_all(
+        servers
+            .iter()
+            .zip(&orders)
+            .map(|(server, order)| embed(server, order)),
+    )
+    .await;
+    let mut embedded = 0;
+    let mut waited = 0;
+    for server in &servers {
+        let s = stats(server).await;
+        embedded += s["embedded_rows"].as_u64().unwrap();
+        waited += s["cache"]["shared"]["waited"].as_u64().unwrap();
+        assert_eq!(s["cache"]["shared"]["errors"], 0, "{s}");
+        assert_eq!(s["cache"]["shared"]["timeouts"], 0, "{s}");
+    }
+    assert_eq!(embedded, 300, "each distinct text embedded once fleet-wide");
+    assert!(waited > 0, "some replica waited for another's lease");
+    for (r, got) in results.iter().enumerate() {
+        for (i, v) in got.iter().enumerate() {
+            assert_eq!(v, &results[0][(i + r * 100) % 300], "replica {r} row {i}");
+        }
+    }
+    for server in servers {
+        server.stop().await;
+    }
+}
+
+/// A replica that died holding leases delays the fleet by one lease at most: a replica
+/// waiting on those texts takes them over when the leases expire and embeds them itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_of_a_dead_replica_are_taken_over_when_they_expire() {
+    let redis = Redis::start();
+    let probe = TestServer::start(shared(&redis.url())).await;
+    let rows = texts("takeover", 30);
+    let expected = embed(&probe, &rows).await;
+    written(&probe, 30).await;
+    probe.stop().await;
+    let server = TestServer::start(shared(&redis.url())).await;
+    // Those texts' keys are what the probe wrote; make them look like a dead replica's
+    // leases: no vector, a lease held by "dead" for 2 s.
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("keel:v1:*")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(keys.len(), 30, "{keys:?}");
+    for key in &keys {
+        let hex = key.strip_prefix("keel:v1:").unwrap();
+        redis::cmd("DEL").arg(key).exec(&mut conn).unwrap();
+        redis::cmd("SET")
+            .arg(format!("keel:v1:lease:{hex}"))
+            .arg("dead")
+            .arg("PX")
+            .arg(2000)
+            .exec(&mut conn)
+            .unwrap();
+    }
+    let got = embed(&server, &rows).await;
+    let s = stats(&server).await;
+    assert_eq!(got, expected);
+    let r = &s["cache"]["shared"];
+    assert_eq!(r["taken_over"], 30, "{s}");
+    assert_eq!(r["leased"], 0, "{s}");
+    assert_eq!(s["embedded_rows"], 30, "{s}");
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_going_away_mid_stream_costs_no_row_and_hits_resume_when_it_is_back() {
     let mut redis = Redis::start();

@@ -9,15 +9,16 @@
     ds.write_parquet("s3://bucket/embedded/")
 
 Each actor streams its blocks to a Keel server: by default the one on its own node
-(`grpc://NODE_IP:50051`), or, given a list, the one the actor's node is assigned
-(`addresses[hash(node) % len]`) with the others as fallbacks when it goes away. Ray
+(`grpc://NODE_IP:50051`); given a mapping from Ray node ID to address, its node's server;
+given a list, the one the actor's node is assigned (`addresses[hash(node) % len]`). The
+other addresses are fallbacks for when that server goes away. Ray
 schedules the actors, retries failed tasks and applies its own backpressure; Keel's cache
 (with `cache.shared` in Redis) makes a text cost one embedding per fleet.
 """
 from __future__ import annotations
 
 import zlib
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import pyarrow as pa
 
@@ -27,22 +28,31 @@ from .client import KeelClient
 class KeelEmbedder:
     """A callable class for `Dataset.map_batches(..., batch_format="pyarrow")`.
 
-    addresses: Keel servers; None = the one on this actor's node, at `port`.
+    addresses: Keel servers; None = the one on this actor's node, at `port`; a mapping
+    {Ray node ID: address} = this node's entry first (Keel on each node at its own
+    address, e.g. several nodes on one host).
     Other keyword arguments go to `KeelClient` (token, tls_root_certs, timeout,
     text_column, template, retries).
     """
 
-    def __init__(self, addresses: Optional[Sequence[str]] = None, *, port: int = 50051,
-                 scheme: str = "grpc", **client_kwargs):
+    def __init__(self, addresses: Union[None, Sequence[str], Mapping[str, str]] = None, *,
+                 port: int = 50051, scheme: str = "grpc", **client_kwargs):
         import ray
 
-        ctx = ray.get_runtime_context()
+        node = ray.get_runtime_context().get_node_id()
         if addresses is None:
-            addresses = [f"{scheme}://{ray.util.get_node_ip_address()}:{port}"]
-        addresses = list(addresses)
-        # This node's server first, the rest as fallbacks, in a stable order per node.
-        start = zlib.crc32(ctx.get_node_id().encode()) % len(addresses)
-        self.addresses = addresses[start:] + addresses[:start]
+            ordered = [f"{scheme}://{ray.util.get_node_ip_address()}:{port}"]
+        elif isinstance(addresses, Mapping):
+            others = sorted(a for n, a in addresses.items() if n != node)
+            ordered = ([addresses[node]] if node in addresses else []) + others
+        else:
+            listed = list(addresses)
+            # A stable server per node, the rest as fallbacks.
+            start = zlib.crc32(node.encode()) % len(listed)
+            ordered = listed[start:] + listed[:start]
+        if not ordered:
+            raise ValueError("KeelEmbedder needs at least one address")
+        self.addresses = ordered
         self.client = KeelClient(self.addresses, **client_kwargs)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -367,12 +367,12 @@ async fn drive(
                 next_profile = sample.ops + opts.heap_profile_every;
                 heap_profiles.push((ops_before + sample.ops, path.clone()));
             }
-            if let Some(s) = reading {
-                if let Some(log) = log.as_deref_mut() {
-                    let logged = log.offset(s);
-                    log.write(&logged, true, &[], profile.as_deref())?;
-                    settled.push(logged);
-                }
+            if let Some(s) = reading
+                && let Some(log) = log.as_deref_mut()
+            {
+                let logged = log.offset(s);
+                log.write(&logged, true, &[], profile.as_deref())?;
+                settled.push(logged);
             }
             next_settle = sample.ops.max(next_settle) + opts.settle_every;
         }

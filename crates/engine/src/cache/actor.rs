@@ -45,7 +45,14 @@ impl Handler<Lookup> for CacheActor {
     type Result = Vec<Option<std::sync::Arc<[f32]>>>;
 
     fn handle(&mut self, msg: Lookup, _: &mut Self::Context) -> Self::Result {
-        msg.keys.into_iter().map(|k| self.cache.get(k)).collect()
+        if msg.recheck {
+            msg.keys
+                .into_iter()
+                .map(|k| self.cache.recheck(k))
+                .collect()
+        } else {
+            msg.keys.into_iter().map(|k| self.cache.get(k)).collect()
+        }
     }
 }
 

@@ -11,6 +11,8 @@ use super::store::CacheStats;
 #[rtype(result = "Vec<Option<Arc<[f32]>>>")]
 pub struct Lookup {
     pub keys: Vec<u128>,
+    /// A second look at keys already counted as misses: counts nothing.
+    pub recheck: bool,
 }
 
 /// Stores freshly computed vectors.

@@ -11,6 +11,14 @@
 //! The connection is redis-rs's `ConnectionManager`, which reconnects with back-off, so a
 //! restarted Redis is found again without restarting Keel.
 //!
+//! A text is embedded once per fleet, not once per replica that misses it at the same
+//! time: the lookup is a small Lua script that, for each key not in Redis, takes a lease
+//! on it (`SET lease NX PX lease_ms`) in the same round trip. The replica holding the
+//! lease computes the vector; the others see the key as busy and ask again (2 ms, doubling
+//! to 50 ms) until its vector is written back or the lease expires (a replica that died
+//! holding it), when one of them takes the lease over. `lease_ms: 0` turns leases off
+//! (a plain `MGET`).
+//!
 //! Keys are `key_prefix` + the 32 hex digits of the first-level key, which hashes the
 //! model's identity (weights digest, pooling, normalisation, truncation, precision) with
 //! the text: another model or precision on the same Redis never gets a hit. Values are the
@@ -43,6 +51,10 @@ pub struct SharedCacheConfig {
     pub breaker_errors: u32,
     /// How long an open breaker skips Redis before one lookup probes it again.
     pub breaker_open_ms: u64,
+    /// How long a replica may take to compute the vectors it leased before another
+    /// replica takes them over (longer than a micro-batch takes on a loaded replica); 0:
+    /// no leases, so replicas that miss a text at the same time each embed it.
+    pub lease_ms: u64,
 }
 
 impl Default for SharedCacheConfig {
@@ -55,6 +67,7 @@ impl Default for SharedCacheConfig {
             max_pending_writes: 16_384,
             breaker_errors: 5,
             breaker_open_ms: 5_000,
+            lease_ms: 5_000,
         }
     }
 }
@@ -88,6 +101,12 @@ pub struct SharedCacheStats {
     pub timeouts: u64,
     /// Keys not looked up because the breaker was open.
     pub skipped: u64,
+    /// Keys this replica leased (it computes them for the fleet).
+    pub leased: u64,
+    /// Keys another replica was computing, waited for rather than computed here.
+    pub waited: u64,
+    /// Keys waited for whose lease expired, taken over and computed here.
+    pub taken_over: u64,
     /// Times the breaker opened.
     pub breaker_trips: u64,
     pub breaker_open: bool,
@@ -108,6 +127,9 @@ struct Counters {
     errors: AtomicU64,
     timeouts: AtomicU64,
     skipped: AtomicU64,
+    leased: AtomicU64,
+    waited: AtomicU64,
+    taken_over: AtomicU64,
     breaker_trips: AtomicU64,
     writes: AtomicU64,
     write_errors: AtomicU64,
@@ -126,6 +148,35 @@ struct Breaker {
     probing: bool,
 }
 
+/// `KEYS[1..n]`: the vectors' keys, `KEYS[n+1..2n]`: their leases; `ARGV`: this
+/// replica's owner token and the lease in ms. Per key: the vector, 1 (not there, leased to
+/// the caller) or 0 (not there, leased to another replica).
+const LOOKUP_AND_LEASE: &str = r#"
+local n = #KEYS / 2
+local out = {}
+for i = 1, n do
+  local v = redis.call('GET', KEYS[i])
+  if v then
+    out[i] = v
+  elseif redis.call('SET', KEYS[n + i], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"#;
+
+/// What the second level said of one key.
+#[derive(Debug, Clone)]
+pub enum Found {
+    Hit(Arc<[f32]>),
+    /// Compute it here: not found and leased to this replica, or Redis could not say.
+    Compute,
+    /// Another replica is computing it: ask again shortly.
+    Busy,
+}
+
 /// Handle to the second level; cheap to clone.
 #[derive(Clone)]
 pub struct SharedCache {
@@ -141,6 +192,8 @@ struct Inner {
     counters: Counters,
     breaker: Mutex<Breaker>,
     breaker_open: AtomicBool,
+    /// This replica's name on the leases it takes (for whoever inspects Redis).
+    owner: String,
 }
 
 impl SharedCache {
@@ -161,12 +214,24 @@ impl SharedCache {
                 counters: Counters::default(),
                 breaker: Mutex::new(Breaker::default()),
                 breaker_open: AtomicBool::new(false),
+                owner: format!(
+                    "{}:{}",
+                    std::process::id(),
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos())
+                        .unwrap_or(0)
+                ),
             }),
         }))
     }
 
     fn redis_key(&self, key: u128) -> String {
         format!("{}{key:032x}", self.inner.config.key_prefix)
+    }
+
+    fn lease_key(&self, key: u128) -> String {
+        format!("{}lease:{key:032x}", self.inner.config.key_prefix)
     }
 
     async fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
@@ -229,25 +294,43 @@ impl SharedCache {
             .store(b.open_until.is_some(), Ordering::Relaxed);
     }
 
-    /// Looks `keys` up in one round trip: a vector of `dim` values per key found. Never
-    /// fails: trouble is counted and reads as misses.
-    pub async fn get(&self, keys: &[u128], dim: usize) -> Vec<Option<Arc<[f32]>>> {
+    /// Looks `keys` up in one round trip and, with leases on, leases the ones not found
+    /// (see the module doc). Never fails: trouble is counted and reads as
+    /// [`Found::Compute`]. `retry`: these keys were [`Found::Busy`] before (an expired
+    /// lease taken now counts as a takeover, not a new lease).
+    pub async fn lookup(&self, keys: &[u128], dim: usize, retry: bool) -> Vec<Found> {
         let c = &self.inner.counters;
-        let none = || vec![None; keys.len()];
+        let compute = || vec![Found::Compute; keys.len()];
         if keys.is_empty() {
-            return none();
+            return compute();
         }
         if !self.admit() {
             c.skipped.fetch_add(keys.len() as u64, Ordering::Relaxed);
-            return none();
+            return compute();
         }
         let started = Instant::now();
-        let names: Vec<String> = keys.iter().map(|&k| self.redis_key(k)).collect();
+        let lease_ms = self.inner.config.lease_ms;
         let lookup = async {
             let mut conn = self.connection().await?;
-            let mut cmd = redis::cmd("MGET");
-            cmd.arg(&names);
-            cmd.query_async::<Vec<Option<Vec<u8>>>>(&mut conn).await
+            let cmd = if lease_ms == 0 {
+                let mut cmd = redis::cmd("MGET");
+                for &k in keys {
+                    cmd.arg(self.redis_key(k));
+                }
+                cmd
+            } else {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(LOOKUP_AND_LEASE).arg(keys.len() * 2);
+                for &k in keys {
+                    cmd.arg(self.redis_key(k));
+                }
+                for &k in keys {
+                    cmd.arg(self.lease_key(k));
+                }
+                cmd.arg(&self.inner.owner).arg(lease_ms);
+                cmd
+            };
+            cmd.query_async::<Vec<redis::Value>>(&mut conn).await
         };
         let timeout = Duration::from_millis(self.inner.config.timeout_ms);
         let answer = tokio::time::timeout(timeout, lookup).await;
@@ -260,45 +343,70 @@ impl SharedCache {
             Ok(Ok(v)) if v.len() == keys.len() => v,
             Ok(Ok(v)) => {
                 c.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(got = v.len(), asked = keys.len(), "MGET answered oddly");
+                tracing::debug!(got = v.len(), asked = keys.len(), "lookup answered oddly");
                 self.record(false);
-                return none();
+                return compute();
             }
             Ok(Err(e)) => {
                 c.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(error = %e, "shared cache lookup failed");
                 self.record(false);
-                return none();
+                return compute();
             }
             Err(_) => {
                 c.timeouts.fetch_add(1, Ordering::Relaxed);
                 self.record(false);
-                return none();
+                return compute();
             }
         };
         self.record(true);
+        let count = |a: &AtomicU64| a.fetch_add(1, Ordering::Relaxed);
         values
             .into_iter()
             .map(|v| match v {
-                Some(bytes) if bytes.len() == dim * 4 => {
-                    c.hits.fetch_add(1, Ordering::Relaxed);
-                    Some(
+                redis::Value::BulkString(bytes) if bytes.len() == dim * 4 => {
+                    count(&c.hits);
+                    if retry {
+                        count(&c.waited);
+                    }
+                    Found::Hit(
                         bytes
                             .chunks_exact(4)
                             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                             .collect(),
                     )
                 }
-                Some(_) => {
-                    c.errors.fetch_add(1, Ordering::Relaxed);
-                    None
+                // Not there: leased to this replica (1), or plain MGET's nil.
+                redis::Value::Int(1) | redis::Value::Nil => {
+                    if retry {
+                        count(&c.taken_over);
+                    } else {
+                        count(&c.misses);
+                        if lease_ms > 0 {
+                            count(&c.leased);
+                        }
+                    }
+                    Found::Compute
                 }
-                None => {
-                    c.misses.fetch_add(1, Ordering::Relaxed);
-                    None
+                // Not there and leased to another replica.
+                redis::Value::Int(0) => {
+                    if !retry {
+                        count(&c.misses);
+                    }
+                    Found::Busy
+                }
+                _ => {
+                    count(&c.errors);
+                    Found::Compute
                 }
             })
             .collect()
+    }
+
+    /// How long a key may stay busy before this replica computes it anyway: two leases
+    /// (a lease taken over may be held for a full lease again).
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_millis(self.inner.config.lease_ms.saturating_mul(2))
     }
 
     /// Queues vectors for writing back; returns at once (a full queue drops them).
@@ -334,6 +442,9 @@ impl SharedCache {
             errors: l(&c.errors),
             timeouts: l(&c.timeouts),
             skipped: l(&c.skipped),
+            leased: l(&c.leased),
+            waited: l(&c.waited),
+            taken_over: l(&c.taken_over),
             breaker_trips: l(&c.breaker_trips),
             breaker_open: self.inner.breaker_open.load(Ordering::Relaxed),
             writes: l(&c.writes),
@@ -359,6 +470,7 @@ async fn writer(cache: SharedCache, mut rx: mpsc::Receiver<(u128, Arc<[f32]>)>) 
             continue;
         }
         let ttl = cache.inner.config.ttl_s;
+        let leases = cache.inner.config.lease_ms > 0;
         let mut pipe = redis::pipe();
         for (key, vector) in batch.drain(..) {
             let bytes: Vec<u8> = vector.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -367,6 +479,9 @@ async fn writer(cache: SharedCache, mut rx: mpsc::Receiver<(u128, Arc<[f32]>)>) 
                 set.arg("EX").arg(ttl);
             }
             set.ignore();
+            if leases {
+                pipe.cmd("UNLINK").arg(cache.lease_key(key)).ignore();
+            }
         }
         // Writes get a longer deadline than lookups: nobody waits on them.
         let timeout = Duration::from_millis(cache.inner.config.timeout_ms.max(1) * 20);

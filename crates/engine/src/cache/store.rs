@@ -114,6 +114,12 @@ impl VectorCache {
         }
     }
 
+    /// Like [`get`](Self::get), without counting a hit or a miss (a second look at a
+    /// key already counted).
+    pub fn recheck(&mut self, key: u128) -> Option<Arc<[f32]>> {
+        self.lru.get(&key).cloned()
+    }
+
     pub fn insert(&mut self, key: u128, vector: Arc<[f32]>) {
         let size = entry_bytes(vector.len());
         if self.table == 0 {

@@ -76,7 +76,7 @@ impl InFlightTexts {
 
 impl Claim<'_> {
     /// Hands each claimed key's vector to whoever waits for it, and releases the claims.
-    pub fn publish(mut self, vectors: &[(u128, Arc<[f32]>)]) {
+    pub fn publish<'v>(mut self, vectors: impl IntoIterator<Item = &'v (u128, Arc<[f32]>)>) {
         let mut pending = self.owner.pending.lock().unwrap_or_else(|e| e.into_inner());
         for (k, v) in vectors {
             if let Some(waiters) = pending.remove(k) {

@@ -19,8 +19,11 @@ use super::coalesce::{Claimed, InFlightTexts};
 use super::config::IngestConfig;
 use crate::cache::actor::CacheActor;
 use crate::cache::messages::{Insert, Lookup};
-use crate::cache::shared::SharedCache;
+use crate::cache::shared::{Found, SharedCache};
 use crate::embedder::workers::{EmbedError, EmbedderHandle};
+
+/// A distinct text of a micro-batch: its cache key, the text, and the rows that carry it.
+type Unique<'a> = (u128, &'a str, Vec<usize>);
 
 /// Counters of ingest, read by `stats` and the supervisor.
 #[derive(Debug, Default)]
@@ -217,7 +220,7 @@ impl Pipeline {
     /// it to `inserts` (for the caches).
     async fn compute(
         &self,
-        texts: &[&(u128, &str, Vec<usize>)],
+        texts: &[&Unique<'_>],
         out: &mut [f32],
         inserts: &mut Vec<(u128, Arc<[f32]>)>,
     ) -> Result<(), IngestError> {
@@ -245,12 +248,74 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Puts vectors in the first level (when there is one).
+    async fn insert_l1(&self, entries: Vec<(u128, Arc<[f32]>)>) -> Result<(), IngestError> {
+        match &self.cache {
+            Some(cache) if !entries.is_empty() => cache
+                .send(Insert { entries })
+                .await
+                .map_err(|e| IngestError::Internal(format!("cache unavailable: {e}"))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Resolves `mine` (first-level misses this micro-batch claimed) through the second
+    /// level: hits are copied out (and into `promoted`); keys leased to this replica, or
+    /// that Redis could not answer for, are computed (into `inserts`, written back at
+    /// once for the replicas waiting on them); keys another replica is computing are asked
+    /// for again, backing off, until they are there or their lease has expired.
+    async fn resolve_shared(
+        &self,
+        shared: &SharedCache,
+        mine: &[&Unique<'_>],
+        out: &mut [f32],
+        inserts: &mut Vec<(u128, Arc<[f32]>)>,
+        promoted: &mut Vec<(u128, Arc<[f32]>)>,
+    ) -> Result<(), IngestError> {
+        let dim = self.dim();
+        let give_up = std::time::Instant::now() + shared.max_wait();
+        let mut pause = std::time::Duration::from_millis(2);
+        let mut pending: Vec<&Unique> = mine.to_vec();
+        let mut retry = false;
+        while !pending.is_empty() {
+            let keys: Vec<u128> = pending.iter().map(|u| u.0).collect();
+            let found = if retry && std::time::Instant::now() >= give_up {
+                vec![Found::Compute; keys.len()]
+            } else {
+                shared.lookup(&keys, dim, retry).await
+            };
+            let (mut compute, mut busy) = (Vec::new(), Vec::new());
+            for (u, found) in pending.into_iter().zip(found) {
+                match found {
+                    Found::Hit(v) => {
+                        for &row in &u.2 {
+                            out[row * dim..(row + 1) * dim].copy_from_slice(&v);
+                        }
+                        promoted.push((u.0, v));
+                    }
+                    Found::Compute => compute.push(u),
+                    Found::Busy => busy.push(u),
+                }
+            }
+            let computed = inserts.len();
+            self.compute(&compute, out, inserts).await?;
+            shared.put(&inserts[computed..]).await;
+            if !busy.is_empty() {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_millis(50));
+            }
+            pending = busy;
+            retry = true;
+        }
+        Ok(())
+    }
+
     /// One op: a micro-batch's vectors, `chunk.len() × dim` values.
     async fn op(&self, chunk: &[Option<String>]) -> Result<Vec<f32>, IngestError> {
         let dim = self.dim();
         let mut out = vec![0.0f32; chunk.len() * dim];
         // Unique texts of the chunk and the rows that carry each.
-        let mut unique: Vec<(u128, &str, Vec<usize>)> = Vec::new();
+        let mut unique: Vec<Unique> = Vec::new();
         let mut index: HashMap<u128, usize> = HashMap::new();
         for (row, text) in chunk.iter().enumerate() {
             if let Some(text) = text {
@@ -268,6 +333,7 @@ impl Pipeline {
             Some(cache) if !unique.is_empty() => cache
                 .send(Lookup {
                     keys: unique.iter().map(|u| u.0).collect(),
+                    recheck: false,
                 })
                 .await
                 .map_err(|e| IngestError::Internal(format!("cache unavailable: {e}")))?,
@@ -284,44 +350,55 @@ impl Pipeline {
                 None => misses.push(u),
             }
         }
-        // The second level: one round trip for this micro-batch's misses; what it has goes
-        // into the first level too.
-        if let (Some(shared), false) = (&self.shared, misses.is_empty()) {
-            let keys: Vec<u128> = misses.iter().map(|u| u.0).collect();
-            let found = shared.get(&keys, dim).await;
-            let mut promoted = Vec::new();
-            let mut still = Vec::with_capacity(misses.len());
-            for (u, hit) in misses.into_iter().zip(found) {
-                match hit {
-                    Some(v) => {
-                        for &row in &u.2 {
-                            out[row * dim..(row + 1) * dim].copy_from_slice(&v);
-                        }
-                        promoted.push((u.0, v));
-                    }
-                    None => still.push(u),
-                }
-            }
-            misses = still;
-            if let (Some(cache), false) = (&self.cache, promoted.is_empty()) {
-                cache
-                    .send(Insert { entries: promoted })
-                    .await
-                    .map_err(|e| IngestError::Internal(format!("cache unavailable: {e}")))?;
-            }
-        }
         if !misses.is_empty() {
-            // A text another micro-batch is embedding right now is waited for, not
-            // computed twice. Ours are published before theirs are awaited (no cycle).
+            // A text another micro-batch of this process is resolving right now is waited
+            // for, not looked up or computed twice. Ours are published before theirs are
+            // awaited (no cycle).
             let keys: Vec<u128> = misses.iter().map(|u| u.0).collect();
             let Claimed {
                 mine,
                 theirs,
                 claim,
             } = self.computing.claim(&keys);
-            let mut inserts = Vec::with_capacity(misses.len());
-            let mine: Vec<_> = mine.into_iter().map(|i| misses[i]).collect();
-            self.compute(&mine, &mut out, &mut inserts).await?;
+            let mut mine: Vec<&Unique> = mine.into_iter().map(|i| misses[i]).collect();
+            // A claimant puts its vectors in the first level before it releases them, so
+            // a key claimed here may have landed since this op's lookup: look again.
+            if let (Some(cache), false) = (&self.cache, mine.is_empty()) {
+                let found = cache
+                    .send(Lookup {
+                        keys: mine.iter().map(|u| u.0).collect(),
+                        recheck: true,
+                    })
+                    .await
+                    .map_err(|e| IngestError::Internal(format!("cache unavailable: {e}")))?;
+                let mut still = Vec::with_capacity(mine.len());
+                for (u, hit) in mine.into_iter().zip(found) {
+                    match hit {
+                        Some(v) => {
+                            for &row in &u.2 {
+                                out[row * dim..(row + 1) * dim].copy_from_slice(&v);
+                            }
+                            self.counters
+                                .coalesced_rows
+                                .fetch_add(u.2.len() as u64, Ordering::Relaxed);
+                        }
+                        None => still.push(u),
+                    }
+                }
+                mine = still;
+            }
+            // Computed here (to both levels) and found in the second level (to the first).
+            let mut inserts = Vec::with_capacity(mine.len());
+            let mut promoted = Vec::new();
+            match &self.shared {
+                Some(shared) => {
+                    self.resolve_shared(shared, &mine, &mut out, &mut inserts, &mut promoted)
+                        .await?
+                }
+                None => self.compute(&mine, &mut out, &mut inserts).await?,
+            }
+            inserts.append(&mut promoted);
+            self.insert_l1(inserts.clone()).await?;
             claim.publish(&inserts);
             let mut fallback = Vec::new();
             for (i, rx) in theirs {
@@ -339,17 +416,13 @@ impl Pipeline {
                     Err(_) => fallback.push(u),
                 }
             }
-            self.compute(&fallback, &mut out, &mut inserts).await?;
-            if let Some(shared) = &self.shared {
-                shared.put(&inserts).await;
-            }
-            if let Some(cache) = &self.cache
-                && !inserts.is_empty()
-            {
-                cache
-                    .send(Insert { entries: inserts })
-                    .await
-                    .map_err(|e| IngestError::Internal(format!("cache unavailable: {e}")))?;
+            if !fallback.is_empty() {
+                let mut computed = Vec::with_capacity(fallback.len());
+                self.compute(&fallback, &mut out, &mut computed).await?;
+                if let Some(shared) = &self.shared {
+                    shared.put(&computed).await;
+                }
+                self.insert_l1(computed).await?;
             }
         }
         let nulls = chunk.iter().filter(|t| t.is_none()).count();

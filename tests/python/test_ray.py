@@ -1,0 +1,228 @@
+"""Keel fleets driven by Ray Data: a local Ray cluster of three nodes on this machine
+(ray.cluster_utils.Cluster), one `keel serve` per node sharing one redis-server, and a
+Parquet file of variant texts with repeats through `Dataset.map_batches(KeelEmbedder)`.
+Run by scripts/test.sh (Ray from PyPI in the test venv):
+    python tests/python/test_ray.py target/release/keel
+
+Checks: every row comes back once, in a Parquet output, with `keel embed`'s vector for
+its text; the fleet embedded each distinct text once (the replicas' embedded rows add up
+to the distinct texts: the shared cache's leases); and with one Keel killed mid-run the
+pipeline still completes with every row once and the right vectors.
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_flight import ROOT, free_port  # noqa: E402
+
+from keel_client import KeelClient  # noqa: E402
+
+failures = []
+
+
+def check(name, cond, detail=""):
+    print(("ok   " if cond else "FAIL ") + name, flush=True)
+    if not cond:
+        failures.append(name)
+        if detail:
+            print("     ", str(detail)[:800])
+
+
+def start_redis(workdir):
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", workdir],
+                            stdout=subprocess.DEVNULL)
+    import socket
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
+
+
+def start_keel(binary, workdir, name, redis_url):
+    port = free_port()
+    env = dict(os.environ, KEEL_SERVER__LISTEN=f"127.0.0.1:{port}",
+               KEEL_STORAGE__DATA_DIR=os.path.join(workdir, name),
+               KEEL_EMBEDDER__MODEL_DIR=os.path.join(ROOT, "models/all-MiniLM-L6-v2"),
+               KEEL_METRICS__ENABLED="false", RUST_LOG="warn",
+               KEEL_CACHE__SHARED__URL=redis_url,
+               # A loaded 2-core machine runs Ray, three Keels and Redis: a slow lookup must
+               # stay a lookup (a timeout would embed the text again, and be counted).
+               KEEL_CACHE__SHARED__TIMEOUT_MS="5000",
+               # Each Keel is one replica of a fleet on a shared machine: one model each.
+               KEEL_EMBEDDER__CPU__WORKERS="1")
+    proc = subprocess.Popen([binary, "serve", "--config", os.path.join(ROOT, "configs/default.yaml")],
+                            env=env)
+    address = f"grpc://127.0.0.1:{port}"
+    client = KeelClient(address, timeout=60)
+    deadline = time.time() + 120
+    while True:
+        try:
+            client.health()
+            return proc, address
+        except Exception:  # noqa: BLE001 - not up yet
+            if proc.poll() is not None or time.time() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def reference(binary, texts):
+    """`keel embed`'s vector for each text."""
+    out = subprocess.run([binary, "embed", "--config", os.path.join(ROOT, "configs/default.yaml"),
+                          "--model", os.path.join(ROOT, "models/all-MiniLM-L6-v2")],
+                         input="\n".join(texts) + "\n", capture_output=True, text=True, check=True,
+                         env=dict(os.environ, RUST_LOG="warn"))
+    lines = out.stdout.splitlines()
+    assert len(lines) == len(texts), (len(lines), len(texts))
+    return {t: np.asarray(json.loads(l)["embedding"], dtype=np.float32) for t, l in zip(texts, lines)}
+
+
+def dataset(binary, tag, distinct, rows, seed):
+    """`rows` variant texts over `distinct` distinct ones (the sample VCF's, tagged)."""
+    base = subprocess.run([binary, "texts", os.path.join(ROOT, "data/test-haploidX.vcf")],
+                          capture_output=True, text=True, check=True).stdout.splitlines()
+    texts = [f"{base[i % len(base)]} [{tag} {i}]" for i in range(distinct)]
+    rng = random.Random(seed)
+    # Every distinct text at least once, the rest repeats drawn with a skew.
+    picks = list(range(distinct)) + [min(int(rng.paretovariate(1.2)) - 1, distinct - 1)
+                                     if rng.random() < 0.5 else rng.randrange(distinct)
+                                     for _ in range(rows - distinct)]
+    rng.shuffle(picks)
+    return pa.table({"id": list(range(rows)), "text": [texts[p] for p in picks]}), texts
+
+
+def read_output(path):
+    out = pq.read_table(path).sort_by("id")
+    vecs = np.asarray(out.column("embedding").to_pylist(), dtype=np.float32)
+    return out, vecs
+
+
+def embedded(addresses):
+    return {a: KeelClient(a, timeout=30).stats()["embedded_rows"] for a in addresses}
+
+
+def run_pipeline(ray, src, dst, node_addresses):
+    from keel_client.ray import KeelEmbedder
+
+    # Blocks of a few hundred rows, so that every node's actor gets some.
+    ds = ray.data.read_parquet(src).repartition(24)
+    ds = ds.map_batches(KeelEmbedder, batch_format="pyarrow", batch_size=250,
+                        fn_constructor_kwargs={"addresses": node_addresses, "timeout": 300},
+                        compute=ray.data.ActorPoolStrategy(size=3),
+                        # One actor per node: each node offers one "keel" slot.
+                        num_cpus=0, resources={"keel": 1})
+    ds.write_parquet(dst)
+
+
+def main(binary):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    work = tempfile.mkdtemp(prefix="keel-ray-")
+    redis, url = start_redis(work)
+    keels = [start_keel(binary, work, f"keel{i}", url) for i in range(3)]
+    addresses = [a for _, a in keels]
+    node_args = {"num_cpus": 2, "resources": {"keel": 1}, "object_store_memory": 256 * 2**20}
+    cluster = Cluster(initialize_head=True,
+                      head_node_args=dict(node_args, include_dashboard=False))
+    try:
+        for _ in range(2):
+            cluster.add_node(**node_args)
+        ray.init(address=cluster.address, logging_level="warning", log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        check("the Ray cluster has three nodes", len(nodes) == 3, nodes)
+        node_addresses = dict(zip(nodes, addresses))
+
+        # 1. Every row once, `keel embed`'s vectors, each distinct text embedded once.
+        table, texts = dataset(binary, "ray", distinct=1500, rows=6000, seed=1)
+        src = os.path.join(work, "variants.parquet")
+        pq.write_table(table, src)
+        started = time.time()
+        run_pipeline(ray, src, os.path.join(work, "out1"), node_addresses)
+        elapsed = time.time() - started
+        out, vecs = read_output(os.path.join(work, "out1"))
+        check("every row comes back once, in Parquet",
+              out.column("id").to_pylist() == list(range(6000)), out.num_rows)
+        ref = reference(binary, texts)
+        want = np.stack([ref[t] for t in out.column("text").to_pylist()])
+        cos = np.sum(vecs * want, axis=1) / (np.linalg.norm(vecs, axis=1) * np.linalg.norm(want, axis=1))
+        check("vectors equal keel embed's (cosine >= 0.99999)", float(cos.min()) >= 0.99999,
+              f"min cosine {cos.min():.7f}")
+        counts = embedded(addresses)
+        check("each distinct text was embedded once fleet-wide",
+              sum(counts.values()) == len(texts), f"{counts} for {len(texts)} distinct")
+        check("every replica took part", all(v > 0 for v in counts.values()), counts)
+        print(f"     6000 rows ({len(texts)} distinct) in {elapsed:.1f} s; embedded per replica: "
+              f"{list(counts.values())}")
+
+        # 2. One Keel killed mid-run: the pipeline completes, every row once.
+        table, texts = dataset(binary, "kill", distinct=3000, rows=6000, seed=2)
+        src = os.path.join(work, "variants2.parquet")
+        pq.write_table(table, src)
+        victim_proc, victim = keels[2]
+        killed = threading.Event()
+        done = threading.Event()
+
+        def killer():
+            # As soon as the victim has embedded rows of this run, and before the end.
+            base = KeelClient(victim, timeout=10).stats()["embedded_rows"]
+            while not done.is_set():
+                try:
+                    if KeelClient(victim, timeout=10).stats()["embedded_rows"] > base:
+                        victim_proc.kill()
+                        killed.set()
+                        return
+                except Exception:  # noqa: BLE001 - stats may fail under load; ask again
+                    pass
+                time.sleep(0.05)
+
+        t = threading.Thread(target=killer)
+        t.start()
+        run_pipeline(ray, src, os.path.join(work, "out2"), node_addresses)
+        done.set()
+        t.join()
+        check("one Keel was killed while the pipeline ran", killed.is_set())
+        out, vecs = read_output(os.path.join(work, "out2"))
+        check("with a Keel killed mid-run, every row comes back once",
+              out.column("id").to_pylist() == list(range(6000)), out.num_rows)
+        ref = reference(binary, texts)
+        want = np.stack([ref[t] for t in out.column("text").to_pylist()])
+        cos = np.sum(vecs * want, axis=1) / (np.linalg.norm(vecs, axis=1) * np.linalg.norm(want, axis=1))
+        check("and every vector is keel embed's", float(cos.min()) >= 0.99999,
+              f"min cosine {cos.min():.7f}")
+    finally:
+        try:
+            ray.shutdown()
+        finally:
+            cluster.shutdown()
+            for proc, _ in keels:
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(timeout=30)
+            redis.kill()
+    if failures:
+        print(f"{len(failures)} failed: {failures}")
+        sys.exit(1)
+    print("all Ray checks passed")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target/release/keel"))
