@@ -93,6 +93,14 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         settings.embedder.precision_key(),
     );
     let ingest = &settings.ingest;
+    if let Some(d) = ingest.default_dimensions
+        && d > model.dim()
+    {
+        anyhow::bail!(
+            "ingest.default_dimensions is {d}, but the model's vectors have {} dimensions",
+            model.dim()
+        );
+    }
     // Enough queued jobs for every in-flight micro-batch: the permits are the real bound.
     let queue_jobs = ingest.max_in_flight_rows.div_ceil(ingest.micro_batch_rows) + 1;
     let janitor_model = model.clone();

@@ -16,6 +16,8 @@ use keel_engine::sink::writer::SinkWriter;
 use keel_engine::stats::{CleanupStats, MemoryStats, Stats, StreamStats};
 use keel_engine::supervisor::actor::SupervisorActor;
 use keel_engine::supervisor::messages::GetMemoryReport;
+use keel_wire::descriptor::Request;
+use keel_wire::vectors::VectorFormat;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Settings;
@@ -104,6 +106,24 @@ impl Engine {
 
     pub fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Relaxed)
+    }
+
+    /// How a stream's vectors are written: its command's precision and dimensions, else
+    /// `ingest.default_precision` / `default_dimensions`. `InvalidArgument` for
+    /// dimensions the model does not have.
+    pub fn vector_format(&self, request: &Request) -> Result<VectorFormat, tonic::Status> {
+        let ingest = self.pipeline.config();
+        let dim = self.pipeline.dim();
+        let default = VectorFormat {
+            precision: ingest.default_precision,
+            dimensions: ingest.default_dimensions.unwrap_or(dim),
+        };
+        Ok(VectorFormat::resolve(
+            request.precision,
+            request.dimensions,
+            default,
+            dim,
+        )?)
     }
 
     /// A dataset's description, read off the async workers.

@@ -2,6 +2,7 @@
 
 mod auth;
 mod common;
+mod compact;
 mod crash;
 #[cfg(feature = "gpu")]
 mod device_check;

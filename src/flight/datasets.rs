@@ -12,6 +12,7 @@ use arrow_ipc::writer::IpcWriteOptions;
 use futures::{StreamExt, stream};
 use keel_engine::sink::store::{DatasetInfo, SinkError};
 use keel_wire::descriptor::DatasetTicket;
+use keel_wire::vectors::VectorFormat;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
@@ -40,7 +41,18 @@ pub async fn describe(engine: &Engine, d: &FlightDescriptor) -> Result<DatasetIn
     engine.dataset(name).await.map_err(error::engine)
 }
 
+/// A dataset's `FlightInfo`: schema, rows, bytes on disk, and in `app_metadata` (JSON)
+/// how its vectors are stored: `{"precision", "dimensions", "vector_bytes_per_row"}`.
 pub fn flight_info(info: &DatasetInfo) -> Result<FlightInfo, Status> {
+    let vectors = VectorFormat::of_schema(&info.schema)
+        .map(|f| {
+            serde_json::json!({
+                "precision": f.precision.name(),
+                "dimensions": f.dimensions,
+                "vector_bytes_per_row": f.bytes_per_row(),
+            })
+        })
+        .unwrap_or(serde_json::Value::Null);
     FlightInfo::new()
         .try_with_schema(&info.schema)
         .map_err(|e| Status::internal(e.to_string()))
@@ -53,6 +65,7 @@ pub fn flight_info(info: &DatasetInfo) -> Result<FlightInfo, Status> {
             .with_total_records(info.rows as i64)
             .with_total_bytes(info.bytes as i64)
             .with_ordered(true)
+            .with_app_metadata(serde_json::to_vec(&vectors).unwrap_or_default())
         })
 }
 

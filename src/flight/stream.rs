@@ -26,6 +26,7 @@ use keel_wire::decode::{Batches, decode, panic_message};
 use keel_wire::descriptor::Target;
 use keel_wire::slicer::Slicer;
 use keel_wire::text::TextSource;
+use keel_wire::vectors::VectorFormat;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -70,12 +71,13 @@ pub fn exchange(engine: Arc<Engine>, stream: OpenStream) -> Result<BoxStream<Fli
         target,
         batches,
     } = stream;
-    let Target::Embed(source) = target else {
+    let Target::Embed(request) = target else {
         return Err(Status::invalid_argument(
             "DoExchange needs the descriptor path [\"embed\"]; use DoPut for datasets",
         ));
     };
-    let rx = spawn_reader(engine.clone(), batches, source);
+    let format = engine.vector_format(&request)?;
+    let rx = spawn_reader(engine.clone(), batches, request.source, format);
     let counters = engine.pipeline.counters().clone();
     let batches = ordered_results(rx).map(move |r| {
         let _slot = &slot;
@@ -102,12 +104,13 @@ pub fn put(engine: Arc<Engine>, stream: OpenStream) -> Result<BoxStream<PutResul
         target,
         batches,
     } = stream;
-    let Target::Dataset(name, source) = target else {
+    let Target::Dataset(name, request) = target else {
         return Err(Status::invalid_argument(
             "DoPut needs the descriptor path [\"datasets\", NAME]; use DoExchange [\"embed\"] to get rows back",
         ));
     };
-    let rx = spawn_reader(engine.clone(), batches, source);
+    let format = engine.vector_format(&request)?;
+    let rx = spawn_reader(engine.clone(), batches, request.source, format);
     let (out_tx, out_rx) = mpsc::channel::<Result<PutResult, Status>>(4);
     tokio::spawn(async move {
         let _slot = slot;
@@ -210,11 +213,12 @@ fn spawn_reader(
     engine: Arc<Engine>,
     batches: Batches,
     source: TextSource,
+    format: VectorFormat,
 ) -> mpsc::Receiver<Pending> {
     let (tx, rx) = mpsc::channel(engine.pipeline.config().stream_parallelism);
     tokio::spawn(async move {
         let failed = tx.clone();
-        if let Err(panic) = std::panic::AssertUnwindSafe(read(engine, batches, source, tx))
+        if let Err(panic) = std::panic::AssertUnwindSafe(read(engine, batches, source, format, tx))
             .catch_unwind()
             .await
         {
@@ -236,6 +240,7 @@ async fn read(
     engine: Arc<Engine>,
     mut batches: Batches,
     source: TextSource,
+    format: VectorFormat,
     tx: mpsc::Sender<Pending>,
 ) {
     let pipeline = engine.pipeline.clone();
@@ -287,7 +292,8 @@ async fn read(
             let p = pipeline.clone();
             let task = tokio::spawn(async move {
                 let (vectors, valid) = p.embed(texts).await.map_err(error::ingest)?;
-                let out = with_embeddings(&slice, vectors, &valid, dim).map_err(error::ingest)?;
+                let out = with_embeddings(&slice, vectors, &valid, dim, &format)
+                    .map_err(error::ingest)?;
                 Ok((out, in_flight))
             });
             if tx.send(Pending::Slice(task)).await.is_err() {

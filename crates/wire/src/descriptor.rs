@@ -11,21 +11,35 @@ use arrow_flight::flight_descriptor::DescriptorType;
 
 use crate::WireError;
 use crate::text::{EmbedCommand, TextSource};
+use crate::vectors::VectorPrecision;
 
 /// What a stream's descriptor asks for.
 #[derive(Debug, Clone)]
 pub enum Target {
     /// Vectors back to the client, row for row.
-    Embed(TextSource),
+    Embed(Request),
     /// Rows appended to the named dataset.
-    Dataset(String, TextSource),
+    Dataset(String, Request),
+}
+
+/// Which text each row is embedded as, and how its vector is written (unset: the
+/// configured defaults).
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub source: TextSource,
+    pub precision: Option<VectorPrecision>,
+    pub dimensions: Option<usize>,
 }
 
 impl Target {
     /// The text source, whatever the target.
     pub fn source(&self) -> &TextSource {
+        &self.request().source
+    }
+
+    pub fn request(&self) -> &Request {
         match self {
-            Target::Embed(source) | Target::Dataset(_, source) => source,
+            Target::Embed(request) | Target::Dataset(_, request) => request,
         }
     }
 
@@ -35,7 +49,12 @@ impl Target {
         let d =
             d.ok_or_else(|| WireError::invalid("the first message carries no flight descriptor"))?;
         let source = |cmd: &[u8]| {
-            EmbedCommand::parse(cmd).and_then(|c| TextSource::from_command(&c, default_column))
+            let c = EmbedCommand::parse(cmd)?;
+            Ok::<_, WireError>(Request {
+                source: TextSource::from_command(&c, default_column)?,
+                precision: c.precision,
+                dimensions: c.dimensions,
+            })
         };
         match DescriptorType::try_from(d.r#type) {
             Ok(DescriptorType::Path) => {
@@ -142,11 +161,11 @@ mod tests {
     fn paths_and_commands_become_targets() {
         assert!(matches!(
             Target::parse(Some(&path(&["embed"])), "text").unwrap(),
-            Target::Embed(TextSource::Column(c)) if c == "text"
+            Target::Embed(Request { source: TextSource::Column(c), precision: None, dimensions: None }) if c == "text"
         ));
         assert!(matches!(
             Target::parse(Some(&path(&["embed", r#"{"text_column":"t"}"#])), "text").unwrap(),
-            Target::Embed(TextSource::Column(c)) if c == "t"
+            Target::Embed(Request { source: TextSource::Column(c), .. }) if c == "t"
         ));
         assert!(matches!(
             Target::parse(Some(&path(&["datasets", "v1"])), "text").unwrap(),
@@ -155,8 +174,26 @@ mod tests {
         let cmd = FlightDescriptor::new_cmd(r#"{"template":"{gene}"}"#.as_bytes().to_vec());
         assert!(matches!(
             Target::parse(Some(&cmd), "text").unwrap(),
-            Target::Embed(TextSource::Template(_))
+            Target::Embed(Request {
+                source: TextSource::Template(_),
+                ..
+            })
         ));
+        let compact = path(&["embed", r#"{"precision":"int8","dimensions":128}"#]);
+        assert!(matches!(
+            Target::parse(Some(&compact), "text").unwrap(),
+            Target::Embed(Request {
+                precision: Some(VectorPrecision::Int8),
+                dimensions: Some(128),
+                ..
+            })
+        ));
+        let bad = path(&["embed", r#"{"precision":"int4"}"#]);
+        let e = Target::parse(Some(&bad), "text").unwrap_err().to_string();
+        assert!(
+            e.contains("unknown variant `int4`") && e.contains("binary"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!   [`validate`] (the fuzz entry point);
 //! - [`text`]: the JSON command and the [`text::TextSource`] (a column or a template);
 //! - [`template`]: `{field}` templates; [`variants`]: annotated VCF records as fields;
+//! - [`vectors`]: the precision and dimensions vectors are written in (f32, f16, int8,
+//!   binary; Matryoshka truncation), their Arrow types, encoding and decoding;
 //! - [`frames`]: a byte framing of `FlightData` streams for fuzzing and its corpus.
 //!
 //! Errors are one [`WireError`]; it converts into the `tonic::Status` the client sees.
@@ -22,6 +24,7 @@ pub mod template;
 pub mod text;
 pub mod validate;
 pub mod variants;
+pub mod vectors;
 
 /// Why what a client sent cannot be used.
 #[derive(Debug, thiserror::Error)]

@@ -23,6 +23,10 @@ pub struct EmbedCommand {
     pub text_column: Option<String>,
     /// A template over columns, e.g. `"{gene} {chrom}:{pos} {ref}>{alt}"`.
     pub template: Option<String>,
+    /// The vectors' number type (default `ingest.default_precision`).
+    pub precision: Option<crate::vectors::VectorPrecision>,
+    /// The vectors' dimensions, at most the model's (default `ingest.default_dimensions`).
+    pub dimensions: Option<usize>,
 }
 
 impl EmbedCommand {

@@ -310,27 +310,40 @@ impl SharedCache {
         }
         let started = Instant::now();
         let lease_ms = self.inner.config.lease_ms;
+        // A plain MGET first (the cheap hit path); the keys it did not find go through
+        // the lease script (which looks again: a vector written meanwhile is a hit).
         let lookup = async {
             let mut conn = self.connection().await?;
-            let cmd = if lease_ms == 0 {
-                let mut cmd = redis::cmd("MGET");
-                for &k in keys {
-                    cmd.arg(self.redis_key(k));
+            let mut mget = redis::cmd("MGET");
+            for &k in keys {
+                mget.arg(self.redis_key(k));
+            }
+            let mut values = mget.query_async::<Vec<redis::Value>>(&mut conn).await?;
+            let missing: Vec<usize> = (0..values.len())
+                .filter(|&i| matches!(values[i], redis::Value::Nil))
+                .collect();
+            if lease_ms > 0 && !missing.is_empty() && values.len() == keys.len() {
+                let mut eval = redis::cmd("EVAL");
+                eval.arg(LOOKUP_AND_LEASE).arg(missing.len() * 2);
+                for &i in &missing {
+                    eval.arg(self.redis_key(keys[i]));
                 }
-                cmd
-            } else {
-                let mut cmd = redis::cmd("EVAL");
-                cmd.arg(LOOKUP_AND_LEASE).arg(keys.len() * 2);
-                for &k in keys {
-                    cmd.arg(self.redis_key(k));
+                for &i in &missing {
+                    eval.arg(self.lease_key(keys[i]));
                 }
-                for &k in keys {
-                    cmd.arg(self.lease_key(k));
+                eval.arg(&self.inner.owner).arg(lease_ms);
+                let leased = eval.query_async::<Vec<redis::Value>>(&mut conn).await?;
+                if leased.len() != missing.len() {
+                    return Err(redis::RedisError::from((
+                        redis::ErrorKind::UnexpectedReturnType,
+                        "the lease script answered for another number of keys",
+                    )));
                 }
-                cmd.arg(&self.inner.owner).arg(lease_ms);
-                cmd
-            };
-            cmd.query_async::<Vec<redis::Value>>(&mut conn).await
+                for (i, v) in missing.into_iter().zip(leased) {
+                    values[i] = v;
+                }
+            }
+            Ok::<_, redis::RedisError>(values)
         };
         let timeout = Duration::from_millis(self.inner.config.timeout_ms);
         let answer = tokio::time::timeout(timeout, lookup).await;
@@ -376,7 +389,7 @@ impl SharedCache {
                             .collect(),
                     )
                 }
-                // Not there: leased to this replica (1), or plain MGET's nil.
+                // Not there: leased to this replica (1), or MGET's nil with leases off.
                 redis::Value::Int(1) | redis::Value::Nil => {
                     if retry {
                         count(&c.taken_over);

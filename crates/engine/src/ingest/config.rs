@@ -1,5 +1,6 @@
 //! `ingest:` section.
 
+use keel_wire::vectors::VectorPrecision;
 use serde::{Deserialize, Serialize};
 
 /// What a new stream meets when the rows in flight are at their bound.
@@ -32,6 +33,10 @@ pub struct IngestConfig {
     pub stream_parallelism: usize,
     /// A new stream that finds no room: wait (`block`) or `ResourceExhausted` (`reject`).
     pub when_full: WhenFull,
+    /// The vectors' number type when the command names none.
+    pub default_precision: VectorPrecision,
+    /// The vectors' dimensions when the command names none; `None`: the model's.
+    pub default_dimensions: Option<usize>,
 }
 
 impl Default for IngestConfig {
@@ -43,6 +48,8 @@ impl Default for IngestConfig {
             default_text_column: "text".into(),
             stream_parallelism: 8,
             when_full: WhenFull::Block,
+            default_precision: VectorPrecision::F32,
+            default_dimensions: None,
         }
     }
 }
@@ -63,6 +70,9 @@ impl IngestConfig {
         }
         if self.stream_parallelism == 0 {
             return Err("ingest.stream_parallelism: must be at least 1".into());
+        }
+        if self.default_dimensions == Some(0) {
+            return Err("ingest.default_dimensions: must be at least 1 (or null)".into());
         }
         if self.default_text_column.is_empty() {
             return Err("ingest.default_text_column: must not be empty".into());

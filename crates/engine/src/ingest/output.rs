@@ -1,39 +1,29 @@
-//! The input batch with its `embedding` column appended.
+//! The input batch with its vector columns appended, in the stream's format.
 
 use std::sync::Arc;
 
-use arrow_array::{Array, FixedSizeListArray, Float32Array, RecordBatch};
-use arrow_buffer::NullBuffer;
-use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use arrow_array::{Array, RecordBatch};
+use arrow_schema::{Field, Schema, SchemaRef};
+use keel_wire::vectors::VectorFormat;
 
 use super::IngestError;
 
-/// The `embedding` field: `FixedSizeList<Float32, dim>`, nullable (null where the text was).
-pub fn embedding_field(dim: usize) -> Field {
-    Field::new(
-        "embedding",
-        DataType::FixedSizeList(
-            Arc::new(Field::new("item", DataType::Float32, false)),
-            dim as i32,
-        ),
-        true,
-    )
-}
-
-/// The output schema for an input schema.
-pub fn output_schema(input: &Schema, dim: usize) -> SchemaRef {
+/// The output schema for an input schema: its fields, then `embedding` (and
+/// `embedding_scale` for int8 vectors).
+pub fn output_schema(input: &Schema, format: &VectorFormat) -> SchemaRef {
     let mut fields: Vec<Arc<Field>> = input.fields().iter().cloned().collect();
-    fields.push(Arc::new(embedding_field(dim)));
+    fields.extend(format.fields().into_iter().map(Arc::new));
     Arc::new(Schema::new_with_metadata(fields, input.metadata().clone()))
 }
 
-/// `batch` plus `embedding`: `vectors` holds `rows × dim` values; rows with `valid[i] ==
-/// false` are null (their values are ignored).
+/// `batch` plus its vectors in `format`: `vectors` holds `rows × dim` values (the
+/// model's); rows with `valid[i] == false` are null (their values are ignored).
 pub fn with_embeddings(
     batch: &RecordBatch,
     vectors: Vec<f32>,
     valid: &[bool],
     dim: usize,
+    format: &VectorFormat,
 ) -> Result<RecordBatch, IngestError> {
     let rows = batch.num_rows();
     if vectors.len() != rows * dim || valid.len() != rows {
@@ -43,18 +33,12 @@ pub fn with_embeddings(
             valid.len()
         )));
     }
-    let nulls = if valid.iter().all(|v| *v) {
-        None
-    } else {
-        Some(NullBuffer::from(valid.to_vec()))
-    };
-    let values = Arc::new(Float32Array::from(vectors));
-    let item = Arc::new(Field::new("item", DataType::Float32, false));
-    let list = FixedSizeListArray::try_new(item, dim as i32, values, nulls)
+    let added = format
+        .encode(&vectors, dim, valid)
         .map_err(|e| IngestError::Internal(format!("building the embedding column: {e}")))?;
-    let schema = output_schema(&batch.schema(), dim);
+    let schema = output_schema(&batch.schema(), format);
     let mut columns: Vec<Arc<dyn Array>> = batch.columns().to_vec();
-    columns.push(Arc::new(list));
+    columns.extend(added);
     RecordBatch::try_new(schema, columns)
         .map_err(|e| IngestError::Internal(format!("building the output batch: {e}")))
 }

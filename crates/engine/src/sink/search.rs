@@ -4,10 +4,9 @@
 
 use std::sync::Arc;
 
-use arrow_array::cast::AsArray;
-use arrow_array::types::Float32Type;
-use arrow_array::{Array, ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, UInt64Array};
+use arrow_array::{ArrayRef, Float32Array, RecordBatch, UInt64Array};
 use arrow_schema::{DataType, Field, Schema};
+use keel_wire::vectors::{SCALE_COLUMN, VectorFormat, VectorPrecision};
 
 use super::store::{DatasetStore, SinkError};
 
@@ -33,24 +32,29 @@ pub fn nearest(
 ) -> Result<Neighbours, SinkError> {
     let info = store.info(name)?;
     let schema = info.schema.clone();
-    let Some((emb_idx, field)) = schema.column_with_name("embedding") else {
+    let Some((emb_idx, _)) = schema.column_with_name("embedding") else {
         return Err(SinkError::NotSearchable(format!(
             "dataset {name:?} has no `embedding` column"
         )));
     };
-    match field.data_type() {
-        DataType::FixedSizeList(item, dim)
-            if item.data_type() == &DataType::Float32 && *dim as usize == query.len() => {}
-        other => {
-            return Err(SinkError::NotSearchable(format!(
-                "dataset {name:?}: `embedding` is {other}, the model gives {} floats",
-                query.len()
-            )));
-        }
+    let format = VectorFormat::of_schema(&schema)
+        .map_err(|e| SinkError::NotSearchable(format!("dataset {name:?}: {e}")))?;
+    if format.dimensions > query.len() {
+        return Err(SinkError::NotSearchable(format!(
+            "dataset {name:?} has {} dimensions, the model gives {}",
+            format.dimensions,
+            query.len()
+        )));
     }
+    // The query as the dataset's rows were made: its first dimensions, at unit length.
+    let query = &query[..format.dimensions];
     let q_norm = norm(query).max(f32::MIN_POSITIVE);
+    let scale_idx = schema
+        .column_with_name(SCALE_COLUMN)
+        .filter(|_| format.precision == VectorPrecision::Int8)
+        .map(|(i, _)| i);
     let kept: Vec<usize> = (0..schema.fields().len())
-        .filter(|&i| i != emb_idx)
+        .filter(|&i| i != emb_idx && Some(i) != scale_idx)
         .collect();
     let mut fields: Vec<Arc<Field>> = kept.iter().map(|&i| schema.fields()[i].clone()).collect();
     fields.push(Arc::new(Field::new("row", DataType::UInt64, false)));
@@ -61,14 +65,15 @@ pub fn nearest(
     let mut best: Option<(RecordBatch, Vec<(f32, u64)>)> = None;
     let mut offset = 0u64;
     store.read(name, 8192, |batch: RecordBatch| -> Result<(), SinkError> {
-        let emb: &FixedSizeListArray = batch.column(emb_idx).as_fixed_size_list();
-        let values = emb.values().as_primitive::<Float32Type>().values();
-        let dim = query.len();
-        let mut scored: Vec<(f32, u64, usize)> = (0..batch.num_rows())
-            .filter(|&i| emb.is_valid(i))
-            .map(|i| {
-                let start = emb.value_offset_at(i);
-                let v = &values[start..start + dim];
+        // Rows as f32 (f16 widened, int8 scaled, binary as ±1: the query stays f32).
+        let vectors = format
+            .decode(&batch)
+            .map_err(|e| SinkError::NotSearchable(format!("dataset {name:?}: {e}")))?;
+        let mut scored: Vec<(f32, u64, usize)> = vectors
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| v.as_ref().map(|v| (i, v)))
+            .map(|(i, v)| {
                 let dot: f32 = v.iter().zip(query).map(|(a, b)| a * b).sum();
                 let score = dot / (norm(v).max(f32::MIN_POSITIVE) * q_norm);
                 (score, offset + i as u64, i)
@@ -141,7 +146,9 @@ pub fn nearest(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow_array::StringArray;
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::Float32Type;
+    use arrow_array::{FixedSizeListArray, StringArray};
 
     fn dataset(rows: &[(&str, Option<[f32; 3]>)]) -> RecordBatch {
         let text = StringArray::from_iter_values(rows.iter().map(|r| r.0));
@@ -233,5 +240,57 @@ mod tests {
             nearest(&store, "missing", &[1.0, 0.0, 0.0], 1).unwrap_err(),
             SinkError::NotFound(_)
         ));
+    }
+
+    /// A dataset stored in each precision (and in fewer dimensions) is searched in it:
+    /// each row's own vector, as the query, finds that row first.
+    #[test]
+    fn compact_datasets_are_searched_in_their_own_format() {
+        let dim = 32;
+        let rows = 40;
+        // Deterministic pseudo-random vectors (xorshift), values in [-1, 1).
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let values: Vec<f32> = (0..rows * dim)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect();
+        let valid = vec![true; rows];
+        for (precision, dimensions) in [
+            (VectorPrecision::F32, dim),
+            (VectorPrecision::F16, dim),
+            (VectorPrecision::Int8, dim),
+            (VectorPrecision::Int8, 16),
+            (VectorPrecision::Binary, dim),
+        ] {
+            let format = VectorFormat {
+                precision,
+                dimensions,
+            };
+            let text = StringArray::from_iter_values((0..rows).map(|i| format!("row {i}")));
+            let mut fields = vec![Field::new("text", DataType::Utf8, true)];
+            fields.extend(format.fields());
+            let mut columns: Vec<ArrayRef> = vec![Arc::new(text)];
+            columns.extend(format.encode(&values, dim, &valid).unwrap());
+            let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap();
+            let root = temp_root();
+            let store = DatasetStore::open(root.path()).unwrap();
+            store.append("d", &[batch]).unwrap();
+            for row in [0usize, 17, 39] {
+                let n = nearest(&store, "d", &values[row * dim..(row + 1) * dim], 1).unwrap();
+                let found = n
+                    .batch
+                    .column(1)
+                    .as_primitive::<arrow_array::types::UInt64Type>();
+                assert_eq!(found.value(0), row as u64, "{precision} × {dimensions}");
+                assert!(
+                    n.batch.schema().column_with_name(SCALE_COLUMN).is_none(),
+                    "the scale column is not returned"
+                );
+            }
+        }
     }
 }
