@@ -88,6 +88,8 @@ class KeelClient:
     timeout: seconds a call may take.
     text_column / template: which text each row is embedded by (the server's default
     column when neither is given); see docs/FLIGHT.md.
+    precision / dimensions: the vectors' format ("f32", "f16", "int8", "binary"; the
+    first N dimensions at unit length); the server's defaults when not given.
     """
 
     def __init__(
@@ -101,6 +103,8 @@ class KeelClient:
         template: Optional[str] = None,
         batch_rows: int = 4096,
         retries: int = 2,
+        precision: Optional[str] = None,
+        dimensions: Optional[int] = None,
     ):
         self.addresses: List[str] = [addresses] if isinstance(addresses, str) else list(addresses)
         if not self.addresses:
@@ -115,6 +119,8 @@ class KeelClient:
         self._options = flight.FlightCallOptions(timeout=timeout, headers=headers)
         self.text_column = text_column
         self.template = template
+        self.precision = precision
+        self.dimensions = dimensions
         self.batch_rows = batch_rows
         self.retries = retries
         self._clients: Dict[str, flight.FlightClient] = {}
@@ -157,11 +163,15 @@ class KeelClient:
         template = template or self.template
         if text_column and template:
             raise ValueError("text_column or template, not both")
-        cmd: Dict[str, str] = {}
+        cmd: Dict[str, Any] = {}
         if text_column:
             cmd["text_column"] = text_column
         if template:
             cmd["template"] = template
+        if self.precision:
+            cmd["precision"] = self.precision
+        if self.dimensions:
+            cmd["dimensions"] = self.dimensions
         return json.dumps(cmd).encode()
 
     # -- embedding ------------------------------------------------------------------

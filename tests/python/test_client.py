@@ -85,6 +85,24 @@ def main(binary):
                   "not found" in str(e) and e.code == "InvalidArgument" and e.address == a,
                   (e.code, str(e)))
 
+        compact = KeelClient(a, timeout=120, precision="int8", dimensions=128).embed(table.slice(0, 10))
+        q = compact.column("embedding").combine_chunks().values.to_numpy().reshape(10, 128)
+        deq = q * compact.column("embedding_scale").to_numpy()[:, None]
+        cut = v[:10, :128] / np.linalg.norm(v[:10, :128], axis=1, keepdims=True)
+        cos = np.sum(deq * cut, axis=1) / np.linalg.norm(deq, axis=1)
+        check("precision and dimensions: int8 of the first 128 dimensions, as documented",
+              compact.schema.field("embedding").type.value_type == pa.int8() and cos.min() > 0.999,
+              cos.min())
+
+        # binary, read back the way docs/FLIGHT.md shows
+        result = KeelClient(a, timeout=120, precision="binary").embed(table.slice(0, 10))
+        emb = result.column("embedding").combine_chunks()
+        d = int(result.schema.field("embedding").metadata[b"keel.dimensions"])
+        bits = np.frombuffer(emb.buffers()[1], np.uint8).reshape(len(emb), -1)
+        signs = np.unpackbits(bits, axis=1)[:, :d].astype(np.float32) * 2 - 1
+        check("binary vectors are the signs of the f32 ones (numpy unpackbits order)",
+              d == 384 and np.array_equal(signs, np.where(v[:10] > 0, 1.0, -1.0)))
+
         rows = client.put(table.slice(0, 100), "pyclient")
         check("put stores the rows durably", rows == 100, rows)
         back = client.read("pyclient")
