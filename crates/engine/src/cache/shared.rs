@@ -1,7 +1,7 @@
 //! The second-level cache: vectors shared by every Keel of a fleet through Redis.
 //!
-//! The in-process LRU stays the first level. A micro-batch's first-level misses are
-//! looked up here in one pipelined round trip (`MGET`); the vectors the model then
+//! The in-process LRU stays the first level. A slice's first-level misses are
+//! looked up here in one round trip (`MGET`); the vectors the model then
 //! computes are written back off the hot path, by one writer task that drains a bounded
 //! queue into pipelined `SET ... EX` commands (a full queue drops the write and counts it).
 //!

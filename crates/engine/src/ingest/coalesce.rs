@@ -1,9 +1,9 @@
-//! Texts being embedded right now, so that a text missed by two micro-batches at once is
+//! Texts being embedded right now, so that a text missed by two slices at once is
 //! computed once: the first claims it, the others wait for its vector.
 //!
-//! Micro-batches of one stream run concurrently (`ingest.stream_parallelism`), and streams
-//! run side by side: without this, a text repeated within a few hundred rows misses the
-//! cache in each micro-batch that sees it before the first one has finished. A claim is
+//! Slices of one stream run concurrently (`ingest.stream_parallelism`), and streams run
+//! side by side: without this, a text repeated a few slices apart misses the cache in
+//! each slice that sees it before the first one has finished. A claim is
 //! released when its vector is published or when the claimant is dropped (a cancelled
 //! stream); waiters then compute the text themselves, so nothing waits for ever.
 
@@ -20,16 +20,16 @@ pub struct InFlightTexts {
     pending: Mutex<HashMap<u128, Waiters>>,
 }
 
-/// What a micro-batch got for its missed keys.
+/// What a slice got for its missed keys.
 pub struct Claimed<'a> {
-    /// Keys this micro-batch computes (and must publish through `claim`).
+    /// Keys this slice computes (and must publish through `claim`).
     pub mine: Vec<usize>,
-    /// Keys another micro-batch is computing: (index into the keys, its vector to come).
+    /// Keys another slice is computing: (index into the keys, its vector to come).
     pub theirs: Vec<(usize, oneshot::Receiver<Arc<[f32]>>)>,
     pub claim: Claim<'a>,
 }
 
-/// The keys a micro-batch claimed; dropping it releases the unpublished ones.
+/// The keys a slice claimed; dropping it releases the unpublished ones.
 pub struct Claim<'a> {
     owner: &'a InFlightTexts,
     keys: Vec<u128>,

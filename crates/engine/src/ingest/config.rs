@@ -19,7 +19,8 @@ pub enum WhenFull {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
-    /// Rows per micro-batch, the unit of work between actors (one op).
+    /// Rows per micro-batch: the unit of work sent to the embedder (one op). The caches
+    /// are asked once per slice.
     pub micro_batch_rows: usize,
     /// Rows read off all streams whose vectors are not yet handed back or stored. When
     /// none are left, streams stop reading and HTTP/2 flow control pushes back.

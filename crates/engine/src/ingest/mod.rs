@@ -1,8 +1,8 @@
 //! Ingest: from an Arrow record batch to its vectors, under a bound on rows in flight.
 //!
-//! - [`output`]: the input batch plus its `embedding` column;
-//! - [`pipeline`]: micro-batches (the op), cache look-ups, embedder calls, cache inserts,
-//!   and the semaphore that bounds in-flight rows;
+//! - [`output`]: the input batch plus its vector columns, in the stream's format;
+//! - [`pipeline`]: cache look-ups per slice (both levels), embedder calls per micro-batch
+//!   (the op), cache inserts, and the semaphore that bounds in-flight rows;
 //! - [`coalesce`]: texts being embedded now, so that concurrent misses compute one once.
 //!
 //! Which text a row stands for, and the slicing of a stream, are the wire crate's

@@ -3,9 +3,12 @@
 //! One [`Pipeline`] serves every stream. A stream first [`Pipeline::admit`]s the rows it
 //! is about to read — the returned [`InFlight`] holds that many permits of the
 //! `max_in_flight_rows` semaphore until it is dropped, after the rows are sent or stored
-//! — then calls [`Pipeline::embed`]. That cuts the rows into micro-batches of
-//! `micro_batch_rows` (one op each) and runs them concurrently: look the texts up in the
-//! cache, send the misses (deduplicated) to the embedder, insert the new vectors.
+//! — then calls [`Pipeline::embed`] with a slice of them. Its distinct texts are looked up
+//! once in the first-level cache and, for what that misses, once in the second (Redis);
+//! texts another slice is resolving are waited for; the rest go to the embedder in
+//! micro-batches of `micro_batch_rows` (one op each), concurrently; the new vectors go
+//! into both levels. One lookup per slice rather than per micro-batch keeps the cache
+//! actor's messages and Redis's round trips few when everything hits.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,7 +25,7 @@ use crate::cache::messages::{Insert, Lookup};
 use crate::cache::shared::{Found, SharedCache};
 use crate::embedder::workers::{EmbedError, EmbedderHandle};
 
-/// A distinct text of a micro-batch: its cache key, the text, and the rows that carry it.
+/// A distinct text of a slice: its cache key, the text, and the rows that carry it.
 type Unique<'a> = (u128, &'a str, Vec<usize>);
 
 /// Counters of ingest, read by `stats` and the supervisor.
@@ -32,8 +35,8 @@ pub struct IngestCounters {
     pub rows: AtomicU64,
     pub null_rows: AtomicU64,
     pub embedded_rows: AtomicU64,
-    /// Rows whose text another micro-batch was embedding at the same moment: they took
-    /// its vector instead of computing their own.
+    /// Rows whose text another slice was embedding at the same moment: they took its
+    /// vector instead of computing their own.
     pub coalesced_rows: AtomicU64,
     pub max_in_flight_rows_seen: AtomicU64,
     /// Rows admitted and not yet released (a gauge).
@@ -196,23 +199,23 @@ impl Pipeline {
         self.permits.close();
     }
 
-    /// Vectors for `texts` (`rows × dim`, zeros where the text is null) and the validity
-    /// of each row. Runs one op per micro-batch, concurrently.
+    /// Vectors for `texts` (a slice: `rows × dim`, zeros where the text is null) and the
+    /// validity of each row. The caches are asked once for the whole slice; what they
+    /// miss goes to the model in micro-batches (one op each), concurrently.
     pub async fn embed(
         &self,
         texts: Vec<Option<String>>,
     ) -> Result<(Vec<f32>, Vec<bool>), IngestError> {
-        let dim = self.dim();
-        let n = texts.len();
         let valid: Vec<bool> = texts.iter().map(Option::is_some).collect();
-        let ops = texts
-            .chunks(self.config.micro_batch_rows)
-            .map(|chunk| self.op(chunk))
-            .collect::<Vec<_>>();
-        let mut out = Vec::with_capacity(n * dim);
-        for result in futures::future::join_all(ops).await {
-            out.extend(result?);
-        }
+        let out = self.resolve(&texts).await?;
+        let nulls = texts.iter().filter(|t| t.is_none()).count();
+        let c = &self.counters;
+        c.ops.fetch_add(
+            texts.len().div_ceil(self.config.micro_batch_rows) as u64,
+            Ordering::Relaxed,
+        );
+        c.rows.fetch_add(texts.len() as u64, Ordering::Relaxed);
+        c.null_rows.fetch_add(nulls as u64, Ordering::Relaxed);
         Ok((out, valid))
     }
 
@@ -228,14 +231,18 @@ impl Pipeline {
             return Ok(());
         }
         let dim = self.dim();
-        let vectors = self
-            .embedder
-            .embed(texts.iter().map(|u| u.1.to_string()).collect())
-            .await
-            .map_err(|e| match e {
+        // One embedder job per micro-batch, all queued at once: the workers share them.
+        let jobs = texts.chunks(self.config.micro_batch_rows).map(|chunk| {
+            self.embedder
+                .embed(chunk.iter().map(|u| u.1.to_string()).collect())
+        });
+        let mut vectors = Vec::with_capacity(texts.len() * dim);
+        for result in futures::future::join_all(jobs).await {
+            vectors.extend(result.map_err(|e| match e {
                 EmbedError::Closed => IngestError::Unavailable("the embedder is shut down".into()),
                 EmbedError::Failed(m) => IngestError::Internal(m),
-            })?;
+            })?);
+        }
         for (u, v) in texts.iter().zip(vectors.chunks_exact(dim)) {
             for &row in &u.2 {
                 out[row * dim..(row + 1) * dim].copy_from_slice(v);
@@ -259,7 +266,7 @@ impl Pipeline {
         }
     }
 
-    /// Resolves `mine` (first-level misses this micro-batch claimed) through the second
+    /// Resolves `mine` (first-level misses this slice claimed) through the second
     /// level: hits are copied out (and into `promoted`); keys leased to this replica, or
     /// that Redis could not answer for, are computed (into `inserts`, written back at
     /// once for the replicas waiting on them); keys another replica is computing are asked
@@ -310,8 +317,10 @@ impl Pipeline {
         Ok(())
     }
 
-    /// One op: a micro-batch's vectors, `chunk.len() × dim` values.
-    async fn op(&self, chunk: &[Option<String>]) -> Result<Vec<f32>, IngestError> {
+    /// A slice's vectors, `chunk.len() × dim` values: its distinct texts looked up in the
+    /// first level, then (claimed against other slices in flight) in the second, the
+    /// rest computed.
+    async fn resolve(&self, chunk: &[Option<String>]) -> Result<Vec<f32>, IngestError> {
         let dim = self.dim();
         let mut out = vec![0.0f32; chunk.len() * dim];
         // Unique texts of the chunk and the rows that carry each.
@@ -351,7 +360,7 @@ impl Pipeline {
             }
         }
         if !misses.is_empty() {
-            // A text another micro-batch of this process is resolving right now is waited
+            // A text another slice of this process is resolving right now is waited
             // for, not looked up or computed twice. Ours are published before theirs are
             // awaited (no cycle).
             let keys: Vec<u128> = misses.iter().map(|u| u.0).collect();
@@ -425,14 +434,6 @@ impl Pipeline {
                 self.insert_l1(computed).await?;
             }
         }
-        let nulls = chunk.iter().filter(|t| t.is_none()).count();
-        self.counters.ops.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .rows
-            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-        self.counters
-            .null_rows
-            .fetch_add(nulls as u64, Ordering::Relaxed);
         Ok(out)
     }
 }
