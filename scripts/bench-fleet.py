@@ -6,7 +6,9 @@
 - replica A, cold: rows/s through the model (every text new), and A again: rows/s from
   its own first-level cache;
 - replica B (fresh, same Redis), the same rows: rows/s from the second level, against A's
-  own cache-hit speed; the Redis lookup round trip per micro-batch (mean and longest);
+  own cache-hit speed; then B again on other rows A wrote (a replica whose memory is
+  already in use); what the second level adds per micro-batch; the Redis lookup of one
+  small stream alone and of the slices of a large one (mean and longest);
 - Redis killed: replica B on new texts, against replica N with no cache at all (the
   no-cache speed); Redis restarted: how long until B's lookups succeed again.
 Prints a Markdown table; every figure names the run it came from.
@@ -129,14 +131,14 @@ def main():
             assert sb["embedded_rows"] == 0, sb
             results["lookup_ms"].append(sh["lookup_micros_total"] / max(sh["lookups"], 1) / 1000)
             results["lookup_max_ms"].append(sh["lookup_micros_max"] / 1000)
-            # What the second level adds to a micro-batch: B's time less A's, per micro-batch.
+            # What the second level adds per micro-batch (25 rows): B's time less A's.
             micro = b.stats()["ops"]
             results["added_ms"].append((args.rows / shared - args.rows / own) * 1000 / micro)
             # B again on other rows from Redis: a replica that has run a while (its memory
             # already mapped; a fresh process pays page faults for what it first stores).
             results["shared_warm"].append(rate(b, second))
             s1 = b.stats()["cache"]["shared"]
-            # One micro-batch alone (25 rows, one lookup): ten streams one after the other.
+            # One small stream alone (25 rows, one lookup): ten, one after the other.
             for i in range(0, len(alone), 25):
                 b.embed(pa.table({"text": alone[i:i + 25]}))
             s2 = b.stats()["cache"]["shared"]
@@ -187,10 +189,10 @@ def main():
     print(f"| that / A's own cache-hit speed | {warm / own:.2f} |")
     print(f"| time the second level adds per micro-batch (B's time less A's, per micro-batch) | "
           f"{statistics.median(results['added_ms']):.3f} ms |")
-    print(f"| Redis lookup of one micro-batch alone (25 keys, one stream at a time), mean | "
+    print(f"| Redis lookup of a 25-row stream alone (one MGET of 25 keys), mean | "
           f"{statistics.median(results['alone_ms']):.3f} ms |")
-    print(f"| Redis lookup within a {args.rows}-row stream (its micro-batches' lookups "
-          f"concurrent on one connection), mean | {statistics.median(results['lookup_ms']):.3f} ms |")
+    print(f"| Redis lookup per slice of a {args.rows}-row stream (MGET of up to 1 024 keys, "
+          f"slices concurrent), mean | {statistics.median(results['lookup_ms']):.3f} ms |")
     print(f"| Redis lookup, longest | {max(results['lookup_max_ms']):.1f} ms |")
     print(f"| no cache at all, new texts | {fmt(results['nocache'], ' rows/s')} |")
     print(f"| replica B with Redis killed, new texts | {fmt(results['down'], ' rows/s')} |")
