@@ -265,3 +265,37 @@ async fn a_compact_dataset_is_stored_read_back_described_and_searched() {
     assert_eq!(info.total_records, 100);
     server.stop().await;
 }
+
+/// `cache.precision: int8`: a repeated stream is served from the cache, dequantized
+/// within cosine 0.999 of the vectors the model gave; the budget is never exceeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_int8_cache_serves_hits_close_to_the_models_vectors() {
+    let server = TestServer::start(|s| {
+        s.cache.precision = keel_wire::vectors::VectorPrecision::Int8;
+    })
+    .await;
+    let mut client = server.client().await;
+    let rows = texts(80);
+    let first = decoded(
+        &exchange(&mut client, embed_path(), batches(&rows))
+            .await
+            .unwrap(),
+    );
+    let again = decoded(
+        &exchange(&mut client, embed_path(), batches(&rows))
+            .await
+            .unwrap(),
+    );
+    let s = action(&mut client, "stats", "").await;
+    assert_eq!(s["embedded_rows"], 80, "{s}");
+    assert_eq!(s["cache"]["hits"], 80, "the second pass hit: {s}");
+    assert!(s["cache"]["bytes"].as_u64() <= s["cache"]["max_bytes"].as_u64());
+    let worst = first
+        .iter()
+        .zip(&again)
+        .map(|(a, b)| cosine(a, b))
+        .fold(1.0f32, f32::min);
+    assert!(worst >= 0.999, "worst cosine {worst}");
+    assert!(worst < 1.0, "the hits came from int8 entries, not f32");
+    server.stop().await;
+}

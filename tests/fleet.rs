@@ -520,7 +520,10 @@ async fn repeats_in_flight_are_embedded_once() {
     assert_eq!(s["embedded_rows"], 40, "{s}");
     let coalesced = s["coalesced_rows"].as_u64().unwrap();
     let hits = s["cache"]["hits"].as_u64().unwrap();
-    assert!(coalesced > 0, "some slices waited for another's vector: {s}");
+    assert!(
+        coalesced > 0,
+        "some slices waited for another's vector: {s}"
+    );
     // 40 slices of 50 rows (the batches sent), 40 distinct texts each: of those 1 600
     // lookups, 40 were computed; every other one was a hit or took a vector in flight
     // (counted in rows, at least one per text).

@@ -243,7 +243,7 @@ async fn an_idle_cleanup_keeps_the_cache_and_pressure_still_shrinks_it() {
 fn memory_less_the_cache_stays_level_as_the_cache_fills() {
     use keel_engine::cache::store::VectorCache;
     use keel_engine::memory::allocator;
-    let mut cache = VectorCache::new(100 << 20);
+    let mut cache: VectorCache = VectorCache::new(100 << 20);
     cache.insert(0, std::sync::Arc::from(vec![0.5f32; 384]));
     let base = allocator::stats().allocated as i64 - cache.bytes() as i64;
     let mut worst = 0i64;

@@ -1,4 +1,4 @@
-//! The cache actor: owns the [`VectorCache`]; nothing else touches it.
+//! The cache actor: owns the [`CacheStore`]; nothing else touches it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,11 +7,11 @@ use actix::{Actor, Context, Handler};
 
 use super::config::CacheConfig;
 use super::messages::{GetCacheStats, Insert, Lookup};
-use super::store::VectorCache;
+use super::packed::CacheStore;
 use crate::cleanup::{Cleanup, CleanupAck, CleanupLevel};
 
 pub struct CacheActor {
-    cache: VectorCache,
+    cache: CacheStore,
     config: CacheConfig,
     /// The accounted bytes, published for the supervisor's probe after every change.
     bytes_gauge: Arc<AtomicU64>,
@@ -20,7 +20,7 @@ pub struct CacheActor {
 impl CacheActor {
     pub fn new(config: CacheConfig, bytes_gauge: Arc<AtomicU64>) -> Self {
         Self {
-            cache: VectorCache::new(config.max_bytes as usize),
+            cache: CacheStore::new(config.max_bytes as usize, config.precision),
             config,
             bytes_gauge,
         }

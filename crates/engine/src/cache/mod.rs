@@ -1,7 +1,8 @@
 //! The vector cache: a byte-budgeted LRU of sentence vectors, owned by an actix actor.
 //!
 //! [`store::VectorCache`] is the plain data structure (testable without actors);
-//! [`actor::CacheActor`] owns one and answers [`messages`]; [`shared::SharedCache`] is the
+//! [`packed::CacheStore`] keeps one in the configured precision (f32, f16, int8);
+//! [`actor::CacheActor`] owns that and answers [`messages`]; [`shared::SharedCache`] is the
 //! optional second level in Redis, shared by a fleet. Keys are 128-bit hashes of
 //! (model id, output settings, text) made by [`key`], so a changed model or setting can
 //! never serve a stale vector.
@@ -9,6 +10,7 @@
 pub mod actor;
 pub mod config;
 pub mod messages;
+pub mod packed;
 pub mod shared;
 pub mod store;
 

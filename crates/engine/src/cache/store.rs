@@ -36,6 +36,31 @@ pub fn entry_bytes(dim: usize) -> usize {
     allocation(ARC_HEADER_BYTES + dim * 4) + allocation(NODE_BYTES)
 }
 
+/// What the cache can hold: a vector behind one shared allocation (a fat pointer of 16
+/// bytes, so the `lru` node stays 48 B).
+pub trait CacheValue: Clone {
+    /// The bytes of the value's own allocation.
+    fn allocated(&self) -> usize;
+    /// Bytes its entry is accounted for (the table apart).
+    fn entry_bytes(&self) -> usize {
+        self.allocated() + allocation(NODE_BYTES)
+    }
+}
+
+/// Vectors as the model gave them.
+impl CacheValue for Arc<[f32]> {
+    fn allocated(&self) -> usize {
+        allocation(ARC_HEADER_BYTES + self.len() * 4)
+    }
+}
+
+/// Vectors packed into fewer bytes (`cache.precision`: f16, int8).
+impl CacheValue for Arc<[u8]> {
+    fn allocated(&self) -> usize {
+        allocation(ARC_HEADER_BYTES + self.len())
+    }
+}
+
 /// The allocation of a hash table made for `entries` entries: hashbrown's buckets (a
 /// power of two, at most 7/8 full) of one slot and one control byte each.
 pub fn table_bytes(entries: usize) -> usize {
@@ -79,8 +104,8 @@ pub struct CacheStats {
     pub max_bytes: u64,
 }
 
-pub struct VectorCache {
-    lru: LruCache<u128, Arc<[f32]>>,
+pub struct VectorCache<V: CacheValue = Arc<[f32]>> {
+    lru: LruCache<u128, V>,
     /// The entries' accounted bytes (the table's apart).
     bytes: usize,
     /// The table's allocation, fixed from the first insert until the cache empties.
@@ -89,7 +114,7 @@ pub struct VectorCache {
     stats: CacheStats,
 }
 
-impl VectorCache {
+impl<V: CacheValue> VectorCache<V> {
     pub fn new(max_bytes: usize) -> Self {
         Self {
             // Sized at the first insert, when the entries' size is known.
@@ -101,7 +126,7 @@ impl VectorCache {
         }
     }
 
-    pub fn get(&mut self, key: u128) -> Option<Arc<[f32]>> {
+    pub fn get(&mut self, key: u128) -> Option<V> {
         match self.lru.get(&key) {
             Some(v) => {
                 self.stats.hits += 1;
@@ -116,12 +141,12 @@ impl VectorCache {
 
     /// Like [`get`](Self::get), without counting a hit or a miss (a second look at a
     /// key already counted).
-    pub fn recheck(&mut self, key: u128) -> Option<Arc<[f32]>> {
+    pub fn recheck(&mut self, key: u128) -> Option<V> {
         self.lru.get(&key).cloned()
     }
 
-    pub fn insert(&mut self, key: u128, vector: Arc<[f32]>) {
-        let size = entry_bytes(vector.len());
+    pub fn insert(&mut self, key: u128, vector: V) {
+        let size = vector.entry_bytes();
         if self.table == 0 {
             // The first entry: a table for every entry of this size the budget holds.
             let cap = capacity(self.max_bytes, size);
@@ -135,7 +160,7 @@ impl VectorCache {
             return;
         }
         if let Some(old) = self.lru.pop(&key) {
-            self.bytes -= entry_bytes(old.len());
+            self.bytes -= old.entry_bytes();
         }
         while self.table + self.bytes + size > self.max_bytes {
             self.evict_one();
@@ -143,7 +168,7 @@ impl VectorCache {
         // At the table's entry count (smaller vectors than the first), `push` evicts the
         // least recently used entry itself.
         if let Some((_, evicted)) = self.lru.push(key, vector) {
-            self.bytes -= entry_bytes(evicted.len());
+            self.bytes -= evicted.entry_bytes();
             self.stats.evictions += 1;
         }
         self.bytes += size;
@@ -152,7 +177,7 @@ impl VectorCache {
 
     fn evict_one(&mut self) {
         if let Some((_, v)) = self.lru.pop_lru() {
-            self.bytes -= entry_bytes(v.len());
+            self.bytes -= v.entry_bytes();
             self.stats.evictions += 1;
         }
     }
