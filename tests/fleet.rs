@@ -311,7 +311,7 @@ async fn leases_of_a_dead_replica_are_taken_over_when_they_expire() {
     probe.stop().await;
     let server = TestServer::start(shared(&redis.url())).await;
     // Those texts' keys are what the probe wrote; make them look like a dead replica's
-    // leases: no vector, a lease held by "dead" for 2 s.
+    // leases: no vector, a lease held by "dead" (no expiry until the test says so).
     let mut conn = redis::Client::open(redis.url())
         .unwrap()
         .get_connection()
@@ -321,18 +321,52 @@ async fn leases_of_a_dead_replica_are_taken_over_when_they_expire() {
         .query(&mut conn)
         .unwrap();
     assert_eq!(keys.len(), 30, "{keys:?}");
-    for key in &keys {
-        let hex = key.strip_prefix("keel:v1:").unwrap();
+    let leases: Vec<String> = keys
+        .iter()
+        .map(|k| format!("keel:v1:lease:{}", k.strip_prefix("keel:v1:").unwrap()))
+        .collect();
+    for (key, lease) in keys.iter().zip(&leases) {
         redis::cmd("DEL").arg(key).exec(&mut conn).unwrap();
         redis::cmd("SET")
-            .arg(format!("keel:v1:lease:{hex}"))
+            .arg(lease)
             .arg("dead")
-            .arg("PX")
-            .arg(2000)
             .exec(&mut conn)
             .unwrap();
     }
-    let got = embed(&server, &rows).await;
+    let stream = tokio::spawn({
+        let rows = rows.clone();
+        let client = server.client().await;
+        async move {
+            let mut client = client;
+            let batches = vec![text_batch(
+                &rows.iter().map(|t| Some(t.as_str())).collect::<Vec<_>>(),
+            )];
+            vectors(&exchange(&mut client, embed_path(), batches).await.unwrap())
+        }
+    });
+    // Once the server has found them busy, the leases expire (the dead replica's lease
+    // time running out).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stats(&server).await["cache"]["shared"]["misses"]
+        .as_u64()
+        .unwrap()
+        < 30
+    {
+        assert!(Instant::now() < deadline, "the server never asked Redis");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !stream.is_finished(),
+        "the stream waits while the leases are held"
+    );
+    for lease in &leases {
+        redis::cmd("PEXPIRE")
+            .arg(lease)
+            .arg(1)
+            .exec(&mut conn)
+            .unwrap();
+    }
+    let got = stream.await.unwrap();
     let s = stats(&server).await;
     assert_eq!(got, expected);
     let r = &s["cache"]["shared"];
