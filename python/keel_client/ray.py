@@ -18,7 +18,7 @@ schedules the actors, retries failed tasks and applies its own backpressure; Kee
 from __future__ import annotations
 
 import zlib
-from typing import Mapping, Optional, Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import pyarrow as pa
 

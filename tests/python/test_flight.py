@@ -26,6 +26,23 @@ def free_port():
         return s.getsockname()[1]
 
 
+def start_redis(port, workdir):
+    """Debian's redis-server on a loopback port, no persistence; returns once it PONGs."""
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", workdir],
+                            stdout=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return proc
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
+
+
 def start_server(binary, data_dir):
     port = free_port()
     env = dict(os.environ)

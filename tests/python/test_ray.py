@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_flight import ROOT, free_port  # noqa: E402
+from test_flight import ROOT, free_port, start_redis  # noqa: E402
 
 from keel_client import KeelClient  # noqa: E402
 
@@ -36,24 +36,6 @@ def check(name, cond, detail=""):
         failures.append(name)
         if detail:
             print("     ", str(detail)[:800])
-
-
-def start_redis(workdir):
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", workdir],
-                            stdout=subprocess.DEVNULL)
-    import socket
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return proc, f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("redis-server did not start")
 
 
 def start_keel(binary, workdir, name, redis_url):
@@ -108,6 +90,14 @@ def dataset(binary, tag, distinct, rows, seed):
     return pa.table({"id": list(range(rows)), "text": [texts[p] for p in picks]}), texts
 
 
+def min_cosine(binary, out, vecs, texts):
+    """The least cosine between each output row's vector and `keel embed`'s for its text."""
+    ref = reference(binary, texts)
+    want = np.stack([ref[t] for t in out.column("text").to_pylist()])
+    cos = np.sum(vecs * want, axis=1) / (np.linalg.norm(vecs, axis=1) * np.linalg.norm(want, axis=1))
+    return float(cos.min())
+
+
 def read_output(path):
     out = pq.read_table(path).sort_by("id")
     vecs = np.asarray(out.column("embedding").to_pylist(), dtype=np.float32)
@@ -136,7 +126,8 @@ def main(binary):
     from ray.cluster_utils import Cluster
 
     work = tempfile.mkdtemp(prefix="keel-ray-")
-    redis, url = start_redis(work)
+    redis_port = free_port()
+    redis, url = start_redis(redis_port, work), f"redis://127.0.0.1:{redis_port}/0"
     keels = [start_keel(binary, work, f"keel{i}", url) for i in range(3)]
     addresses = [a for _, a in keels]
     node_args = {"num_cpus": 2, "resources": {"keel": 1}, "object_store_memory": 256 * 2**20}
@@ -161,11 +152,9 @@ def main(binary):
         out, vecs = read_output(os.path.join(work, "out1"))
         check("every row comes back once, in Parquet",
               out.column("id").to_pylist() == list(range(6000)), out.num_rows)
-        ref = reference(binary, texts)
-        want = np.stack([ref[t] for t in out.column("text").to_pylist()])
-        cos = np.sum(vecs * want, axis=1) / (np.linalg.norm(vecs, axis=1) * np.linalg.norm(want, axis=1))
-        check("vectors equal keel embed's (cosine >= 0.99999)", float(cos.min()) >= 0.99999,
-              f"min cosine {cos.min():.7f}")
+        worst = min_cosine(binary, out, vecs, texts)
+        check("vectors equal keel embed's (cosine >= 0.99999)", worst >= 0.99999,
+              f"min cosine {worst:.7f}")
         counts = embedded(addresses)
         check("each distinct text was embedded once fleet-wide",
               sum(counts.values()) == len(texts), f"{counts} for {len(texts)} distinct")
@@ -203,11 +192,8 @@ def main(binary):
         out, vecs = read_output(os.path.join(work, "out2"))
         check("with a Keel killed mid-run, every row comes back once",
               out.column("id").to_pylist() == list(range(6000)), out.num_rows)
-        ref = reference(binary, texts)
-        want = np.stack([ref[t] for t in out.column("text").to_pylist()])
-        cos = np.sum(vecs * want, axis=1) / (np.linalg.norm(vecs, axis=1) * np.linalg.norm(want, axis=1))
-        check("and every vector is keel embed's", float(cos.min()) >= 0.99999,
-              f"min cosine {cos.min():.7f}")
+        worst = min_cosine(binary, out, vecs, texts)
+        check("and every vector is keel embed's", worst >= 0.99999, f"min cosine {worst:.7f}")
     finally:
         try:
             ray.shutdown()
