@@ -18,10 +18,6 @@ pub struct Neighbours {
     pub scanned_rows: u64,
 }
 
-fn norm(v: &[f32]) -> f32 {
-    v.iter().map(|x| x * x).sum::<f32>().sqrt()
-}
-
 /// Scans `name` for the `k` rows whose embedding is nearest `query` by cosine.
 /// Rows with a null embedding are passed over; ties keep dataset order.
 pub fn nearest(
@@ -48,7 +44,6 @@ pub fn nearest(
     }
     // The query as the dataset's rows were made: its first dimensions, at unit length.
     let query = &query[..format.dimensions];
-    let q_norm = norm(query).max(f32::MIN_POSITIVE);
     let scale_idx = schema
         .column_with_name(SCALE_COLUMN)
         .filter(|_| format.precision == VectorPrecision::Int8)
@@ -65,19 +60,14 @@ pub fn nearest(
     let mut best: Option<(RecordBatch, Vec<(f32, u64)>)> = None;
     let mut offset = 0u64;
     store.read(name, 8192, |batch: RecordBatch| -> Result<(), SinkError> {
-        // Rows as f32 (f16 widened, int8 scaled, binary as ±1: the query stays f32).
-        let vectors = format
-            .decode(&batch)
+        // Cosines read off the stored format (the query stays f32).
+        let cosines = format
+            .cosines(&batch, query)
             .map_err(|e| SinkError::NotSearchable(format!("dataset {name:?}: {e}")))?;
-        let mut scored: Vec<(f32, u64, usize)> = vectors
+        let mut scored: Vec<(f32, u64, usize)> = cosines
             .iter()
             .enumerate()
-            .filter_map(|(i, v)| v.as_ref().map(|v| (i, v)))
-            .map(|(i, v)| {
-                let dot: f32 = v.iter().zip(query).map(|(a, b)| a * b).sum();
-                let score = dot / (norm(v).max(f32::MIN_POSITIVE) * q_norm);
-                (score, offset + i as u64, i)
-            })
+            .filter_map(|(i, c)| c.map(|c| (c, offset + i as u64, i)))
             .filter(|s| s.0.is_finite())
             .collect();
         offset += batch.num_rows() as u64;
