@@ -400,9 +400,11 @@ impl VectorFormat {
                 .map(|r| {
                     bin.is_valid(r).then(|| {
                         let bytes = bin.value(r);
-                        let set: f32 = (0..d)
-                            .filter(|&i| bytes[i / 8] & (0x80 >> (i % 8)) != 0)
-                            .map(|i| query[i])
+                        // Branch-free: each bit times its query value.
+                        let set: f32 = query
+                            .iter()
+                            .enumerate()
+                            .map(|(i, q)| ((bytes[i / 8] >> (7 - i % 8)) & 1) as f32 * q)
                             .sum();
                         cos(2.0 * set - total, d as f32)
                     })
