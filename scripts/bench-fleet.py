@@ -61,6 +61,64 @@ def texts(tag, n):
     return [f"{base[i % len(base)]} [{tag} {i}]" for i in range(n)]
 
 
+def redis_call(port, *args):
+    """One command over a raw socket (no client library): the raw reply bytes."""
+    import socket
+    req = b"*%d\r\n" % len(args) + b"".join(
+        b"$%d\r\n%s\r\n" % (len(a), a) for a in (x if isinstance(x, bytes) else str(x).encode()
+                                                  for x in args))
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(req)
+        buf = b""
+        while True:
+            chunk = s.recv(1 << 22)
+            buf += chunk
+            if not chunk or buf.endswith(b"\r\n") and _complete(buf):
+                return buf
+
+
+def _complete(buf):
+    """Whether a RESP reply (a bulk string, an integer, a status, or an array of bulk
+    strings) is whole."""
+    if buf[:1] != b"*":
+        return True
+    n, pos = int(buf[1:buf.index(b"\r\n")]), buf.index(b"\r\n") + 2
+    for _ in range(n):
+        if pos >= len(buf):
+            return False
+        end = buf.find(b"\r\n", pos)
+        if end < 0:
+            return False
+        size = int(buf[pos + 1:end])
+        pos = end + 2 + (size + 2 if size >= 0 else 0)
+    return pos <= len(buf)
+
+
+def command_stats(port):
+    """usec_per_call of each command since the last CONFIG RESETSTAT."""
+    out = {}
+    for line in redis_call(port, "INFO", "commandstats").decode().splitlines():
+        if line.startswith("cmdstat_"):
+            name, fields = line[8:].split(":", 1)
+            out[name] = float(dict(f.split("=") for f in fields.split(","))["usec_per_call"])
+    return out
+
+
+def bare_mget_ms(port, prefix, n=1000):
+    """One MGET of the n first vectors Keel wrote, over a raw socket: Redis and the
+    loopback alone, no Keel. The median of five."""
+    # The reply is "*N", then "$LEN", KEY for each key.
+    keys = [k.split(b"\r\n")[1] for k in redis_call(port, "KEYS", prefix + "*").split(b"$")[1:]]
+    keys = [k for k in keys if b"lease" not in k][:n]
+    assert len(keys) == n and all(len(k) == len(prefix) + 32 for k in keys), keys[:3]
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        redis_call(port, "MGET", *keys)
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times), len(keys)
+
+
 def rate(client, rows):
     table = pa.table({"text": rows})
     started = time.perf_counter()
@@ -104,8 +162,13 @@ def main():
             while (a.stats()["cache"]["shared"]["writes"] < 2 * args.rows + len(alone)
                    and time.time() < deadline):
                 time.sleep(0.05)
+            redis_call(rport, "CONFIG", "RESETSTAT")
             shared = rate(b, rows)
             results["shared"].append(shared)
+            cs = command_stats(rport)
+            results.setdefault("mget_us", []).append(cs.get("mget", 0.0))
+            ms, nkeys = bare_mget_ms(rport, "keel:v1:")
+            results.setdefault("bare_ms", []).append(ms)
             sb = b.stats()
             sh = sb["cache"]["shared"]
             assert sb["embedded_rows"] == 0, sb
@@ -174,6 +237,10 @@ def main():
     print(f"| Redis lookup per slice of a {args.rows}-row stream (MGET of up to 1 024 keys, "
           f"slices concurrent), mean | {statistics.median(results['lookup_ms']):.3f} ms |")
     print(f"| Redis lookup, longest | {max(results['lookup_max_ms']):.1f} ms |")
+    print(f"| Redis's own time per MGET during B's pass (INFO commandstats) | "
+          f"{statistics.median(results['mget_us']):.0f} µs |")
+    print(f"| a bare MGET of 1 000 stored vectors over a raw socket (Redis and loopback, "
+          f"no Keel; median of 5) | {statistics.median(results['bare_ms']):.2f} ms |")
     print(f"| no cache at all, new texts | {fmt(results['nocache'], ' rows/s')} |")
     print(f"| replica B with Redis killed, new texts | {fmt(results['down'], ' rows/s')} |")
     print(f"| Redis down / no cache | {down / nocache:.2f} |")
