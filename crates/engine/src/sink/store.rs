@@ -5,14 +5,20 @@
 //! a crash leaves either the whole part or none of it, and temporary files (ignored by
 //! every reader) are removed at start-up. All parts of a dataset share one schema.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arrow_array::RecordBatch;
 use arrow_schema::{ArrowError, SchemaRef};
 use parquet::arrow::ArrowWriter;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection,
+    RowSelector,
+};
+use parquet::file::metadata::PageIndexPolicy;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
@@ -61,8 +67,14 @@ pub struct DatasetInfo {
     pub parts: usize,
 }
 
+/// Most rows in one Parquet data page.
+const PAGE_ROWS: usize = 1024;
+
 pub struct DatasetStore {
     root: PathBuf,
+    /// Footer and page index of each part read by [`DatasetStore::take`], by path and
+    /// length (parts never change once renamed into place).
+    footers: Mutex<HashMap<PathBuf, (u64, ArrowReaderMetadata)>>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SinkError + '_ {
@@ -93,6 +105,7 @@ impl DatasetStore {
         }
         Ok(Self {
             root: root.to_path_buf(),
+            footers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -160,8 +173,13 @@ impl DatasetStore {
         let final_path = dir.join(format!("part-{next:010}.parquet"));
         let tmp_path = dir.join(format!(".tmp-part-{next:010}.parquet"));
         let file = File::create(&tmp_path).map_err(io(&tmp_path))?;
+        // Pages of at most PAGE_ROWS rows (with the page index parquet writes by default):
+        // fetching a few rows by number (search results) decompresses a page this size per
+        // column, not a megabyte.
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .set_data_page_row_count_limit(PAGE_ROWS)
+            .set_write_batch_size(PAGE_ROWS)
             .build();
         let pq = |source| SinkError::Parquet {
             path: tmp_path.clone(),
@@ -280,6 +298,109 @@ impl DatasetStore {
     }
 }
 
+impl DatasetStore {
+    /// The rows numbered `rows` (positions in the dataset, any order, repeats allowed), in
+    /// that order, with the columns `columns` (indices into the dataset's schema; all when
+    /// `None`). Only the pages holding them are read where the part has a page index.
+    /// A number past the dataset's end is `NotFound`.
+    pub fn take(
+        &self,
+        name: &str,
+        rows: &[u64],
+        columns: Option<&[usize]>,
+    ) -> Result<RecordBatch, SinkError> {
+        let parts = self.parts(name)?;
+        let mut order: Vec<(u64, usize)> = rows.iter().enumerate().map(|(i, &r)| (r, i)).collect();
+        order.sort_unstable();
+        let mut batches = Vec::new();
+        // Where each asked row landed in the concatenation of `batches`.
+        let mut landed = vec![0u32; rows.len()];
+        let (mut start, mut next, mut produced) = (0u64, 0usize, 0u32);
+        let mut schema = None;
+        for path in &parts {
+            let meta = self.footer(path)?;
+            let part_rows = meta.metadata().file_metadata().num_rows().max(0) as u64;
+            schema.get_or_insert_with(|| match columns {
+                Some(c) => meta.schema().project(c).map(Arc::new),
+                None => Ok(meta.schema().clone()),
+            });
+            let end = start + part_rows;
+            let mut local: Vec<u64> = Vec::new();
+            while next < order.len() && order[next].0 < end {
+                if local.last() != Some(&(order[next].0 - start)) {
+                    local.push(order[next].0 - start);
+                    produced += 1;
+                }
+                landed[order[next].1] = produced - 1;
+                next += 1;
+            }
+            if !local.is_empty() {
+                let mut selectors = Vec::with_capacity(local.len() * 2);
+                let mut at = 0u64;
+                for &r in &local {
+                    if r > at {
+                        selectors.push(RowSelector::skip((r - at) as usize));
+                    }
+                    selectors.push(RowSelector::select(1));
+                    at = r + 1;
+                }
+                let file = File::open(path).map_err(io(path))?;
+                let mut builder = ParquetRecordBatchReaderBuilder::new_with_metadata(file, meta)
+                    .with_row_selection(RowSelection::from(selectors))
+                    .with_batch_size(local.len());
+                if let Some(c) = columns {
+                    let mask = ProjectionMask::roots(builder.parquet_schema(), c.iter().copied());
+                    builder = builder.with_projection(mask);
+                }
+                let pq = |source| SinkError::Parquet {
+                    path: path.clone(),
+                    source,
+                };
+                for batch in builder.build().map_err(pq)? {
+                    batches.push(batch?);
+                }
+            }
+            start = end;
+            if next == order.len() {
+                break;
+            }
+        }
+        if next < order.len() {
+            return Err(SinkError::NotFound(format!(
+                "{name} row {} (the dataset has {start} rows)",
+                order[next].0
+            )));
+        }
+        let schema = match schema {
+            Some(s) => s?,
+            None => return Err(SinkError::NotFound(name.to_string())),
+        };
+        let all = arrow_select::concat::concat_batches(&schema, &batches)?;
+        let indices = arrow_array::UInt32Array::from(landed);
+        Ok(arrow_select::take::take_record_batch(&all, &indices)?)
+    }
+
+    /// A part's footer with its page index, read once.
+    fn footer(&self, path: &Path) -> Result<ArrowReaderMetadata, SinkError> {
+        let file = File::open(path).map_err(io(path))?;
+        let len = file.metadata().map_err(io(path))?.len();
+        let mut cache = self.footers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((l, meta)) = cache.get(path)
+            && *l == len
+        {
+            return Ok(meta.clone());
+        }
+        let options = ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Optional);
+        let meta =
+            ArrowReaderMetadata::load(&file, options).map_err(|source| SinkError::Parquet {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        cache.insert(path.to_path_buf(), (len, meta.clone()));
+        Ok(meta)
+    }
+}
+
 fn read_schema(path: &Path) -> Result<SchemaRef, SinkError> {
     let file = File::open(path).map_err(io(path))?;
     Ok(ParquetRecordBatchReaderBuilder::try_new(file)
@@ -388,6 +509,47 @@ mod tests {
         let store = DatasetStore::open(root.path()).unwrap();
         assert!(!root.path().join("d/.tmp-part-0000000001.parquet").exists());
         assert_eq!(store.append("d", &[batch(4, 1)]).unwrap(), 5);
+    }
+
+    #[test]
+    fn rows_taken_by_number_come_back_in_the_order_asked() {
+        let root = tempfile::tempdir().unwrap();
+        let store = DatasetStore::open(root.path()).unwrap();
+        // A part larger than a page, so rows come from several pages of one part.
+        for (from, n) in [(0, 10), (10, 3000), (3010, 7)] {
+            store.append("d", &[batch(from, n)]).unwrap();
+        }
+        // Pages of at most PAGE_ROWS rows, with a page index to skip the others by.
+        let part = &store.parts("d").unwrap()[1];
+        let footer = store.footer(part).unwrap();
+        let pages = footer
+            .metadata()
+            .page_index()
+            .and_then(|p| p.offset_index(0, 0))
+            .expect("a page index")
+            .page_locations()
+            .len();
+        assert!(pages >= 3000 / PAGE_ROWS, "{pages} pages");
+        let ids = |rows: &[u64], columns: Option<&[usize]>| {
+            let b = store.take("d", rows, columns).unwrap();
+            let col = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+            (b.num_columns(), col.values().to_vec())
+        };
+        let asked = [3016, 0, 2500, 9, 10, 2500, 1024, 3015];
+        assert_eq!(
+            ids(&asked, None),
+            (2, asked.iter().map(|&r| r as i64).collect::<Vec<_>>())
+        );
+        // Only the text column: its values follow the rows asked.
+        let b = store.take("d", &[1500, 3], Some(&[1])).unwrap();
+        assert_eq!(b.num_columns(), 1);
+        let text = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+        assert_eq!((text.value(0), text.value(1)), ("t1500", "t3"));
+        assert_eq!(ids(&[], None).1, Vec::<i64>::new());
+        assert!(matches!(
+            store.take("d", &[5, 3017], None),
+            Err(SinkError::NotFound(_))
+        ));
     }
 
     #[test]
