@@ -118,7 +118,12 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
             settings.storage.data_dir.display()
         )
     })?;
-    let (sink, sink_thread) = SinkWriter::start(store, settings.storage.queue_depth);
+    let (sink, sink_thread) = SinkWriter::start(
+        store,
+        &settings.storage.data_dir,
+        settings.storage.queue_depth,
+        settings.storage.index.clone(),
+    );
 
     // The actix system on its own thread; its actors are created inside it.
     let (addrs_tx, addrs_rx) = std::sync::mpsc::channel();

@@ -11,6 +11,7 @@ use actix::Addr;
 use keel_engine::cache::actor::CacheActor;
 use keel_engine::cache::messages::GetCacheStats;
 use keel_engine::ingest::pipeline::{IngestCounters, Pipeline};
+use keel_engine::sink::reduce::Projection;
 use keel_engine::sink::store::{DatasetInfo, SinkError};
 use keel_engine::sink::writer::SinkWriter;
 use keel_engine::stats::{CleanupStats, MemoryStats, Stats, StreamStats};
@@ -37,6 +38,31 @@ pub enum EngineError {
     Sink(#[from] SinkError),
     #[error("a blocking task failed: {0}")]
     Task(String),
+}
+
+/// How a stream's vectors are written: their format, and the projection (by its
+/// `"DATASET/NAME"`) they go through first, if any.
+#[derive(Clone)]
+pub struct Shape {
+    pub format: VectorFormat,
+    pub projection: Option<(String, Arc<Projection>)>,
+}
+
+impl Shape {
+    /// The model's vectors (`rows × dim`) as this shape's values (`rows × dimensions`):
+    /// projected, or as they are (the format cuts them).
+    pub fn apply(&self, vectors: Vec<f32>, dim: usize) -> (Vec<f32>, usize) {
+        match &self.projection {
+            None => (vectors, dim),
+            Some((_, p)) => (
+                vectors
+                    .chunks_exact(dim)
+                    .flat_map(|v| p.project_model(v))
+                    .collect(),
+                p.dimensions,
+            ),
+        }
+    }
 }
 
 /// Everything a Flight handler needs; shared by all streams.
@@ -126,6 +152,40 @@ impl Engine {
         )?)
     }
 
+    /// [`Engine::vector_format`] plus the command's projection (loaded from the data
+    /// folder): with one, the vectors are projected to its dimensions. `NotFound` for an
+    /// unknown projection, `InvalidArgument` for one of another model's dimensions.
+    pub fn vector_shape(&self, request: &Request) -> Result<Shape, tonic::Status> {
+        let Some(name) = &request.projection else {
+            return Ok(Shape {
+                format: self.vector_format(request)?,
+                projection: None,
+            });
+        };
+        let projection = Projection::load_named(&self.settings.storage.data_dir, name)
+            .map_err(crate::flight::error::sink)?;
+        let dim = self.pipeline.dim();
+        if projection.input_dimensions > dim {
+            return Err(tonic::Status::invalid_argument(format!(
+                "projection {name:?} takes {} dimensions, the model gives {dim}",
+                projection.input_dimensions
+            )));
+        }
+        let format = VectorFormat::resolve(
+            request.precision,
+            None,
+            VectorFormat {
+                precision: self.pipeline.config().default_precision,
+                dimensions: projection.dimensions,
+            },
+            projection.dimensions,
+        )?;
+        Ok(Shape {
+            format,
+            projection: Some((name.clone(), Arc::new(projection))),
+        })
+    }
+
     /// A dataset's description, read off the async workers.
     pub async fn dataset(&self, name: String) -> Result<DatasetInfo, EngineError> {
         let store = self.sink.store().clone();
@@ -178,6 +238,7 @@ impl Engine {
             },
             embedder: self.pipeline.embedder().stats(),
             cleanups: CleanupStats::from_report(&memory),
+            indexes: self.sink.indexes().reports(),
         })
     }
 }

@@ -34,6 +34,10 @@ enum Command {
     Produce(commands::produce::ProduceArgs),
     /// The rows of a stored dataset nearest a text, by cosine.
     Search(commands::search::SearchArgs),
+    /// Build a stored dataset's nearest-neighbour index (HNSW), used by later searches.
+    Index(commands::index::IndexArgs),
+    /// Fit a PCA projection on a stored dataset's vectors (for indexes of fewer dimensions).
+    Reduce(commands::index::ReduceArgs),
     /// The soak benchmark: drive an engine, sample memory, write a verdict and a picture.
     Soak(commands::soak::SoakArgs),
     /// Check a configuration file (and KEEL_* variables) without starting anything.
@@ -63,6 +67,8 @@ fn main() -> ExitCode {
         Command::Produce(args) => commands::produce::run(args),
         Command::Search(args) => commands::search::run(args),
         Command::Soak(args) => commands::soak::run(args),
+        Command::Index(args) => commands::index::run_index(args),
+        Command::Reduce(args) => commands::index::run_reduce(args),
         Command::Embed(args) => commands::embed::run(args),
         Command::Texts(args) => commands::texts::run(args),
         Command::Convert(args) => commands::convert::run(args),

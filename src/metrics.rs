@@ -309,6 +309,16 @@ fn describe() {
         Unit::Count,
         "1 while the Redis circuit breaker is open."
     );
+    describe_gauge!(
+        "keel_index_memory_bytes",
+        Unit::Bytes,
+        "Memory the loaded dataset indexes hold (storage.index.max_bytes bounds it)."
+    );
+    describe_gauge!(
+        "keel_index_rows",
+        Unit::Count,
+        "Rows a dataset's index covers (later rows are scanned exactly)."
+    );
 }
 
 /// Publishes `stats` into the recorder.
@@ -388,5 +398,12 @@ fn publish(s: &Stats) {
     counter!("keel_cleanups_total", "level" => "full").absolute(s.cleanups.full);
     if let Some(last) = s.cleanups.recent.last() {
         set("keel_cleanup_last_seconds", last.total_micros as f64 / 1e6);
+    }
+    set(
+        "keel_index_memory_bytes",
+        s.indexes.iter().map(|i| i.memory_bytes).sum::<u64>() as f64,
+    );
+    for i in &s.indexes {
+        gauge!("keel_index_rows", "dataset" => i.dataset.clone()).set(i.rows as f64);
     }
 }

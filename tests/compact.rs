@@ -5,9 +5,10 @@
 use arrow_array::RecordBatch;
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float16Type, Float32Type, Int8Type};
+use arrow_flight::FlightClient;
 use arrow_flight::{FlightDescriptor, Ticket};
 use arrow_schema::DataType;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use keel_wire::vectors::VectorFormat;
 use tonic::Code;
 
@@ -297,5 +298,286 @@ async fn an_int8_cache_serves_hits_close_to_the_models_vectors() {
         .fold(1.0f32, f32::min);
     assert!(worst >= 0.999, "worst cosine {worst}");
     assert!(worst < 1.0, "the hits came from int8 entries, not f32");
+    server.stop().await;
+}
+
+/// Sends an action expected to fail; its status.
+async fn refused(client: &mut FlightClient, kind: &str, body: &str) -> tonic::Status {
+    match client
+        .do_action(arrow_flight::Action::new(kind, body.as_bytes().to_vec()))
+        .await
+    {
+        Err(e) => to_status(e),
+        Ok(mut results) => match results.next().await {
+            Some(Err(e)) => to_status(e),
+            other => panic!("{kind} {body} was answered: {other:?}"),
+        },
+    }
+}
+
+/// A dataset's index (the `index` action) and a PCA projection (`reduce`): searches go
+/// through the index and find what the exact scan finds; rows put afterwards are found at
+/// once (scanned) and then indexed; FlightInfo and stats describe it; bad requests say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_indexed_dataset_is_searched_through_its_index_and_grows_with_puts() {
+    let server = TestServer::start(|s| s.storage.flush_rows = 100).await;
+    let mut client = server.client().await;
+    let all = texts(400);
+    let put = |rows: &[String]| {
+        let descriptor = FlightDescriptor::new_path(vec!["datasets".into(), "v".into()]);
+        arrow_flight::encode::FlightDataEncoderBuilder::new()
+            .with_flight_descriptor(Some(descriptor))
+            .build(futures::stream::iter(batches(rows).into_iter().map(Ok)))
+    };
+    let stored: Vec<_> = client
+        .do_put(put(&all[..300]))
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(!stored.is_empty());
+
+    let e = refused(
+        &mut client,
+        "search",
+        r#"{"dataset":"v","text":"x","mode":"index"}"#,
+    )
+    .await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("keel index"), "{}", e.message());
+
+    let reduced = action(&mut client, "reduce", r#"{"dataset":"v","dimensions":32}"#).await;
+    assert_eq!(reduced["name"], "pca32", "{reduced}");
+    assert_eq!(reduced["rows"], 300, "{reduced}");
+    let kept = reduced["variance_kept"].as_f64().unwrap();
+    assert!(kept > 0.5 && kept <= 1.0, "{reduced}");
+
+    let report = action(&mut client, "index", r#"{"dataset":"v"}"#).await;
+    assert_eq!(report["rows"], 300, "{report}");
+    assert_eq!(
+        report["quantization"], "int8",
+        "the configured default: {report}"
+    );
+    assert!(
+        report["memory_bytes"].as_u64().unwrap() > 300 * 384,
+        "{report}"
+    );
+    let stats = action(&mut client, "stats", "").await;
+    assert_eq!(stats["indexes"][0]["dataset"], "v", "{stats}");
+    let info = client
+        .get_flight_info(FlightDescriptor::new_path(vec![
+            "datasets".into(),
+            "v".into(),
+        ]))
+        .await
+        .unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(&info.app_metadata).unwrap();
+    assert_eq!(meta["index"]["rows"], 300, "{meta}");
+
+    let rows_of = |found: &serde_json::Value| -> Vec<u64> {
+        found["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["row"].as_u64().unwrap())
+            .collect()
+    };
+    let mut overlap = 0;
+    for i in [0usize, 41, 150, 299] {
+        let ask = |mode: &str| {
+            serde_json::json!({"dataset": "v", "text": all[i], "k": 5, "mode": mode}).to_string()
+        };
+        let indexed = action(&mut client, "search", &ask("auto")).await;
+        assert_eq!(indexed["mode"], "index", "{indexed}");
+        assert_eq!(indexed["scanned_rows"], 0, "{indexed}");
+        assert_eq!(indexed["results"][0]["text"], all[i].as_str(), "{indexed}");
+        let exact = action(&mut client, "search", &ask("exact")).await;
+        assert_eq!(exact["mode"], "exact");
+        assert_eq!(exact["scanned_rows"], 300);
+        let e = rows_of(&exact);
+        overlap += rows_of(&indexed).iter().filter(|r| e.contains(r)).count();
+    }
+    assert!(overlap >= 19, "{overlap} of 20 of the exact top 5s");
+
+    // Rows put after the build: found at once, then added to the index.
+    client
+        .do_put(put(&all[300..]))
+        .await
+        .unwrap()
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap();
+    let body = serde_json::json!({"dataset": "v", "text": all[377], "k": 3}).to_string();
+    let found = action(&mut client, "search", &body).await;
+    assert_eq!(found["results"][0]["text"], all[377].as_str(), "{found}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let stats = action(&mut client, "stats", "").await;
+        if stats["indexes"][0]["rows"] == 400 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not grown: {stats}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let found = action(&mut client, "search", &body).await;
+    assert_eq!(
+        (found["scanned_rows"].clone(), found["indexed_rows"].clone()),
+        (0.into(), 400.into()),
+        "{found}"
+    );
+
+    // Through the projection, in sign bits, rescored against the stored vectors.
+    let report = action(
+        &mut client,
+        "index",
+        r#"{"dataset":"v","projection":"pca32","quantization":"binary","rescore":100}"#,
+    )
+    .await;
+    assert_eq!(
+        (report["dimensions"].clone(), report["vector_bytes"].clone()),
+        (32.into(), 4.into()),
+        "{report}"
+    );
+    let found = action(&mut client, "search", &body).await;
+    assert_eq!(found["results"][0]["text"], all[377].as_str(), "{found}");
+
+    for (kind, body, code) in [
+        ("index", r#"{"dataset":"missing"}"#, Code::NotFound),
+        (
+            "index",
+            r#"{"dataset":"v","quantization":"int4"}"#,
+            Code::InvalidArgument,
+        ),
+        (
+            "index",
+            r#"{"dataset":"v","connectivity":1}"#,
+            Code::InvalidArgument,
+        ),
+        (
+            "index",
+            r#"{"dataset":"v","projection":"nope"}"#,
+            Code::NotFound,
+        ),
+        (
+            "reduce",
+            r#"{"dataset":"v","dimensions":0}"#,
+            Code::InvalidArgument,
+        ),
+        (
+            "reduce",
+            r#"{"dataset":"v","dimensions":385}"#,
+            Code::InvalidArgument,
+        ),
+        ("reduce", r#"{"dataset":"v"}"#, Code::InvalidArgument),
+        (
+            "search",
+            r#"{"dataset":"v","text":"x","mode":"fast"}"#,
+            Code::InvalidArgument,
+        ),
+    ] {
+        let e = refused(&mut client, kind, body).await;
+        assert_eq!(e.code(), code, "{kind} {body}: {}", e.message());
+    }
+    server.stop().await;
+}
+
+/// A projection fitted by `reduce` used by later streams: DoExchange vectors come back
+/// projected (to its dimensions, in any precision, naming it in their field's metadata),
+/// and a dataset put through it is searched with projected queries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn later_streams_and_their_datasets_use_a_projection() {
+    let server = TestServer::start(|_| {}).await;
+    let mut client = server.client().await;
+    let rows = texts(200);
+    let put = |name: &str, cmd: &str| {
+        let descriptor =
+            FlightDescriptor::new_path(vec!["datasets".into(), name.into(), cmd.into()]);
+        arrow_flight::encode::FlightDataEncoderBuilder::new()
+            .with_flight_descriptor(Some(descriptor))
+            .build(futures::stream::iter(batches(&rows).into_iter().map(Ok)))
+    };
+    client
+        .do_put(put("base", "{}"))
+        .await
+        .unwrap()
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap();
+    action(
+        &mut client,
+        "reduce",
+        r#"{"dataset":"base","dimensions":24,"name":"p24"}"#,
+    )
+    .await;
+    let projection = keel_engine::sink::reduce::Projection::load_named(
+        &server.settings.storage.data_dir,
+        "base/p24",
+    )
+    .unwrap();
+
+    let full = decoded(
+        &exchange(&mut client, embed_path(), batches(&rows[..40]))
+            .await
+            .unwrap(),
+    );
+    let got = exchange(
+        &mut client,
+        command(r#"{"projection":"base/p24","precision":"int8"}"#),
+        batches(&rows[..40]),
+    )
+    .await
+    .unwrap();
+    let field = got[0]
+        .schema()
+        .field_with_name("embedding")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        field.metadata().get("keel.projection").map(String::as_str),
+        Some("base/p24")
+    );
+    let got = decoded(&got);
+    assert_eq!(got[0].len(), 24);
+    for (g, f) in got.iter().zip(&full) {
+        let want = projection.project_model(f);
+        assert!(cosine(g, &want) >= 0.999, "{}", cosine(g, &want));
+    }
+
+    client
+        .do_put(put("small", r#"{"projection":"base/p24"}"#))
+        .await
+        .unwrap()
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap();
+    let info = client
+        .get_flight_info(FlightDescriptor::new_path(vec![
+            "datasets".into(),
+            "small".into(),
+        ]))
+        .await
+        .unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(&info.app_metadata).unwrap();
+    assert_eq!(meta["vector_bytes_per_row"], 96, "{meta}");
+    for i in [5usize, 123] {
+        let body = serde_json::json!({"dataset": "small", "text": rows[i], "k": 3}).to_string();
+        let found = action(&mut client, "search", &body).await;
+        assert_eq!(found["results"][0]["text"], rows[i].as_str(), "{found}");
+    }
+
+    for (cmd, code) in [
+        (r#"{"projection":"base/nope"}"#, Code::NotFound),
+        (r#"{"projection":"nope"}"#, Code::InvalidArgument),
+        (
+            r#"{"projection":"base/p24","dimensions":12}"#,
+            Code::InvalidArgument,
+        ),
+    ] {
+        let e = exchange(&mut client, command(cmd), batches(&rows[..2]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), code, "{cmd}: {}", e.message());
+    }
     server.stop().await;
 }

@@ -3,6 +3,7 @@
 pub mod action;
 pub mod convert;
 pub mod embed;
+pub mod index;
 pub mod produce;
 pub mod search;
 pub mod serve;

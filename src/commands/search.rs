@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use keel::flight::actions::SearchResponse;
+use keel_engine::sink::search::SearchMode;
 
 #[derive(clap::Args)]
 pub struct SearchArgs {
@@ -21,6 +22,12 @@ pub struct SearchArgs {
     to: String,
     #[command(flatten)]
     auth: keel::flight::client::ClientAuth,
+    /// exact (score every row), index (the dataset's index) or auto (the index when there is one).
+    #[arg(long, default_value = "auto")]
+    mode: String,
+    /// Candidates rescored against the stored vectors (default: the index's).
+    #[arg(long)]
+    rescore: Option<usize>,
     /// Print the whole JSON answer instead of one line per row.
     #[arg(long)]
     json: bool,
@@ -34,7 +41,12 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
         let mut client =
             keel::flight::client::connect_with(&args.to, Duration::from_secs(10), &args.auth)
                 .await?;
-        let body = serde_json::json!({ "dataset": args.dataset, "text": args.text, "k": args.k });
+        let mut body = serde_json::json!({
+            "dataset": args.dataset, "text": args.text, "k": args.k, "mode": args.mode,
+        });
+        if let Some(r) = args.rescore {
+            body["rescore"] = r.into();
+        }
         let answer: SearchResponse =
             keel::flight::client::action(&mut client, "search", serde_json::to_vec(&body)?)
                 .await
@@ -54,12 +66,22 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
                 hit["row"]
             );
         }
-        eprintln!(
-            "keel search: {} of {} rows of {:?}",
-            answer.results.len(),
-            answer.scanned_rows,
-            args.dataset
-        );
+        match answer.mode {
+            SearchMode::Index => eprintln!(
+                "keel search: {} rows of {:?} through its index ({} rows indexed, {} candidates; {} newer rows scanned)",
+                answer.results.len(),
+                args.dataset,
+                answer.indexed_rows,
+                answer.candidates,
+                answer.scanned_rows
+            ),
+            _ => eprintln!(
+                "keel search: {} of {} rows of {:?} (exact scan)",
+                answer.results.len(),
+                answer.scanned_rows,
+                args.dataset
+            ),
+        }
         Ok(())
     })
 }

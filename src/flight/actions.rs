@@ -4,12 +4,17 @@
 //! - `stats`: every figure of the engine ([`keel_engine::stats::Stats`]);
 //! - `health`: status, model and dimension;
 //! - `cleanup`: run one now, `{"level": "gentle"|"full"}` (gentle when empty);
-//! - `search`: the rows of a dataset nearest a text, `{"dataset", "text", "k"}`;
+//! - `search`: the rows of a dataset nearest a text, `{"dataset", "text", "k"}` (and
+//!   optionally `"mode"`, `"rescore"`, `"expansion"`);
+//! - `index`: build a dataset's approximate nearest-neighbour index, `{"dataset", ...}`;
+//! - `reduce`: fit a PCA projection on a dataset, `{"dataset", "dimensions", "name"}`;
 //! - `heap-profile`: a jemalloc heap profile written to `memory.heap_profile_dir`.
 
 use std::sync::Arc;
 
 use keel_engine::cleanup::{CleanupLevel, CleanupRecord};
+use keel_engine::sink::index::{IndexReport, IndexRequest, Quantization};
+use keel_engine::sink::search::{SearchMode, SearchOptions};
 use keel_engine::supervisor::messages::RunCleanup;
 use serde::{Deserialize, Serialize};
 use tonic::Status;
@@ -18,7 +23,7 @@ use super::error;
 use crate::engine::Engine;
 
 /// Every action, with its description for `ListActions`.
-pub const ACTIONS: [(&str, &str); 5] = [
+pub const ACTIONS: [(&str, &str); 7] = [
     (
         "stats",
         "JSON: memory, cache, embedder, ops, rows, in-flight rows, recent cleanups",
@@ -36,6 +41,14 @@ pub const ACTIONS: [(&str, &str); 5] = [
         "heap-profile",
         "Write a jemalloc heap profile to memory.heap_profile_dir; returns {\"path\": ...}",
     ),
+    (
+        "index",
+        "Build a dataset's HNSW index; body {\"dataset\": NAME, \"quantization\": \"int8\", \"projection\": null, \"rescore\": 50, ...}",
+    ),
+    (
+        "reduce",
+        "Fit a PCA projection on a dataset; body {\"dataset\": NAME, \"dimensions\": 128, \"name\": \"pca128\"}",
+    ),
 ];
 
 /// A parsed action.
@@ -46,6 +59,64 @@ pub enum Action {
     Cleanup(CleanupLevel),
     Search(SearchRequest),
     HeapProfile,
+    Index(IndexBody),
+    Reduce(ReduceRequest),
+}
+
+/// The `index` action's body: the dataset and what differs from `storage.index`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexBody {
+    pub dataset: String,
+    #[serde(default)]
+    pub quantization: Option<Quantization>,
+    #[serde(default)]
+    pub projection: Option<String>,
+    #[serde(default)]
+    pub connectivity: Option<usize>,
+    #[serde(default)]
+    pub expansion_add: Option<usize>,
+    #[serde(default)]
+    pub expansion_search: Option<usize>,
+    #[serde(default)]
+    pub rescore: Option<usize>,
+}
+
+impl IndexBody {
+    fn request(&self) -> IndexRequest {
+        IndexRequest {
+            quantization: self.quantization,
+            projection: self.projection.clone(),
+            connectivity: self.connectivity,
+            expansion_add: self.expansion_add,
+            expansion_search: self.expansion_search,
+            rescore: self.rescore,
+        }
+    }
+}
+
+/// The `reduce` action's body.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReduceRequest {
+    pub dataset: String,
+    pub dimensions: usize,
+    /// The projection's name (default `pcaN`).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// The `reduce` action's answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReduceResponse {
+    pub dataset: String,
+    pub name: String,
+    pub input_dimensions: usize,
+    pub dimensions: usize,
+    pub rows: u64,
+    /// Share of the variance the kept components hold.
+    pub variance_kept: f64,
+    pub seconds: f64,
 }
 
 /// The `search` action's body.
@@ -56,6 +127,15 @@ pub struct SearchRequest {
     pub text: String,
     #[serde(default = "default_k")]
     pub k: usize,
+    /// `auto` (the index when the dataset has one), `exact` or `index`.
+    #[serde(default)]
+    pub mode: SearchMode,
+    /// Candidates rescored against the stored vectors (default: the index's).
+    #[serde(default)]
+    pub rescore: Option<usize>,
+    /// The graph's search breadth (default: the index's `expansion_search`).
+    #[serde(default)]
+    pub expansion: Option<usize>,
 }
 
 fn default_k() -> usize {
@@ -84,7 +164,17 @@ pub struct SearchResponse {
     pub dataset: String,
     pub text: String,
     pub k: usize,
+    /// `exact` or `index`: how the rows were found.
+    #[serde(default)]
+    pub mode: SearchMode,
+    /// Rows scored exactly: all of them for `exact`; for `index`, the rows appended
+    /// since the index last grew.
     pub scanned_rows: u64,
+    /// Rows the index covered, and the candidates it gave (0 for `exact`).
+    #[serde(default)]
+    pub indexed_rows: u64,
+    #[serde(default)]
+    pub candidates: u64,
     /// The rows found, best first: every stored column but `embedding`, plus `score`.
     pub results: Vec<serde_json::Value>,
 }
@@ -115,15 +205,44 @@ impl Action {
                         request.k
                     )));
                 }
+                if request.rescore.is_some_and(|r| r > 100_000)
+                    || request.expansion.is_some_and(|e| e == 0 || e > 100_000)
+                {
+                    return Err(Status::invalid_argument(
+                        "search: rescore must be within 0..=100000 and expansion within 1..=100000",
+                    ));
+                }
                 keel_wire::descriptor::checked_dataset_name(&request.dataset)?;
                 Ok(Action::Search(request))
+            }
+            "index" => {
+                let body: IndexBody = serde_json::from_slice(body).map_err(|e| {
+                    Status::invalid_argument(format!(
+                        "bad index body ({e}); send {{\"dataset\": NAME}} and optionally \
+                         quantization (f32|f16|int8|binary), projection, connectivity, \
+                         expansion_add, expansion_search, rescore"
+                    ))
+                })?;
+                keel_wire::descriptor::checked_dataset_name(&body.dataset)?;
+                Ok(Action::Index(body))
+            }
+            "reduce" => {
+                let body: ReduceRequest = serde_json::from_slice(body).map_err(|e| {
+                    Status::invalid_argument(format!(
+                        "bad reduce body ({e}); send {{\"dataset\": NAME, \"dimensions\": 128}} \
+                         and optionally \"name\""
+                    ))
+                })?;
+                keel_wire::descriptor::checked_dataset_name(&body.dataset)?;
+                Ok(Action::Reduce(body))
             }
             "heap-profile" if empty(body) => Ok(Action::HeapProfile),
             "heap-profile" => Err(Status::invalid_argument(
                 "heap-profile takes no body (the folder is memory.heap_profile_dir)",
             )),
             other => Err(Status::invalid_argument(format!(
-                "unknown action {other:?}; actions: stats, cleanup, health, search, heap-profile"
+                "unknown action {other:?}; actions: stats, cleanup, health, search, \
+                 heap-profile, index, reduce"
             ))),
         }
     }
@@ -136,6 +255,8 @@ impl Action {
             Action::Cleanup(level) => serde_json::to_vec(&cleanup(engine, level).await?),
             Action::Search(request) => serde_json::to_vec(&search(engine, request).await?),
             Action::HeapProfile => serde_json::to_vec(&heap_profile(engine)?),
+            Action::Index(body) => serde_json::to_vec(&index(engine, body).await?),
+            Action::Reduce(body) => serde_json::to_vec(&reduce(engine, body).await?),
         };
         json.map_err(|e| Status::internal(format!("encoding the answer: {e}")))
     }
@@ -207,9 +328,15 @@ async fn search(engine: &Engine, request: SearchRequest) -> Result<SearchRespons
             .0
     };
     let store = engine.sink.store().clone();
+    let indexes = engine.sink.indexes().clone();
     let (dataset, k) = (request.dataset.clone(), request.k);
+    let options = SearchOptions {
+        mode: request.mode,
+        rescore: request.rescore,
+        expansion: request.expansion,
+    };
     let found = tokio::task::spawn_blocking(move || {
-        keel_engine::sink::search::nearest(&store, &dataset, &vector, k)
+        keel_engine::sink::search::nearest(&store, Some(&indexes), &dataset, &vector, k, options)
     })
     .await
     .map_err(|e| Status::internal(format!("search task failed: {e}")))?
@@ -229,8 +356,47 @@ async fn search(engine: &Engine, request: SearchRequest) -> Result<SearchRespons
         dataset: request.dataset,
         text: request.text,
         k: request.k,
+        mode: found.mode,
         scanned_rows: found.scanned_rows,
+        indexed_rows: found.indexed_rows,
+        candidates: found.candidates,
         results,
+    })
+}
+
+/// Builds a dataset's index on a blocking thread (minutes for millions of rows).
+async fn index(engine: &Engine, body: IndexBody) -> Result<IndexReport, Status> {
+    let indexes = engine.sink.indexes().clone();
+    tokio::task::spawn_blocking(move || indexes.build(&body.dataset, &body.request()))
+        .await
+        .map_err(|e| Status::internal(format!("index task failed: {e}")))?
+        .map_err(error::sink)
+}
+
+/// Fits a PCA projection on a dataset on a blocking thread.
+async fn reduce(engine: &Engine, body: ReduceRequest) -> Result<ReduceResponse, Status> {
+    let store = engine.sink.store().clone();
+    let root = engine.settings.storage.data_dir.clone();
+    let started = std::time::Instant::now();
+    let name = body
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("pca{}", body.dimensions));
+    let dataset = body.dataset.clone();
+    let projection = tokio::task::spawn_blocking(move || {
+        keel_engine::sink::reduce::reduce_dataset(&store, &root, &dataset, body.dimensions, &name)
+    })
+    .await
+    .map_err(|e| Status::internal(format!("reduce task failed: {e}")))?
+    .map_err(error::sink)?;
+    Ok(ReduceResponse {
+        dataset: body.dataset,
+        name: projection.name,
+        input_dimensions: projection.input_dimensions,
+        dimensions: projection.dimensions,
+        rows: projection.rows,
+        variance_kept: projection.variance_kept,
+        seconds: started.elapsed().as_secs_f64(),
     })
 }
 

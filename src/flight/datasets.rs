@@ -10,6 +10,7 @@ use arrow_flight::{
 };
 use arrow_ipc::writer::IpcWriteOptions;
 use futures::{StreamExt, stream};
+use keel_engine::sink::index::IndexReport;
 use keel_engine::sink::store::{DatasetInfo, SinkError};
 use keel_wire::descriptor::DatasetTicket;
 use keel_wire::vectors::VectorFormat;
@@ -31,7 +32,11 @@ pub async fn list(engine: &Engine) -> Result<BoxStream<FlightInfo>, Status> {
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(error::sink)?;
-    let flights: Vec<Result<FlightInfo, Status>> = infos.iter().map(flight_info).collect();
+    let indexes = engine.sink.indexes();
+    let flights: Vec<Result<FlightInfo, Status>> = infos
+        .iter()
+        .map(|i| flight_info(i, indexes.describe(&i.name)))
+        .collect();
     Ok(Box::pin(stream::iter(flights)))
 }
 
@@ -42,14 +47,16 @@ pub async fn describe(engine: &Engine, d: &FlightDescriptor) -> Result<DatasetIn
 }
 
 /// A dataset's `FlightInfo`: schema, rows, bytes on disk, and in `app_metadata` (JSON)
-/// how its vectors are stored: `{"precision", "dimensions", "vector_bytes_per_row"}`.
-pub fn flight_info(info: &DatasetInfo) -> Result<FlightInfo, Status> {
+/// how its vectors are stored, `{"precision", "dimensions", "vector_bytes_per_row",
+/// "index"}`, `index` being its index's report (null without one).
+pub fn flight_info(info: &DatasetInfo, index: Option<IndexReport>) -> Result<FlightInfo, Status> {
     let vectors = VectorFormat::of_schema(&info.schema)
         .map(|f| {
             serde_json::json!({
                 "precision": f.precision.name(),
                 "dimensions": f.dimensions,
                 "vector_bytes_per_row": f.bytes_per_row(),
+                "index": index,
             })
         })
         .unwrap_or(serde_json::Value::Null);

@@ -72,7 +72,8 @@ impl FlightService for KeelFlight {
     ) -> Result<Response<FlightInfo>, Status> {
         self.auth.check(request.metadata())?;
         let info = datasets::describe(&self.engine, request.get_ref()).await?;
-        Ok(Response::new(datasets::flight_info(&info)?))
+        let index = self.engine.sink.indexes().describe(&info.name);
+        Ok(Response::new(datasets::flight_info(&info, index)?))
     }
 
     async fn poll_flight_info(

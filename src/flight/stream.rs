@@ -22,18 +22,18 @@ use futures::{FutureExt, Stream, StreamExt};
 use keel_engine::ingest::config::WhenFull;
 use keel_engine::ingest::output::with_embeddings;
 use keel_engine::ingest::pipeline::InFlight;
+use keel_engine::sink::reduce::PROJECTION_KEY;
 use keel_wire::decode::{Batches, decode, panic_message};
 use keel_wire::descriptor::Target;
 use keel_wire::slicer::Slicer;
 use keel_wire::text::TextSource;
-use keel_wire::vectors::VectorFormat;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 use super::error;
-use crate::engine::{Engine, StreamSlot};
+use crate::engine::{Engine, Shape, StreamSlot};
 
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -76,8 +76,8 @@ pub fn exchange(engine: Arc<Engine>, stream: OpenStream) -> Result<BoxStream<Fli
             "DoExchange needs the descriptor path [\"embed\"]; use DoPut for datasets",
         ));
     };
-    let format = engine.vector_format(&request)?;
-    let rx = spawn_reader(engine.clone(), batches, request.source, format);
+    let shape = engine.vector_shape(&request)?;
+    let rx = spawn_reader(engine.clone(), batches, request.source, shape);
     let counters = engine.pipeline.counters().clone();
     let batches = ordered_results(rx).map(move |r| {
         let _slot = &slot;
@@ -109,8 +109,8 @@ pub fn put(engine: Arc<Engine>, stream: OpenStream) -> Result<BoxStream<PutResul
             "DoPut needs the descriptor path [\"datasets\", NAME]; use DoExchange [\"embed\"] to get rows back",
         ));
     };
-    let format = engine.vector_format(&request)?;
-    let rx = spawn_reader(engine.clone(), batches, request.source, format);
+    let shape = engine.vector_shape(&request)?;
+    let rx = spawn_reader(engine.clone(), batches, request.source, shape);
     let (out_tx, out_rx) = mpsc::channel::<Result<PutResult, Status>>(4);
     tokio::spawn(async move {
         let _slot = slot;
@@ -206,6 +206,34 @@ enum Pending {
     Failed(Status),
 }
 
+/// A batch whose `embedding` field names the projection its vectors went through
+/// (`keel.projection`), so that a stored dataset's search projects its queries alike.
+fn with_projection(batch: RecordBatch, shape: &Shape) -> Result<RecordBatch, Status> {
+    let Some((name, _)) = &shape.projection else {
+        return Ok(batch);
+    };
+    let schema = batch.schema();
+    let fields: Vec<arrow_schema::FieldRef> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            if f.name() == "embedding" {
+                let mut metadata = f.metadata().clone();
+                metadata.insert(PROJECTION_KEY.to_string(), name.clone());
+                Arc::new(f.as_ref().clone().with_metadata(metadata))
+            } else {
+                f.clone()
+            }
+        })
+        .collect();
+    let schema = Arc::new(arrow_schema::Schema::new_with_metadata(
+        fields,
+        schema.metadata().clone(),
+    ));
+    RecordBatch::try_new(schema, batch.columns().to_vec())
+        .map_err(|e| Status::internal(format!("naming the projection: {e}")))
+}
+
 /// Starts a stream's reader; its slices (in order) come out of the returned channel,
 /// at most `ingest.stream_parallelism` ahead of the writer. Should the reader panic (a
 /// bug), the stream ends with `Internal` rather than looking complete to its client.
@@ -213,12 +241,12 @@ fn spawn_reader(
     engine: Arc<Engine>,
     batches: Batches,
     source: TextSource,
-    format: VectorFormat,
+    shape: Shape,
 ) -> mpsc::Receiver<Pending> {
     let (tx, rx) = mpsc::channel(engine.pipeline.config().stream_parallelism);
     tokio::spawn(async move {
         let failed = tx.clone();
-        if let Err(panic) = std::panic::AssertUnwindSafe(read(engine, batches, source, format, tx))
+        if let Err(panic) = std::panic::AssertUnwindSafe(read(engine, batches, source, shape, tx))
             .catch_unwind()
             .await
         {
@@ -240,7 +268,7 @@ async fn read(
     engine: Arc<Engine>,
     mut batches: Batches,
     source: TextSource,
-    format: VectorFormat,
+    shape: Shape,
     tx: mpsc::Sender<Pending>,
 ) {
     let pipeline = engine.pipeline.clone();
@@ -290,11 +318,13 @@ async fn read(
                 Err(e) => return fail(e.into()).await,
             };
             let p = pipeline.clone();
+            let shape = shape.clone();
             let task = tokio::spawn(async move {
                 let (vectors, valid) = p.embed(texts).await.map_err(error::ingest)?;
-                let out = with_embeddings(&slice, vectors, &valid, dim, &format)
+                let (vectors, dim) = shape.apply(vectors, dim);
+                let out = with_embeddings(&slice, vectors, &valid, dim, &shape.format)
                     .map_err(error::ingest)?;
-                Ok((out, in_flight))
+                Ok((with_projection(out, &shape)?, in_flight))
             });
             if tx.send(Pending::Slice(task)).await.is_err() {
                 return; // the client went away; dropping the stream cancels the rest

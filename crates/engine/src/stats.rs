@@ -37,6 +37,9 @@ pub struct Stats {
     pub cache: CacheFigures,
     pub embedder: EmbedderStats,
     pub cleanups: CleanupStats,
+    /// The loaded dataset indexes (memory, rows covered), by dataset.
+    #[serde(default)]
+    pub indexes: Vec<crate::sink::index::IndexReport>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -29,6 +29,8 @@ pub struct Request {
     pub source: TextSource,
     pub precision: Option<VectorPrecision>,
     pub dimensions: Option<usize>,
+    /// `"DATASET/NAME"`: a PCA projection the vectors go through.
+    pub projection: Option<String>,
 }
 
 impl Target {
@@ -54,6 +56,7 @@ impl Target {
                 source: TextSource::from_command(&c, default_column)?,
                 precision: c.precision,
                 dimensions: c.dimensions,
+                projection: c.projection,
             })
         };
         match DescriptorType::try_from(d.r#type) {
@@ -161,7 +164,7 @@ mod tests {
     fn paths_and_commands_become_targets() {
         assert!(matches!(
             Target::parse(Some(&path(&["embed"])), "text").unwrap(),
-            Target::Embed(Request { source: TextSource::Column(c), precision: None, dimensions: None }) if c == "text"
+            Target::Embed(Request { source: TextSource::Column(c), precision: None, dimensions: None, .. }) if c == "text"
         ));
         assert!(matches!(
             Target::parse(Some(&path(&["embed", r#"{"text_column":"t"}"#])), "text").unwrap(),

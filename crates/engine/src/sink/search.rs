@@ -1,30 +1,71 @@
-//! Exact nearest-neighbour search over a stored dataset: cosine similarity of a query
-//! vector against every row's `embedding`, the `k` best kept as the dataset streams by
-//! (memory: one batch plus `k` rows, whatever the dataset's size).
+//! Nearest-neighbour search over a stored dataset: the rows whose `embedding` is nearest a
+//! query vector by cosine. Through the dataset's index when it has one (its graph's
+//! candidates, rescored against the stored vectors, plus an exact scan of the rows it
+//! does not cover yet), else by an exact scan keeping the `k` best as the dataset streams
+//! by (memory: one batch of vectors plus `k` scores). Only the `k` rows found are read
+//! whole, by number.
 
 use std::sync::Arc;
 
-use arrow_array::{ArrayRef, Float32Array, RecordBatch, UInt64Array};
+use arrow_array::{Float32Array, RecordBatch, UInt64Array};
 use arrow_schema::{DataType, Field, Schema};
 use keel_wire::vectors::{SCALE_COLUMN, VectorFormat, VectorPrecision};
+use serde::{Deserialize, Serialize};
 
+use super::index::{Indexes, Scored};
+use super::reduce::{PROJECTION_KEY, Projection};
 use super::store::{DatasetStore, SinkError};
+
+/// Rows scored per batch of an exact scan.
+const SCAN_ROWS: usize = 8192;
+
+/// Whether a search uses the dataset's index.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SearchMode {
+    /// The index when the dataset has one, else an exact scan.
+    #[default]
+    Auto,
+    /// Every row scored (the reference ranking).
+    Exact,
+    /// The index; a dataset without one is an error.
+    Index,
+}
+
+/// How to search, beyond the query and `k`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SearchOptions {
+    pub mode: SearchMode,
+    /// Candidates rescored (default: the index's).
+    pub rescore: Option<usize>,
+    /// The graph's search breadth (default: the index's `expansion_search`).
+    pub expansion: Option<usize>,
+}
 
 /// The `k` rows nearest the query, best first: the dataset's columns without `embedding`,
 /// then `row` (its position in the dataset) and `score` (cosine similarity).
 #[derive(Debug)]
 pub struct Neighbours {
     pub batch: RecordBatch,
+    /// Rows scored exactly (all of them for an exact scan; those the index does not
+    /// cover yet otherwise).
     pub scanned_rows: u64,
+    /// `exact` or `index`.
+    pub mode: SearchMode,
+    /// Rows the index covered, and the candidates it gave.
+    pub indexed_rows: u64,
+    pub candidates: u64,
 }
 
-/// Scans `name` for the `k` rows whose embedding is nearest `query` by cosine.
+/// Finds the `k` rows of `name` nearest `query` (the model's vector) by cosine.
 /// Rows with a null embedding are passed over; ties keep dataset order.
 pub fn nearest(
     store: &DatasetStore,
+    indexes: Option<&Indexes>,
     name: &str,
     query: &[f32],
     k: usize,
+    options: SearchOptions,
 ) -> Result<Neighbours, SinkError> {
     let info = store.info(name)?;
     let schema = info.schema.clone();
@@ -42,95 +83,126 @@ pub fn nearest(
             query.len()
         )));
     }
-    // The query as the dataset's rows were made: its first dimensions, at unit length.
-    let query = &query[..format.dimensions];
+    // The query as the dataset's rows were made: through the projection they went
+    // through, or its first dimensions (cosines do not need it at unit length).
+    let projected = match schema.field(emb_idx).metadata().get(PROJECTION_KEY) {
+        Some(p) => Some(Projection::load_named(store.root(), p)?.project_model(query)),
+        None => None,
+    };
+    let query = projected.as_deref().unwrap_or(&query[..format.dimensions]);
+    if query.len() != format.dimensions {
+        return Err(SinkError::NotSearchable(format!(
+            "dataset {name:?} has {} dimensions, its projection gives {}",
+            format.dimensions,
+            query.len()
+        )));
+    }
     let scale_idx = schema
         .column_with_name(SCALE_COLUMN)
         .filter(|_| format.precision == VectorPrecision::Int8)
         .map(|(i, _)| i);
+    let index = match (options.mode, indexes) {
+        (SearchMode::Exact, _) => None,
+        (SearchMode::Auto, Some(indexes)) => indexes.get(name).unwrap_or_else(|e| {
+            tracing::warn!(dataset = %name, error = %e, "index unavailable; scanning exactly");
+            None
+        }),
+        (SearchMode::Auto, None) => None,
+        (SearchMode::Index, indexes) => {
+            let found = match indexes {
+                Some(i) => i.get(name)?,
+                None => None,
+            };
+            Some(found.ok_or_else(|| {
+                SinkError::Invalid(format!(
+                    "dataset {name:?} has no index; build one with the index action \
+                     (keel index --dataset {name})"
+                ))
+            })?)
+        }
+    };
+    let (mut best, from, indexed_rows, candidates) = match &index {
+        Some(index) => {
+            let hits = index.search(query, k, options.rescore, options.expansion)?;
+            (hits.best, hits.covered, hits.covered, hits.candidates)
+        }
+        None => (Vec::new(), 0, 0, 0),
+    };
+    // The rows the index does not cover (all of them without one), scored exactly.
+    let scanned = scan(store, name, format, query, from, k, emb_idx, scale_idx)?;
+    let scanned_rows = info.rows.saturating_sub(from);
+    best.extend(scanned);
+    best.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    best.truncate(k);
+
     let kept: Vec<usize> = (0..schema.fields().len())
         .filter(|&i| i != emb_idx && Some(i) != scale_idx)
         .collect();
     let mut fields: Vec<Arc<Field>> = kept.iter().map(|&i| schema.fields()[i].clone()).collect();
     fields.push(Arc::new(Field::new("row", DataType::UInt64, false)));
     fields.push(Arc::new(Field::new("score", DataType::Float32, false)));
-    let out_schema = Arc::new(Schema::new(fields));
-
-    // (score, dataset row) of the best so far, and their rows.
-    let mut best: Option<(RecordBatch, Vec<(f32, u64)>)> = None;
-    let mut offset = 0u64;
-    store.read(name, 8192, |batch: RecordBatch| -> Result<(), SinkError> {
-        // Cosines read off the stored format (the query stays f32).
-        let cosines = format
-            .cosines(&batch, query)
-            .map_err(|e| SinkError::NotSearchable(format!("dataset {name:?}: {e}")))?;
-        let mut scored: Vec<(f32, u64, usize)> = cosines
-            .iter()
-            .enumerate()
-            .filter_map(|(i, c)| c.map(|c| (c, offset + i as u64, i)))
-            .filter(|s| s.0.is_finite())
-            .collect();
-        offset += batch.num_rows() as u64;
-        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        scored.truncate(k);
-        if scored.is_empty() {
-            return Ok(());
-        }
-        let take = arrow_array::UInt32Array::from_iter_values(scored.iter().map(|s| s.2 as u32));
-        let columns: Vec<ArrayRef> = kept
-            .iter()
-            .map(|&c| arrow_select::take::take(batch.column(c), &take, None))
-            .collect::<Result<_, _>>()?;
-        let candidates = RecordBatch::try_new(Arc::new(batch.schema().project(&kept)?), columns)?;
-        let scores: Vec<(f32, u64)> = scored.iter().map(|s| (s.0, s.1)).collect();
-        best = Some(match best.take() {
-            None => (candidates, scores),
-            Some((prev, prev_scores)) => {
-                let merged =
-                    arrow_select::concat::concat_batches(&prev.schema(), [&prev, &candidates])?;
-                let mut all: Vec<(f32, u64, usize)> = prev_scores
-                    .iter()
-                    .chain(&scores)
-                    .enumerate()
-                    .map(|(i, s)| (s.0, s.1, i))
-                    .collect();
-                all.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-                all.truncate(k);
-                let take =
-                    arrow_array::UInt32Array::from_iter_values(all.iter().map(|s| s.2 as u32));
-                let columns: Vec<ArrayRef> = merged
-                    .columns()
-                    .iter()
-                    .map(|c| arrow_select::take::take(c, &take, None))
-                    .collect::<Result<_, _>>()?;
-                (
-                    RecordBatch::try_new(merged.schema(), columns)?,
-                    all.iter().map(|s| (s.0, s.1)).collect(),
-                )
-            }
-        });
-        Ok(())
-    })?;
-    let (rows, scores) = match best {
-        Some((rows, scores)) => (rows.columns().to_vec(), scores),
-        None => (
-            kept.iter()
-                .map(|&i| arrow_array::new_empty_array(schema.field(i).data_type()))
-                .collect(),
-            Vec::new(),
-        ),
-    };
-    let mut columns = rows;
-    columns.push(Arc::new(UInt64Array::from_iter_values(
-        scores.iter().map(|s| s.1),
-    )));
+    let rows: Vec<u64> = best.iter().map(|s| s.1).collect();
+    let mut columns = store.take(name, &rows, Some(&kept))?.columns().to_vec();
+    columns.push(Arc::new(UInt64Array::from(rows)));
     columns.push(Arc::new(Float32Array::from_iter_values(
-        scores.iter().map(|s| s.0),
+        best.iter().map(|s| s.0),
     )));
     Ok(Neighbours {
-        batch: RecordBatch::try_new(out_schema, columns)?,
-        scanned_rows: offset,
+        batch: RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?,
+        scanned_rows,
+        mode: if index.is_some() {
+            SearchMode::Index
+        } else {
+            SearchMode::Exact
+        },
+        indexed_rows,
+        candidates,
     })
+}
+
+/// The `k` best rows from row `from` on, read off the stored format (only the vector
+/// columns are read).
+#[allow(clippy::too_many_arguments)]
+fn scan(
+    store: &DatasetStore,
+    name: &str,
+    format: VectorFormat,
+    query: &[f32],
+    from: u64,
+    k: usize,
+    emb_idx: usize,
+    scale_idx: Option<usize>,
+) -> Result<Vec<Scored>, SinkError> {
+    let columns: Vec<usize> = std::iter::once(emb_idx).chain(scale_idx).collect();
+    let mut best: Vec<Scored> = Vec::with_capacity(2 * k);
+    let mut offset = from;
+    store.read_columns(
+        name,
+        from,
+        None,
+        Some(&columns),
+        SCAN_ROWS,
+        |batch: RecordBatch| -> Result<(), SinkError> {
+            let cosines = format
+                .cosines(&batch, query)
+                .map_err(|e| SinkError::NotSearchable(format!("dataset {name:?}: {e}")))?;
+            best.extend(
+                cosines
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, c)| c.map(|c| (c, offset + i as u64)))
+                    .filter(|s| s.0.is_finite()),
+            );
+            offset += batch.num_rows() as u64;
+            if best.len() > k {
+                // Keep the k best (ties: the earlier row), in no particular order.
+                best.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                best.truncate(k);
+            }
+            Ok(())
+        },
+    )?;
+    Ok(best)
 }
 
 #[cfg(test)]
@@ -138,7 +210,7 @@ mod tests {
     use super::*;
     use arrow_array::cast::AsArray;
     use arrow_array::types::Float32Type;
-    use arrow_array::{FixedSizeListArray, StringArray};
+    use arrow_array::{ArrayRef, FixedSizeListArray, StringArray};
 
     fn dataset(rows: &[(&str, Option<[f32; 3]>)]) -> RecordBatch {
         let text = StringArray::from_iter_values(rows.iter().map(|r| r.0));
@@ -187,7 +259,15 @@ mod tests {
                 ])],
             )
             .unwrap();
-        let n = nearest(&store, "d", &[1.0, 0.0, 0.0], 3).unwrap();
+        let n = nearest(
+            &store,
+            None,
+            "d",
+            &[1.0, 0.0, 0.0],
+            3,
+            SearchOptions::default(),
+        )
+        .unwrap();
         assert_eq!(n.scanned_rows, 6);
         let texts: Vec<&str> = n
             .batch
@@ -224,10 +304,18 @@ mod tests {
         store
             .append("d", &[dataset(&[("x", Some([1.0, 0.0, 0.0]))])])
             .unwrap();
-        let err = nearest(&store, "d", &[1.0, 0.0], 1).unwrap_err();
+        let err = nearest(&store, None, "d", &[1.0, 0.0], 1, SearchOptions::default()).unwrap_err();
         assert!(matches!(err, SinkError::NotSearchable(_)), "{err}");
         assert!(matches!(
-            nearest(&store, "missing", &[1.0, 0.0, 0.0], 1).unwrap_err(),
+            nearest(
+                &store,
+                None,
+                "missing",
+                &[1.0, 0.0, 0.0],
+                1,
+                SearchOptions::default()
+            )
+            .unwrap_err(),
             SinkError::NotFound(_)
         ));
     }
@@ -270,7 +358,15 @@ mod tests {
             let store = DatasetStore::open(root.path()).unwrap();
             store.append("d", &[batch]).unwrap();
             for row in [0usize, 17, 39] {
-                let n = nearest(&store, "d", &values[row * dim..(row + 1) * dim], 1).unwrap();
+                let n = nearest(
+                    &store,
+                    None,
+                    "d",
+                    &values[row * dim..(row + 1) * dim],
+                    1,
+                    SearchOptions::default(),
+                )
+                .unwrap();
                 let found = n
                     .batch
                     .column(1)

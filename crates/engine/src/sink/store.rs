@@ -18,9 +18,9 @@ use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder, RowSelection,
     RowSelector,
 };
-use parquet::file::metadata::PageIndexPolicy;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::errors::ParquetError;
+use parquet::file::metadata::PageIndexPolicy;
 use parquet::file::properties::WriterProperties;
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +55,15 @@ pub enum SinkError {
     Closed,
     #[error("{0}")]
     NotSearchable(String),
+    /// A request that cannot be met as asked (bad parameters).
+    #[error("{0}")]
+    Invalid(String),
+    /// Building or growing an index would pass `storage.index.max_bytes`.
+    #[error("{0}")]
+    OverBudget(String),
+    /// The dataset's index is being built by another request.
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// What `ListFlights` / `GetFlightInfo` say about a dataset.
@@ -107,6 +116,11 @@ impl DatasetStore {
             root: root.to_path_buf(),
             footers: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The data folder.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     pub fn validate_name(name: &str) -> Result<(), SinkError> {
@@ -263,6 +277,20 @@ impl DatasetStore {
         offset: u64,
         limit: Option<u64>,
         batch_rows: usize,
+        f: impl FnMut(RecordBatch) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.read_columns(name, offset, limit, None, batch_rows, f)
+    }
+
+    /// [`DatasetStore::read_range`] of only the columns `columns` (indices into the
+    /// dataset's schema; all when `None`).
+    pub fn read_columns<E: From<SinkError>>(
+        &self,
+        name: &str,
+        offset: u64,
+        limit: Option<u64>,
+        columns: Option<&[usize]>,
+        batch_rows: usize,
         mut f: impl FnMut(RecordBatch) -> Result<(), E>,
     ) -> Result<(), E> {
         let (mut skip, mut left) = (offset, limit.unwrap_or(u64::MAX));
@@ -282,6 +310,11 @@ impl DatasetStore {
                 continue;
             }
             let take = left.min(rows - skip);
+            let mut builder = builder;
+            if let Some(c) = columns {
+                let mask = ProjectionMask::roots(builder.parquet_schema(), c.iter().copied());
+                builder = builder.with_projection(mask);
+            }
             let reader = builder
                 .with_batch_size(batch_rows)
                 .with_offset(skip as usize)

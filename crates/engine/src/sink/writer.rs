@@ -7,6 +7,8 @@ use std::sync::Arc;
 use arrow_array::RecordBatch;
 use tokio::sync::{mpsc, oneshot};
 
+use super::config::IndexConfig;
+use super::index::Indexes;
 use super::store::{DatasetStore, SinkError};
 
 enum SinkMsg {
@@ -25,14 +27,24 @@ enum SinkMsg {
 pub struct SinkWriter {
     tx: mpsc::Sender<SinkMsg>,
     store: Arc<DatasetStore>,
+    indexes: Arc<Indexes>,
 }
 
 impl SinkWriter {
-    /// Starts the sink thread over `store`; at most `queue_depth` appends wait.
-    pub fn start(store: DatasetStore, queue_depth: usize) -> (Self, std::thread::JoinHandle<()>) {
+    /// Starts the sink thread over `store` (rooted at `root`); at most `queue_depth`
+    /// appends wait. Datasets with an index have it grown after each append (by the
+    /// indexer thread, which the sink thread stops and joins when it exits).
+    pub fn start(
+        store: DatasetStore,
+        root: &std::path::Path,
+        queue_depth: usize,
+        index: IndexConfig,
+    ) -> (Self, std::thread::JoinHandle<()>) {
         let store = Arc::new(store);
+        let (indexes, indexer) = Indexes::start(store.clone(), root, index);
         let (tx, mut rx) = mpsc::channel::<SinkMsg>(queue_depth.max(1));
         let thread_store = store.clone();
+        let thread_indexes = indexes.clone();
         let thread = std::thread::Builder::new()
             .name("keel-sink".into())
             .spawn(move || {
@@ -43,14 +55,17 @@ impl SinkWriter {
                 }) = rx.blocking_recv()
                 {
                     let result = thread_store.append(&name, &batches);
-                    if let Err(e) = &result {
-                        tracing::warn!(dataset = %name, error = %e, "append failed");
+                    match &result {
+                        Ok(_) => thread_indexes.appended(&name),
+                        Err(e) => tracing::warn!(dataset = %name, error = %e, "append failed"),
                     }
                     let _ = reply.send(result);
                 }
+                thread_indexes.stop();
+                let _ = indexer.join();
             })
             .expect("the sink thread starts");
-        (Self { tx, store }, thread)
+        (Self { tx, store, indexes }, thread)
     }
 
     /// Appends `batches` as one part; resolves once they are durable, with the rows stored.
@@ -74,5 +89,9 @@ impl SinkWriter {
 
     pub fn store(&self) -> &Arc<DatasetStore> {
         &self.store
+    }
+
+    pub fn indexes(&self) -> &Arc<Indexes> {
+        &self.indexes
     }
 }

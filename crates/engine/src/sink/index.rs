@@ -1,0 +1,1225 @@
+//! Approximate nearest-neighbour indexes of stored datasets: USearch's HNSW graph over
+//! the dataset's vectors (f32, f16, int8 or binary, optionally through a PCA projection),
+//! with the candidates it finds rescored against the stored vectors.
+//!
+//! Files, beside the dataset's parts (`data_dir/NAME/`):
+//! - `index.json`: the manifest (parameters, rows covered, the graph file's name). It is
+//!   written last, by a rename: a crash leaves the previous index whole;
+//! - `index-GENERATION.usearch`: the graph and its vectors (keys = dataset row numbers);
+//! - `index.vectors`: every covered row's stored vector, packed at a fixed width (row `r`
+//!   at `r × width`), read by position to rescore candidates. On disk, not in memory.
+//!
+//! An index covers the dataset's first `rows` rows. Rows appended later (DoPut) are added
+//! by the indexer thread; until they are, a search scans them exactly, so a search never
+//! misses a stored row. Indexes are loaded on first use; their memory (USearch's own
+//! count) is reported, and all of them together stay under `storage.index.max_bytes`: a
+//! build that would pass it is refused, and an index that reaches it stops growing (its
+//! later rows are scanned exactly).
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use keel_wire::vectors::{VectorFormat, VectorPrecision, pack_signs, quantize_int8};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use usearch::{Index, IndexOptions, MetricKind, ScalarKind, b1x8};
+
+use super::config::IndexConfig;
+use super::reduce::Projection;
+use super::store::{DatasetStore, SinkError};
+
+const MANIFEST: &str = "index.json";
+const VECTORS: &str = "index.vectors";
+/// Rows read from the dataset per batch while building or growing.
+const READ_ROWS: usize = 8192;
+/// Searches that may run on one index at once beside its writers (USearch keeps one
+/// context per concurrent caller).
+const SEARCH_THREADS: usize = 16;
+
+/// How the graph keeps its vectors (and so how it compares them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantization {
+    F32,
+    F16,
+    /// Symmetric per vector, as Keel's int8 output (the scale cancels out of a cosine).
+    Int8,
+    /// Sign bits compared by Hamming distance: 32× smaller than f32, rescoring needed.
+    Binary,
+}
+
+impl Quantization {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Int8 => "int8",
+            Self::Binary => "binary",
+        }
+    }
+
+    /// Bytes of one vector of `d` dimensions in the graph.
+    fn vector_bytes(self, d: usize) -> usize {
+        match self {
+            Self::F32 => 4 * d,
+            Self::F16 => 2 * d,
+            Self::Int8 => d,
+            Self::Binary => d.div_ceil(8),
+        }
+    }
+}
+
+/// An `index` request: every field optional, the rest from `storage.index`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexRequest {
+    pub quantization: Option<Quantization>,
+    /// A PCA projection of the dataset (`keel reduce`): the graph holds projected vectors.
+    pub projection: Option<String>,
+    pub connectivity: Option<usize>,
+    pub expansion_add: Option<usize>,
+    pub expansion_search: Option<usize>,
+    /// Candidates rescored against the stored vectors per search (0 = none).
+    pub rescore: Option<usize>,
+}
+
+/// What is kept about an index (`index.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub quantization: Quantization,
+    pub projection: Option<String>,
+    pub connectivity: usize,
+    pub expansion_add: usize,
+    pub expansion_search: usize,
+    pub rescore: usize,
+    /// Dimensions of the graph's vectors.
+    pub dimensions: usize,
+    /// The dataset's vectors (the layout of `index.vectors`).
+    pub precision: VectorPrecision,
+    pub dataset_dimensions: usize,
+    /// Dataset rows the saved graph covers (null rows included: they have no key).
+    pub rows: u64,
+    /// The graph file, `index-GENERATION.usearch`.
+    pub graph: String,
+    pub build_seconds: f64,
+}
+
+/// What `stats`, `GetFlightInfo` and the `index` action say about an index.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IndexReport {
+    pub dataset: String,
+    pub quantization: Quantization,
+    pub projection: Option<String>,
+    pub dimensions: usize,
+    pub connectivity: usize,
+    pub rescore: usize,
+    /// Dataset rows covered (later rows are scanned exactly until added).
+    pub rows: u64,
+    /// Vectors in the graph (rows less null ones).
+    pub vectors: u64,
+    /// Memory the graph and its vectors hold (USearch's count).
+    pub memory_bytes: u64,
+    /// Bytes per vector in the graph.
+    pub vector_bytes: usize,
+    /// Bytes per row of `index.vectors`, on disk.
+    pub rescore_bytes: usize,
+    pub build_seconds: f64,
+    /// Whether it stopped growing at `storage.index.max_bytes`.
+    pub full: bool,
+    /// Whether it is in memory now (loaded on first search).
+    pub loaded: bool,
+}
+
+/// One dataset's loaded index.
+pub struct DatasetIndex {
+    dataset: String,
+    dir: PathBuf,
+    manifest: Mutex<Manifest>,
+    graph: Index,
+    /// The dataset's vector format.
+    format: VectorFormat,
+    projection: Option<Projection>,
+    vectors: File,
+    /// Rows in the graph and in `index.vectors` (searches trust keys below it).
+    covered: AtomicU64,
+    /// Rows covered when the graph was last saved.
+    saved: AtomicU64,
+    full: AtomicBool,
+    /// Searches in the graph now (at most SEARCH_THREADS: USearch has a context each).
+    searching: (Mutex<usize>, Condvar),
+}
+
+/// A search's turn in the graph; the next waiting one goes on when it drops.
+struct Turn<'a>(&'a (Mutex<usize>, Condvar));
+
+impl<'a> Turn<'a> {
+    fn take(gate: &'a (Mutex<usize>, Condvar)) -> Self {
+        let mut busy = gate.0.lock().unwrap_or_else(|e| e.into_inner());
+        while *busy >= SEARCH_THREADS {
+            busy = gate.1.wait(busy).unwrap_or_else(|e| e.into_inner());
+        }
+        *busy += 1;
+        Self(gate)
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        *self.0.0.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        self.0.1.notify_one();
+    }
+}
+
+/// A candidate: cosine (or its estimate) and dataset row.
+pub type Scored = (f32, u64);
+
+/// What a search of the graph found.
+#[derive(Debug)]
+pub struct IndexHits {
+    /// The best rows, best first (ties: lower row first).
+    pub best: Vec<Scored>,
+    /// Candidates the graph gave (and were rescored).
+    pub candidates: u64,
+    /// Rows the graph covered for this search; later rows need an exact scan.
+    pub covered: u64,
+}
+
+impl DatasetIndex {
+    pub fn covered(&self) -> u64 {
+        self.covered.load(Ordering::Acquire)
+    }
+
+    pub fn report(&self) -> IndexReport {
+        let m = self.manifest.lock().unwrap_or_else(|e| e.into_inner());
+        IndexReport {
+            dataset: self.dataset.clone(),
+            quantization: m.quantization,
+            projection: m.projection.clone(),
+            dimensions: m.dimensions,
+            connectivity: m.connectivity,
+            rescore: m.rescore,
+            rows: self.covered(),
+            vectors: self.graph.size() as u64,
+            memory_bytes: self.graph.memory_usage() as u64,
+            vector_bytes: m.quantization.vector_bytes(m.dimensions),
+            rescore_bytes: self.format.packed_bytes(),
+            build_seconds: m.build_seconds,
+            full: self.full.load(Ordering::Relaxed),
+            loaded: true,
+        }
+    }
+
+    fn options(m: &Manifest) -> IndexOptions {
+        IndexOptions {
+            dimensions: m.dimensions,
+            metric: if m.quantization == Quantization::Binary {
+                MetricKind::Hamming
+            } else {
+                MetricKind::Cos
+            },
+            quantization: match m.quantization {
+                Quantization::F32 => ScalarKind::F32,
+                Quantization::F16 => ScalarKind::F16,
+                Quantization::Int8 => ScalarKind::I8,
+                Quantization::Binary => ScalarKind::B1,
+            },
+            connectivity: m.connectivity,
+            expansion_add: m.expansion_add,
+            expansion_search: m.expansion_search,
+            multi: false,
+        }
+    }
+
+    /// A dataset vector (as decoded) in the graph's space: projected, or as it is.
+    fn to_graph(&self, v: &[f32]) -> Vec<f32> {
+        match &self.projection {
+            Some(p) => p.project(v),
+            None => v.to_vec(),
+        }
+    }
+
+    fn add(&self, key: u64, v: &[f32]) -> Result<(), String> {
+        let q = self.quantization();
+        let result = match q {
+            Quantization::F32 | Quantization::F16 => self.graph.add::<f32>(key, v),
+            Quantization::Int8 => self.graph.add::<i8>(key, &quantize_int8(v).0),
+            Quantization::Binary => {
+                let mut bits = vec![0u8; v.len().div_ceil(8)];
+                pack_signs(v, &mut bits);
+                self.graph.add::<b1x8>(key, b1x8::from_u8s(&bits))
+            }
+        };
+        result.map_err(|e| e.to_string())
+    }
+
+    fn quantization(&self) -> Quantization {
+        self.manifest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .quantization
+    }
+
+    /// The graph's `count` nearest keys to `query` (already in the graph's space), with
+    /// their estimated cosines.
+    fn graph_search(&self, query: &[f32], count: usize) -> Result<Vec<Scored>, String> {
+        let d = query.len() as f32;
+        let q = self.quantization();
+        let matches = match q {
+            Quantization::F32 | Quantization::F16 => self.graph.search::<f32>(query, count),
+            Quantization::Int8 => self.graph.search::<i8>(&quantize_int8(query).0, count),
+            Quantization::Binary => {
+                let mut bits = vec![0u8; query.len().div_ceil(8)];
+                pack_signs(query, &mut bits);
+                self.graph.search::<b1x8>(b1x8::from_u8s(&bits), count)
+            }
+        }
+        .map_err(|e| e.to_string())?;
+        Ok(matches
+            .keys
+            .iter()
+            .zip(&matches.distances)
+            .map(|(&k, &dist)| {
+                let score = match q {
+                    // Hamming: the cosine of two ±1 vectors.
+                    Quantization::Binary => 1.0 - 2.0 * dist / d,
+                    _ => 1.0 - dist,
+                };
+                (score, k)
+            })
+            .collect())
+    }
+
+    /// The `k` best of the covered rows for `query` (the model's vector cut to the
+    /// dataset's dimensions): the graph's candidates (`expansion` wide, at least
+    /// `rescore` and `k` of them), rescored against the stored vectors when `rescore` > 0.
+    pub fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        rescore: Option<usize>,
+        expansion: Option<usize>,
+    ) -> Result<IndexHits, SinkError> {
+        let covered = self.covered();
+        let (rescore, default_expansion) = {
+            let m = self.manifest.lock().unwrap_or_else(|e| e.into_inner());
+            (rescore.unwrap_or(m.rescore), m.expansion_search)
+        };
+        let count = k.max(rescore);
+        let expansion = expansion.unwrap_or(default_expansion).max(count);
+        if self.graph.expansion_search() != expansion {
+            self.graph.change_expansion_search(expansion);
+        }
+        let graph_query = self.to_graph(query);
+        let turn = Turn::take(&self.searching);
+        let found = self.graph_search(&graph_query, count);
+        drop(turn);
+        let mut found = found.map_err(|e| {
+            SinkError::NotSearchable(format!("{}: index search: {e}", self.dataset))
+        })?;
+        // Keys being added right now are not yet covered: the exact tail scan has them.
+        found.retain(|&(_, row)| row < covered);
+        let candidates = found.len() as u64;
+        if rescore > 0 {
+            let width = self.format.packed_bytes();
+            let mut buf = vec![0u8; width];
+            for (score, row) in found.iter_mut() {
+                self.vectors
+                    .read_exact_at(&mut buf, *row * width as u64)
+                    .map_err(|source| SinkError::Io {
+                        path: self.dir.join(VECTORS),
+                        source,
+                    })?;
+                *score = self.format.packed_cosine(&buf, query);
+            }
+        }
+        found.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        found.truncate(k);
+        Ok(IndexHits {
+            best: found,
+            candidates,
+            covered,
+        })
+    }
+}
+
+/// Every dataset's index: loaded on first use, grown by an indexer thread as DoPut
+/// appends rows, saved every `save_every_rows` rows and at shutdown.
+pub struct Indexes {
+    store: Arc<DatasetStore>,
+    root: PathBuf,
+    config: IndexConfig,
+    loaded: Mutex<HashMap<String, Arc<DatasetIndex>>>,
+    /// Datasets whose index is being built or grown (one writer at a time).
+    writing: Mutex<HashSet<String>>,
+    grow: Mutex<Option<mpsc::Sender<String>>>,
+}
+
+/// Held while a dataset's index is written; released on drop.
+struct Writing<'a>(&'a Indexes, String);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0
+            .writing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.1);
+    }
+}
+
+impl Indexes {
+    /// The registry over `store` (rooted at `root`, the data folder) and its indexer
+    /// thread, which grows indexes after appends until [`Indexes::stop`].
+    pub fn start(
+        store: Arc<DatasetStore>,
+        root: &Path,
+        config: IndexConfig,
+    ) -> (Arc<Self>, std::thread::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel::<String>();
+        let indexes = Arc::new(Self {
+            store,
+            root: root.to_path_buf(),
+            config,
+            loaded: Mutex::new(HashMap::new()),
+            writing: Mutex::new(HashSet::new()),
+            grow: Mutex::new(Some(tx)),
+        });
+        let worker = indexes.clone();
+        let thread = std::thread::Builder::new()
+            .name("keel-indexer".into())
+            .spawn(move || {
+                while let Ok(name) = rx.recv() {
+                    if let Err(e) = worker.catch_up(&name) {
+                        tracing::warn!(dataset = %name, error = %e, "growing the index failed; its new rows are scanned exactly");
+                    }
+                }
+                worker.save_all();
+            })
+            .expect("the indexer thread starts");
+        (indexes, thread)
+    }
+
+    /// Stops the indexer thread once what is queued is done; it saves every index.
+    pub fn stop(&self) {
+        self.grow.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    /// Rows were appended to `name`: grow its index, if it has one (off this thread).
+    pub fn appended(&self, name: &str) {
+        if self.dir(name).join(MANIFEST).is_file()
+            && let Some(tx) = &*self.grow.lock().unwrap_or_else(|e| e.into_inner())
+        {
+            let _ = tx.send(name.to_string());
+        }
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    fn lock(&self, name: &str) -> Option<Writing<'_>> {
+        let mut writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        writing
+            .insert(name.to_string())
+            .then(|| Writing(self, name.to_string()))
+    }
+
+    /// Memory held by every loaded index.
+    pub fn memory_bytes(&self) -> u64 {
+        self.loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|i| i.graph.memory_usage() as u64)
+            .sum()
+    }
+
+    /// Memory held by the loaded indexes of other datasets than `name`.
+    fn others(&self, name: &str) -> u64 {
+        self.loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(n, _)| n.as_str() != name)
+            .map(|(_, i)| i.graph.memory_usage() as u64)
+            .sum()
+    }
+
+    /// Reports of the loaded indexes, by dataset name.
+    pub fn reports(&self) -> Vec<IndexReport> {
+        let mut out: Vec<IndexReport> = self
+            .loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|i| i.report())
+            .collect();
+        out.sort_by(|a, b| a.dataset.cmp(&b.dataset));
+        out
+    }
+
+    /// What is known of `name`'s index without loading it: the loaded one's report, else
+    /// its manifest's; `None` without an index.
+    pub fn describe(&self, name: &str) -> Option<IndexReport> {
+        if let Some(i) = self
+            .loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
+            return Some(i.report());
+        }
+        let m: Manifest =
+            serde_json::from_slice(&fs::read(self.dir(name).join(MANIFEST)).ok()?).ok()?;
+        let format = VectorFormat {
+            precision: m.precision,
+            dimensions: m.dataset_dimensions,
+        };
+        Some(IndexReport {
+            dataset: name.to_string(),
+            quantization: m.quantization,
+            projection: m.projection.clone(),
+            dimensions: m.dimensions,
+            connectivity: m.connectivity,
+            rescore: m.rescore,
+            rows: m.rows,
+            vectors: 0,
+            memory_bytes: 0,
+            vector_bytes: m.quantization.vector_bytes(m.dimensions),
+            rescore_bytes: format.packed_bytes(),
+            build_seconds: m.build_seconds,
+            full: false,
+            loaded: false,
+        })
+    }
+
+    /// The dataset's index, loaded if it has one on disk; `None` if it has none.
+    pub fn get(&self, name: &str) -> Result<Option<Arc<DatasetIndex>>, SinkError> {
+        DatasetStore::validate_name(name)?;
+        if let Some(i) = self
+            .loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
+            return Ok(Some(i.clone()));
+        }
+        let path = self.dir(name).join(MANIFEST);
+        let manifest: Manifest = match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| invalid_data(&path, e))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(SinkError::Io { path, source }),
+        };
+        let index = Arc::new(self.open(name, manifest)?);
+        let used = self.memory_bytes();
+        let size = index.graph.memory_usage() as u64;
+        if used + size > self.config.max_bytes {
+            return Err(SinkError::OverBudget(format!(
+                "loading {name}'s index ({size} bytes) would pass storage.index.max_bytes \
+                 ({} bytes; {used} held by other indexes)",
+                self.config.max_bytes
+            )));
+        }
+        let index = self
+            .loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_string())
+            .or_insert(index)
+            .clone();
+        // Rows stored since it was saved are added by the indexer thread.
+        self.appended(name);
+        Ok(Some(index))
+    }
+
+    /// Opens a saved index (the graph loaded into memory).
+    fn open(&self, name: &str, manifest: Manifest) -> Result<DatasetIndex, SinkError> {
+        let dir = self.dir(name);
+        let graph = Index::new(&DatasetIndex::options(&manifest))
+            .map_err(|e| SinkError::NotSearchable(format!("{name}: index: {e}")))?;
+        let graph_path = dir.join(&manifest.graph);
+        graph
+            .load(&graph_path.to_string_lossy())
+            .map_err(|e| SinkError::NotSearchable(format!("{}: {e}", graph_path.display())))?;
+        graph
+            .reserve_capacity_and_threads(graph.size(), threads())
+            .map_err(|e| SinkError::NotSearchable(format!("{name}: index: {e}")))?;
+        let projection = match &manifest.projection {
+            Some(p) => Some(Projection::load(&dir, name, p)?),
+            None => None,
+        };
+        let vectors_path = dir.join(VECTORS);
+        let vectors = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&vectors_path)
+            .map_err(|source| SinkError::Io {
+                path: vectors_path,
+                source,
+            })?;
+        let rows = manifest.rows;
+        Ok(DatasetIndex {
+            dataset: name.to_string(),
+            dir,
+            format: VectorFormat {
+                precision: manifest.precision,
+                dimensions: manifest.dataset_dimensions,
+            },
+            manifest: Mutex::new(manifest),
+            graph,
+            projection,
+            vectors,
+            covered: AtomicU64::new(rows),
+            saved: AtomicU64::new(rows),
+            full: AtomicBool::new(false),
+            searching: Default::default(),
+        })
+    }
+
+    /// Builds (or rebuilds) `name`'s index over every row it holds now, then keeps it
+    /// growing with later appends. Blocking: minutes for millions of rows.
+    pub fn build(&self, name: &str, request: &IndexRequest) -> Result<IndexReport, SinkError> {
+        let started = Instant::now();
+        let info = self.store.info(name)?;
+        let format = VectorFormat::of_schema(&info.schema)
+            .map_err(|e| SinkError::NotSearchable(format!("dataset {name:?}: {e}")))?;
+        let c = &self.config;
+        let projection = match &request.projection {
+            Some(p) => {
+                let p = Projection::load(&self.dir(name), name, p)?;
+                if p.input_dimensions != format.dimensions {
+                    return Err(SinkError::Invalid(format!(
+                        "projection {:?} takes {} dimensions, {name}'s vectors have {}",
+                        p.name, p.input_dimensions, format.dimensions
+                    )));
+                }
+                Some(p)
+            }
+            None => None,
+        };
+        let quantization = request.quantization.unwrap_or(c.quantization);
+        let dimensions = projection
+            .as_ref()
+            .map_or(format.dimensions, |p| p.dimensions);
+        let connectivity = request.connectivity.unwrap_or(c.connectivity);
+        if !(2..=256).contains(&connectivity) {
+            return Err(SinkError::Invalid(format!(
+                "connectivity must be within 2..=256, got {connectivity}"
+            )));
+        }
+        let manifest = Manifest {
+            quantization,
+            projection: request.projection.clone(),
+            connectivity,
+            expansion_add: request.expansion_add.unwrap_or(c.expansion_add).max(1),
+            expansion_search: request
+                .expansion_search
+                .unwrap_or(c.expansion_search)
+                .max(1),
+            rescore: request.rescore.unwrap_or(c.rescore),
+            dimensions,
+            precision: format.precision,
+            dataset_dimensions: format.dimensions,
+            rows: 0,
+            graph: String::new(),
+            build_seconds: 0.0,
+        };
+        // The budget: what the graph will hold, against what other indexes hold.
+        let estimate = info.rows * per_row_bytes(&manifest);
+        let others = self.others(name);
+        if others + estimate > c.max_bytes {
+            return Err(SinkError::OverBudget(format!(
+                "an index of {name}'s {} rows needs about {estimate} bytes; with {others} held \
+                 by other indexes that passes storage.index.max_bytes ({} bytes): raise it, \
+                 or choose a smaller quantization (binary, int8) or a projection",
+                info.rows, c.max_bytes
+            )));
+        }
+        let Some(_writing) = self.lock(name) else {
+            return Err(SinkError::Busy(format!(
+                "{name}'s index is being built or grown; try again when that is done"
+            )));
+        };
+        let dir = self.dir(name);
+        let graph = Index::new(&DatasetIndex::options(&manifest))
+            .map_err(|e| SinkError::NotSearchable(format!("{name}: index: {e}")))?;
+        graph
+            .reserve_capacity_and_threads(info.rows as usize, threads())
+            .map_err(|e| SinkError::NotSearchable(format!("{name}: index: {e}")))?;
+        let vectors_tmp = dir.join(format!(".tmp-{VECTORS}"));
+        let vectors = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&vectors_tmp)
+            .map_err(|source| SinkError::Io {
+                path: vectors_tmp.clone(),
+                source,
+            })?;
+        let index = DatasetIndex {
+            dataset: name.to_string(),
+            dir: dir.clone(),
+            format,
+            manifest: Mutex::new(manifest),
+            graph,
+            projection,
+            vectors,
+            covered: AtomicU64::new(0),
+            saved: AtomicU64::new(0),
+            full: AtomicBool::new(false),
+            searching: Default::default(),
+        };
+        // Rows appended while this runs are added too: go on until none are left.
+        loop {
+            let total = self.store.info(name)?.rows;
+            if index.covered() >= total {
+                break;
+            }
+            self.add_rows(&index, total)?;
+        }
+        index
+            .manifest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .build_seconds = started.elapsed().as_secs_f64();
+        // The graph an earlier index saved, removed once the new one is in place.
+        let replaced = fs::read(dir.join(MANIFEST))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Manifest>(&b).ok())
+            .map(|m| m.graph);
+        fs::rename(&vectors_tmp, dir.join(VECTORS)).map_err(|source| SinkError::Io {
+            path: vectors_tmp,
+            source,
+        })?;
+        self.save(&index)?;
+        if let Some(old) = replaced {
+            let _ = fs::remove_file(dir.join(old));
+        }
+        let index = Arc::new(index);
+        self.loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), index.clone());
+        tracing::info!(dataset = %name, rows = index.covered(), seconds = started.elapsed().as_secs_f64(), "index built");
+        Ok(index.report())
+    }
+
+    /// Adds rows `covered..until` of the dataset to `index` (vectors file first, then
+    /// the graph, in parallel), stopping at the memory budget.
+    fn add_rows(&self, index: &DatasetIndex, until: u64) -> Result<(), SinkError> {
+        let from = index.covered();
+        let width = index.format.packed_bytes();
+        let per_row = per_row_bytes(&index.manifest.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut at = from;
+        let mut packed = Vec::new();
+        self.store.read_range(
+            &index.dataset,
+            from,
+            Some(until - from),
+            READ_ROWS,
+            |batch| -> Result<(), SinkError> {
+                let n = batch.num_rows() as u64;
+                let used = self.others(&index.dataset) + index.graph.memory_usage() as u64;
+                if used + n * per_row > self.config.max_bytes {
+                    if !index.full.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(dataset = %index.dataset, rows = at, max_bytes = self.config.max_bytes,
+                            "index reached storage.index.max_bytes; later rows are scanned exactly");
+                    }
+                    return Err(SinkError::OverBudget("index full".into()));
+                }
+                let rows = index
+                    .format
+                    .decode(&batch)
+                    .map_err(|e| SinkError::NotSearchable(format!("{}: {e}", index.dataset)))?;
+                packed.clear();
+                packed.resize(rows.len() * width, 0);
+                for (v, out) in rows.iter().zip(packed.chunks_exact_mut(width)) {
+                    if let Some(v) = v {
+                        index.format.pack(v, out);
+                    }
+                }
+                index
+                    .vectors
+                    .write_all_at(&packed, at * width as u64)
+                    .map_err(|source| SinkError::Io {
+                        path: index.dir.join(VECTORS),
+                        source,
+                    })?;
+                let need = index.graph.size() + rows.len();
+                if need > index.graph.capacity() {
+                    index
+                        .graph
+                        .reserve_capacity_and_threads(need.max(2 * index.graph.capacity()), threads())
+                        .map_err(|e| SinkError::NotSearchable(format!("index: {e}")))?;
+                }
+                rows.par_iter()
+                    .enumerate()
+                    .filter_map(|(i, v)| v.as_ref().map(|v| (at + i as u64, v)))
+                    .try_for_each(|(key, v)| index.add(key, &index.to_graph(v)))
+                    .map_err(|e| SinkError::NotSearchable(format!("{}: index: {e}", index.dataset)))?;
+                at += n;
+                index.covered.store(at, Ordering::Release);
+                Ok(())
+            },
+        )
+        .or_else(|e| match e {
+            SinkError::OverBudget(_) if index.full.load(Ordering::Relaxed) => Ok(()),
+            e => Err(e),
+        })
+    }
+
+    /// Grows `name`'s index to the dataset's rows; saves when enough rows were added.
+    fn catch_up(&self, name: &str) -> Result<(), SinkError> {
+        let Some(index) = self.get(name)? else {
+            return Ok(());
+        };
+        let Some(_writing) = self.lock(name) else {
+            // Being built: the build adds the new rows itself.
+            return Ok(());
+        };
+        if index.full.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let total = self.store.info(name)?.rows;
+        if index.covered() < total {
+            self.add_rows(&index, total)?;
+        }
+        if index.covered() - index.saved.load(Ordering::Relaxed) >= self.config.save_every_rows {
+            self.save(&index)?;
+        }
+        Ok(())
+    }
+
+    /// Saves every loaded index with unsaved rows (at shutdown).
+    fn save_all(&self) {
+        let loaded: Vec<Arc<DatasetIndex>> = self
+            .loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for index in loaded {
+            if index.covered() > index.saved.load(Ordering::Relaxed)
+                && let Some(_writing) = self.lock(&index.dataset)
+                && let Err(e) = self.save(&index)
+            {
+                tracing::warn!(dataset = %index.dataset, error = %e, "saving the index failed");
+            }
+        }
+    }
+
+    /// Writes the graph to a new generation file, then the manifest naming it (by a
+    /// rename), then removes the previous generation.
+    fn save(&self, index: &DatasetIndex) -> Result<(), SinkError> {
+        let rows = index.covered();
+        index.vectors.sync_data().map_err(|source| SinkError::Io {
+            path: index.dir.join(VECTORS),
+            source,
+        })?;
+        let mut manifest = index
+            .manifest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let previous = std::mem::take(&mut manifest.graph);
+        let generation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        manifest.graph = format!("index-{generation}.usearch");
+        manifest.rows = rows;
+        let graph_path = index.dir.join(&manifest.graph);
+        index
+            .graph
+            .save(&graph_path.to_string_lossy())
+            .map_err(|e| SinkError::NotSearchable(format!("{}: {e}", graph_path.display())))?;
+        File::open(&graph_path)
+            .and_then(|f| f.sync_all())
+            .map_err(|source| SinkError::Io {
+                path: graph_path.clone(),
+                source,
+            })?;
+        let path = index.dir.join(MANIFEST);
+        let tmp = index.dir.join(format!(".tmp-{MANIFEST}"));
+        let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
+        fs::write(&tmp, json)
+            .and_then(|()| File::open(&tmp)?.sync_all())
+            .and_then(|()| fs::rename(&tmp, &path))
+            .and_then(|()| File::open(&index.dir)?.sync_all())
+            .map_err(|source| SinkError::Io { path, source })?;
+        if !previous.is_empty() && previous != manifest.graph {
+            let _ = fs::remove_file(index.dir.join(previous));
+        }
+        *index.manifest.lock().unwrap_or_else(|e| e.into_inner()) = manifest;
+        index.saved.store(rows, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Memory one row takes in a graph, about: its vector, its level-0 links, bookkeeping.
+fn per_row_bytes(m: &Manifest) -> u64 {
+    (m.quantization.vector_bytes(m.dimensions) + 2 * m.connectivity * 4 + 48) as u64
+}
+
+/// Concurrent callers a graph is ready for: the build's threads and searches.
+fn threads() -> usize {
+    rayon::current_num_threads() + SEARCH_THREADS
+}
+
+fn invalid_data(path: &Path, e: impl std::fmt::Display) -> SinkError {
+    SinkError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use arrow_array::{ArrayRef, RecordBatch, StringArray};
+    use arrow_schema::{DataType, Field, Schema};
+    use keel_wire::vectors::{VectorFormat, VectorPrecision};
+
+    use super::*;
+    use crate::sink::search::{SearchMode, SearchOptions, nearest};
+
+    const D: usize = 48;
+
+    /// Clustered unit vectors (xorshift): 40 centres, each row a centre plus noise, so
+    /// neighbourhoods are real and exact rankings are stable.
+    fn vectors(rows: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        let centres: Vec<f32> = (0..40 * D).map(|_| next()).collect();
+        let mut out = Vec::with_capacity(rows * D);
+        for r in 0..rows {
+            let c = (r * 7919) % 40;
+            let v: Vec<f32> = (0..D).map(|j| centres[c * D + j] + 0.35 * next()).collect();
+            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            out.extend(v.iter().map(|x| x / n));
+        }
+        out
+    }
+
+    fn part(values: &[f32], first: usize, precision: VectorPrecision) -> RecordBatch {
+        let rows = values.len() / D;
+        let format = VectorFormat {
+            precision,
+            dimensions: D,
+        };
+        let text = StringArray::from_iter_values((first..first + rows).map(|i| format!("row {i}")));
+        let mut fields = vec![Field::new("text", DataType::Utf8, true)];
+        fields.extend(format.fields());
+        let mut columns: Vec<ArrayRef> = vec![Arc::new(text)];
+        columns.extend(format.encode(values, D, &vec![true; rows]).unwrap());
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap()
+    }
+
+    struct Fixture {
+        _root: tempfile::TempDir,
+        root: PathBuf,
+        store: Arc<DatasetStore>,
+        indexes: Arc<Indexes>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Fixture {
+        fn new(config: IndexConfig) -> Self {
+            let root = tempfile::tempdir().unwrap();
+            let path = root.path().to_path_buf();
+            let store = Arc::new(DatasetStore::open(&path).unwrap());
+            let (indexes, thread) = Indexes::start(store.clone(), &path, config);
+            Self {
+                _root: root,
+                root: path,
+                store,
+                indexes,
+                thread: Some(thread),
+            }
+        }
+
+        /// Stops the indexer (it saves) and opens the same folder again.
+        fn restart(mut self) -> Self {
+            self.indexes.stop();
+            self.thread.take().unwrap().join().unwrap();
+            let (indexes, thread) =
+                Indexes::start(self.store.clone(), &self.root, self.indexes.config.clone());
+            self.indexes = indexes;
+            self.thread = Some(thread);
+            self
+        }
+
+        fn rows(&self, query: &[f32], k: usize, mode: SearchMode) -> (Vec<u64>, u64) {
+            let options = SearchOptions {
+                mode,
+                ..Default::default()
+            };
+            let n = nearest(&self.store, Some(&self.indexes), "d", query, k, options).unwrap();
+            let rows = n
+                .batch
+                .column_by_name("row")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<arrow_array::UInt64Array>()
+                .unwrap()
+                .values()
+                .to_vec();
+            (rows, n.scanned_rows)
+        }
+    }
+
+    fn recall(f: &Fixture, queries: &[f32], k: usize) -> f64 {
+        let mut hit = 0usize;
+        for q in queries.chunks_exact(D) {
+            let exact = f.rows(q, k, SearchMode::Exact).0;
+            let (found, _) = f.rows(q, k, SearchMode::Index);
+            hit += found.iter().filter(|r| exact.contains(r)).count();
+        }
+        hit as f64 / (k * queries.len() / D) as f64
+    }
+
+    #[test]
+    fn each_quantization_finds_what_the_exact_scan_finds() {
+        let values = vectors(3000, 0x9e37_79b9_7f4a_7c15);
+        let queries = vectors(30, 0x2545_f491_4f6c_dd1d);
+        for (precision, quantization, rescore, bound) in [
+            (VectorPrecision::F32, Quantization::F32, 0, 0.9),
+            (VectorPrecision::F32, Quantization::F16, 0, 0.9),
+            (VectorPrecision::F32, Quantization::Int8, 0, 0.9),
+            (VectorPrecision::F32, Quantization::Int8, 50, 0.95),
+            // 48 sign bits take 49 distances only (the bench measures 384 on real
+            // vectors): a wide pool, rescored, finds most.
+            (VectorPrecision::F32, Quantization::Binary, 0, 0.0),
+            (VectorPrecision::F32, Quantization::Binary, 300, 0.7),
+            (VectorPrecision::Int8, Quantization::Int8, 50, 0.95),
+        ] {
+            let f = Fixture::new(IndexConfig::default());
+            f.store.append("d", &[part(&values, 0, precision)]).unwrap();
+            let request = IndexRequest {
+                quantization: Some(quantization),
+                rescore: Some(rescore),
+                expansion_search: Some(128),
+                ..Default::default()
+            };
+            let report = f.indexes.build("d", &request).unwrap();
+            assert_eq!((report.rows, report.vectors), (3000, 3000));
+            assert!(report.memory_bytes > 3000 * report.vector_bytes as u64);
+            let r = recall(&f, &queries, 10);
+            assert!(
+                r >= bound,
+                "{quantization:?} rescore {rescore} on {precision}: recall {r}"
+            );
+            // A row's own vector finds that row first.
+            let (rows, scanned) = f.rows(&values[1234 * D..1235 * D], 1, SearchMode::Index);
+            if rescore > 0 || quantization != Quantization::Binary {
+                assert_eq!(rows, [1234], "{quantization:?}");
+            }
+            assert_eq!(scanned, 0, "the index covers every row");
+        }
+    }
+
+    #[test]
+    fn appended_rows_are_found_at_once_then_indexed_and_survive_a_restart() {
+        let values = vectors(2500, 7);
+        let config = IndexConfig {
+            save_every_rows: 1,
+            ..IndexConfig::default()
+        };
+        let f = Fixture::new(config);
+        f.store
+            .append("d", &[part(&values[..2000 * D], 0, VectorPrecision::F32)])
+            .unwrap();
+        f.indexes.build("d", &IndexRequest::default()).unwrap();
+        f.store
+            .append(
+                "d",
+                &[part(&values[2000 * D..], 2000, VectorPrecision::F32)],
+            )
+            .unwrap();
+        // Before the indexer hears of the new part, a search scans it exactly.
+        let (rows, scanned) = f.rows(&values[2222 * D..2223 * D], 1, SearchMode::Index);
+        assert_eq!((rows, scanned), (vec![2222], 500));
+        f.indexes.appended("d");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while f.indexes.get("d").unwrap().unwrap().covered() < 2500 {
+            assert!(Instant::now() < deadline, "the index did not grow");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (rows, scanned) = f.rows(&values[2222 * D..2223 * D], 1, SearchMode::Index);
+        assert_eq!((rows, scanned), (vec![2222], 0));
+        let before = f.indexes.describe("d").unwrap();
+        let f = f.restart();
+        let described = f.indexes.describe("d").unwrap();
+        assert!(!described.loaded, "loaded on first use only");
+        assert_eq!(described.rows, 2500, "saved with the rows it grew by");
+        let index = f.indexes.get("d").unwrap().unwrap();
+        assert_eq!(index.covered(), 2500);
+        let after = index.report();
+        assert_eq!(
+            (after.vectors, after.quantization),
+            (before.vectors, before.quantization)
+        );
+        let (rows, scanned) = f.rows(&values[17 * D..18 * D], 1, SearchMode::Index);
+        assert_eq!((rows, scanned), (vec![17], 0));
+        // One graph file on disk: the earlier generations were removed.
+        let graphs = fs::read_dir(f.root.join("d"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".usearch")
+            })
+            .count();
+        assert_eq!(graphs, 1);
+    }
+
+    /// Unit vectors near a 12-dimensional subspace of the 48 (a latent vector through a
+    /// fixed random map, plus a little noise): what a 16-component PCA keeps.
+    fn low_rank(rows: usize, seed: u64) -> Vec<f32> {
+        let mut state: u64 = 0x51_7cc1_b727_220a;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        let map: Vec<f32> = (0..12 * D).map(|_| next()).collect();
+        let noise = vectors(rows, seed);
+        let mut rng = seed | 1;
+        let mut latent = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        let mut out = Vec::with_capacity(rows * D);
+        for r in 0..rows {
+            let z: Vec<f32> = (0..12).map(|_| latent()).collect();
+            let v: Vec<f32> = (0..D)
+                .map(|j| {
+                    (0..12).map(|i| z[i] * map[i * D + j]).sum::<f32>() + 0.05 * noise[r * D + j]
+                })
+                .collect();
+            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            out.extend(v.iter().map(|x| x / n));
+        }
+        out
+    }
+
+    #[test]
+    fn a_projection_indexes_fewer_dimensions() {
+        let values = low_rank(2000, 99);
+        let f = Fixture::new(IndexConfig::default());
+        f.store
+            .append("d", &[part(&values, 0, VectorPrecision::F32)])
+            .unwrap();
+        let p = crate::sink::reduce::reduce_dataset(&f.store, &f.root, "d", 16, "p16").unwrap();
+        assert!(
+            p.variance_kept > 0.95 && p.variance_kept <= 1.0,
+            "{}",
+            p.variance_kept
+        );
+        let request = IndexRequest {
+            projection: Some("p16".into()),
+            ..Default::default()
+        };
+        let report = f.indexes.build("d", &request).unwrap();
+        assert_eq!((report.dimensions, report.vector_bytes), (16, 16));
+        let queries = low_rank(20, 5);
+        let r = recall(&f, &queries, 10);
+        assert!(r >= 0.9, "recall {r} with rescoring");
+        let missing = IndexRequest {
+            projection: Some("nope".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            f.indexes.build("d", &missing),
+            Err(SinkError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn the_memory_budget_refuses_a_build_and_stops_growth() {
+        let values = vectors(3000, 3);
+        let f = Fixture::new(IndexConfig {
+            max_bytes: 10_000,
+            ..IndexConfig::default()
+        });
+        f.store
+            .append("d", &[part(&values[..1000 * D], 0, VectorPrecision::F32)])
+            .unwrap();
+        let err = f.indexes.build("d", &IndexRequest::default()).unwrap_err();
+        assert!(matches!(err, SinkError::OverBudget(_)), "{err}");
+        assert!(err.to_string().contains("storage.index.max_bytes"), "{err}");
+        assert!(f.indexes.describe("d").is_none());
+
+        // What an index of 800 rows holds (its vectors, links and per-thread search
+        // state), measured.
+        let f = Fixture::new(IndexConfig::default());
+        f.store
+            .append("d", &[part(&values[..800 * D], 0, VectorPrecision::F32)])
+            .unwrap();
+        let held = f
+            .indexes
+            .build("d", &IndexRequest::default())
+            .unwrap()
+            .memory_bytes;
+        // Room for that and a few rows more: the build fits, growth stops at the budget,
+        // and the rows past it are still found (scanned exactly).
+        let max_bytes = held + 20_000;
+        let f = Fixture::new(IndexConfig {
+            max_bytes,
+            ..IndexConfig::default()
+        });
+        f.store
+            .append("d", &[part(&values[..800 * D], 0, VectorPrecision::F32)])
+            .unwrap();
+        f.indexes.build("d", &IndexRequest::default()).unwrap();
+        f.store
+            .append("d", &[part(&values[800 * D..], 800, VectorPrecision::F32)])
+            .unwrap();
+        f.indexes.catch_up("d").unwrap();
+        let report = f.indexes.get("d").unwrap().unwrap().report();
+        assert!(report.full, "{report:?}");
+        assert!(report.memory_bytes <= max_bytes, "{report:?}");
+        assert!(report.rows < 3000);
+        let (rows, scanned) = f.rows(&values[2999 * D..3000 * D], 1, SearchMode::Auto);
+        assert_eq!(rows, [2999]);
+        assert_eq!(scanned, 3000 - report.rows);
+    }
+
+    #[test]
+    fn index_mode_without_an_index_says_how_to_build_one() {
+        let f = Fixture::new(IndexConfig::default());
+        f.store
+            .append("d", &[part(&vectors(10, 1), 0, VectorPrecision::F32)])
+            .unwrap();
+        let q = vectors(1, 2);
+        let options = SearchOptions {
+            mode: SearchMode::Index,
+            ..Default::default()
+        };
+        let err = nearest(&f.store, Some(&f.indexes), "d", &q, 3, options).unwrap_err();
+        assert!(matches!(err, SinkError::Invalid(_)), "{err}");
+        assert!(err.to_string().contains("keel index"), "{err}");
+        // Auto scans exactly.
+        assert_eq!(f.rows(&q, 3, SearchMode::Auto).1, 10);
+    }
+}
