@@ -438,7 +438,15 @@ async fn actions_report_stats_cleanup_and_health() {
     let names: Vec<&str> = actions.iter().map(|a| a.r#type.as_str()).collect();
     assert_eq!(
         names,
-        ["stats", "cleanup", "health", "search", "heap-profile", "index", "reduce"]
+        [
+            "stats",
+            "cleanup",
+            "health",
+            "search",
+            "heap-profile",
+            "index",
+            "reduce"
+        ]
     );
     server.stop().await;
 }

@@ -21,7 +21,6 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -358,7 +357,10 @@ pub struct Indexes {
     loaded: Mutex<HashMap<String, Arc<DatasetIndex>>>,
     /// Datasets whose index is being built or grown (one writer at a time).
     writing: Mutex<HashSet<String>>,
-    grow: Mutex<Option<mpsc::Sender<String>>>,
+    /// Datasets with rows to add (a set: at most one entry per dataset), and whether the
+    /// indexer is told to stop; the indexer waits on `wake`.
+    pending: Mutex<(HashSet<String>, bool)>,
+    wake: Condvar,
 }
 
 /// Held while a dataset's index is written; released on drop.
@@ -382,20 +384,20 @@ impl Indexes {
         root: &Path,
         config: IndexConfig,
     ) -> (Arc<Self>, std::thread::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel::<String>();
         let indexes = Arc::new(Self {
             store,
             root: root.to_path_buf(),
             config,
             loaded: Mutex::new(HashMap::new()),
             writing: Mutex::new(HashSet::new()),
-            grow: Mutex::new(Some(tx)),
+            pending: Mutex::new((HashSet::new(), false)),
+            wake: Condvar::new(),
         });
         let worker = indexes.clone();
         let thread = std::thread::Builder::new()
             .name("keel-indexer".into())
             .spawn(move || {
-                while let Ok(name) = rx.recv() {
+                while let Some(name) = worker.next_pending() {
                     if let Err(e) = worker.catch_up(&name) {
                         tracing::warn!(dataset = %name, error = %e, "growing the index failed; its new rows are scanned exactly");
                     }
@@ -406,17 +408,35 @@ impl Indexes {
         (indexes, thread)
     }
 
-    /// Stops the indexer thread once what is queued is done; it saves every index.
+    /// The next dataset to grow; `None` once stopped with nothing left.
+    fn next_pending(&self) -> Option<String> {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(name) = pending.0.iter().next().cloned() {
+                pending.0.remove(&name);
+                return Some(name);
+            }
+            if pending.1 {
+                return None;
+            }
+            pending = self.wake.wait(pending).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Stops the indexer thread once what is pending is done; it saves every index.
     pub fn stop(&self) {
-        self.grow.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.wake.notify_all();
     }
 
     /// Rows were appended to `name`: grow its index, if it has one (off this thread).
     pub fn appended(&self, name: &str) {
-        if self.dir(name).join(MANIFEST).is_file()
-            && let Some(tx) = &*self.grow.lock().unwrap_or_else(|e| e.into_inner())
-        {
-            let _ = tx.send(name.to_string());
+        if self.dir(name).join(MANIFEST).is_file() {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if !pending.1 {
+                pending.0.insert(name.to_string());
+                self.wake.notify_one();
+            }
         }
     }
 
