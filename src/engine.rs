@@ -38,6 +38,9 @@ pub enum EngineError {
     Sink(#[from] SinkError),
     #[error("a blocking task failed: {0}")]
     Task(String),
+    /// A request that cannot be met as asked.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// How a stream's vectors are written: their format, and the projection (by its
@@ -155,18 +158,19 @@ impl Engine {
     /// [`Engine::vector_format`] plus the command's projection (loaded from the data
     /// folder): with one, the vectors are projected to its dimensions. `NotFound` for an
     /// unknown projection, `InvalidArgument` for one of another model's dimensions.
-    pub fn vector_shape(&self, request: &Request) -> Result<Shape, tonic::Status> {
+    pub fn vector_shape(&self, request: &Request) -> Result<Shape, EngineError> {
         let Some(name) = &request.projection else {
             return Ok(Shape {
-                format: self.vector_format(request)?,
+                format: self
+                    .vector_format(request)
+                    .map_err(|s| EngineError::Invalid(s.message().to_string()))?,
                 projection: None,
             });
         };
-        let projection = Projection::load_named(&self.settings.storage.data_dir, name)
-            .map_err(crate::flight::error::sink)?;
+        let projection = Projection::load_named(&self.settings.storage.data_dir, name)?;
         let dim = self.pipeline.dim();
         if projection.input_dimensions > dim {
-            return Err(tonic::Status::invalid_argument(format!(
+            return Err(EngineError::Invalid(format!(
                 "projection {name:?} takes {} dimensions, the model gives {dim}",
                 projection.input_dimensions
             )));
@@ -179,7 +183,8 @@ impl Engine {
                 dimensions: projection.dimensions,
             },
             projection.dimensions,
-        )?;
+        )
+        .map_err(|e| EngineError::Invalid(e.to_string()))?;
         Ok(Shape {
             format,
             projection: Some((name.clone(), Arc::new(projection))),

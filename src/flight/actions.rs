@@ -13,7 +13,8 @@
 use std::sync::Arc;
 
 use keel_engine::cleanup::{CleanupLevel, CleanupRecord};
-use keel_engine::sink::index::{IndexReport, IndexRequest, Quantization};
+use keel_engine::sink::config::Quantization;
+use keel_engine::sink::index::{IndexReport, IndexRequest};
 use keel_engine::sink::search::{SearchMode, SearchOptions};
 use keel_engine::supervisor::messages::RunCleanup;
 use serde::{Deserialize, Serialize};

@@ -43,6 +43,7 @@ pub fn engine(e: EngineError) -> Status {
         }
         EngineError::Sink(e) => sink(e),
         EngineError::Task(_) => Status::internal(e.to_string()),
+        EngineError::Invalid(_) => Status::invalid_argument(e.to_string()),
     }
 }
 

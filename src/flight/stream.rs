@@ -76,7 +76,7 @@ pub fn exchange(engine: Arc<Engine>, stream: OpenStream) -> Result<BoxStream<Fli
             "DoExchange needs the descriptor path [\"embed\"]; use DoPut for datasets",
         ));
     };
-    let shape = engine.vector_shape(&request)?;
+    let shape = engine.vector_shape(&request).map_err(error::engine)?;
     let rx = spawn_reader(engine.clone(), batches, request.source, shape);
     let counters = engine.pipeline.counters().clone();
     let batches = ordered_results(rx).map(move |r| {
@@ -109,7 +109,7 @@ pub fn put(engine: Arc<Engine>, stream: OpenStream) -> Result<BoxStream<PutResul
             "DoPut needs the descriptor path [\"datasets\", NAME]; use DoExchange [\"embed\"] to get rows back",
         ));
     };
-    let shape = engine.vector_shape(&request)?;
+    let shape = engine.vector_shape(&request).map_err(error::engine)?;
     let rx = spawn_reader(engine.clone(), batches, request.source, shape);
     let (out_tx, out_rx) = mpsc::channel::<Result<PutResult, Status>>(4);
     tokio::spawn(async move {

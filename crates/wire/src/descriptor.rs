@@ -52,6 +52,16 @@ impl Target {
             d.ok_or_else(|| WireError::invalid("the first message carries no flight descriptor"))?;
         let source = |cmd: &[u8]| {
             let c = EmbedCommand::parse(cmd)?;
+            if let Some(p) = &c.projection {
+                let named = p
+                    .split_once('/')
+                    .is_some_and(|(d, n)| is_valid_dataset_name(d) && is_valid_dataset_name(n));
+                if !named {
+                    return Err(WireError::Invalid(format!(
+                        "bad command: projection {p:?} must be \"DATASET/NAME\" (made by keel reduce)"
+                    )));
+                }
+            }
             Ok::<_, WireError>(Request {
                 source: TextSource::from_command(&c, default_column)?,
                 precision: c.precision,

@@ -40,21 +40,11 @@ impl EmbedCommand {
         }
         let cmd: Self = serde_json::from_slice(bytes)
             .map_err(|e| WireError::Invalid(format!("bad command JSON: {e}")))?;
-        if let Some(p) = &cmd.projection {
-            let ok = p.split_once('/').is_some_and(|(d, n)| {
-                crate::descriptor::is_valid_dataset_name(d)
-                    && crate::descriptor::is_valid_dataset_name(n)
-            });
-            if !ok {
-                return Err(WireError::Invalid(format!(
-                    "bad command: projection {p:?} must be \"DATASET/NAME\" (made by keel reduce)"
-                )));
-            }
-            if cmd.dimensions.is_some() {
-                return Err(WireError::Invalid(
-                    "bad command: give dimensions or projection, not both (a projection has its own)".into(),
-                ));
-            }
+        if cmd.projection.is_some() && cmd.dimensions.is_some() {
+            return Err(WireError::Invalid(
+                "bad command: give dimensions or projection, not both (a projection has its own)"
+                    .into(),
+            ));
         }
         if cmd.text_column.is_some() && cmd.template.is_some() {
             return Err(WireError::Invalid(

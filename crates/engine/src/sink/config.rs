@@ -4,8 +4,6 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use super::index::Quantization;
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
@@ -88,5 +86,38 @@ impl StorageConfig {
             return Err("storage.index.save_every_rows: must be at least 1".into());
         }
         Ok(())
+    }
+}
+
+/// How the graph keeps its vectors (and so how it compares them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantization {
+    F32,
+    F16,
+    /// Symmetric per vector, as Keel's int8 output (the scale cancels out of a cosine).
+    Int8,
+    /// Sign bits compared by Hamming distance: 32× smaller than f32, rescoring needed.
+    Binary,
+}
+
+impl Quantization {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Int8 => "int8",
+            Self::Binary => "binary",
+        }
+    }
+
+    /// Bytes of one vector of `d` dimensions in the graph.
+    pub fn vector_bytes(self, d: usize) -> usize {
+        match self {
+            Self::F32 => 4 * d,
+            Self::F16 => 2 * d,
+            Self::Int8 => d,
+            Self::Binary => d.div_ceil(8),
+        }
     }
 }

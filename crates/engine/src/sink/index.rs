@@ -29,7 +29,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind, b1x8};
 
-use super::config::IndexConfig;
+use super::config::{IndexConfig, Quantization};
 use super::reduce::Projection;
 use super::store::{DatasetStore, SinkError};
 
@@ -40,39 +40,6 @@ const READ_ROWS: usize = 8192;
 /// Searches that may run on one index at once beside its writers (USearch keeps one
 /// context per concurrent caller).
 const SEARCH_THREADS: usize = 16;
-
-/// How the graph keeps its vectors (and so how it compares them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Quantization {
-    F32,
-    F16,
-    /// Symmetric per vector, as Keel's int8 output (the scale cancels out of a cosine).
-    Int8,
-    /// Sign bits compared by Hamming distance: 32× smaller than f32, rescoring needed.
-    Binary,
-}
-
-impl Quantization {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::F32 => "f32",
-            Self::F16 => "f16",
-            Self::Int8 => "int8",
-            Self::Binary => "binary",
-        }
-    }
-
-    /// Bytes of one vector of `d` dimensions in the graph.
-    fn vector_bytes(self, d: usize) -> usize {
-        match self {
-            Self::F32 => 4 * d,
-            Self::F16 => 2 * d,
-            Self::Int8 => d,
-            Self::Binary => d.div_ceil(8),
-        }
-    }
-}
 
 /// An `index` request: every field optional, the rest from `storage.index`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
