@@ -5,7 +5,6 @@
 //! a crash leaves either the whole part or none of it, and temporary files (ignored by
 //! every reader) are removed at start-up. All parts of a dataset share one schema.
 
-use std::collections::HashMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -76,14 +75,18 @@ pub struct DatasetInfo {
     pub parts: usize,
 }
 
+/// Part footers kept for fetching rows by number (a few KB to a few hundred KB each):
+/// the parts of a million-row dataset are 100 at the default `flush_rows`.
+const FOOTERS: usize = 1024;
+
 /// Most rows in one Parquet data page.
 const PAGE_ROWS: usize = 1024;
 
 pub struct DatasetStore {
     root: PathBuf,
-    /// Footer and page index of each part read by [`DatasetStore::take`], by path and
-    /// length (parts never change once renamed into place).
-    footers: Mutex<HashMap<PathBuf, (u64, ArrowReaderMetadata)>>,
+    /// Footer and page index of the parts read last by [`DatasetStore::take`], by path
+    /// and length (parts never change once renamed into place); at most FOOTERS kept.
+    footers: Mutex<lru::LruCache<PathBuf, (u64, ArrowReaderMetadata)>>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SinkError + '_ {
@@ -114,7 +117,9 @@ impl DatasetStore {
         }
         Ok(Self {
             root: root.to_path_buf(),
-            footers: Mutex::new(HashMap::new()),
+            footers: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(FOOTERS).expect("FOOTERS > 0"),
+            )),
         })
     }
 
@@ -429,7 +434,7 @@ impl DatasetStore {
                 path: path.to_path_buf(),
                 source,
             })?;
-        cache.insert(path.to_path_buf(), (len, meta.clone()));
+        cache.put(path.to_path_buf(), (len, meta.clone()));
         Ok(meta)
     }
 }
