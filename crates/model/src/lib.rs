@@ -14,6 +14,7 @@ mod bert;
 mod convert;
 mod device;
 pub mod gelu;
+pub mod kernels;
 mod spec;
 mod tokenize;
 mod weights;

@@ -1,0 +1,379 @@
+//! bf16 Linear layers: `y = x · W + b` with W and x rounded to bfloat16, products summed in
+//! f32.
+//!
+//! bfloat16 keeps f32's exponent and 8 bits of mantissa, so no scale is needed and no
+//! value overflows; each operand carries a relative rounding error of at most 2⁻⁹. Weights
+//! are rounded once at load (round to nearest even) and packed in panels of 16 columns
+//! and pairs of inputs (the operand order of `vdpbf16ps`); activations are rounded per
+//! pass. Kernels: AVX-512 BF16 (`vdpbf16ps`, 8 rows × 32 columns per tile) or portable
+//! Rust over the same packing.
+
+use rayon::prelude::*;
+
+use super::{Isa, Kind, PANEL, ROWS_PER_TASK};
+
+/// Inputs per packed group: the pair one 32-bit lane of `vdpbf16ps` sums.
+const GROUP: usize = 2;
+/// bf16 values in one packed group of a panel: 16 columns × 2 inputs (64 bytes).
+const GROUP_VALUES: usize = PANEL * GROUP;
+
+/// f32 → bf16, rounding to nearest even (NaN stays NaN).
+#[inline(always)]
+pub fn to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1));
+    (rounded >> 16) as u16
+}
+
+/// bf16 → f32 (exact).
+#[inline(always)]
+pub fn from_bf16(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// A Linear layer's weights in bf16, packed for the kernels, with the layer's f32 bias.
+pub struct Bf16Linear {
+    inputs: usize,
+    outputs: usize,
+    /// `ceil(inputs / 2)`.
+    groups: usize,
+    /// Panels of 16 columns, an even number (tiles take two).
+    panels: usize,
+    /// `panels × groups × 16 × 2`.
+    packed: Vec<u16>,
+    /// Per column, padded to `panels × 16` with zeros.
+    bias: Vec<f32>,
+    isa: Isa,
+}
+
+impl Bf16Linear {
+    /// Rounds `weight` (`inputs × outputs`, row-major) to bf16 and keeps `bias`.
+    pub fn round(weight: &[f32], bias: &[f32], inputs: usize, outputs: usize) -> Self {
+        assert_eq!(weight.len(), inputs * outputs, "weight is inputs × outputs");
+        assert_eq!(bias.len(), outputs, "one bias per output");
+        assert!(inputs > 0 && outputs > 0, "an empty layer");
+        let groups = inputs.div_ceil(GROUP);
+        let panels = outputs.div_ceil(2 * PANEL) * 2;
+        let mut packed = vec![0u16; panels * groups * GROUP_VALUES];
+        for i in 0..inputs {
+            for j in 0..outputs {
+                packed[Self::index(groups, i, j)] = to_bf16(weight[i * outputs + j]);
+            }
+        }
+        let mut padded_bias = vec![0.0f32; panels * PANEL];
+        padded_bias[..outputs].copy_from_slice(bias);
+        Self {
+            inputs,
+            outputs,
+            groups,
+            panels,
+            packed,
+            bias: padded_bias,
+            isa: Isa::detect(Kind::Bf16),
+        }
+    }
+
+    fn index(groups: usize, i: usize, j: usize) -> usize {
+        ((j / PANEL) * groups + i / GROUP) * GROUP_VALUES + (j % PANEL) * GROUP + i % GROUP
+    }
+
+    /// The same layer on other kernels.
+    ///
+    /// # Panics
+    /// If this CPU cannot run `isa`'s bf16 kernels.
+    pub fn with_isa(mut self, isa: Isa) -> Self {
+        assert!(
+            isa.runs(Kind::Bf16),
+            "this CPU cannot run {isa:?} bf16 kernels"
+        );
+        self.isa = isa;
+        self
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Bytes held: packed weights and the bias.
+    pub fn bytes(&self) -> usize {
+        self.packed.len() * 2 + self.bias.len() * 4
+    }
+
+    /// `out = x · W + b` for `rows` rows, in parallel on the current rayon pool.
+    pub fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) {
+        let (k, n) = (self.inputs, self.outputs);
+        assert_eq!(x.len(), rows * k, "x is rows × inputs");
+        assert_eq!(out.len(), rows * n, "out is rows × outputs");
+        if rows == 0 {
+            return;
+        }
+        out.par_chunks_mut(ROWS_PER_TASK * n)
+            .zip(x.par_chunks(ROWS_PER_TASK * k))
+            .for_each(|(out, x)| {
+                let rows = x.len() / k;
+                let stride = self.groups * GROUP;
+                let mut a = vec![0u16; rows * stride];
+                for r in 0..rows {
+                    for (b, &v) in a[r * stride..r * stride + k]
+                        .iter_mut()
+                        .zip(&x[r * k..(r + 1) * k])
+                    {
+                        *b = to_bf16(v);
+                    }
+                }
+                match self.isa {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `with_isa` and `Isa::detect` only choose kernels this CPU runs.
+                    Isa::Avx512 => unsafe { x86::block_avx512(self, &a, rows, out) },
+                    _ => self.block_portable(&a, rows, out),
+                }
+            });
+    }
+
+    fn block_portable(&self, a: &[u16], rows: usize, out: &mut [f32]) {
+        let (n, stride) = (self.outputs, self.groups * GROUP);
+        for r in 0..rows {
+            let row = &a[r * stride..(r + 1) * stride];
+            for p in 0..self.panels {
+                let j0 = p * PANEL;
+                if j0 >= n {
+                    break;
+                }
+                let mut acc = [0.0f32; PANEL];
+                let panel = &self.packed[p * self.groups * GROUP_VALUES..];
+                for (g, pair) in row.chunks_exact(GROUP).enumerate() {
+                    let (a0, a1) = (from_bf16(pair[0]), from_bf16(pair[1]));
+                    let w = &panel[g * GROUP_VALUES..(g + 1) * GROUP_VALUES];
+                    for (c, acc) in acc.iter_mut().enumerate() {
+                        *acc += a0 * from_bf16(w[c * 2]) + a1 * from_bf16(w[c * 2 + 1]);
+                    }
+                }
+                for (c, &acc) in acc.iter().enumerate().take(n - j0) {
+                    out[r * n + j0 + c] = acc + self.bias[j0 + c];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{Bf16Linear, GROUP, GROUP_VALUES, PANEL};
+
+    const MR: usize = 8;
+
+    /// # Safety
+    /// The CPU must have AVX-512 F and BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn block_avx512(layer: &Bf16Linear, a: &[u16], rows: usize, out: &mut [f32]) {
+        let stride = layer.groups * GROUP;
+        for pair in 0..layer.panels / 2 {
+            if pair * 2 * PANEL >= layer.outputs {
+                break;
+            }
+            let mut r = 0;
+            while r < rows {
+                let take = (rows - r).min(MR);
+                let rest = &a[r * stride..];
+                // SAFETY: same features as this function; bounds checked in the tile.
+                unsafe {
+                    match take {
+                        8 => tile::<8>(layer, rest, pair, out, r),
+                        7 => tile::<7>(layer, rest, pair, out, r),
+                        6 => tile::<6>(layer, rest, pair, out, r),
+                        5 => tile::<5>(layer, rest, pair, out, r),
+                        4 => tile::<4>(layer, rest, pair, out, r),
+                        3 => tile::<3>(layer, rest, pair, out, r),
+                        2 => tile::<2>(layer, rest, pair, out, r),
+                        _ => tile::<1>(layer, rest, pair, out, r),
+                    }
+                }
+                r += take;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn tile<const R: usize>(
+        layer: &Bf16Linear,
+        a: &[u16],
+        pair: usize,
+        out: &mut [f32],
+        first: usize,
+    ) {
+        let (groups, n) = (layer.groups, layer.outputs);
+        let stride = groups * GROUP;
+        assert!(a.len() >= R * stride);
+        assert!(out.len() >= (first + R) * n);
+        let w =
+            &layer.packed[2 * pair * groups * GROUP_VALUES..(2 * pair + 2) * groups * GROUP_VALUES];
+        let mut acc0 = [_mm512_setzero_ps(); R];
+        let mut acc1 = [_mm512_setzero_ps(); R];
+        // SAFETY: every pointer stays inside `a`, `w` and the padded bias, checked above.
+        unsafe {
+            let (ap, wp) = (a.as_ptr(), w.as_ptr());
+            for g in 0..groups {
+                let b0: __m512bh =
+                    std::mem::transmute(_mm512_loadu_si512(wp.add(g * GROUP_VALUES).cast()));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(
+                    wp.add((groups + g) * GROUP_VALUES).cast(),
+                ));
+                for r in 0..R {
+                    let v = ap
+                        .add(r * stride + g * GROUP)
+                        .cast::<i32>()
+                        .read_unaligned();
+                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(v));
+                    acc0[r] = _mm512_dpbf16_ps(acc0[r], av, b0);
+                    acc1[r] = _mm512_dpbf16_ps(acc1[r], av, b1);
+                }
+            }
+            for (half, acc) in [&acc0, &acc1].into_iter().enumerate() {
+                let j = (2 * pair + half) * PANEL;
+                if j >= n {
+                    break;
+                }
+                let valid = (n - j).min(PANEL);
+                let mask = ((1u32 << valid) - 1) as __mmask16;
+                let bias = _mm512_loadu_ps(layer.bias.as_ptr().add(j));
+                for r in 0..R {
+                    let y = _mm512_add_ps(acc[r], bias);
+                    _mm512_mask_storeu_ps(out.as_mut_ptr().add((first + r) * n + j), mask, y);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noise(seed: &mut u64, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed ^= *seed << 13;
+                *seed ^= *seed >> 7;
+                *seed ^= *seed << 17;
+                ((*seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        assert_eq!(from_bf16(to_bf16(-2.5)), -2.5);
+        // 1 + 2⁻⁸ is halfway between 1 and 1 + 2⁻⁷: ties to even (1.0).
+        assert_eq!(from_bf16(to_bf16(1.0 + 1.0 / 256.0)), 1.0);
+        // Just above halfway rounds up.
+        assert_eq!(
+            from_bf16(to_bf16(1.0 + 1.0 / 256.0 + 1.0 / 65536.0)),
+            1.0 + 1.0 / 128.0
+        );
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        assert_eq!(from_bf16(to_bf16(f32::INFINITY)), f32::INFINITY);
+        for i in 0..10_000 {
+            let x = (i as f32 - 5000.0) * 0.0371;
+            let r = from_bf16(to_bf16(x));
+            assert!((r - x).abs() <= x.abs() / 256.0, "{x} → {r}");
+        }
+    }
+
+    /// The product of the bf16-rounded operands in f64: every kernel within f32 summation
+    /// error of it.
+    fn reference(layer: &Bf16Linear, x: &[f32], rows: usize) -> Vec<f64> {
+        let (k, n) = (layer.inputs, layer.outputs);
+        let mut out = vec![0.0f64; rows * n];
+        for r in 0..rows {
+            for j in 0..n {
+                let mut sum = layer.bias[j] as f64;
+                for i in 0..k {
+                    let w = from_bf16(layer.packed[Bf16Linear::index(layer.groups, i, j)]);
+                    sum += from_bf16(to_bf16(x[r * k + i])) as f64 * w as f64;
+                }
+                out[r * n + j] = sum;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_kernel_matches_the_reference_on_odd_sizes_and_tails() {
+        let mut seed = 0x2545_f491_4f6c_dd1d;
+        let isas: Vec<Isa> = [Isa::Portable, Isa::Avx512]
+            .into_iter()
+            .filter(|i| i.runs(Kind::Bf16))
+            .collect();
+        if isas.len() < 2 {
+            eprintln!("bf16 kernels not testable on this CPU: only {isas:?}");
+        }
+        for &(rows, k, n) in &[
+            (1, 1, 1),
+            (1, 3, 5),
+            (7, 2, 16),
+            (8, 5, 17),
+            (9, 17, 31),
+            (65, 33, 33),
+            (130, 384, 48),
+            (3, 383, 384),
+        ] {
+            let x = noise(&mut seed, rows * k, 3.0);
+            let w = noise(&mut seed, k * n, 0.2);
+            let b = noise(&mut seed, n, 1.0);
+            for &isa in &isas {
+                let layer = Bf16Linear::round(&w, &b, k, n).with_isa(isa);
+                let expected = reference(&layer, &x, rows);
+                let mut out = vec![f32::NAN; rows * n];
+                layer.forward(&x, rows, &mut out);
+                // f32 accumulation of k products of magnitude ≤ 0.6: error ≲ k · 2⁻²⁴.
+                let bound = 1e-6 * (k as f64).max(8.0);
+                for (idx, (got, want)) in out.iter().zip(&expected).enumerate() {
+                    assert!(
+                        (*got as f64 - want).abs() <= bound,
+                        "{isa:?} {rows}×{k}×{n}: element {idx} is {got}, expected {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn close_to_the_f32_product_and_handles_extremes() {
+        let (rows, k, n) = (16, 384, 40);
+        let mut seed = 99;
+        let mut x = noise(&mut seed, rows * k, 2.0);
+        x[..k].fill(0.0);
+        x[k] = 3.0e38; // near f32's largest: finite in bf16, no scale to overflow
+        x[k + 1..2 * k].fill(0.0);
+        let w = noise(&mut seed, k * n, 0.1);
+        let b = noise(&mut seed, n, 1.0);
+        let layer = Bf16Linear::round(&w, &b, k, n);
+        let mut out = vec![0.0f32; rows * n];
+        layer.forward(&x, rows, &mut out);
+        assert_eq!(&out[..n], &b[..], "a zero row returns the bias");
+        assert!(out.iter().all(|v| v.is_finite()));
+        let (mut err, mut norm) = (0.0f64, 0.0f64);
+        for r in 2..rows {
+            for j in 0..n {
+                let exact: f64 = b[j] as f64
+                    + (0..k)
+                        .map(|i| x[r * k + i] as f64 * w[i * n + j] as f64)
+                        .sum::<f64>();
+                err += (out[r * n + j] as f64 - exact).powi(2);
+                norm += exact * exact;
+            }
+        }
+        let relative = (err / norm).sqrt();
+        assert!(relative < 0.01, "relative error {relative}");
+        assert!(
+            relative > 1e-6,
+            "suspiciously exact: is it rounding at all?"
+        );
+    }
+}

@@ -1,0 +1,567 @@
+//! int8 Linear layers: `y = x · W + b` with W quantized per output channel and x per row.
+//!
+//! **Weights**, at load: each output column `j` gets a scale `s_j = max|W[·,j]| / 127` and
+//! integer weights `round(W[i,j] / s_j)` in `[-127, 127]`, packed in panels of 16 columns
+//! and groups of 4 inputs (the operand order of `vpdpbusd`). **Activations**, per pass:
+//! each row `r` gets `t_r = max|x[r,·]| / 127` and integers `q[r,i] = round(x[r,i] / t_r)`
+//! in `[-127, 127]`. The product `Σ_i q[r,i] · w[i,j]` is accumulated exactly in int32
+//! (at most 127 · 127 · inputs: no overflow below 133 000 inputs) and scaled back:
+//! `y[r,j] = t_r · s_j · Σ + b_j`.
+//!
+//! Three kernels compute the same integer sums:
+//! - **AVX-512 VNNI**: `vpdpbusd` multiplies unsigned by signed bytes, so rows are stored
+//!   as `q + 128` (unsigned) and `128 · Σ_i w[i,j]` (kept per column) is subtracted after;
+//!   8 rows × 32 columns per tile, 16 accumulators in registers;
+//! - **AVX2**: `vpmaddubsw` would saturate its 16-bit pair sums on `(q + 128) · w`, so it
+//!   multiplies `|q|` by `sign(q) · w` instead (pair sums at most 2 · 127 · 127 < 2¹⁵),
+//!   then `vpmaddwd` by ones: 4 rows × 16 columns per tile;
+//! - **portable** Rust over the same packing, for any other CPU.
+
+use rayon::prelude::*;
+
+use super::{Isa, Kind, PANEL, ROWS_PER_TASK, round_even};
+
+/// Inputs per packed group: the four bytes one 32-bit lane of `vpdpbusd` sums.
+const GROUP: usize = 4;
+/// Bytes of one packed group of a panel: 16 columns × 4 inputs.
+const GROUP_BYTES: usize = PANEL * GROUP;
+/// Largest integer magnitude of a quantized value (−128 is never used, so that negation
+/// and the AVX2 sign trick stay in range).
+const QMAX: f32 = 127.0;
+
+/// A Linear layer's weights in int8, packed for the kernels, with the layer's bias.
+pub struct Int8Linear {
+    inputs: usize,
+    outputs: usize,
+    /// `ceil(inputs / 4)`.
+    groups: usize,
+    /// Panels of 16 columns, an even number (tiles take two).
+    panels: usize,
+    /// `panels × groups × 16 × 4`: panel-major, then group, then column, then input.
+    packed: Vec<i8>,
+    /// Per column (padded to `panels × 16` with zeros): scale, `Σ_i w[i,j]`, bias.
+    scales: Vec<f32>,
+    col_sums: Vec<i32>,
+    bias: Vec<f32>,
+    isa: Isa,
+}
+
+impl Int8Linear {
+    /// Quantizes `weight` (`inputs × outputs`, row-major: burn's Linear layout) and keeps
+    /// `bias` (`outputs`). Runs on the best kernels this CPU has ([`Isa::detect`]).
+    pub fn quantize(weight: &[f32], bias: &[f32], inputs: usize, outputs: usize) -> Self {
+        assert_eq!(weight.len(), inputs * outputs, "weight is inputs × outputs");
+        assert_eq!(bias.len(), outputs, "one bias per output");
+        assert!(inputs > 0 && outputs > 0, "an empty layer");
+        let groups = inputs.div_ceil(GROUP);
+        let panels = outputs.div_ceil(2 * PANEL) * 2;
+        let width = panels * PANEL;
+        let mut packed = vec![0i8; panels * groups * GROUP_BYTES];
+        let mut scales = vec![0.0f32; width];
+        let mut col_sums = vec![0i32; width];
+        let mut padded_bias = vec![0.0f32; width];
+        padded_bias[..outputs].copy_from_slice(bias);
+        for j in 0..outputs {
+            let max = (0..inputs)
+                .map(|i| weight[i * outputs + j].abs())
+                .fold(0.0f32, f32::max);
+            let inv = if max > 0.0 { QMAX / max } else { 0.0 };
+            scales[j] = max / QMAX;
+            let mut sum = 0i32;
+            for i in 0..inputs {
+                let q = round_even(weight[i * outputs + j] * inv).clamp(-QMAX, QMAX) as i8;
+                packed[Self::index(groups, i, j)] = q;
+                sum += q as i32;
+            }
+            col_sums[j] = sum;
+        }
+        Self {
+            inputs,
+            outputs,
+            groups,
+            panels,
+            packed,
+            scales,
+            col_sums,
+            bias: padded_bias,
+            isa: Isa::detect(Kind::Int8),
+        }
+    }
+
+    /// Where weight `(i, j)` lives in `packed`.
+    fn index(groups: usize, i: usize, j: usize) -> usize {
+        ((j / PANEL) * groups + i / GROUP) * GROUP_BYTES + (j % PANEL) * GROUP + i % GROUP
+    }
+
+    /// The same layer on other kernels (tests and benchmarks compare them).
+    ///
+    /// # Panics
+    /// If this CPU cannot run `isa`'s int8 kernels.
+    pub fn with_isa(mut self, isa: Isa) -> Self {
+        assert!(
+            isa.runs(Kind::Int8),
+            "this CPU cannot run {isa:?} int8 kernels"
+        );
+        self.isa = isa;
+        self
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    pub fn inputs(&self) -> usize {
+        self.inputs
+    }
+
+    pub fn outputs(&self) -> usize {
+        self.outputs
+    }
+
+    /// Bytes held: packed weights and the per-column scales, sums and biases.
+    pub fn bytes(&self) -> usize {
+        self.packed.len() + self.scales.len() * 4 + self.col_sums.len() * 4 + self.bias.len() * 4
+    }
+
+    /// The weight as the kernels see it, dequantized: `s_j · w[i,j]`.
+    pub fn dequantized(&self, i: usize, j: usize) -> f32 {
+        self.packed[Self::index(self.groups, i, j)] as f32 * self.scales[j]
+    }
+
+    /// `out = x · W + b` for `rows` rows of `x` (`rows × inputs`, row-major) into `out`
+    /// (`rows × outputs`), in parallel on the current rayon pool.
+    pub fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) {
+        let (k, n) = (self.inputs, self.outputs);
+        assert_eq!(x.len(), rows * k, "x is rows × inputs");
+        assert_eq!(out.len(), rows * n, "out is rows × outputs");
+        if rows == 0 {
+            return;
+        }
+        out.par_chunks_mut(ROWS_PER_TASK * n)
+            .zip(x.par_chunks(ROWS_PER_TASK * k))
+            .for_each(|(out, x)| {
+                let rows = x.len() / k;
+                let stride = self.groups * GROUP;
+                let mut q = vec![0u8; rows * stride];
+                let mut row_scales = vec![0.0f32; rows];
+                for r in 0..rows {
+                    row_scales[r] =
+                        quantize_row(&x[r * k..(r + 1) * k], &mut q[r * stride..(r + 1) * stride]);
+                }
+                self.block(&q, &row_scales, out);
+            });
+    }
+
+    /// One block of quantized rows (`q + 128`, `groups × 4` bytes each) into `out`.
+    fn block(&self, q: &[u8], row_scales: &[f32], out: &mut [f32]) {
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `with_isa` and `Isa::detect` only choose kernels this CPU runs.
+            Isa::Avx512 => unsafe { x86::block_avx512(self, q, row_scales, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Isa::Avx2 => unsafe { x86::block_avx2(self, q, row_scales, out) },
+            _ => self.block_portable(q, row_scales, out),
+        }
+    }
+
+    fn block_portable(&self, q: &[u8], row_scales: &[f32], out: &mut [f32]) {
+        let (n, stride) = (self.outputs, self.groups * GROUP);
+        for (r, &t) in row_scales.iter().enumerate() {
+            let row = &q[r * stride..(r + 1) * stride];
+            for p in 0..self.panels {
+                let j0 = p * PANEL;
+                if j0 >= n {
+                    break;
+                }
+                let mut acc = [0i32; PANEL];
+                let panel = &self.packed[p * self.groups * GROUP_BYTES..];
+                for (g, a) in row.chunks_exact(GROUP).enumerate() {
+                    let w = &panel[g * GROUP_BYTES..(g + 1) * GROUP_BYTES];
+                    for (c, acc) in acc.iter_mut().enumerate() {
+                        for i in 0..GROUP {
+                            *acc += (a[i] as i32 - 128) * w[c * GROUP + i] as i32;
+                        }
+                    }
+                }
+                for (c, &acc) in acc.iter().enumerate().take(n - j0) {
+                    let j = j0 + c;
+                    out[r * n + j] = acc as f32 * (self.scales[j] * t) + self.bias[j];
+                }
+            }
+        }
+    }
+}
+
+/// Quantizes one row to `q + 128` bytes (padding bytes: 128, i.e. zero) and returns its
+/// scale. An all-zero row has scale 0.
+fn quantize_row(x: &[f32], q: &mut [u8]) -> f32 {
+    let mut max = 0.0f32;
+    for v in x {
+        max = max.max(v.abs());
+    }
+    let inv = if max > 0.0 { QMAX / max } else { 0.0 };
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = (round_even(v * inv).clamp(-QMAX, QMAX) as i32 + 128) as u8;
+    }
+    q[x.len()..].fill(128);
+    max / QMAX
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{GROUP, GROUP_BYTES, Int8Linear, PANEL};
+
+    /// Rows per AVX-512 tile (× 32 columns: 16 accumulators).
+    const MR_512: usize = 8;
+    /// Rows per AVX2 tile (× 16 columns: 8 accumulators).
+    const MR_256: usize = 4;
+
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn block_avx512(
+        layer: &Int8Linear,
+        q: &[u8],
+        row_scales: &[f32],
+        out: &mut [f32],
+    ) {
+        let rows = row_scales.len();
+        let stride = layer.groups * GROUP;
+        for pair in 0..layer.panels / 2 {
+            let j0 = pair * 2 * PANEL;
+            if j0 >= layer.outputs {
+                break;
+            }
+            let mut r = 0;
+            while r < rows {
+                let take = (rows - r).min(MR_512);
+                let (a, s, o) = (&q[r * stride..], &row_scales[r..r + take], r);
+                // SAFETY: same features as this function; bounds checked in the tile.
+                unsafe {
+                    match take {
+                        8 => tile_avx512::<8>(layer, a, s, pair, out, o),
+                        7 => tile_avx512::<7>(layer, a, s, pair, out, o),
+                        6 => tile_avx512::<6>(layer, a, s, pair, out, o),
+                        5 => tile_avx512::<5>(layer, a, s, pair, out, o),
+                        4 => tile_avx512::<4>(layer, a, s, pair, out, o),
+                        3 => tile_avx512::<3>(layer, a, s, pair, out, o),
+                        2 => tile_avx512::<2>(layer, a, s, pair, out, o),
+                        _ => tile_avx512::<1>(layer, a, s, pair, out, o),
+                    }
+                }
+                r += take;
+            }
+        }
+    }
+
+    /// `R` rows (from `a`, `groups × 4` bytes apart) × the 32 columns of panel pair `pair`,
+    /// written to `out` rows `first..first + R`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tile_avx512<const R: usize>(
+        layer: &Int8Linear,
+        a: &[u8],
+        row_scales: &[f32],
+        pair: usize,
+        out: &mut [f32],
+        first: usize,
+    ) {
+        let (groups, n) = (layer.groups, layer.outputs);
+        let stride = groups * GROUP;
+        assert!(a.len() >= (R - 1) * stride + stride && row_scales.len() == R);
+        assert!(out.len() >= (first + R) * n);
+        let w0 =
+            &layer.packed[2 * pair * groups * GROUP_BYTES..(2 * pair + 2) * groups * GROUP_BYTES];
+        let mut acc0 = [_mm512_setzero_si512(); R];
+        let mut acc1 = [_mm512_setzero_si512(); R];
+        // SAFETY: every pointer below stays inside `a` and `w0`, whose lengths were checked.
+        unsafe {
+            let (ap, wp) = (a.as_ptr(), w0.as_ptr());
+            for g in 0..groups {
+                let b0 = _mm512_loadu_si512(wp.add(g * GROUP_BYTES).cast());
+                let b1 = _mm512_loadu_si512(wp.add((groups + g) * GROUP_BYTES).cast());
+                for r in 0..R {
+                    let v = ap
+                        .add(r * stride + g * GROUP)
+                        .cast::<i32>()
+                        .read_unaligned();
+                    let av = _mm512_set1_epi32(v);
+                    acc0[r] = _mm512_dpbusd_epi32(acc0[r], av, b0);
+                    acc1[r] = _mm512_dpbusd_epi32(acc1[r], av, b1);
+                }
+            }
+            for (half, acc) in [&acc0, &acc1].into_iter().enumerate() {
+                let j = (2 * pair + half) * PANEL;
+                if j >= n {
+                    break;
+                }
+                let valid = (n - j).min(PANEL);
+                let mask = ((1u32 << valid) - 1) as __mmask16;
+                let sums = _mm512_loadu_si512(layer.col_sums.as_ptr().add(j).cast());
+                let offset = _mm512_slli_epi32::<7>(sums);
+                let scales = _mm512_loadu_ps(layer.scales.as_ptr().add(j));
+                let bias = _mm512_loadu_ps(layer.bias.as_ptr().add(j));
+                for r in 0..R {
+                    let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], offset));
+                    let s = _mm512_mul_ps(scales, _mm512_set1_ps(row_scales[r]));
+                    let y = _mm512_fmadd_ps(v, s, bias);
+                    _mm512_mask_storeu_ps(out.as_mut_ptr().add((first + r) * n + j), mask, y);
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn block_avx2(
+        layer: &Int8Linear,
+        q: &[u8],
+        row_scales: &[f32],
+        out: &mut [f32],
+    ) {
+        let rows = row_scales.len();
+        let stride = layer.groups * GROUP;
+        for p in 0..layer.panels {
+            if p * PANEL >= layer.outputs {
+                break;
+            }
+            let mut r = 0;
+            while r < rows {
+                let take = (rows - r).min(MR_256);
+                let (a, s, o) = (&q[r * stride..], &row_scales[r..r + take], r);
+                // SAFETY: same features as this function; bounds checked in the tile.
+                unsafe {
+                    match take {
+                        4 => tile_avx2::<4>(layer, a, s, p, out, o),
+                        3 => tile_avx2::<3>(layer, a, s, p, out, o),
+                        2 => tile_avx2::<2>(layer, a, s, p, out, o),
+                        _ => tile_avx2::<1>(layer, a, s, p, out, o),
+                    }
+                }
+                r += take;
+            }
+        }
+    }
+
+    /// `R` rows × the 16 columns of panel `p`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile_avx2<const R: usize>(
+        layer: &Int8Linear,
+        a: &[u8],
+        row_scales: &[f32],
+        p: usize,
+        out: &mut [f32],
+        first: usize,
+    ) {
+        let (groups, n) = (layer.groups, layer.outputs);
+        let stride = groups * GROUP;
+        assert!(a.len() >= R * stride && row_scales.len() == R);
+        assert!(out.len() >= (first + R) * n);
+        let w = &layer.packed[p * groups * GROUP_BYTES..(p + 1) * groups * GROUP_BYTES];
+        let mut acc0 = [_mm256_setzero_si256(); R];
+        let mut acc1 = [_mm256_setzero_si256(); R];
+        // SAFETY: every pointer below stays inside `a`, `w` and the padded per-column
+        // vectors (`panels × 16` long), whose lengths were checked.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let flip = _mm256_set1_epi8(-128);
+            let (ap, wp) = (a.as_ptr(), w.as_ptr());
+            for g in 0..groups {
+                let b0 = _mm256_loadu_si256(wp.add(g * GROUP_BYTES).cast());
+                let b1 = _mm256_loadu_si256(wp.add(g * GROUP_BYTES + 32).cast());
+                for r in 0..R {
+                    let v = ap
+                        .add(r * stride + g * GROUP)
+                        .cast::<i32>()
+                        .read_unaligned();
+                    // Back from q + 128 to signed q; |q| times sign(q)·w is q·w.
+                    let signed = _mm256_xor_si256(_mm256_set1_epi32(v), flip);
+                    let magnitude = _mm256_abs_epi8(signed);
+                    let p0 = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(b0, signed));
+                    let p1 = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(b1, signed));
+                    acc0[r] = _mm256_add_epi32(acc0[r], _mm256_madd_epi16(p0, ones));
+                    acc1[r] = _mm256_add_epi32(acc1[r], _mm256_madd_epi16(p1, ones));
+                }
+            }
+            let j0 = p * PANEL;
+            for (half, acc) in [&acc0, &acc1].into_iter().enumerate() {
+                let j = j0 + half * 8;
+                if j >= n {
+                    break;
+                }
+                let valid = (n - j).min(8);
+                let scales = _mm256_loadu_ps(layer.scales.as_ptr().add(j));
+                let bias = _mm256_loadu_ps(layer.bias.as_ptr().add(j));
+                for r in 0..R {
+                    let v = _mm256_cvtepi32_ps(acc[r]);
+                    let s = _mm256_mul_ps(scales, _mm256_set1_ps(row_scales[r]));
+                    let y = _mm256_fmadd_ps(v, s, bias);
+                    let dst = out.as_mut_ptr().add((first + r) * n + j);
+                    if valid == 8 {
+                        _mm256_storeu_ps(dst, y);
+                    } else {
+                        let mut tmp = [0.0f32; 8];
+                        _mm256_storeu_ps(tmp.as_mut_ptr(), y);
+                        std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, valid);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic pseudo-random stream in [-1, 1).
+    struct Noise(u64);
+    impl Noise {
+        fn next(&mut self) -> f32 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        }
+        fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+            (0..n).map(|_| self.next() * scale).collect()
+        }
+    }
+
+    /// The quantized product computed in f64 from the definition: what every kernel must
+    /// return up to f32 rounding of the final scaling.
+    fn reference(layer: &Int8Linear, x: &[f32], rows: usize) -> Vec<f64> {
+        let (k, n) = (layer.inputs, layer.outputs);
+        let mut out = vec![0.0f64; rows * n];
+        for r in 0..rows {
+            let row = &x[r * k..(r + 1) * k];
+            let max = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
+            let t = max as f64 / 127.0;
+            for j in 0..n {
+                let mut sum = 0i64;
+                for i in 0..k {
+                    let q = (row[i] * inv).round_ties_even().clamp(-127.0, 127.0) as i64;
+                    sum += q * layer.packed[Int8Linear::index(layer.groups, i, j)] as i64;
+                }
+                out[r * n + j] = sum as f64 * t * layer.scales[j] as f64 + layer.bias[j] as f64;
+            }
+        }
+        out
+    }
+
+    fn isas() -> Vec<Isa> {
+        let all = [Isa::Portable, Isa::Avx2, Isa::Avx512];
+        let runnable: Vec<Isa> = all.into_iter().filter(|i| i.runs(Kind::Int8)).collect();
+        if runnable.len() < all.len() {
+            eprintln!("int8 kernels not testable on this CPU: only {runnable:?}");
+        }
+        runnable
+    }
+
+    fn check(rows: usize, k: usize, n: usize, x: &[f32], w: &[f32], b: &[f32]) {
+        let layer = Int8Linear::quantize(w, b, k, n);
+        let expected = reference(&layer, x, rows);
+        let largest = expected.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+        for isa in isas() {
+            let layer = Int8Linear::quantize(w, b, k, n).with_isa(isa);
+            let mut out = vec![f32::NAN; rows * n];
+            layer.forward(x, rows, &mut out);
+            for (idx, (got, want)) in out.iter().zip(&expected).enumerate() {
+                assert!(
+                    (*got as f64 - want).abs() <= 1e-6 * largest,
+                    "{isa:?} {rows}×{k}×{n}: element {idx} is {got}, expected {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_kernel_matches_the_reference_on_odd_sizes_and_tails() {
+        let mut noise = Noise(0x9e37_79b9_7f4a_7c15);
+        for &(rows, k, n) in &[
+            (1, 1, 1),
+            (1, 3, 5),
+            (7, 4, 16),
+            (8, 5, 17),
+            (9, 17, 31),
+            (13, 64, 32),
+            (65, 33, 33),
+            (130, 384, 48),
+            (3, 383, 384),
+            (70, 96, 1),
+        ] {
+            let x = noise.vec(rows * k, 3.0);
+            let w = noise.vec(k * n, 0.2);
+            let b = noise.vec(n, 1.0);
+            check(rows, k, n, &x, &w, &b);
+        }
+    }
+
+    #[test]
+    fn extremes_zero_rows_zero_columns_outliers_and_saturation() {
+        let (rows, k, n) = (11, 37, 35);
+        let mut noise = Noise(42);
+        let mut x = noise.vec(rows * k, 1.0);
+        x[..k].fill(0.0); // an all-zero row: scale 0
+        x[k..2 * k].fill(-5.0); // every value at −max: −127 everywhere, never −128
+        x[2 * k + 3] = 1.0e4; // one outlier dominates its row's scale
+        x[3 * k..4 * k].fill(f32::MIN_POSITIVE); // tiny but non-zero
+        let mut w = noise.vec(k * n, 1.0);
+        for i in 0..k {
+            w[i * n + 2] = 0.0; // an all-zero column
+            w[i * n + 4] = -3.0; // a constant negative column
+        }
+        let b = noise.vec(n, 1.0);
+        check(rows, k, n, &x, &w, &b);
+        let layer = Int8Linear::quantize(&w, &b, k, n);
+        assert!(layer.packed.iter().all(|&q| q != i8::MIN));
+        assert_eq!(layer.dequantized(5, 4), -3.0);
+        assert_eq!(layer.dequantized(5, 2), 0.0);
+        let mut out = vec![0.0f32; rows * n];
+        layer.forward(&x, rows, &mut out);
+        // The zero row returns the bias exactly.
+        assert_eq!(&out[..n], &b[..]);
+        assert!(out.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn close_to_the_f32_product() {
+        // 8-bit weights and activations: relative error of a 384-wide dot product ~1 %.
+        let (rows, k, n) = (32, 384, 64);
+        let mut noise = Noise(7);
+        let x = noise.vec(rows * k, 2.0);
+        let w = noise.vec(k * n, 0.1);
+        let b = vec![0.0f32; n];
+        let layer = Int8Linear::quantize(&w, &b, k, n);
+        let mut out = vec![0.0f32; rows * n];
+        layer.forward(&x, rows, &mut out);
+        let (mut err, mut norm) = (0.0f64, 0.0f64);
+        for r in 0..rows {
+            for j in 0..n {
+                let exact: f64 = (0..k)
+                    .map(|i| x[r * k + i] as f64 * w[i * n + j] as f64)
+                    .sum();
+                err += (out[r * n + j] as f64 - exact).powi(2);
+                norm += exact * exact;
+            }
+        }
+        let relative = (err / norm).sqrt();
+        assert!(relative < 0.02, "relative error {relative}");
+        assert!(
+            relative > 1e-5,
+            "suspiciously exact: is it quantizing at all?"
+        );
+    }
+
+    #[test]
+    fn empty_passes_and_bytes() {
+        let layer = Int8Linear::quantize(&[1.0; 12], &[0.0; 3], 4, 3);
+        layer.forward(&[], 0, &mut []);
+        // One panel pair (32 columns) × one group of 4 inputs, plus 3 × 32 per-column values.
+        assert_eq!(layer.bytes(), 2 * 16 * 4 + 3 * 32 * 4);
+    }
+}
