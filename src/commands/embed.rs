@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use keel_engine::embedder::config::Backends;
 use keel_engine::embedder::workers::EmbedderWorkers;
 use keel_engine::memory::rss_bytes;
-use keel_model::Precision;
+use keel_model::{Backend, Precision};
 
 use crate::ConfigArgs;
 use keel::config::Settings;
@@ -42,7 +42,9 @@ pub struct EmbedArgs {
     /// CPU model replicas (overrides embedder.cpu.workers; 0 = one per core).
     #[arg(long)]
     workers: Option<usize>,
-    /// What the GPU computes in: f32 or f16 (overrides embedder.gpu.precision).
+    /// What the model computes in: f32; bf16 or int8 on the CPU; f16 on the GPU (overrides
+    /// embedder.cpu.precision and/or embedder.gpu.precision, for the backends in use that
+    /// run it).
     #[arg(long)]
     precision: Option<Precision>,
 }
@@ -67,7 +69,22 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         e.cpu.workers = workers;
     }
     if let Some(precision) = args.precision {
-        e.gpu.precision = precision;
+        let (cpu, gpu) = (e.backend != Backends::Wgpu, e.backend != Backends::Cpu);
+        let mut applied = false;
+        if cpu && precision.runs_on(Backend::Cpu) {
+            e.cpu.precision = precision;
+            applied = true;
+        }
+        if gpu && precision.runs_on(Backend::Wgpu) {
+            e.gpu.precision = precision;
+            applied = true;
+        }
+        if !applied {
+            bail!(
+                "--precision {}: no backend in use computes in it (cpu: f32, bf16, int8; wgpu: f32, f16)",
+                precision.name()
+            );
+        }
     }
     settings.validate()?;
     let cfg = &settings.embedder;
@@ -85,13 +102,18 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
     let workers = cfg.effective_workers();
     let (model_id, dim) = (groups[0].0.model_id().to_string(), groups[0].0.dim());
     // Jobs of the smallest pass size any group uses; every job of a chunk may wait in the
-    // queue at once.
-    let rows_per_job = cfg
+    // queue at once. CPU workers get at least 8 jobs each per chunk, so that none idles
+    // while another finishes a large last job (passes are shaped by max_batch_tokens
+    // within a job anyway); a GPU keeps its large passes.
+    let mut rows_per_job = cfg
         .groups()
         .iter()
         .map(|g| g.limits.max_rows)
         .min()
         .unwrap_or(1);
+    if !cfg.uses_gpu() {
+        rows_per_job = rows_per_job.min(CHUNK_LINES / (workers * 8)).max(1);
+    }
     let embedder = EmbedderWorkers::start(groups, CHUNK_LINES.div_ceil(rows_per_job))?;
     let handle = embedder.handle();
     // Kernel compilation (GPU) is start-up, not embedding: wait for it before timing.

@@ -26,6 +26,8 @@ use burn::tensor::{Bool, Device, FloatDType, Tensor, TensorData};
 use super::ModelError;
 use super::device::Precision;
 use super::gelu;
+use super::kernels::bf16::Bf16Linear;
+use super::kernels::int8::Int8Linear;
 use super::spec::{ModelSpec, Pooling};
 use super::weights::WeightFile;
 
@@ -34,28 +36,80 @@ fn on_device<const D: usize>(data: TensorData, device: &Device, dtype: FloatDTyp
     Tensor::<D>::from_data(data, device).cast(dtype)
 }
 
+/// The four Linear layers of an encoder block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinearRole {
+    /// Q, K and V, fused: `[hidden, 3·hidden]`.
+    Qkv,
+    /// Attention output: `[hidden, hidden]`.
+    AttnOut,
+    /// Feed-forward up-projection: `[hidden, intermediate]`.
+    Up,
+    /// Feed-forward down-projection: `[intermediate, hidden]`.
+    Down,
+}
+
+impl LinearRole {
+    pub const ALL: [LinearRole; 4] = [Self::Qkv, Self::AttnOut, Self::Up, Self::Down];
+}
+
+/// One Linear layer computing in another precision than the model's (measurements of
+/// per-layer sensitivity; a reduced-precision model keeping a layer in f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerPrecision {
+    pub layer: usize,
+    pub role: LinearRole,
+    pub precision: Precision,
+}
+
+/// A Linear layer: burn's matmul on the device, or one of the host kernels.
 #[derive(Clone)]
-struct Linear {
-    /// `[in, out]`
-    weight: Tensor<2>,
-    bias: Tensor<1>,
+enum Linear {
+    Device {
+        /// `[in, out]`
+        weight: Tensor<2>,
+        bias: Tensor<1>,
+    },
+    Int8(Arc<Int8Linear>),
+    Bf16(Arc<Bf16Linear>),
 }
 
 impl Linear {
+    /// `weight` is `[inp, out]`, row-major. `precision`: `f32`/`f16` run on the device in
+    /// that dtype; `int8` and `bf16` on the host kernels (CPU backend only).
+    fn new(
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        inp: usize,
+        out: usize,
+        device: &Device,
+        precision: Precision,
+    ) -> Self {
+        match precision {
+            Precision::Int8 => Self::Int8(Arc::new(Int8Linear::quantize(&weight, &bias, inp, out))),
+            Precision::Bf16 => Self::Bf16(Arc::new(Bf16Linear::round(&weight, &bias, inp, out))),
+            Precision::F32 | Precision::F16 => {
+                let dtype = dtype_of(precision);
+                Self::Device {
+                    weight: on_device(TensorData::new(weight, [inp, out]), device, dtype),
+                    bias: on_device(TensorData::new(bias, [out]), device, dtype),
+                }
+            }
+        }
+    }
+
     fn load(
         w: &mut WeightFile,
         name: &str,
         inp: usize,
         out: usize,
         device: &Device,
-        dtype: FloatDType,
+        precision: Precision,
     ) -> Result<Self, ModelError> {
         let weight = w.get_linear_weight(&format!("{name}.weight"), out, inp)?;
         let bias = w.get(&format!("{name}.bias"), &[out])?;
-        Ok(Self {
-            weight: on_device(TensorData::new(weight, [inp, out]), device, dtype),
-            bias: on_device(TensorData::new(bias, [out]), device, dtype),
-        })
+        Ok(Self::new(weight, bias, inp, out, device, precision))
     }
 
     /// Q, K and V stacked into one `[in, 3·out]` layer.
@@ -65,7 +119,7 @@ impl Linear {
         inp: usize,
         out: usize,
         device: &Device,
-        dtype: FloatDType,
+        precision: Precision,
     ) -> Result<Self, ModelError> {
         let mut weight = vec![0.0f32; inp * 3 * out];
         let mut bias = Vec::with_capacity(3 * out);
@@ -77,15 +131,73 @@ impl Linear {
             }
             bias.extend(w.get(&format!("{name}.bias"), &[out])?);
         }
-        Ok(Self {
-            weight: on_device(TensorData::new(weight, [inp, 3 * out]), device, dtype),
-            bias: on_device(TensorData::new(bias, [3 * out]), device, dtype),
-        })
+        Ok(Self::new(weight, bias, inp, 3 * out, device, precision))
     }
 
-    /// `x · W + b`, in the weights' dtype (`x` in it already).
-    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        linear(x, self.weight.clone(), Some(self.bias.clone()))
+    /// `x · W + b`. Device layers compute in the weights' dtype (`x` in it already); host
+    /// layers take and return f32 tensors in host memory.
+    fn forward(&self, x: Tensor<2>, device: &Device) -> Tensor<2> {
+        match self {
+            Self::Device { weight, bias } => linear(x, weight.clone(), Some(bias.clone())),
+            Self::Int8(l) => on_host(x, l.outputs(), device, |x, rows, y| l.forward(x, rows, y)),
+            Self::Bf16(l) => on_host(x, l.outputs(), device, |x, rows, y| l.forward(x, rows, y)),
+        }
+    }
+
+    /// `gelu(x · W + b)`: on host layers GELU runs on the kernel's output before it becomes
+    /// a tensor (one pass over memory fewer); on device layers, `gelu` after.
+    fn forward_gelu(
+        &self,
+        x: Tensor<2>,
+        device: &Device,
+        on_device: impl Fn(Tensor<2>) -> Tensor<2>,
+    ) -> Tensor<2> {
+        match self {
+            Self::Device { .. } => on_device(self.forward(x, device)),
+            Self::Int8(l) => on_host(x, l.outputs(), device, |x, rows, y| {
+                l.forward(x, rows, y);
+                gelu::gelu_in_place(y);
+            }),
+            Self::Bf16(l) => on_host(x, l.outputs(), device, |x, rows, y| {
+                l.forward(x, rows, y);
+                gelu::gelu_in_place(y);
+            }),
+        }
+    }
+
+    /// Bytes of weights and biases.
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Device { weight, bias } => {
+                let elem = weight.dtype().size();
+                (weight.shape().num_elements() + bias.shape().num_elements()) * elem
+            }
+            Self::Int8(l) => l.bytes(),
+            Self::Bf16(l) => l.bytes(),
+        }
+    }
+}
+
+/// Runs a host kernel on `x` (`rows × in`, f32 in host memory) into a new `rows × out`
+/// tensor.
+fn on_host(
+    x: Tensor<2>,
+    out: usize,
+    device: &Device,
+    kernel: impl Fn(&[f32], usize, &mut [f32]),
+) -> Tensor<2> {
+    let [rows, _] = x.dims();
+    let data = x.into_data();
+    let input = data.as_slice::<f32>().expect("host layers take f32");
+    let mut y = vec![0.0f32; rows * out];
+    kernel(input, rows, &mut y);
+    Tensor::from_data(TensorData::new(y, [rows, out]), device)
+}
+
+fn dtype_of(precision: Precision) -> FloatDType {
+    match precision {
+        Precision::F16 => FloatDType::F16,
+        _ => FloatDType::F32,
     }
 }
 
@@ -163,10 +275,15 @@ impl Bert {
         device: &Device,
         host_gelu: bool,
         precision: Precision,
+        overrides: &[LayerPrecision],
     ) -> Result<Self, ModelError> {
-        let compute = match precision {
-            Precision::F32 => FloatDType::F32,
-            Precision::F16 => FloatDType::F16,
+        let compute = dtype_of(precision);
+        let of = |layer: usize, role: LinearRole| {
+            overrides
+                .iter()
+                .rev()
+                .find(|o| o.layer == layer && o.role == role)
+                .map_or(precision, |o| o.precision)
         };
         let h = spec.hidden_size;
         let word = weights.get("embeddings.word_embeddings.weight", &[spec.vocab_size, h])?;
@@ -204,7 +321,7 @@ impl Bert {
                     h,
                     h,
                     device,
-                    compute,
+                    of(l, LinearRole::Qkv),
                 )?,
                 attn_out: Linear::load(
                     weights,
@@ -212,7 +329,7 @@ impl Bert {
                     h,
                     h,
                     device,
-                    compute,
+                    of(l, LinearRole::AttnOut),
                 )?,
                 attn_norm: LayerNorm::load(
                     weights,
@@ -227,7 +344,7 @@ impl Bert {
                     h,
                     spec.intermediate_size,
                     device,
-                    compute,
+                    of(l, LinearRole::Up),
                 )?,
                 down: Linear::load(
                     weights,
@@ -235,7 +352,7 @@ impl Bert {
                     spec.intermediate_size,
                     h,
                     device,
-                    compute,
+                    of(l, LinearRole::Down),
                 )?,
                 out_norm: LayerNorm::load(
                     weights,
@@ -256,6 +373,14 @@ impl Bert {
             host_gelu,
             compute,
         })
+    }
+
+    /// Bytes of the Linear layers' weights and biases (what a reduced precision shrinks).
+    pub fn linear_bytes(&self) -> usize {
+        self.blocks
+            .iter()
+            .map(|b| b.qkv.bytes() + b.attn_out.bytes() + b.up.bytes() + b.down.bytes())
+            .sum()
     }
 
     /// Pooled, not yet normalised sentence vectors of a batch: `rows × hidden`, row-major.
@@ -314,7 +439,7 @@ impl Bert {
         for block in &self.blocks {
             let qkv = block
                 .qkv
-                .forward(x.clone().cast(compute))
+                .forward(x.clone().cast(compute), &self.device)
                 .reshape([b, t, 3 * heads, dh])
                 .swap_dims(1, 2);
             let q = qkv.clone().narrow(1, 0, heads);
@@ -332,16 +457,19 @@ impl Bert {
             .reshape([n, h]);
             x = block
                 .attn_norm
-                .forward(block.attn_out.forward(ctx).cast(f32) + x);
-            let up = block.up.forward(x.clone().cast(compute));
-            let act = if self.host_gelu {
-                gelu::gelu_tensor(up, &self.device)
-            } else {
-                activation::gelu(up)
-            };
+                .forward(block.attn_out.forward(ctx, &self.device).cast(f32) + x);
+            let act = block
+                .up
+                .forward_gelu(x.clone().cast(compute), &self.device, |up| {
+                    if self.host_gelu {
+                        gelu::gelu_tensor(up, &self.device)
+                    } else {
+                        activation::gelu(up)
+                    }
+                });
             x = block
                 .out_norm
-                .forward(block.down.forward(act).cast(f32) + x);
+                .forward(block.down.forward(act, &self.device).cast(f32) + x);
         }
 
         let x = x.reshape([b, t, h]);

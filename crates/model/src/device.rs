@@ -33,6 +33,33 @@ pub enum Precision {
     /// 16-bit floats for the Linear layers, attention and GELU (weights kept in f16 on the
     /// device); the residual stream, LayerNorm and pooling stay f32. GPU backends only.
     F16,
+    /// bfloat16 weights and activations in the Linear layers, summed in f32 (AVX-512 BF16
+    /// where the CPU has it); everything else f32. CPU backend only.
+    Bf16,
+    /// int8 weights (per output channel) and activations (per row) in the Linear layers,
+    /// summed exactly in int32 (AVX-512 VNNI or AVX2 where the CPU has them); attention,
+    /// softmax, GELU, LayerNorm and pooling stay f32. CPU backend only.
+    Int8,
+}
+
+impl Precision {
+    /// Whether `backend` computes in this precision.
+    pub fn runs_on(self, backend: Backend) -> bool {
+        match self {
+            Precision::F32 => true,
+            Precision::F16 => backend == Backend::Wgpu,
+            Precision::Bf16 | Precision::Int8 => backend == Backend::Cpu,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
+            Precision::Int8 => "int8",
+        }
+    }
 }
 
 impl std::str::FromStr for Precision {
@@ -42,7 +69,11 @@ impl std::str::FromStr for Precision {
         match s {
             "f32" => Ok(Self::F32),
             "f16" => Ok(Self::F16),
-            other => Err(format!("unknown precision {other:?} (f32 or f16)")),
+            "bf16" => Ok(Self::Bf16),
+            "int8" => Ok(Self::Int8),
+            other => Err(format!(
+                "unknown precision {other:?} (f32; f16 on wgpu; bf16 or int8 on cpu)"
+            )),
         }
     }
 }
@@ -52,7 +83,7 @@ impl std::str::FromStr for Precision {
 pub struct DeviceOptions {
     /// Accept a software GPU adapter (lavapipe) when no hardware one is found.
     pub allow_software_gpu: bool,
-    /// What the model computes in (`f16` needs a GPU backend).
+    /// What the model computes in (`f16` needs a GPU backend, `bf16` and `int8` the CPU).
     pub precision: Precision,
     /// GPU backends: fuse chains of operations into fewer kernels (burn's fusion). One
     /// setting per process (see [`ModelDevice::open`]).
@@ -75,7 +106,8 @@ pub struct ModelDevice {
     pub backend: Backend,
     pub device: Device,
     /// The adapter's name and type (`"llvmpipe (LLVM 15.0.6, 256 bits), Cpu, Vulkan"`), or
-    /// `"host"` for the CPU backend.
+    /// `"host"` for the CPU backend (`"host (int8, avx512 kernels)"` in a reduced
+    /// precision).
     pub adapter: String,
     pub precision: Precision,
 }
@@ -87,14 +119,19 @@ impl ModelDevice {
     /// optimizations per process, sealed at the first GPU operation).
     pub fn open(backend: Backend, options: DeviceOptions) -> Result<Self, ModelError> {
         match backend {
-            Backend::Cpu if options.precision != Precision::F32 => Err(ModelError::Precision(
-                "the cpu backend computes in f32; f16 needs backend wgpu".into(),
-            )),
+            _ if !options.precision.runs_on(backend) => Err(ModelError::Precision(format!(
+                "the {} backend does not compute in {} (cpu: f32, bf16, int8; wgpu: f32, f16)",
+                match backend {
+                    Backend::Cpu => "cpu",
+                    Backend::Wgpu => "wgpu",
+                },
+                options.precision.name()
+            ))),
             Backend::Cpu => Ok(Self {
                 backend,
                 device: Device::flex(),
-                adapter: "host".into(),
-                precision: Precision::F32,
+                adapter: host_adapter(options.precision),
+                precision: options.precision,
             }),
             Backend::Wgpu => gpu::open(options),
         }
@@ -121,6 +158,22 @@ impl ModelDevice {
             reserved_bytes: u.bytes_reserved,
         })
     }
+}
+
+/// `host`, or for a reduced precision `host (int8, avx512 kernels)`: which kernels run.
+fn host_adapter(precision: Precision) -> String {
+    use crate::kernels::{Isa, Kind};
+    let kind = match precision {
+        Precision::Int8 => Kind::Int8,
+        Precision::Bf16 => Kind::Bf16,
+        Precision::F32 | Precision::F16 => return "host".into(),
+    };
+    let isa = match Isa::detect(kind) {
+        Isa::Avx512 => "avx512",
+        Isa::Avx2 => "avx2",
+        Isa::Portable => "portable",
+    };
+    format!("host ({}, {isa} kernels)", precision.name())
 }
 
 /// Device memory held by the backend's pool.

@@ -44,11 +44,38 @@ pub fn gelu(x: f32) -> f32 {
 
 /// GELU over a slice, in place, in parallel on the current rayon pool.
 pub fn gelu_in_place(values: &mut [f32]) {
-    values.par_chunks_mut(CHUNK).for_each(|chunk| {
+    values.par_chunks_mut(CHUNK).for_each(gelu_chunk);
+}
+
+/// The same scalar code compiled for the widest vectors this CPU has (chosen at run time):
+/// lane for lane the same IEEE operations, so the same results, 4–16 at a time.
+fn gelu_chunk(chunk: &mut [f32]) {
+    #[inline(always)]
+    fn plain(chunk: &mut [f32]) {
         for v in chunk {
             *v = gelu(*v);
         }
-    });
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        fn wide(chunk: &mut [f32]) {
+            plain(chunk)
+        }
+        #[target_feature(enable = "avx2")]
+        fn half(chunk: &mut [f32]) {
+            plain(chunk)
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512 F.
+            return unsafe { wide(chunk) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { half(chunk) };
+        }
+    }
+    plain(chunk)
 }
 
 /// GELU of a tensor through host memory (for backends whose memory is host memory).

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use batching::{BatchLimits, LENGTH_BUCKETS, length_bucket, plan};
-pub use bert::TokenBatch;
+pub use bert::{LayerPrecision, LinearRole, TokenBatch};
 pub use convert::{StoredPrecision, convert_model};
 pub use device::{Backend, DeviceMemory, DeviceOptions, ModelDevice, Precision};
 pub use spec::{ModelSpec, Pooling};
@@ -104,8 +104,31 @@ impl SentenceModel {
         Self::load_on(dir, ModelDevice::open(backend, DeviceOptions::default())?)
     }
 
-    /// Loads a sentence-transformers folder onto an opened device.
+    /// Loads a sentence-transformers folder onto an opened device, in the device's
+    /// precision.
     pub fn load_on(dir: &Path, device: ModelDevice) -> Result<Self, ModelError> {
+        Self::load_with(dir, device, &[])
+    }
+
+    /// Like [`Self::load_on`], with some Linear layers in another precision than the
+    /// device's (how per-layer sensitivity is measured). Each override's precision must
+    /// run on the device's backend.
+    pub fn load_with(
+        dir: &Path,
+        device: ModelDevice,
+        overrides: &[LayerPrecision],
+    ) -> Result<Self, ModelError> {
+        if let Some(o) = overrides
+            .iter()
+            .find(|o| !o.precision.runs_on(device.backend))
+        {
+            return Err(ModelError::Precision(format!(
+                "layer {} {:?}: {} does not run on this backend",
+                o.layer,
+                o.role,
+                o.precision.name()
+            )));
+        }
         let spec = Arc::new(ModelSpec::from_dir(dir)?);
         let tokenizer = TextTokenizer::load(
             &dir.join("tokenizer.json"),
@@ -120,6 +143,7 @@ impl SentenceModel {
             &device.device,
             device.is_host(),
             device.precision,
+            overrides,
         )?;
         let unused = weights.unused()?;
         if !unused.is_empty() {
@@ -158,6 +182,11 @@ impl SentenceModel {
 
     pub fn spec(&self) -> &ModelSpec {
         &self.spec
+    }
+
+    /// Bytes of the encoder's Linear weights in the precision they compute in.
+    pub fn linear_bytes(&self) -> usize {
+        self.bert.linear_bytes()
     }
 
     /// Width of the sentence vectors.

@@ -66,8 +66,15 @@ pub struct CpuConfig {
     /// Most rows in one forward pass.
     pub max_batch_rows: usize,
     /// Most padded tokens (rows × longest row) in one forward pass. Bounds the memory of a
-    /// pass: activations are about `max_batch_tokens × 4 × intermediate_size` bytes.
+    /// pass: activations are about `max_batch_tokens × 4 × intermediate_size` bytes. Passes
+    /// of ~512–1 024 tokens keep their activations in the core's caches; larger passes were
+    /// slower per text in every precision (docs/BENCHMARKS.md, "Pass shape").
     pub max_batch_tokens: usize,
+    /// What the Linear layers compute in: `f32` (exact to the float64 reference), `bf16`
+    /// (bfloat16 operands, f32 sums) or `int8` (int8 weights per output channel and
+    /// activations per token, exact int32 sums). Attention, softmax, GELU, LayerNorm and
+    /// pooling stay f32 in every mode. Accuracy and speed of each: docs/BENCHMARKS.md.
+    pub precision: Precision,
 }
 
 impl Default for CpuConfig {
@@ -76,7 +83,8 @@ impl Default for CpuConfig {
             workers: 0,
             threads_per_worker: 1,
             max_batch_rows: 64,
-            max_batch_tokens: 8192,
+            max_batch_tokens: 768,
+            precision: Precision::F32,
         }
     }
 }
@@ -186,6 +194,24 @@ impl EmbedderConfig {
         if cpu.max_batch_tokens < 2 {
             return bad("cpu.max_batch_tokens", "must be at least 2");
         }
+        if !cpu.precision.runs_on(Backend::Cpu) {
+            return bad(
+                "cpu.precision",
+                &format!(
+                    "{} does not run on the CPU (f32, bf16 or int8)",
+                    cpu.precision.name()
+                ),
+            );
+        }
+        if !gpu.precision.runs_on(Backend::Wgpu) {
+            return bad(
+                "gpu.precision",
+                &format!(
+                    "{} does not run on the GPU (f32 or f16)",
+                    gpu.precision.name()
+                ),
+            );
+        }
         if cpu.workers > 1024 {
             return bad("cpu.workers", "more than 1024 replicas is surely a typo");
         }
@@ -218,7 +244,7 @@ impl EmbedderConfig {
             parts.push(format!("wgpu={:?}", self.gpu.precision));
         }
         if self.backend != Backends::Wgpu {
-            parts.push("cpu=F32".to_string());
+            parts.push(format!("cpu={:?}", self.cpu.precision));
         }
         parts.join(",")
     }
@@ -289,7 +315,10 @@ impl EmbedderConfig {
             .into_iter()
             .map(|group| {
                 let options = match group.backend {
-                    Backend::Cpu => DeviceOptions::default(),
+                    Backend::Cpu => DeviceOptions {
+                        precision: self.cpu.precision,
+                        ..DeviceOptions::default()
+                    },
                     Backend::Wgpu => DeviceOptions {
                         allow_software_gpu: self.gpu.allow_software,
                         precision: self.gpu.precision,

@@ -97,6 +97,14 @@ impl Bf16Linear {
         self.isa
     }
 
+    pub fn inputs(&self) -> usize {
+        self.inputs
+    }
+
+    pub fn outputs(&self) -> usize {
+        self.outputs
+    }
+
     /// Bytes held: packed weights and the bias.
     pub fn bytes(&self) -> usize {
         self.packed.len() * 2 + self.bias.len() * 4

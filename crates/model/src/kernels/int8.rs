@@ -194,11 +194,45 @@ impl Int8Linear {
 }
 
 /// Quantizes one row to `q + 128` bytes (padding bytes: 128, i.e. zero) and returns its
-/// scale. An all-zero row has scale 0.
+/// scale. An all-zero row has scale 0. Compiled for the widest vectors the CPU has.
 fn quantize_row(x: &[f32], q: &mut [u8]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw")]
+        fn wide(x: &[f32], q: &mut [u8]) -> f32 {
+            quantize_row_plain(x, q)
+        }
+        #[target_feature(enable = "avx2")]
+        fn half(x: &[f32], q: &mut [u8]) -> f32 {
+            quantize_row_plain(x, q)
+        }
+        if std::arch::is_x86_feature_detected!("avx512bw") {
+            // SAFETY: the CPU has AVX-512 F and BW.
+            return unsafe { wide(x, q) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { half(x, q) };
+        }
+    }
+    quantize_row_plain(x, q)
+}
+
+#[inline(always)]
+fn quantize_row_plain(x: &[f32], q: &mut [u8]) -> f32 {
+    // Sixteen running maxima: a reduction the compiler vectorises (`f32::max` is not one).
+    let mut lanes = [0.0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (m, v) in lanes.iter_mut().zip(chunk) {
+            let a = v.abs();
+            *m = if a > *m { a } else { *m };
+        }
+    }
     let mut max = 0.0f32;
-    for v in x {
-        max = max.max(v.abs());
+    for a in lanes.into_iter().chain(tail.iter().map(|v| v.abs())) {
+        max = if a > max { a } else { max };
     }
     let inv = if max > 0.0 { QMAX / max } else { 0.0 };
     for (q, &v) in q.iter_mut().zip(x) {

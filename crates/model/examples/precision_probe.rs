@@ -1,0 +1,86 @@
+//! How far each reduced precision moves the sentence vectors, overall and layer by layer.
+//!
+//!     cargo run --release --features gpu --example precision_probe -- MODEL_DIR TEXTS_FILE [layers]
+//!
+//! Embeds every line of TEXTS_FILE in f32, bf16 and int8 on the CPU and prints the min and
+//! mean cosine of each to f32. With `layers`, also each Linear layer alone in int8 (every
+//! other layer f32): the per-layer sensitivity table of docs/BENCHMARKS.md.
+use std::path::PathBuf;
+
+use keel_model::{
+    Backend, BatchLimits, DeviceOptions, LayerPrecision, LinearRole, ModelDevice, Precision,
+    SentenceModel,
+};
+
+fn load(dir: &PathBuf, precision: Precision, overrides: &[LayerPrecision]) -> SentenceModel {
+    let device = ModelDevice::open(
+        Backend::Cpu,
+        DeviceOptions {
+            precision,
+            ..DeviceOptions::default()
+        },
+    )
+    .expect("cpu device");
+    SentenceModel::load_with(dir, device, overrides).expect("model loads")
+}
+
+fn cosines(a: &[f32], b: &[f32], dim: usize) -> (f64, f64) {
+    let (mut min, mut sum, mut n) = (f64::MAX, 0.0, 0);
+    for (x, y) in a.chunks_exact(dim).zip(b.chunks_exact(dim)) {
+        let dot: f64 = x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum();
+        let nx: f64 = x.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
+        let ny: f64 = y.iter().map(|q| (*q as f64).powi(2)).sum::<f64>().sqrt();
+        let c = dot / (nx * ny).max(1e-30);
+        min = min.min(c);
+        sum += c;
+        n += 1;
+    }
+    (min, sum / n.max(1) as f64)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let dir = PathBuf::from(args.get(1).expect("MODEL_DIR"));
+    let texts = std::fs::read_to_string(args.get(2).expect("TEXTS_FILE")).expect("texts");
+    let texts: Vec<&str> = texts.lines().collect();
+    let layers = args.get(3).map(String::as_str) == Some("layers");
+    let limits = BatchLimits {
+        max_rows: 32,
+        max_tokens: 8192,
+    };
+    let reference = load(&dir, Precision::F32, &[]);
+    let dim = reference.dim();
+    let f32v = reference.embed(&texts, limits).expect("embed");
+    println!("texts: {}", texts.len());
+    for precision in [Precision::Bf16, Precision::Int8] {
+        let m = load(&dir, precision, &[]);
+        let v = m.embed(&texts, limits).expect("embed");
+        let (min, mean) = cosines(&f32v, &v, dim);
+        println!(
+            "{:>5}: min cosine {min:.5}, mean {mean:.6}, Linear weights {:.1} MB ({})",
+            precision.name(),
+            m.linear_bytes() as f64 / 1e6,
+            m.device().adapter
+        );
+    }
+    if layers {
+        println!("layer role       min cosine  mean cosine   (only this layer in int8)");
+        for layer in 0..reference.spec().num_layers {
+            for role in LinearRole::ALL {
+                let only = [LayerPrecision {
+                    layer,
+                    role,
+                    precision: Precision::Int8,
+                }];
+                let v = load(&dir, Precision::F32, &only)
+                    .embed(&texts, limits)
+                    .expect("embed");
+                let (min, mean) = cosines(&f32v, &v, dim);
+                println!(
+                    "{layer:>5} {:<10} {min:.5}     {mean:.6}",
+                    format!("{role:?}")
+                );
+            }
+        }
+    }
+}
