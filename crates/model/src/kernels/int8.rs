@@ -194,23 +194,22 @@ impl Int8Linear {
 }
 
 /// Quantizes one row to `q + 128` bytes (padding bytes: 128, i.e. zero) and returns its
-/// scale. An all-zero row has scale 0. Compiled for the widest vectors the CPU has.
+/// scale. An all-zero row has scale 0. AVX-512 where the CPU has it (16 values per
+/// instruction, rounding to nearest even as the portable code does), else the portable
+/// code compiled for AVX2 or the baseline.
 fn quantize_row(x: &[f32], q: &mut [u8]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        #[target_feature(enable = "avx512f,avx512bw")]
-        fn wide(x: &[f32], q: &mut [u8]) -> f32 {
-            quantize_row_plain(x, q)
-        }
         #[target_feature(enable = "avx2")]
         fn half(x: &[f32], q: &mut [u8]) -> f32 {
             quantize_row_plain(x, q)
         }
-        if std::arch::is_x86_feature_detected!("avx512bw") {
-            // SAFETY: the CPU has AVX-512 F and BW.
-            return unsafe { wide(x, q) };
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512bw") && has!("avx512vl") {
+            // SAFETY: the CPU has AVX-512 F, BW and VL.
+            return unsafe { x86::quantize_row_avx512(x, q) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if has!("avx2") {
             // SAFETY: the CPU has AVX2.
             return unsafe { half(x, q) };
         }
@@ -247,6 +246,51 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{GROUP, GROUP_BYTES, Int8Linear, PANEL};
+
+    /// [`super::quantize_row`] with AVX-512: `vcvtps2dq` rounds to nearest even (the
+    /// default rounding mode), `vpmovsdb` narrows to bytes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and VL.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn quantize_row_avx512(x: &[f32], q: &mut [u8]) -> f32 {
+        let n = x.len();
+        assert!(q.len() >= n);
+        // SAFETY: full loads and stores stay below `n`; the tail is masked.
+        unsafe {
+            let tail = n % 16;
+            let mask = ((1u32 << tail) - 1) as __mmask16;
+            let xp = x.as_ptr();
+            let mut max = _mm512_setzero_ps();
+            let mut i = 0;
+            while i + 16 <= n {
+                max = _mm512_max_ps(max, _mm512_abs_ps(_mm512_loadu_ps(xp.add(i))));
+                i += 16;
+            }
+            if tail > 0 {
+                max = _mm512_max_ps(max, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, xp.add(i))));
+            }
+            let max = _mm512_reduce_max_ps(max);
+            let inv = _mm512_set1_ps(if max > 0.0 { super::QMAX / max } else { 0.0 });
+            let flip = _mm_set1_epi8(-128);
+            let qp = q.as_mut_ptr();
+            let mut i = 0;
+            while i + 16 <= n {
+                let v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xp.add(i)), inv));
+                let b = _mm_xor_si128(_mm512_cvtsepi32_epi8(v), flip);
+                _mm_storeu_si128(qp.add(i).cast(), b);
+                i += 16;
+            }
+            if tail > 0 {
+                let v =
+                    _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, xp.add(i)), inv));
+                let b = _mm_xor_si128(_mm512_cvtsepi32_epi8(v), flip);
+                _mm_mask_storeu_epi8(qp.add(i).cast(), mask, b);
+            }
+            q[n..].fill(128);
+            max / super::QMAX
+        }
+    }
 
     /// Rows per AVX-512 tile (× 32 columns: 16 accumulators).
     const MR_512: usize = 8;
@@ -589,6 +633,31 @@ mod tests {
             relative > 1e-5,
             "suspiciously exact: is it quantizing at all?"
         );
+    }
+
+    #[test]
+    fn row_quantization_is_the_same_on_every_path() {
+        let mut noise = Noise(3);
+        for len in [1usize, 2, 15, 16, 17, 31, 33, 384, 1536, 1537] {
+            let mut x = noise.vec(len, 4.0);
+            if len > 3 {
+                x[len / 2] = -8.0; // the row's extreme, negative: −127 exactly
+                x[1] = 4.0; // 4 · 127/8 = 63.5 exactly: a tie, rounded to even (64)
+            }
+            let stride = len.div_ceil(GROUP) * GROUP;
+            let mut plain = vec![0u8; stride];
+            let scale = quantize_row_plain(&x, &mut plain);
+            if len > 3 {
+                assert_eq!(plain[len / 2], 1);
+                assert_eq!(plain[1], 128 + 64);
+            }
+            let mut dispatched = vec![7u8; stride];
+            assert_eq!(quantize_row(&x, &mut dispatched), scale);
+            assert_eq!(dispatched, plain, "length {len}");
+        }
+        let mut zeros = vec![9u8; 8];
+        assert_eq!(quantize_row_plain(&[0.0; 5], &mut zeros), 0.0);
+        assert_eq!(zeros, vec![128u8; 8]);
     }
 
     #[test]
