@@ -446,6 +446,23 @@ mod tests {
         );
         let err = format!("{:#}", Settings::load(Some(&*file)).unwrap_err());
         assert!(err.contains("ingest.slice_rows"), "{err}");
+        // Each backend computes only in the precisions it has kernels for.
+        let file = write("f16cpu.yaml", "embedder:\n  cpu:\n    precision: f16\n");
+        let err = format!("{:#}", Settings::load(Some(&*file)).unwrap_err());
+        assert!(
+            err.contains("embedder.cpu.precision") && err.contains("f16"),
+            "{err}"
+        );
+        let file = write("int8gpu.yaml", "embedder:\n  gpu:\n    precision: int8\n");
+        let err = format!("{:#}", Settings::load(Some(&*file)).unwrap_err());
+        assert!(
+            err.contains("embedder.gpu.precision") && err.contains("int8"),
+            "{err}"
+        );
+        let file = write("int8cpu.yaml", "embedder:\n  cpu:\n    precision: int8\n");
+        let loaded = Settings::load(Some(&*file)).unwrap();
+        assert_eq!(loaded.embedder.cpu.precision, keel_model::Precision::Int8);
+        assert_eq!(loaded.embedder.precision_key(), "cpu=Int8");
     }
 
     #[test]

@@ -101,6 +101,8 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         .with_context(|| format!("loading the model from {}", cfg.model_dir.display()))?;
     let workers = cfg.effective_workers();
     let (model_id, dim) = (groups[0].0.model_id().to_string(), groups[0].0.dim());
+    // Replicas share their weights: one copy per group.
+    let weight_mb = groups.iter().map(|(m, _)| m.weight_bytes()).sum::<usize>() as f64 / 1e6;
     // Jobs of the smallest pass size any group uses; every job of a chunk may wait in the
     // queue at once. CPU workers get at least 8 jobs each per chunk, so that none idles
     // while another finishes a large last job (passes are shaped by max_batch_tokens
@@ -184,7 +186,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         })
         .unwrap_or_default();
     eprintln!(
-        "keel embed: {texts_done} texts in {secs:.2} s ({:.0} texts/s; start-up {:.2} s; {workers} workers on {}; {} passes; RSS {} MB{device_memory})",
+        "keel embed: {texts_done} texts in {secs:.2} s ({:.0} texts/s; start-up {:.2} s; {workers} workers on {}; {} passes; weights {weight_mb:.1} MB; RSS {} MB{device_memory})",
         if secs > 0.0 {
             texts_done as f64 / secs
         } else {

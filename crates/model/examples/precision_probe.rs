@@ -25,17 +25,26 @@ fn load(dir: &PathBuf, precision: Precision, overrides: &[LayerPrecision]) -> Se
 }
 
 fn cosines(a: &[f32], b: &[f32], dim: usize) -> (f64, f64) {
-    let (mut min, mut sum, mut n) = (f64::MAX, 0.0, 0);
+    let (min, mean, _) = cosines_at(a, b, dim);
+    (min, mean)
+}
+
+/// Min and mean cosine, and the row of the min.
+fn cosines_at(a: &[f32], b: &[f32], dim: usize) -> (f64, f64, usize) {
+    let (mut min, mut sum, mut n, mut at) = (f64::MAX, 0.0, 0, 0);
     for (x, y) in a.chunks_exact(dim).zip(b.chunks_exact(dim)) {
         let dot: f64 = x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum();
         let nx: f64 = x.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
         let ny: f64 = y.iter().map(|q| (*q as f64).powi(2)).sum::<f64>().sqrt();
         let c = dot / (nx * ny).max(1e-30);
-        min = min.min(c);
+        if c < min {
+            min = c;
+            at = n;
+        }
         sum += c;
         n += 1;
     }
-    (min, sum / n.max(1) as f64)
+    (min, sum / n.max(1) as f64, at)
 }
 
 fn main() {
@@ -44,6 +53,7 @@ fn main() {
     let texts = std::fs::read_to_string(args.get(2).expect("TEXTS_FILE")).expect("texts");
     let texts: Vec<&str> = texts.lines().collect();
     let layers = args.get(3).map(String::as_str) == Some("layers");
+    let except = args.get(3).map(String::as_str) == Some("except");
     let limits = BatchLimits {
         max_rows: 32,
         max_tokens: 8192,
@@ -55,13 +65,49 @@ fn main() {
     for precision in [Precision::Bf16, Precision::Int8] {
         let m = load(&dir, precision, &[]);
         let v = m.embed(&texts, limits).expect("embed");
-        let (min, mean) = cosines(&f32v, &v, dim);
+        let (min, mean, at) = cosines_at(&f32v, &v, dim);
         println!(
-            "{:>5}: min cosine {min:.5}, mean {mean:.6}, Linear weights {:.1} MB ({})",
+            "{:>5}: min cosine {min:.5} (text {at}: {:?}), mean {mean:.6}, weights {:.1} MB, Linear {:.1} MB ({})",
             precision.name(),
+            texts[at].chars().take(60).collect::<String>(),
+            m.weight_bytes() as f64 / 1e6,
             m.linear_bytes() as f64 / 1e6,
             m.device().adapter
         );
+    }
+    if except {
+        println!("kept in f32         min cosine  mean cosine   (every other layer int8)");
+        let n = reference.spec().num_layers;
+        let mut cases: Vec<(String, Vec<LayerPrecision>)> = LinearRole::ALL
+            .iter()
+            .map(|&role| {
+                let keep = (0..n)
+                    .map(|layer| LayerPrecision {
+                        layer,
+                        role,
+                        precision: Precision::F32,
+                    })
+                    .collect();
+                (format!("every {role:?}"), keep)
+            })
+            .collect();
+        for layer in 0..n {
+            cases.push((
+                format!("layer {layer} Qkv"),
+                vec![LayerPrecision {
+                    layer,
+                    role: LinearRole::Qkv,
+                    precision: Precision::F32,
+                }],
+            ));
+        }
+        for (name, keep) in cases {
+            let v = load(&dir, Precision::Int8, &keep)
+                .embed(&texts, limits)
+                .expect("embed");
+            let (min, mean) = cosines(&f32v, &v, dim);
+            println!("{name:<18} {min:.5}     {mean:.6}");
+        }
     }
     if layers {
         println!("layer role       min cosine  mean cosine   (only this layer in int8)");

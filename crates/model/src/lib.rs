@@ -189,6 +189,11 @@ impl SentenceModel {
         self.bert.linear_bytes()
     }
 
+    /// Bytes of every weight the model holds, in the precision it computes in.
+    pub fn weight_bytes(&self) -> usize {
+        self.bert.weight_bytes()
+    }
+
     /// Width of the sentence vectors.
     pub fn dim(&self) -> usize {
         self.spec.hidden_size

@@ -9,7 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use keel_model::{Backend, BatchLimits, ModelError, SentenceModel};
+use keel_model::{
+    Backend, BatchLimits, DeviceOptions, ModelDevice, ModelError, Precision, SentenceModel,
+};
 
 /// This crate's folder (`crates/model`).
 fn crate_dir() -> &'static Path {
@@ -124,6 +126,124 @@ fn a_vector_does_not_depend_on_its_batch() {
             "{text:?}: alone vs in a batch differ by {diff:.2e}"
         );
     }
+}
+
+fn model_in(precision: Precision) -> SentenceModel {
+    let device = ModelDevice::open(
+        Backend::Cpu,
+        DeviceOptions {
+            precision,
+            ..DeviceOptions::default()
+        },
+    )
+    .expect("the cpu backend computes in f32, bf16 and int8");
+    SentenceModel::load_on(&model_dir(), device).expect("model loads")
+}
+
+/// bf16 and int8 (docs/BENCHMARKS.md has the same bounds over 2 000 variant texts): close
+/// to the float64 reference and to the f32 model, but measurably not f32 (they do compute
+/// in fewer bits), batch-independent like f32, with the weights they promise.
+#[test]
+fn reduced_precisions_stay_within_their_bounds_on_the_reference_texts() {
+    let refs = reference();
+    let texts: Vec<&str> = refs.iter().map(|r| r.text.as_str()).collect();
+    let f32_model = model();
+    let dim = f32_model.dim();
+    let exact = f32_model.embed(&texts, LIMITS).unwrap();
+    // (precision, min cosine for texts of two words or more, for one-word texts, most
+    // bytes of weights). One-word texts are int8's worst case: three tokens pooled, no
+    // averaging of rounding errors ("x": 0.988; 2 000 variant texts: min 0.995).
+    for (precision, bound, one_word_bound, most_weight_bytes) in [
+        (Precision::Bf16, 0.999, 0.999, 70_000_000),
+        (Precision::Int8, 0.99, 0.985, 30_000_000),
+    ] {
+        let model = model_in(precision);
+        let name = precision.name();
+        assert!(
+            model.device().adapter.contains(name),
+            "{}",
+            model.device().adapter
+        );
+        let got = model.embed(&texts, LIMITS).unwrap();
+        let mut worst_f32 = 1.0f64;
+        for ((r, v), e) in refs
+            .iter()
+            .zip(got.chunks_exact(dim))
+            .zip(exact.chunks_exact(dim))
+        {
+            let (to_ref, to_f32) = (cosine(v, &r.embedding), cosine(v, e));
+            worst_f32 = worst_f32.min(to_f32);
+            let b = if r.text.split_whitespace().count() >= 2 {
+                bound
+            } else {
+                one_word_bound
+            };
+            assert!(
+                to_ref >= b && to_f32 >= b,
+                "{name} {:?}: cosine {to_ref:.5} to the reference, {to_f32:.5} to f32 (bound {b})",
+                r.text
+            );
+            let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-5, "{name}: norm {norm}");
+        }
+        assert!(
+            worst_f32 < 0.999_999,
+            "{name}: min cosine to f32 {worst_f32}: is it computing in {name} at all?"
+        );
+        let weights = model.weight_bytes();
+        assert!(
+            weights <= most_weight_bytes && weights < f32_model.weight_bytes() / 2 + 25_000_000,
+            "{name}: {weights} bytes of weights"
+        );
+        // A text's vector does not depend on what else shares its pass, beyond rounding:
+        // burn's f32 attention differs by ~1e-7 with the pass's shape, and such a
+        // difference may move a value across a bf16/int8 rounding boundary.
+        let one_pass = BatchLimits {
+            max_rows: 64,
+            max_tokens: 1 << 20,
+        };
+        let together = model.embed(&texts, one_pass).unwrap();
+        for (i, text) in texts.iter().enumerate().step_by(3) {
+            let alone = model.embed(&[text], one_pass).unwrap();
+            let c = cosine(&alone, &together[i * dim..(i + 1) * dim]);
+            assert!(
+                c >= 0.9999,
+                "{name} {text:?}: alone vs in a batch, cosine {c}"
+            );
+        }
+    }
+    assert!(f32_model.weight_bytes() > 80_000_000);
+}
+
+#[test]
+fn precisions_run_only_on_backends_with_their_kernels() {
+    let open = |backend, precision| {
+        ModelDevice::open(
+            backend,
+            DeviceOptions {
+                precision,
+                ..DeviceOptions::default()
+            },
+        )
+    };
+    let err = open(Backend::Cpu, Precision::F16)
+        .err()
+        .expect("f16 on cpu");
+    assert!(
+        matches!(err, ModelError::Precision(_)) && err.to_string().contains("f16"),
+        "{err}"
+    );
+    // Refused before any GPU adapter is looked for.
+    let err = open(Backend::Wgpu, Precision::Int8)
+        .err()
+        .expect("int8 on wgpu");
+    assert!(
+        matches!(err, ModelError::Precision(_)) && err.to_string().contains("int8"),
+        "{err}"
+    );
+    assert_eq!("bf16".parse::<Precision>(), Ok(Precision::Bf16));
+    assert_eq!("int8".parse::<Precision>(), Ok(Precision::Int8));
+    assert!("fp8".parse::<Precision>().is_err());
 }
 
 #[test]
