@@ -1,49 +1,89 @@
 #!/usr/bin/env bash
-# Keel's model throughput next to sentence-transformers, on the same texts, back to back.
+# Keel's model, in every CPU precision, next to its peers: throughput and accuracy on the
+# same texts, rounds interleaved so that every stack sees the same machine load.
 #
-#   scripts/bench-model.sh [ROUNDS]
+#   scripts/bench-model.sh [ROUNDS] [TEXTS]        (defaults: 3 rounds, 2000 texts)
 #
-# Texts: the sample VCF's records rendered with the default variant template (keel texts).
-# Keel: `keel embed` at 25 and 64 rows per pass, 2 workers × 1 thread (the default on two
-# cores) and 1 worker. Baseline: scripts/tools/st_baseline.py (sentence-transformers +
-# PyTorch, CPU) in the Python given by ST_PYTHON, or in a venv this script makes in
-# .cache/bench-venv (pip install sentence-transformers psutil: a large download, once).
-# Rounds interleave the two stacks so that both see the same machine load. Prints one
-# line per measurement.
+# Texts: scripts/tools/variant_texts.py (the sample VCF's records, then their annotation
+# fields recombined). Keel: `keel embed --precision P --batch B` (2 workers × 1 thread, the
+# default on two cores) for P in f32, bf16, int8. Peers, in the venv this script makes in
+# .cache/bench-venv (pip install sentence-transformers psutil onnxruntime onnx: a large
+# download, once; or the Python given by BENCH_PYTHON): sentence-transformers + PyTorch
+# (scripts/tools/st_baseline.py), ONNX Runtime fp32 and int8 exported from the same weights
+# (scripts/tools/ort_baseline.py; int8 = its dynamic quantization). Batch sizes 25, 64, 256.
+# Accuracy (scripts/tools/precision_accuracy.py): min/mean cosine to Keel f32 and recall@10
+# of each text's neighbours among the others. Prints one line per measurement, then
+# Markdown tables (median and range over the rounds).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-rounds="${1:-2}"
-st_script="$root/scripts/tools/st_baseline.py"
-if [[ -n "${ST_PYTHON:-}" ]]; then
-    st_python="$ST_PYTHON"
+rounds="${1:-3}"
+count="${2:-2000}"
+work="$root/.cache/bench-model"
+mkdir -p "$work"
+if [[ -n "${BENCH_PYTHON:-}" ]]; then
+    py="$BENCH_PYTHON"
 else
     venv="$root/.cache/bench-venv"
-    st_python="$venv/bin/python"
-    if ! "$st_python" -c "import sentence_transformers, psutil" 2>/dev/null; then
-        echo "bench-model: installing sentence-transformers into $venv (once)" >&2
+    py="$venv/bin/python"
+    if ! "$py" -c "import sentence_transformers, psutil, onnxruntime, onnx" 2>/dev/null; then
+        echo "bench-model: installing sentence-transformers, onnxruntime into $venv (once)" >&2
         python3 -m venv "$venv"
-        "$venv/bin/pip" install --quiet --disable-pip-version-check sentence-transformers psutil
+        "$venv/bin/pip" install --quiet --disable-pip-version-check \
+            sentence-transformers psutil onnxruntime onnx
     fi
 fi
 
 scripts/fetch-model.sh
 cargo build --release --quiet
-texts="$(mktemp)"
-trap 'rm -f "$texts"' EXIT
-./target/release/keel texts data/test-haploidX.vcf > "$texts" 2>/dev/null
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); texts: $(wc -l < "$texts") variant records"
+keel=./target/release/keel
+model=models/all-MiniLM-L6-v2
+texts="$work/texts.txt"
+python3 scripts/tools/variant_texts.py "$keel" "$count" > "$texts"
+results="$work/results.tsv"
+: > "$results"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); texts: $(wc -l < "$texts") variant texts; commit $(git rev-parse --short HEAD)"
 
 for round in $(seq "$rounds"); do
-    for cfg in "2 25" "2 64" "1 25" "1 64"; do
-        set -- $cfg
-        line=$(./target/release/keel embed --workers "$1" --batch "$2" < "$texts" 2>&1 >/dev/null | tail -1)
-        echo "round $round keel workers=$1 batch=$2: $(grep -o '([0-9]* texts/s' <<<"$line" | tr -d '(') rss=$(grep -o 'RSS [0-9]* MB' <<<"$line")"
+    for batch in 25 64 256; do
+        for p in f32 bf16 int8; do
+            out=/dev/null
+            if [[ $round == 1 && $batch == 64 ]]; then out="$work/keel-$p.jsonl"; fi
+            line=$("$keel" embed --precision "$p" --batch "$batch" < "$texts" 2>&1 > "$out" | tail -1)
+            rate=$(grep -o '([0-9]* texts/s' <<<"$line" | tr -dc '0-9')
+            echo "round $round keel $p batch=$batch: $rate texts/s, $(grep -o 'weights [0-9.]* MB' <<<"$line"), $(grep -o 'RSS [0-9]* MB' <<<"$line")"
+            printf 'Keel %s\t%s\t%s\n' "$p" "$batch" "$rate" >> "$results"
+        done
     done
-    if [[ -x "$st_python" ]]; then
-        "$st_python" "$st_script" models/all-MiniLM-L6-v2 "$texts" 25 64 2>/dev/null \
-            | grep '^batch' | sed "s/^/round $round sentence-transformers /"
-    else
-        echo "round $round sentence-transformers: skipped ($st_python not found; set ST_PYTHON)"
-    fi
+    "$py" scripts/tools/st_baseline.py "$model" "$texts" 25 64 256 2>/dev/null | grep '^batch' \
+        | while read -r _ b rate _; do
+            echo "round $round sentence-transformers batch=${b%:}: $rate texts/s"
+            printf 'sentence-transformers\t%s\t%.0f\n' "${b%:}" "$rate" >> "$results"
+        done
+    "$py" scripts/tools/ort_baseline.py "$model" "$texts" "$work/ort" 25 64 256 2>/dev/null \
+        | grep '^onnxruntime' | while read -r _ _ kind _ b rate _; do
+            echo "round $round onnxruntime $kind batch=${b%:}: $rate texts/s"
+            printf 'ONNX Runtime %s\t%s\t%.0f\n' "$kind" "${b%:}" "$rate" >> "$results"
+        done
 done
+
+echo
+"$py" - "$results" <<'PY'
+import collections, statistics, sys
+rates = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    stack, batch, rate = line.rstrip("\n").split("\t")
+    rates[(stack, int(batch))].append(float(rate))
+stacks = list(dict.fromkeys(s for s, _ in rates))
+print("texts/s, median of the rounds (range):\n")
+print("| stack | 25 rows per pass | 64 | 256 |")
+print("|---|---|---|---|")
+for s in stacks:
+    cells = []
+    for b in (25, 64, 256):
+        r = rates.get((s, b), [])
+        cells.append(f"{statistics.median(r):.0f} ({min(r):.0f}–{max(r):.0f})" if r else "–")
+    print(f"| {s} | " + " | ".join(cells) + " |")
+PY
+echo
+"$py" scripts/tools/precision_accuracy.py "$work"

@@ -1,0 +1,56 @@
+"""Accuracy of each precision against Keel f32, on the same texts.
+
+usage: precision_accuracy.py WORK_DIR
+
+Reads WORK_DIR/keel-{f32,bf16,int8}.jsonl (`keel embed` output) and, when present,
+WORK_DIR/ort/ort-{fp32,int8}.npy (scripts/tools/ort_baseline.py), all in the order of the
+texts. For each: min and mean cosine of a text's vector to its Keel f32 vector, and
+neighbour agreement: every text searched against all the others (cosine, top 10), recall@10
+of the ranking against the f32 ranking's top 10. Prints a Markdown table.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+
+
+def load_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return np.array([json.loads(l)["embedding"] for l in f], dtype=np.float64)
+
+
+def unit(v):
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+
+def top10(v):
+    s = v @ v.T
+    np.fill_diagonal(s, -np.inf)
+    return np.argsort(-s, axis=1)[:, :10]
+
+
+def main():
+    work = sys.argv[1]
+    ref = unit(load_jsonl(os.path.join(work, "keel-f32.jsonl")))
+    ref_top = top10(ref)
+    rows = [("Keel bf16", os.path.join(work, "keel-bf16.jsonl")),
+            ("Keel int8", os.path.join(work, "keel-int8.jsonl")),
+            ("ONNX Runtime fp32", os.path.join(work, "ort", "ort-fp32.npy")),
+            ("ONNX Runtime int8", os.path.join(work, "ort", "ort-int8.npy"))]
+    print(f"{len(ref)} texts; reference: Keel f32\n")
+    print("| stack | min cosine | mean cosine | recall@10 (neighbours) |")
+    print("|---|---|---|---|")
+    for name, path in rows:
+        if not os.path.exists(path):
+            print(f"| {name} | not measured ({path} missing) | | |")
+            continue
+        v = unit(np.load(path).astype(np.float64) if path.endswith(".npy") else load_jsonl(path))
+        cos = (v * ref).sum(1)
+        top = top10(v)
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top, ref_top)])
+        print(f"| {name} | {cos.min():.4f} | {cos.mean():.5f} | {recall:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
