@@ -5,14 +5,14 @@
 //! Embeds every line of TEXTS_FILE in f32, bf16 and int8 on the CPU and prints the min and
 //! mean cosine of each to f32. With `layers`, also each Linear layer alone in int8 (every
 //! other layer f32): the per-layer sensitivity table of docs/BENCHMARKS.md.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use keel_model::{
     Backend, BatchLimits, DeviceOptions, LayerPrecision, LinearRole, ModelDevice, Precision,
     SentenceModel,
 };
 
-fn load(dir: &PathBuf, precision: Precision, overrides: &[LayerPrecision]) -> SentenceModel {
+fn load(dir: &Path, precision: Precision, overrides: &[LayerPrecision]) -> SentenceModel {
     let device = ModelDevice::open(
         Backend::Cpu,
         DeviceOptions {

@@ -65,6 +65,10 @@ pub struct LayerPrecision {
 
 /// A Linear layer: burn's matmul on the device, or one of the host kernels.
 #[derive(Clone)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "four per block, made once at load: their size is immaterial"
+)]
 enum Linear {
     Device {
         /// `[in, out]`

@@ -249,8 +249,8 @@ mod x86 {
                 let valid = (n - j).min(PANEL);
                 let mask = ((1u32 << valid) - 1) as __mmask16;
                 let bias = _mm512_loadu_ps(layer.bias.as_ptr().add(j));
-                for r in 0..R {
-                    let y = _mm512_add_ps(acc[r], bias);
+                for (r, &a) in acc.iter().enumerate() {
+                    let y = _mm512_add_ps(a, bias);
                     _mm512_mask_storeu_ps(out.as_mut_ptr().add((first + r) * n + j), mask, y);
                 }
             }

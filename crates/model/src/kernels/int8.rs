@@ -521,8 +521,8 @@ mod tests {
             let t = max as f64 / 127.0;
             for j in 0..n {
                 let mut sum = 0i64;
-                for i in 0..k {
-                    let q = (row[i] * inv).round_ties_even().clamp(-127.0, 127.0) as i64;
+                for (i, v) in row.iter().enumerate() {
+                    let q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i64;
                     sum += q * layer.packed[Int8Linear::index(layer.groups, i, j)] as i64;
                 }
                 out[r * n + j] = sum as f64 * t * layer.scales[j] as f64 + layer.bias[j] as f64;
