@@ -95,7 +95,8 @@ pub fn memory_bound(settings: &Settings, model_bytes: u64, spec: &ModelSpec) -> 
     let longest = spec.max_seq_length as u64;
     let mut passes = 0;
     for group in settings.embedder.groups() {
-        let tokens = group.limits.max_tokens as u64;
+        // One row of max_seq_length tokens forms a pass of its own whatever the budget.
+        let tokens = (group.limits.max_tokens as u64).max(longest);
         let workers = group.workers as u64;
         passes += match group.backend {
             keel_model::Backend::Cpu => {
@@ -111,7 +112,8 @@ pub fn memory_bound(settings: &Settings, model_bytes: u64, spec: &ModelSpec) -> 
         };
     }
     let row = 512 + 4 * hidden;
-    model_bytes
+    // At load the weight file, read whole, and the tensors made from it coexist.
+    2 * model_bytes
         + 64 * 1024 * 1024
         + settings.cache.max_bytes
         + settings.ingest.max_in_flight_rows as u64 * row
