@@ -11,6 +11,7 @@
 
 mod batching;
 mod bert;
+mod calibration;
 mod convert;
 mod device;
 pub mod gelu;
@@ -137,6 +138,10 @@ impl SentenceModel {
         )?;
         let weights_path = dir.join("model.safetensors");
         let mut weights = WeightFile::open(&weights_path)?;
+        let calibration = calibration::TEXTS
+            .iter()
+            .map(|text| tokenizer.encode(text))
+            .collect::<Result<Vec<_>, _>>()?;
         let bert = Bert::load(
             spec.clone(),
             &mut weights,
@@ -144,6 +149,7 @@ impl SentenceModel {
             device.is_host(),
             device.precision,
             overrides,
+            &calibration,
         )?;
         let unused = weights.unused()?;
         if !unused.is_empty() {

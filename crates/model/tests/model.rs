@@ -216,6 +216,17 @@ fn reduced_precisions_stay_within_their_bounds_on_the_reference_texts() {
 }
 
 #[test]
+fn int8_models_are_calibrated_alike_at_every_load() {
+    // The outlier channels an int8 model keeps in f32 are found at load from fixed texts:
+    // two loads must give bit-identical vectors.
+    let refs = reference();
+    let texts: Vec<&str> = refs.iter().map(|r| r.text.as_str()).collect();
+    let first = model_in(Precision::Int8).embed(&texts, LIMITS).unwrap();
+    let second = model_in(Precision::Int8).embed(&texts, LIMITS).unwrap();
+    assert_eq!(first, second);
+}
+
+#[test]
 fn precisions_run_only_on_backends_with_their_kernels() {
     let open = |backend, precision| {
         ModelDevice::open(

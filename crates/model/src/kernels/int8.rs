@@ -2,19 +2,30 @@
 //!
 //! **Weights**, at load: each output column `j` gets a scale `s_j = max|W[·,j]| / 127` and
 //! integer weights `round(W[i,j] / s_j)` in `[-127, 127]`, packed in panels of 16 columns
-//! and groups of 4 inputs (the operand order of `vpdpbusd`). **Activations**, per pass:
-//! each row `r` gets `t_r = max|x[r,·]| / 127` and integers `q[r,i] = round(x[r,i] / t_r)`
-//! in `[-127, 127]`. The product `Σ_i q[r,i] · w[i,j]` is accumulated exactly in int32
-//! (at most 127 · 127 · inputs: no overflow below 133 000 inputs) and scaled back:
-//! `y[r,j] = t_r · s_j · Σ + b_j`.
+//! and groups of 4 inputs (the operand order of `vpdpbusd`). **Activations**, per pass,
+//! asymmetric: each row `r` spans `[lo_r, hi_r]` (widened to hold 0), gets a step
+//! `t_r = (hi_r − lo_r) / 255`, a zero point `z_r = round(−lo_r / t_r)` and bytes
+//! `u[r,i] = round(x[r,i] / t_r) + z_r` in `[0, 255]`: all 256 levels used whatever the
+//! row's sign balance (a GELU output is almost all ≥ 0, and symmetric levels would leave
+//! half of them unused). The product `Σ_i u[r,i] · w[i,j]` is accumulated exactly in int32
+//! (at most 255 · 127 · inputs: no overflow below 66 000 inputs) and scaled back:
+//! `y[r,j] = t_r · s_j · (Σ − z_r · Σ_i w[i,j]) + b_j`.
+//!
+//! **Outlier channels.** A few input channels of a transformer's activations are far
+//! larger than the rest in every token (channels 99, 63, 157 and 223 of MiniLM's
+//! LayerNorm outputs reach 28 where a typical channel's maximum is 1.7); a row's step is
+//! set by its largest value, so they would leave the other channels few levels. A layer
+//! can be given such channels at load (found by calibration, [`crate::bert`]): their
+//! weights are kept in f32 and their products computed in f32 beside the int8 product,
+//! and the int8 rows are quantized without them (`y = int8(x without S) + x_S · W_S + b`).
 //!
 //! Three kernels compute the same integer sums:
-//! - **AVX-512 VNNI**: `vpdpbusd` multiplies unsigned by signed bytes, so rows are stored
-//!   as `q + 128` (unsigned) and `128 · Σ_i w[i,j]` (kept per column) is subtracted after;
+//! - **AVX-512 VNNI**: `vpdpbusd` multiplies unsigned by signed bytes: `u · w` directly;
 //!   8 rows × 32 columns per tile, 16 accumulators in registers;
-//! - **AVX2**: `vpmaddubsw` would saturate its 16-bit pair sums on `(q + 128) · w`, so it
-//!   multiplies `|q|` by `sign(q) · w` instead (pair sums at most 2 · 127 · 127 < 2¹⁵),
-//!   then `vpmaddwd` by ones: 4 rows × 16 columns per tile;
+//! - **AVX2**: `vpmaddubsw` would saturate its 16-bit pair sums on `u · w`, so it
+//!   multiplies `|u − 128|` by `sign(u − 128) · w` instead (pair sums at most
+//!   2 · 128 · 127 < 2¹⁵), then `vpmaddwd` by ones, and adds `128 · Σ_i w[i,j]` back:
+//!   4 rows × 16 columns per tile;
 //! - **portable** Rust over the same packing, for any other CPU.
 
 use rayon::prelude::*;
@@ -25,9 +36,11 @@ use super::{Isa, Kind, PANEL, ROWS_PER_TASK, round_even};
 const GROUP: usize = 4;
 /// Bytes of one packed group of a panel: 16 columns × 4 inputs.
 const GROUP_BYTES: usize = PANEL * GROUP;
-/// Largest integer magnitude of a quantized value (−128 is never used, so that negation
-/// and the AVX2 sign trick stay in range).
+/// Largest integer magnitude of a quantized weight (−128 is never used, so that the AVX2
+/// sign trick stays in range).
 const QMAX: f32 = 127.0;
+/// Levels of a quantized activation byte above its lowest.
+const LEVELS: f32 = 255.0;
 
 /// A Linear layer's weights in int8, packed for the kernels, with the layer's bias.
 pub struct Int8Linear {
@@ -43,6 +56,11 @@ pub struct Int8Linear {
     scales: Vec<f32>,
     col_sums: Vec<i32>,
     bias: Vec<f32>,
+    /// Input channels computed in f32 beside the int8 product, ascending; their rows of
+    /// the int8 weights are zero.
+    outliers: Vec<usize>,
+    /// Their weights, `outliers × outputs`, row-major.
+    outlier_rows: Vec<f32>,
     isa: Isa,
 }
 
@@ -50,9 +68,45 @@ impl Int8Linear {
     /// Quantizes `weight` (`inputs × outputs`, row-major: burn's Linear layout) and keeps
     /// `bias` (`outputs`). Runs on the best kernels this CPU has ([`Isa::detect`]).
     pub fn quantize(weight: &[f32], bias: &[f32], inputs: usize, outputs: usize) -> Self {
+        Self::quantize_with_outliers(weight, bias, inputs, outputs, &[])
+    }
+
+    /// [`Self::quantize`], with the input channels `outliers` computed in f32 beside the
+    /// int8 product (see the module's documentation).
+    ///
+    /// # Panics
+    /// If a channel is not below `inputs`.
+    pub fn quantize_with_outliers(
+        weight: &[f32],
+        bias: &[f32],
+        inputs: usize,
+        outputs: usize,
+        outliers: &[usize],
+    ) -> Self {
         assert_eq!(weight.len(), inputs * outputs, "weight is inputs × outputs");
         assert_eq!(bias.len(), outputs, "one bias per output");
         assert!(inputs > 0 && outputs > 0, "an empty layer");
+        let mut outliers = outliers.to_vec();
+        outliers.sort_unstable();
+        outliers.dedup();
+        assert!(
+            outliers.last().is_none_or(|&i| i < inputs),
+            "an outlier channel past the layer's inputs"
+        );
+        let mut in_f32 = vec![false; inputs];
+        let mut outlier_rows = Vec::with_capacity(outliers.len() * outputs);
+        for &i in &outliers {
+            in_f32[i] = true;
+            outlier_rows.extend_from_slice(&weight[i * outputs..(i + 1) * outputs]);
+        }
+        // The int8 weights of an f32 channel are zero: its product is all in f32.
+        let w = |i: usize, j: usize| {
+            if in_f32[i] {
+                0.0
+            } else {
+                weight[i * outputs + j]
+            }
+        };
         let groups = inputs.div_ceil(GROUP);
         let panels = outputs.div_ceil(2 * PANEL) * 2;
         let width = panels * PANEL;
@@ -62,14 +116,12 @@ impl Int8Linear {
         let mut padded_bias = vec![0.0f32; width];
         padded_bias[..outputs].copy_from_slice(bias);
         for j in 0..outputs {
-            let max = (0..inputs)
-                .map(|i| weight[i * outputs + j].abs())
-                .fold(0.0f32, f32::max);
+            let max = (0..inputs).map(|i| w(i, j).abs()).fold(0.0f32, f32::max);
             let inv = if max > 0.0 { QMAX / max } else { 0.0 };
             scales[j] = max / QMAX;
             let mut sum = 0i32;
             for i in 0..inputs {
-                let q = round_even(weight[i * outputs + j] * inv).clamp(-QMAX, QMAX) as i8;
+                let q = round_even(w(i, j) * inv).clamp(-QMAX, QMAX) as i8;
                 packed[Self::index(groups, i, j)] = q;
                 sum += q as i32;
             }
@@ -84,6 +136,8 @@ impl Int8Linear {
             scales,
             col_sums,
             bias: padded_bias,
+            outliers,
+            outlier_rows,
             isa: Isa::detect(Kind::Int8),
         }
     }
@@ -118,14 +172,29 @@ impl Int8Linear {
         self.outputs
     }
 
-    /// Bytes held: packed weights and the per-column scales, sums and biases.
-    pub fn bytes(&self) -> usize {
-        self.packed.len() + self.scales.len() * 4 + self.col_sums.len() * 4 + self.bias.len() * 4
+    /// The input channels computed in f32, ascending.
+    pub fn outliers(&self) -> &[usize] {
+        &self.outliers
     }
 
-    /// The weight as the kernels see it, dequantized: `s_j · w[i,j]`.
+    /// Bytes held: packed weights, the per-column scales, sums and biases, and the f32
+    /// rows of the outlier channels.
+    pub fn bytes(&self) -> usize {
+        self.packed.len()
+            + self.scales.len() * 4
+            + self.col_sums.len() * 4
+            + self.bias.len() * 4
+            + self.outlier_rows.len() * 4
+            + self.outliers.len() * size_of::<usize>()
+    }
+
+    /// The weight as the kernels see it, dequantized: `s_j · w[i,j]` (or the f32 weight of
+    /// an outlier channel).
     pub fn dequantized(&self, i: usize, j: usize) -> f32 {
-        self.packed[Self::index(self.groups, i, j)] as f32 * self.scales[j]
+        match self.outliers.binary_search(&i) {
+            Ok(o) => self.outlier_rows[o * self.outputs + j],
+            Err(_) => self.packed[Self::index(self.groups, i, j)] as f32 * self.scales[j],
+        }
     }
 
     /// `out = x · W + b` for `rows` rows of `x` (`rows × inputs`, row-major) into `out`
@@ -143,31 +212,47 @@ impl Int8Linear {
                 let rows = x.len() / k;
                 let stride = self.groups * GROUP;
                 let mut q = vec![0u8; rows * stride];
-                let mut row_scales = vec![0.0f32; rows];
+                let mut rows_q = vec![RowQuant::default(); rows];
+                // A row without its outlier channels (they are zero in the int8 product).
+                let mut rest = vec![0.0f32; if self.outliers.is_empty() { 0 } else { k }];
                 for r in 0..rows {
-                    row_scales[r] =
-                        quantize_row(&x[r * k..(r + 1) * k], &mut q[r * stride..(r + 1) * stride]);
+                    let row = &x[r * k..(r + 1) * k];
+                    let row = if self.outliers.is_empty() {
+                        row
+                    } else {
+                        rest.copy_from_slice(row);
+                        for &i in &self.outliers {
+                            rest[i] = 0.0;
+                        }
+                        &rest
+                    };
+                    rows_q[r] = quantize_row(row, &mut q[r * stride..(r + 1) * stride]);
                 }
-                self.block(&q, &row_scales, out);
+                self.block(&q, &rows_q, out);
+                for (x, out) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
+                    for (&i, w) in self.outliers.iter().zip(self.outlier_rows.chunks_exact(n)) {
+                        axpy(x[i], w, out);
+                    }
+                }
             });
     }
 
-    /// One block of quantized rows (`q + 128`, `groups × 4` bytes each) into `out`.
-    fn block(&self, q: &[u8], row_scales: &[f32], out: &mut [f32]) {
+    /// One block of quantized rows (`groups × 4` bytes each) into `out`.
+    fn block(&self, q: &[u8], rows: &[RowQuant], out: &mut [f32]) {
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `with_isa` and `Isa::detect` only choose kernels this CPU runs.
-            Isa::Avx512 => unsafe { x86::block_avx512(self, q, row_scales, out) },
+            Isa::Avx512 => unsafe { x86::block_avx512(self, q, rows, out) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            Isa::Avx2 => unsafe { x86::block_avx2(self, q, row_scales, out) },
-            _ => self.block_portable(q, row_scales, out),
+            Isa::Avx2 => unsafe { x86::block_avx2(self, q, rows, out) },
+            _ => self.block_portable(q, rows, out),
         }
     }
 
-    fn block_portable(&self, q: &[u8], row_scales: &[f32], out: &mut [f32]) {
+    fn block_portable(&self, q: &[u8], rows: &[RowQuant], out: &mut [f32]) {
         let (n, stride) = (self.outputs, self.groups * GROUP);
-        for (r, &t) in row_scales.iter().enumerate() {
+        for (r, &RowQuant { step: t, zero }) in rows.iter().enumerate() {
             let row = &q[r * stride..(r + 1) * stride];
             for p in 0..self.panels {
                 let j0 = p * PANEL;
@@ -180,28 +265,69 @@ impl Int8Linear {
                     let w = &panel[g * GROUP_BYTES..(g + 1) * GROUP_BYTES];
                     for (c, acc) in acc.iter_mut().enumerate() {
                         for i in 0..GROUP {
-                            *acc += (a[i] as i32 - 128) * w[c * GROUP + i] as i32;
+                            *acc += a[i] as i32 * w[c * GROUP + i] as i32;
                         }
                     }
                 }
                 for (c, &acc) in acc.iter().enumerate().take(n - j0) {
                     let j = j0 + c;
-                    out[r * n + j] = acc as f32 * (self.scales[j] * t) + self.bias[j];
+                    let sum = acc - zero * self.col_sums[j];
+                    out[r * n + j] = sum as f32 * (self.scales[j] * t) + self.bias[j];
                 }
             }
         }
     }
 }
 
-/// Quantizes one row to `q + 128` bytes (padding bytes: 128, i.e. zero) and returns its
-/// scale. An all-zero row has scale 0. AVX-512 where the CPU has it (16 values per
-/// instruction, rounding to nearest even as the portable code does), else the portable
-/// code compiled for AVX2 or the baseline.
-fn quantize_row(x: &[f32], q: &mut [u8]) -> f32 {
+/// `out += a · w`: one outlier channel's f32 products, vectorised for the widest
+/// registers the CPU has.
+fn axpy(a: f32, w: &[f32], out: &mut [f32]) {
+    #[inline(always)]
+    fn plain(a: f32, w: &[f32], out: &mut [f32]) {
+        for (o, w) in out.iter_mut().zip(w) {
+            *o += a * w;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        fn wide(a: f32, w: &[f32], out: &mut [f32]) {
+            plain(a, w, out)
+        }
+        #[target_feature(enable = "avx2")]
+        fn half(a: f32, w: &[f32], out: &mut [f32]) {
+            plain(a, w, out)
+        }
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") {
+            // SAFETY: the CPU has AVX-512 F.
+            return unsafe { wide(a, w, out) };
+        }
+        if has!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { half(a, w, out) };
+        }
+    }
+    plain(a, w, out)
+}
+
+/// How one row was quantized: `x ≈ step · (u − zero)`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct RowQuant {
+    step: f32,
+    zero: i32,
+}
+
+/// Quantizes one row to bytes `u` in `[0, 255]` and returns its step and zero point;
+/// padding bytes (past `x.len()`, under zero weights) get the zero point. An all-zero row
+/// has step 0 and zero point 0. AVX-512 where the CPU has it (16 values per instruction,
+/// rounding to nearest even as the portable code does), else the portable code compiled
+/// for AVX2 or the baseline.
+fn quantize_row(x: &[f32], q: &mut [u8]) -> RowQuant {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2")]
-        fn half(x: &[f32], q: &mut [u8]) -> f32 {
+        fn half(x: &[f32], q: &mut [u8]) -> RowQuant {
             quantize_row_plain(x, q)
         }
         use std::arch::is_x86_feature_detected as has;
@@ -217,78 +343,106 @@ fn quantize_row(x: &[f32], q: &mut [u8]) -> f32 {
     quantize_row_plain(x, q)
 }
 
+/// The step and zero point of a row spanning `[lo, hi]` (`lo ≤ 0 ≤ hi`), and `1 / step`.
 #[inline(always)]
-fn quantize_row_plain(x: &[f32], q: &mut [u8]) -> f32 {
-    // Sixteen running maxima: a reduction the compiler vectorises (`f32::max` is not one).
-    let mut lanes = [0.0f32; 16];
+fn row_quant(lo: f32, hi: f32) -> (RowQuant, f32) {
+    let range = hi - lo;
+    if range > 0.0 {
+        let inv = LEVELS / range;
+        let zero = round_even(-lo * inv) as i32;
+        (
+            RowQuant {
+                step: range / LEVELS,
+                zero,
+            },
+            inv,
+        )
+    } else {
+        (RowQuant::default(), 0.0)
+    }
+}
+
+#[inline(always)]
+fn quantize_row_plain(x: &[f32], q: &mut [u8]) -> RowQuant {
+    // Sixteen running extremes: reductions the compiler vectorises (`f32::max` is not one).
+    let (mut highs, mut lows) = ([0.0f32; 16], [0.0f32; 16]);
     let chunks = x.chunks_exact(16);
     let tail = chunks.remainder();
     for chunk in chunks {
-        for (m, v) in lanes.iter_mut().zip(chunk) {
-            let a = v.abs();
-            *m = if a > *m { a } else { *m };
+        for ((h, l), &v) in highs.iter_mut().zip(lows.iter_mut()).zip(chunk) {
+            *h = if v > *h { v } else { *h };
+            *l = if v < *l { v } else { *l };
         }
     }
-    let mut max = 0.0f32;
-    for a in lanes.into_iter().chain(tail.iter().map(|v| v.abs())) {
-        max = if a > max { a } else { max };
+    let (mut hi, mut lo) = (0.0f32, 0.0f32);
+    for v in highs.into_iter().chain(tail.iter().copied()) {
+        hi = if v > hi { v } else { hi };
     }
-    let inv = if max > 0.0 { QMAX / max } else { 0.0 };
+    for v in lows.into_iter().chain(tail.iter().copied()) {
+        lo = if v < lo { v } else { lo };
+    }
+    let (row, inv) = row_quant(lo, hi);
     for (q, &v) in q.iter_mut().zip(x) {
-        *q = (round_even(v * inv).clamp(-QMAX, QMAX) as i32 + 128) as u8;
+        *q = (round_even(v * inv) as i32 + row.zero).clamp(0, 255) as u8;
     }
-    q[x.len()..].fill(128);
-    max / QMAX
+    q[x.len()..].fill(row.zero as u8);
+    row
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{GROUP, GROUP_BYTES, Int8Linear, PANEL};
+    use super::{GROUP, GROUP_BYTES, Int8Linear, PANEL, RowQuant};
 
     /// [`super::quantize_row`] with AVX-512: `vcvtps2dq` rounds to nearest even (the
-    /// default rounding mode), `vpmovsdb` narrows to bytes.
+    /// default rounding mode), `vpmaxsd` and `vpmovusdb` clamp to `[0, 255]`.
     ///
     /// # Safety
     /// The CPU must have AVX-512 F, BW and VL.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub(super) unsafe fn quantize_row_avx512(x: &[f32], q: &mut [u8]) -> f32 {
+    pub(super) unsafe fn quantize_row_avx512(x: &[f32], q: &mut [u8]) -> RowQuant {
         let n = x.len();
         assert!(q.len() >= n);
-        // SAFETY: full loads and stores stay below `n`; the tail is masked.
+        // SAFETY: full loads and stores stay below `n`; the tail is masked (masked lanes
+        // load as 0, which the extremes hold anyway).
         unsafe {
             let tail = n % 16;
             let mask = ((1u32 << tail) - 1) as __mmask16;
             let xp = x.as_ptr();
-            let mut max = _mm512_setzero_ps();
+            let (mut hi, mut lo) = (_mm512_setzero_ps(), _mm512_setzero_ps());
             let mut i = 0;
             while i + 16 <= n {
-                max = _mm512_max_ps(max, _mm512_abs_ps(_mm512_loadu_ps(xp.add(i))));
+                let v = _mm512_loadu_ps(xp.add(i));
+                hi = _mm512_max_ps(hi, v);
+                lo = _mm512_min_ps(lo, v);
                 i += 16;
             }
             if tail > 0 {
-                max = _mm512_max_ps(max, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, xp.add(i))));
+                let v = _mm512_maskz_loadu_ps(mask, xp.add(i));
+                hi = _mm512_max_ps(hi, v);
+                lo = _mm512_min_ps(lo, v);
             }
-            let max = _mm512_reduce_max_ps(max);
-            let inv = _mm512_set1_ps(if max > 0.0 { super::QMAX / max } else { 0.0 });
-            let flip = _mm_set1_epi8(-128);
+            let (row, inv) = super::row_quant(_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
+            let inv = _mm512_set1_ps(inv);
+            let zero = _mm512_set1_epi32(row.zero);
+            let floor = _mm512_setzero_si512();
+            let bytes = |v: __m512| {
+                let v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), zero);
+                _mm512_cvtusepi32_epi8(_mm512_max_epi32(v, floor))
+            };
             let qp = q.as_mut_ptr();
             let mut i = 0;
             while i + 16 <= n {
-                let v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xp.add(i)), inv));
-                let b = _mm_xor_si128(_mm512_cvtsepi32_epi8(v), flip);
-                _mm_storeu_si128(qp.add(i).cast(), b);
+                _mm_storeu_si128(qp.add(i).cast(), bytes(_mm512_loadu_ps(xp.add(i))));
                 i += 16;
             }
             if tail > 0 {
-                let v =
-                    _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, xp.add(i)), inv));
-                let b = _mm_xor_si128(_mm512_cvtsepi32_epi8(v), flip);
+                let b = bytes(_mm512_maskz_loadu_ps(mask, xp.add(i)));
                 _mm_mask_storeu_epi8(qp.add(i).cast(), mask, b);
             }
-            q[n..].fill(128);
-            max / super::QMAX
+            q[n..].fill(row.zero as u8);
+            row
         }
     }
 
@@ -303,10 +457,10 @@ mod x86 {
     pub(super) unsafe fn block_avx512(
         layer: &Int8Linear,
         q: &[u8],
-        row_scales: &[f32],
+        rows_q: &[RowQuant],
         out: &mut [f32],
     ) {
-        let rows = row_scales.len();
+        let rows = rows_q.len();
         let stride = layer.groups * GROUP;
         for pair in 0..layer.panels / 2 {
             let j0 = pair * 2 * PANEL;
@@ -316,7 +470,7 @@ mod x86 {
             let mut r = 0;
             while r < rows {
                 let take = (rows - r).min(MR_512);
-                let (a, s, o) = (&q[r * stride..], &row_scales[r..r + take], r);
+                let (a, s, o) = (&q[r * stride..], &rows_q[r..r + take], r);
                 // SAFETY: same features as this function; bounds checked in the tile.
                 unsafe {
                     match take {
@@ -341,14 +495,14 @@ mod x86 {
     unsafe fn tile_avx512<const R: usize>(
         layer: &Int8Linear,
         a: &[u8],
-        row_scales: &[f32],
+        rows_q: &[RowQuant],
         pair: usize,
         out: &mut [f32],
         first: usize,
     ) {
         let (groups, n) = (layer.groups, layer.outputs);
         let stride = groups * GROUP;
-        assert!(a.len() >= (R - 1) * stride + stride && row_scales.len() == R);
+        assert!(a.len() >= (R - 1) * stride + stride && rows_q.len() == R);
         assert!(out.len() >= (first + R) * n);
         let w0 =
             &layer.packed[2 * pair * groups * GROUP_BYTES..(2 * pair + 2) * groups * GROUP_BYTES];
@@ -378,12 +532,13 @@ mod x86 {
                 let valid = (n - j).min(PANEL);
                 let mask = ((1u32 << valid) - 1) as __mmask16;
                 let sums = _mm512_loadu_si512(layer.col_sums.as_ptr().add(j).cast());
-                let offset = _mm512_slli_epi32::<7>(sums);
                 let scales = _mm512_loadu_ps(layer.scales.as_ptr().add(j));
                 let bias = _mm512_loadu_ps(layer.bias.as_ptr().add(j));
                 for r in 0..R {
+                    let RowQuant { step, zero } = rows_q[r];
+                    let offset = _mm512_mullo_epi32(sums, _mm512_set1_epi32(zero));
                     let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], offset));
-                    let s = _mm512_mul_ps(scales, _mm512_set1_ps(row_scales[r]));
+                    let s = _mm512_mul_ps(scales, _mm512_set1_ps(step));
                     let y = _mm512_fmadd_ps(v, s, bias);
                     _mm512_mask_storeu_ps(out.as_mut_ptr().add((first + r) * n + j), mask, y);
                 }
@@ -397,10 +552,10 @@ mod x86 {
     pub(super) unsafe fn block_avx2(
         layer: &Int8Linear,
         q: &[u8],
-        row_scales: &[f32],
+        rows_q: &[RowQuant],
         out: &mut [f32],
     ) {
-        let rows = row_scales.len();
+        let rows = rows_q.len();
         let stride = layer.groups * GROUP;
         for p in 0..layer.panels {
             if p * PANEL >= layer.outputs {
@@ -409,7 +564,7 @@ mod x86 {
             let mut r = 0;
             while r < rows {
                 let take = (rows - r).min(MR_256);
-                let (a, s, o) = (&q[r * stride..], &row_scales[r..r + take], r);
+                let (a, s, o) = (&q[r * stride..], &rows_q[r..r + take], r);
                 // SAFETY: same features as this function; bounds checked in the tile.
                 unsafe {
                     match take {
@@ -429,14 +584,14 @@ mod x86 {
     unsafe fn tile_avx2<const R: usize>(
         layer: &Int8Linear,
         a: &[u8],
-        row_scales: &[f32],
+        rows_q: &[RowQuant],
         p: usize,
         out: &mut [f32],
         first: usize,
     ) {
         let (groups, n) = (layer.groups, layer.outputs);
         let stride = groups * GROUP;
-        assert!(a.len() >= R * stride && row_scales.len() == R);
+        assert!(a.len() >= R * stride && rows_q.len() == R);
         assert!(out.len() >= (first + R) * n);
         let w = &layer.packed[p * groups * GROUP_BYTES..(p + 1) * groups * GROUP_BYTES];
         let mut acc0 = [_mm256_setzero_si256(); R];
@@ -455,7 +610,8 @@ mod x86 {
                         .add(r * stride + g * GROUP)
                         .cast::<i32>()
                         .read_unaligned();
-                    // Back from q + 128 to signed q; |q| times sign(q)·w is q·w.
+                    // u − 128 in [−128, 127]; |u − 128| (≤ 128, unsigned) times
+                    // sign(u − 128)·w is (u − 128)·w.
                     let signed = _mm256_xor_si256(_mm256_set1_epi32(v), flip);
                     let magnitude = _mm256_abs_epi8(signed);
                     let p0 = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(b0, signed));
@@ -471,11 +627,15 @@ mod x86 {
                     break;
                 }
                 let valid = (n - j).min(8);
+                let sums = _mm256_loadu_si256(layer.col_sums.as_ptr().add(j).cast());
                 let scales = _mm256_loadu_ps(layer.scales.as_ptr().add(j));
                 let bias = _mm256_loadu_ps(layer.bias.as_ptr().add(j));
                 for r in 0..R {
-                    let v = _mm256_cvtepi32_ps(acc[r]);
-                    let s = _mm256_mul_ps(scales, _mm256_set1_ps(row_scales[r]));
+                    let RowQuant { step, zero } = rows_q[r];
+                    // Σ (u − 128)·w + (128 − z)·Σ w = Σ u·w − z·Σ w.
+                    let offset = _mm256_mullo_epi32(sums, _mm256_set1_epi32(128 - zero));
+                    let v = _mm256_cvtepi32_ps(_mm256_add_epi32(acc[r], offset));
+                    let s = _mm256_mul_ps(scales, _mm256_set1_ps(step));
                     let y = _mm256_fmadd_ps(v, s, bias);
                     let dst = out.as_mut_ptr().add((first + r) * n + j);
                     if valid == 8 {
@@ -515,17 +675,30 @@ mod tests {
         let (k, n) = (layer.inputs, layer.outputs);
         let mut out = vec![0.0f64; rows * n];
         for r in 0..rows {
-            let row = &x[r * k..(r + 1) * k];
-            let max = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
-            let t = max as f64 / 127.0;
+            let mut rest = x[r * k..(r + 1) * k].to_vec();
+            for &i in &layer.outliers {
+                rest[i] = 0.0;
+            }
+            let lo = rest.iter().fold(0.0f32, |m, &v| m.min(v));
+            let hi = rest.iter().fold(0.0f32, |m, &v| m.max(v));
+            let range = hi - lo;
+            let inv = if range > 0.0 { 255.0 / range } else { 0.0 };
+            let zero = (-lo * inv).round_ties_even() as i64;
+            let step = range as f64 / 255.0;
             for j in 0..n {
                 let mut sum = 0i64;
-                for (i, v) in row.iter().enumerate() {
-                    let q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i64;
-                    sum += q * layer.packed[Int8Linear::index(layer.groups, i, j)] as i64;
+                for (i, v) in rest.iter().enumerate() {
+                    let u = ((v * inv).round_ties_even() as i64 + zero).clamp(0, 255);
+                    sum += (u - zero) * layer.packed[Int8Linear::index(layer.groups, i, j)] as i64;
                 }
-                out[r * n + j] = sum as f64 * t * layer.scales[j] as f64 + layer.bias[j] as f64;
+                let outliers: f64 = layer
+                    .outliers
+                    .iter()
+                    .enumerate()
+                    .map(|(o, &i)| x[r * k + i] as f64 * layer.outlier_rows[o * n + j] as f64)
+                    .sum();
+                out[r * n + j] =
+                    sum as f64 * step * layer.scales[j] as f64 + layer.bias[j] as f64 + outliers;
             }
         }
         out
@@ -541,11 +714,23 @@ mod tests {
     }
 
     fn check(rows: usize, k: usize, n: usize, x: &[f32], w: &[f32], b: &[f32]) {
-        let layer = Int8Linear::quantize(w, b, k, n);
+        check_with_outliers(rows, k, n, x, w, b, &[]);
+    }
+
+    fn check_with_outliers(
+        rows: usize,
+        k: usize,
+        n: usize,
+        x: &[f32],
+        w: &[f32],
+        b: &[f32],
+        outliers: &[usize],
+    ) {
+        let layer = Int8Linear::quantize_with_outliers(w, b, k, n, outliers);
         let expected = reference(&layer, x, rows);
         let largest = expected.iter().fold(1.0f64, |m, v| m.max(v.abs()));
         for isa in isas() {
-            let layer = Int8Linear::quantize(w, b, k, n).with_isa(isa);
+            let layer = Int8Linear::quantize_with_outliers(w, b, k, n, outliers).with_isa(isa);
             let mut out = vec![f32::NAN; rows * n];
             layer.forward(x, rows, &mut out);
             for (idx, (got, want)) in out.iter().zip(&expected).enumerate() {
@@ -585,7 +770,7 @@ mod tests {
         let mut noise = Noise(42);
         let mut x = noise.vec(rows * k, 1.0);
         x[..k].fill(0.0); // an all-zero row: scale 0
-        x[k..2 * k].fill(-5.0); // every value at −max: −127 everywhere, never −128
+        x[k..2 * k].fill(-5.0); // one sign only: every byte 0, zero point 255
         x[2 * k + 3] = 1.0e4; // one outlier dominates its row's scale
         x[3 * k..4 * k].fill(f32::MIN_POSITIVE); // tiny but non-zero
         let mut w = noise.vec(k * n, 1.0);
@@ -615,8 +800,19 @@ mod tests {
         let w = noise.vec(k * n, 0.1);
         let b = vec![0.0f32; n];
         let layer = Int8Linear::quantize(&w, &b, k, n);
+        let relative = relative_error(&layer, &x, &w, rows);
+        assert!(relative < 0.02, "relative error {relative}");
+        assert!(
+            relative > 1e-5,
+            "suspiciously exact: is it quantizing at all?"
+        );
+    }
+
+    /// The relative error of `layer` against the exact f32 product.
+    fn relative_error(layer: &Int8Linear, x: &[f32], w: &[f32], rows: usize) -> f64 {
+        let (k, n) = (layer.inputs(), layer.outputs());
         let mut out = vec![0.0f32; rows * n];
-        layer.forward(&x, rows, &mut out);
+        layer.forward(x, rows, &mut out);
         let (mut err, mut norm) = (0.0f64, 0.0f64);
         for r in 0..rows {
             for j in 0..n {
@@ -627,37 +823,91 @@ mod tests {
                 norm += exact * exact;
             }
         }
-        let relative = (err / norm).sqrt();
-        assert!(relative < 0.02, "relative error {relative}");
-        assert!(
-            relative > 1e-5,
-            "suspiciously exact: is it quantizing at all?"
+        (err / norm).sqrt()
+    }
+
+    #[test]
+    fn outlier_channels_run_in_f32_and_leave_the_others_their_levels() {
+        let (rows, k, n) = (24, 96, 40);
+        let mut noise = Noise(11);
+        let mut x = noise.vec(rows * k, 1.0);
+        for r in 0..rows {
+            x[r * k + 5] = 40.0 - 3.0 * r as f32; // large, either sign
+            x[r * k + 70] = 30.0;
+        }
+        let w = noise.vec(k * n, 0.1);
+        let b = noise.vec(n, 0.5);
+        check_with_outliers(rows, k, n, &x, &w, &b, &[70, 5, 70]);
+        let with = Int8Linear::quantize_with_outliers(&w, &b, k, n, &[70, 5]);
+        assert_eq!(with.outliers(), &[5, 70]);
+        assert_eq!(with.dequantized(5, 3), w[5 * n + 3]);
+        assert_eq!(with.dequantized(70, 39), w[70 * n + 39]);
+        let without = Int8Linear::quantize(&w, &b, k, n);
+        assert_eq!(
+            with.bytes(),
+            without.bytes() + 2 * n * 4 + 2 * size_of::<usize>()
         );
+        let zero_bias = vec![0.0f32; n];
+        let with = Int8Linear::quantize_with_outliers(&w, &zero_bias, k, n, &[5, 70]);
+        let without = Int8Linear::quantize(&w, &zero_bias, k, n);
+        let (e_with, e_without) = (
+            relative_error(&with, &x, &w, rows),
+            relative_error(&without, &x, &w, rows),
+        );
+        assert!(
+            e_with * 4.0 < e_without,
+            "outliers in f32: error {e_with}, all in int8: {e_without}"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "past the layer's inputs")]
+    fn an_outlier_channel_must_be_an_input() {
+        Int8Linear::quantize_with_outliers(&[1.0; 12], &[0.0; 3], 4, 3, &[4]);
     }
 
     #[test]
     fn row_quantization_is_the_same_on_every_path() {
         let mut noise = Noise(3);
         for len in [1usize, 2, 15, 16, 17, 31, 33, 384, 1536, 1537] {
-            let mut x = noise.vec(len, 4.0);
+            let mut x = noise.vec(len, 0.9);
             if len > 3 {
-                x[len / 2] = -8.0; // the row's extreme, negative: −127 exactly
-                x[1] = 4.0; // 4 · 127/8 = 63.5 exactly: a tie, rounded to even (64)
+                x[len / 2] = -1.0; // the lowest: byte 0
+                x[0] = 0.992_187_5; // the highest, 255/128 − 1: a step of 1/128, byte 255
+                x[1] = 0.503_906_25; // 64.5 steps: a tie, rounded to even (64)
             }
             let stride = len.div_ceil(GROUP) * GROUP;
             let mut plain = vec![0u8; stride];
-            let scale = quantize_row_plain(&x, &mut plain);
+            let row = quantize_row_plain(&x, &mut plain);
             if len > 3 {
-                assert_eq!(plain[len / 2], 1);
-                assert_eq!(plain[1], 128 + 64);
+                assert_eq!(
+                    row,
+                    RowQuant {
+                        step: 1.0 / 128.0,
+                        zero: 128
+                    }
+                );
+                assert_eq!((plain[len / 2], plain[0], plain[1]), (0, 255, 128 + 64));
             }
             let mut dispatched = vec![7u8; stride];
-            assert_eq!(quantize_row(&x, &mut dispatched), scale);
+            assert_eq!(quantize_row(&x, &mut dispatched), row);
             assert_eq!(dispatched, plain, "length {len}");
         }
+        // A row of one sign uses all 256 levels from its zero point.
+        let mut q = vec![9u8; 8];
+        let row = quantize_row(&[0.0, 1.0, 2.0, 3.0, 1.5], &mut q);
+        assert_eq!(row.zero, 0);
+        assert_eq!(q, vec![0, 85, 170, 255, 128, 0, 0, 0]);
+        let row = quantize_row(&[0.0, -1.0, -3.0], &mut q);
+        assert_eq!(row.zero, 255);
+        assert_eq!(&q[..4], &[255, 170, 0, 255]);
+        // An all-zero row: step 0, every byte its zero point.
         let mut zeros = vec![9u8; 8];
-        assert_eq!(quantize_row_plain(&[0.0; 5], &mut zeros), 0.0);
-        assert_eq!(zeros, vec![128u8; 8]);
+        assert_eq!(
+            quantize_row_plain(&[0.0; 5], &mut zeros),
+            RowQuant::default()
+        );
+        assert_eq!(zeros, vec![0u8; 8]);
     }
 
     #[test]
