@@ -5,12 +5,102 @@
 //! value overflows; each operand carries a relative rounding error of at most 2⁻⁹. Weights
 //! are rounded once at load (round to nearest even) and packed in panels of 16 columns
 //! and pairs of inputs (the operand order of `vdpbf16ps`); activations are rounded per
-//! pass. Kernels: AVX-512 BF16 (`vdpbf16ps`, 8 rows × 32 columns per tile) or portable
-//! Rust over the same packing.
+//! pass. Kernels over the same packing: AVX-512 in one of two forms ([`Avx512Form`]:
+//! `vdpbf16ps`, or the weights widened to f32 in registers and 512-bit FMA; 8 rows × 32
+//! columns per tile), or portable Rust. Every form multiplies the same bf16 values exactly
+//! and sums in f32: they differ only in the order of the sums.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
 use super::{Isa, Kind, PANEL, ROWS_PER_TASK};
+
+/// How the AVX-512 kernels multiply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Avx512Form {
+    /// `vdpbf16ps` (AVX512_BF16): two bf16 products per f32 lane per instruction.
+    DotProduct,
+    /// Each weight pair widened to two f32 vectors (a shift and a mask: bf16 is the top
+    /// half of an f32), then 512-bit FMA. Faster where the FMA units run f32 at twice
+    /// `vdpbf16ps`'s rate (a Sapphire Rapids core: 120 against 60 GMAC/s), and the only
+    /// form on AVX-512 CPUs without BF16.
+    Widened,
+}
+
+impl Avx512Form {
+    /// The faster form on this CPU, measured once per process on a layer of MiniLM's
+    /// shape (a few milliseconds) unless `KEEL_BF16_FORM` (`dot` or `widened`) names one.
+    /// Both forms give the same products; only speed differs.
+    pub fn detect() -> Avx512Form {
+        static FORM: OnceLock<Avx512Form> = OnceLock::new();
+        *FORM.get_or_init(|| {
+            if !Self::DotProduct.runs() {
+                return Self::Widened;
+            }
+            match std::env::var("KEEL_BF16_FORM").ok().as_deref() {
+                Some("dot") => return Self::DotProduct,
+                Some("widened") => return Self::Widened,
+                Some(other) => tracing::warn!(
+                    value = other,
+                    "KEEL_BF16_FORM is not dot or widened; ignored"
+                ),
+                None => {}
+            }
+            let dot = Self::DotProduct.time();
+            let widened = Self::Widened.time();
+            let form = if widened < dot {
+                Self::Widened
+            } else {
+                Self::DotProduct
+            };
+            tracing::info!(
+                ?form,
+                dot_us = dot.as_micros() as u64,
+                widened_us = widened.as_micros() as u64,
+                "bf16 kernels: the faster AVX-512 form on this CPU"
+            );
+            form
+        })
+    }
+
+    /// Whether this CPU runs this form.
+    pub fn runs(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                Self::DotProduct => has!("avx512f") && has!("avx512bf16"),
+                Self::Widened => has!("avx512f"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// Best of seven single-threaded passes of 64 rows through a 384 × 1 536 layer.
+    fn time(self) -> Duration {
+        let (rows, k, n) = (64, 384, 1536);
+        let weight: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-3)
+            .collect();
+        let x: Vec<f32> = (0..rows * k)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) * 0.1)
+            .collect();
+        let layer = Bf16Linear::pack(&weight, &vec![0.0; n], k, n, Isa::Avx512, self);
+        let mut out = vec![0.0f32; rows * n];
+        (0..7)
+            .map(|_| {
+                let t = Instant::now();
+                layer.block(&x, &mut out);
+                t.elapsed()
+            })
+            .min()
+            .unwrap_or_default()
+    }
+}
 
 /// Inputs per packed group: the pair one 32-bit lane of `vdpbf16ps` sums.
 const GROUP: usize = 2;
@@ -47,11 +137,30 @@ pub struct Bf16Linear {
     /// Per column, padded to `panels × 16` with zeros.
     bias: Vec<f32>,
     isa: Isa,
+    /// Which AVX-512 kernels run when `isa` is AVX-512.
+    form: Avx512Form,
 }
 
 impl Bf16Linear {
     /// Rounds `weight` (`inputs × outputs`, row-major) to bf16 and keeps `bias`.
     pub fn round(weight: &[f32], bias: &[f32], inputs: usize, outputs: usize) -> Self {
+        let isa = Isa::detect(Kind::Bf16);
+        let form = if isa == Isa::Avx512 {
+            Avx512Form::detect()
+        } else {
+            Avx512Form::Widened
+        };
+        Self::pack(weight, bias, inputs, outputs, isa, form)
+    }
+
+    fn pack(
+        weight: &[f32],
+        bias: &[f32],
+        inputs: usize,
+        outputs: usize,
+        isa: Isa,
+        form: Avx512Form,
+    ) -> Self {
         assert_eq!(weight.len(), inputs * outputs, "weight is inputs × outputs");
         assert_eq!(bias.len(), outputs, "one bias per output");
         assert!(inputs > 0 && outputs > 0, "an empty layer");
@@ -72,7 +181,8 @@ impl Bf16Linear {
             panels,
             packed,
             bias: padded_bias,
-            isa: Isa::detect(Kind::Bf16),
+            isa,
+            form,
         }
     }
 
@@ -93,8 +203,23 @@ impl Bf16Linear {
         self
     }
 
+    /// The same layer on the other AVX-512 form.
+    ///
+    /// # Panics
+    /// If this CPU cannot run `form`.
+    pub fn with_form(mut self, form: Avx512Form) -> Self {
+        assert!(form.runs(), "this CPU cannot run the {form:?} bf16 kernels");
+        self.form = form;
+        self
+    }
+
     pub fn isa(&self) -> Isa {
         self.isa
+    }
+
+    /// The AVX-512 form, where the kernels are AVX-512.
+    pub fn form(&self) -> Option<Avx512Form> {
+        (self.isa == Isa::Avx512).then_some(self.form)
     }
 
     pub fn inputs(&self) -> usize {
@@ -120,25 +245,46 @@ impl Bf16Linear {
         }
         out.par_chunks_mut(ROWS_PER_TASK * n)
             .zip(x.par_chunks(ROWS_PER_TASK * k))
-            .for_each(|(out, x)| {
-                let rows = x.len() / k;
-                let stride = self.groups * GROUP;
-                let mut a = vec![0u16; rows * stride];
-                for r in 0..rows {
-                    for (b, &v) in a[r * stride..r * stride + k]
-                        .iter_mut()
-                        .zip(&x[r * k..(r + 1) * k])
-                    {
-                        *b = to_bf16(v);
-                    }
+            .for_each(|(out, x)| self.block(x, out));
+    }
+
+    /// Rounds one block of rows to bf16 and multiplies it on this thread.
+    fn block(&self, x: &[f32], out: &mut [f32]) {
+        let k = self.inputs;
+        let rows = x.len() / k;
+        let stride = self.groups * GROUP;
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx512 && self.form == Avx512Form::Widened {
+            // The widened form reads the rounded activations as f32 (bf16 is their top
+            // half), broadcast straight from memory into its FMAs.
+            let mut a = vec![0.0f32; rows * stride];
+            for r in 0..rows {
+                for (b, &v) in a[r * stride..r * stride + k]
+                    .iter_mut()
+                    .zip(&x[r * k..(r + 1) * k])
+                {
+                    *b = from_bf16(to_bf16(v));
                 }
-                match self.isa {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `with_isa` and `Isa::detect` only choose kernels this CPU runs.
-                    Isa::Avx512 => unsafe { x86::block_avx512(self, &a, rows, out) },
-                    _ => self.block_portable(&a, rows, out),
-                }
-            });
+            }
+            // SAFETY: `pack`, `with_isa` and `with_form` only choose kernels this CPU runs.
+            unsafe { x86::block_widened(self, &a, rows, out) };
+            return;
+        }
+        let mut a = vec![0u16; rows * stride];
+        for r in 0..rows {
+            for (b, &v) in a[r * stride..r * stride + k]
+                .iter_mut()
+                .zip(&x[r * k..(r + 1) * k])
+            {
+                *b = to_bf16(v);
+            }
+        }
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Isa::Avx512 => unsafe { x86::block_dot(self, &a, rows, out) },
+            _ => self.block_portable(&a, rows, out),
+        }
     }
 
     fn block_portable(&self, a: &[u16], rows: usize, out: &mut [f32]) {
@@ -175,34 +321,124 @@ mod x86 {
 
     const MR: usize = 8;
 
+    /// Runs `$tile::<R>` over every panel pair and every tile of at most `MR` rows.
+    macro_rules! tiles {
+        ($layer:expr, $a:expr, $rows:expr, $out:expr, $tile:ident) => {{
+            let stride = $layer.groups * GROUP;
+            for pair in 0..$layer.panels / 2 {
+                if pair * 2 * PANEL >= $layer.outputs {
+                    break;
+                }
+                let mut r = 0;
+                while r < $rows {
+                    let take = ($rows - r).min(MR);
+                    let rest = &$a[r * stride..];
+                    // SAFETY: same features as the caller; bounds checked in the tile.
+                    unsafe {
+                        match take {
+                            8 => $tile::<8>($layer, rest, pair, $out, r),
+                            7 => $tile::<7>($layer, rest, pair, $out, r),
+                            6 => $tile::<6>($layer, rest, pair, $out, r),
+                            5 => $tile::<5>($layer, rest, pair, $out, r),
+                            4 => $tile::<4>($layer, rest, pair, $out, r),
+                            3 => $tile::<3>($layer, rest, pair, $out, r),
+                            2 => $tile::<2>($layer, rest, pair, $out, r),
+                            _ => $tile::<1>($layer, rest, pair, $out, r),
+                        }
+                    }
+                    r += take;
+                }
+            }
+        }};
+    }
+
     /// # Safety
     /// The CPU must have AVX-512 F and BF16.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn block_avx512(layer: &Bf16Linear, a: &[u16], rows: usize, out: &mut [f32]) {
-        let stride = layer.groups * GROUP;
-        for pair in 0..layer.panels / 2 {
-            if pair * 2 * PANEL >= layer.outputs {
+    pub(super) unsafe fn block_dot(layer: &Bf16Linear, a: &[u16], rows: usize, out: &mut [f32]) {
+        tiles!(layer, a, rows, out, tile)
+    }
+
+    /// # Safety
+    /// The CPU must have AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn block_widened(
+        layer: &Bf16Linear,
+        a: &[f32],
+        rows: usize,
+        out: &mut [f32],
+    ) {
+        tiles!(layer, a, rows, out, tile_widened)
+    }
+
+    /// Adds the bias and stores a tile's accumulators (columns past the layer's masked off).
+    #[inline(always)]
+    unsafe fn store<const R: usize>(
+        layer: &Bf16Linear,
+        acc: [&[__m512; R]; 2],
+        pair: usize,
+        out: &mut [f32],
+        first: usize,
+    ) {
+        let n = layer.outputs;
+        for (half, acc) in acc.into_iter().enumerate() {
+            let j = (2 * pair + half) * PANEL;
+            if j >= n {
                 break;
             }
-            let mut r = 0;
-            while r < rows {
-                let take = (rows - r).min(MR);
-                let rest = &a[r * stride..];
-                // SAFETY: same features as this function; bounds checked in the tile.
-                unsafe {
-                    match take {
-                        8 => tile::<8>(layer, rest, pair, out, r),
-                        7 => tile::<7>(layer, rest, pair, out, r),
-                        6 => tile::<6>(layer, rest, pair, out, r),
-                        5 => tile::<5>(layer, rest, pair, out, r),
-                        4 => tile::<4>(layer, rest, pair, out, r),
-                        3 => tile::<3>(layer, rest, pair, out, r),
-                        2 => tile::<2>(layer, rest, pair, out, r),
-                        _ => tile::<1>(layer, rest, pair, out, r),
-                    }
+            let valid = (n - j).min(PANEL);
+            let mask = ((1u32 << valid) - 1) as __mmask16;
+            // SAFETY: the bias is padded to whole panels; the caller checked `out`'s length.
+            unsafe {
+                let bias = _mm512_loadu_ps(layer.bias.as_ptr().add(j));
+                for (r, &a) in acc.iter().enumerate() {
+                    let y = _mm512_add_ps(a, bias);
+                    _mm512_mask_storeu_ps(out.as_mut_ptr().add((first + r) * n + j), mask, y);
                 }
-                r += take;
             }
+        }
+    }
+
+    /// The widened form: a packed group holds, per column, the pair (input 2g in the low
+    /// half, input 2g + 1 in the high half); shifting left by 16 gives input 2g's weights as
+    /// f32, masking the low half off gives input 2g + 1's.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_widened<const R: usize>(
+        layer: &Bf16Linear,
+        a: &[f32],
+        pair: usize,
+        out: &mut [f32],
+        first: usize,
+    ) {
+        let (groups, n) = (layer.groups, layer.outputs);
+        let stride = groups * GROUP;
+        assert!(a.len() >= R * stride);
+        assert!(out.len() >= (first + R) * n);
+        let w =
+            &layer.packed[2 * pair * groups * GROUP_VALUES..(2 * pair + 2) * groups * GROUP_VALUES];
+        let mut acc0 = [_mm512_setzero_ps(); R];
+        let mut acc1 = [_mm512_setzero_ps(); R];
+        let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+        // SAFETY: every pointer stays inside `a` and `w`, checked above.
+        unsafe {
+            let (ap, wp) = (a.as_ptr(), w.as_ptr());
+            for g in 0..groups {
+                let b0 = _mm512_loadu_si512(wp.add(g * GROUP_VALUES).cast());
+                let b1 = _mm512_loadu_si512(wp.add((groups + g) * GROUP_VALUES).cast());
+                let w0even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(b0));
+                let w0odd = _mm512_castsi512_ps(_mm512_and_si512(b0, high));
+                let w1even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(b1));
+                let w1odd = _mm512_castsi512_ps(_mm512_and_si512(b1, high));
+                for r in 0..R {
+                    let p = ap.add(r * stride + g * GROUP);
+                    let (x0, x1) = (_mm512_set1_ps(*p), _mm512_set1_ps(*p.add(1)));
+                    acc0[r] = _mm512_fmadd_ps(x0, w0even, acc0[r]);
+                    acc1[r] = _mm512_fmadd_ps(x0, w1even, acc1[r]);
+                    acc0[r] = _mm512_fmadd_ps(x1, w0odd, acc0[r]);
+                    acc1[r] = _mm512_fmadd_ps(x1, w1odd, acc1[r]);
+                }
+            }
+            store(layer, [&acc0, &acc1], pair, out, first);
         }
     }
 
@@ -241,19 +477,7 @@ mod x86 {
                     acc1[r] = _mm512_dpbf16_ps(acc1[r], av, b1);
                 }
             }
-            for (half, acc) in [&acc0, &acc1].into_iter().enumerate() {
-                let j = (2 * pair + half) * PANEL;
-                if j >= n {
-                    break;
-                }
-                let valid = (n - j).min(PANEL);
-                let mask = ((1u32 << valid) - 1) as __mmask16;
-                let bias = _mm512_loadu_ps(layer.bias.as_ptr().add(j));
-                for (r, &a) in acc.iter().enumerate() {
-                    let y = _mm512_add_ps(a, bias);
-                    _mm512_mask_storeu_ps(out.as_mut_ptr().add((first + r) * n + j), mask, y);
-                }
-            }
+            store(layer, [&acc0, &acc1], pair, out, first);
         }
     }
 }
@@ -311,16 +535,26 @@ mod tests {
         out
     }
 
+    /// Every kernel this CPU runs: portable, and each AVX-512 form.
+    fn kernels() -> Vec<(Isa, Avx512Form)> {
+        let kernels: Vec<(Isa, Avx512Form)> = [
+            (Isa::Portable, Avx512Form::Widened),
+            (Isa::Avx512, Avx512Form::DotProduct),
+            (Isa::Avx512, Avx512Form::Widened),
+        ]
+        .into_iter()
+        .filter(|&(isa, form)| isa.runs(Kind::Bf16) && (isa == Isa::Portable || form.runs()))
+        .collect();
+        if kernels.len() < 3 {
+            eprintln!("bf16 kernels not all testable on this CPU: only {kernels:?}");
+        }
+        kernels
+    }
+
     #[test]
     fn every_kernel_matches_the_reference_on_odd_sizes_and_tails() {
         let mut seed = 0x2545_f491_4f6c_dd1d;
-        let isas: Vec<Isa> = [Isa::Portable, Isa::Avx512]
-            .into_iter()
-            .filter(|i| i.runs(Kind::Bf16))
-            .collect();
-        if isas.len() < 2 {
-            eprintln!("bf16 kernels not testable on this CPU: only {isas:?}");
-        }
+        let kernels = kernels();
         for &(rows, k, n) in &[
             (1, 1, 1),
             (1, 3, 5),
@@ -334,8 +568,8 @@ mod tests {
             let x = noise(&mut seed, rows * k, 3.0);
             let w = noise(&mut seed, k * n, 0.2);
             let b = noise(&mut seed, n, 1.0);
-            for &isa in &isas {
-                let layer = Bf16Linear::round(&w, &b, k, n).with_isa(isa);
+            for &(isa, form) in &kernels {
+                let layer = Bf16Linear::pack(&w, &b, k, n, isa, form);
                 let expected = reference(&layer, &x, rows);
                 let mut out = vec![f32::NAN; rows * n];
                 layer.forward(&x, rows, &mut out);
@@ -344,11 +578,23 @@ mod tests {
                 for (idx, (got, want)) in out.iter().zip(&expected).enumerate() {
                     assert!(
                         (*got as f64 - want).abs() <= bound,
-                        "{isa:?} {rows}×{k}×{n}: element {idx} is {got}, expected {want}"
+                        "{isa:?} {form:?} {rows}×{k}×{n}: element {idx} is {got}, expected {want}"
                     );
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_chosen_form_runs_here() {
+        if Isa::Avx512.runs(Kind::Bf16) {
+            assert!(Avx512Form::detect().runs());
+        }
+        let layer = Bf16Linear::round(&[1.0, 2.0, 3.0, 4.0], &[0.5, 0.0], 2, 2);
+        assert_eq!(layer.form().is_some(), layer.isa() == Isa::Avx512);
+        let mut out = [0.0f32; 2];
+        layer.forward(&[1.0, -1.0], 1, &mut out);
+        assert_eq!(out, [1.0 - 3.0 + 0.5, 2.0 - 4.0]);
     }
 
     #[test]
@@ -361,27 +607,33 @@ mod tests {
         x[k + 1..2 * k].fill(0.0);
         let w = noise(&mut seed, k * n, 0.1);
         let b = noise(&mut seed, n, 1.0);
-        let layer = Bf16Linear::round(&w, &b, k, n);
-        let mut out = vec![0.0f32; rows * n];
-        layer.forward(&x, rows, &mut out);
-        assert_eq!(&out[..n], &b[..], "a zero row returns the bias");
-        assert!(out.iter().all(|v| v.is_finite()));
-        let (mut err, mut norm) = (0.0f64, 0.0f64);
-        for r in 2..rows {
-            for j in 0..n {
-                let exact: f64 = b[j] as f64
-                    + (0..k)
-                        .map(|i| x[r * k + i] as f64 * w[i * n + j] as f64)
-                        .sum::<f64>();
-                err += (out[r * n + j] as f64 - exact).powi(2);
-                norm += exact * exact;
+        for (isa, form) in kernels() {
+            let layer = Bf16Linear::pack(&w, &b, k, n, isa, form);
+            let mut out = vec![0.0f32; rows * n];
+            layer.forward(&x, rows, &mut out);
+            assert_eq!(
+                &out[..n],
+                &b[..],
+                "{isa:?} {form:?}: a zero row returns the bias"
+            );
+            assert!(out.iter().all(|v| v.is_finite()));
+            let (mut err, mut norm) = (0.0f64, 0.0f64);
+            for r in 2..rows {
+                for j in 0..n {
+                    let exact: f64 = b[j] as f64
+                        + (0..k)
+                            .map(|i| x[r * k + i] as f64 * w[i * n + j] as f64)
+                            .sum::<f64>();
+                    err += (out[r * n + j] as f64 - exact).powi(2);
+                    norm += exact * exact;
+                }
             }
+            let relative = (err / norm).sqrt();
+            assert!(relative < 0.01, "relative error {relative}");
+            assert!(
+                relative > 1e-6,
+                "suspiciously exact: is it rounding at all?"
+            );
         }
-        let relative = (err / norm).sqrt();
-        assert!(relative < 0.01, "relative error {relative}");
-        assert!(
-            relative > 1e-6,
-            "suspiciously exact: is it rounding at all?"
-        );
     }
 }

@@ -10,7 +10,8 @@
 //!   time, exact int32 accumulation: AVX-512 VNNI (`vpdpbusd`), AVX2
 //!   (`vpmaddubsw`/`vpmaddwd`), or portable Rust;
 //! - [`bf16`]: weights rounded to bf16 at load, activations per pass, f32 accumulation:
-//!   AVX-512 BF16 (`vdpbf16ps`), or portable Rust.
+//!   AVX-512 BF16 (`vdpbf16ps`) or AVX-512 FMA on weights widened in registers, whichever
+//!   this CPU runs faster, or portable Rust.
 //!
 //! The instruction set is chosen at run time ([`Isa::detect`]), so one binary runs on any
 //! x86-64 (and, through the portable kernels, anywhere). Every kernel is unit-tested
@@ -29,7 +30,7 @@ pub enum Isa {
     Portable,
     /// x86-64 with AVX2 and FMA.
     Avx2,
-    /// x86-64 with AVX-512 F/BW and VNNI (int8) or BF16 (bf16).
+    /// x86-64 with AVX-512 F/BW and VNNI (int8), or F (bf16; BF16 adds `vdpbf16ps`).
     Avx512,
 }
 
@@ -70,7 +71,8 @@ impl Isa {
                 (Isa::Avx512, Kind::Int8) => {
                     has!("avx512f") && has!("avx512bw") && has!("avx512vnni")
                 }
-                (Isa::Avx512, Kind::Bf16) => has!("avx512f") && has!("avx512bf16"),
+                // The widened form needs AVX-512 F alone (bf16::Avx512Form).
+                (Isa::Avx512, Kind::Bf16) => has!("avx512f"),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
