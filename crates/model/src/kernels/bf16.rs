@@ -413,6 +413,21 @@ mod x86 {
         }
     }
 
+    /// Panel pair `pair`'s packed weights, once a tile of `R` rows (`a_len` values of
+    /// activations, its first output row `first`) is checked to fit.
+    fn operands<const R: usize>(
+        layer: &Bf16Linear,
+        a_len: usize,
+        pair: usize,
+        out_len: usize,
+        first: usize,
+    ) -> &[u16] {
+        assert!(a_len >= R * layer.groups * GROUP);
+        assert!(out_len >= (first + R) * layer.outputs);
+        let values = layer.groups * GROUP_VALUES;
+        &layer.packed[2 * pair * values..(2 * pair + 2) * values]
+    }
+
     /// The widened form: a packed group holds, per column, the pair (input 2g in the low
     /// half, input 2g + 1 in the high half); shifting left by 16 gives input 2g's weights as
     /// f32, masking the low half off gives input 2g + 1's. `a` is the tile's rows as
@@ -425,12 +440,10 @@ mod x86 {
         out: &mut [f32],
         first: usize,
     ) {
-        let (groups, n) = (layer.groups, layer.outputs);
-        let stride = groups * GROUP;
-        assert!(a.len() >= R * stride);
-        assert!(out.len() >= (first + R) * n);
-        let w =
-            &layer.packed[2 * pair * groups * GROUP_VALUES..(2 * pair + 2) * groups * GROUP_VALUES];
+        let (groups, w) = (
+            layer.groups,
+            operands::<R>(layer, a.len(), pair, out.len(), first),
+        );
         let mut acc0 = [_mm512_setzero_ps(); R];
         let mut acc1 = [_mm512_setzero_ps(); R];
         let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
@@ -468,12 +481,11 @@ mod x86 {
         out: &mut [f32],
         first: usize,
     ) {
-        let (groups, n) = (layer.groups, layer.outputs);
+        let (groups, w) = (
+            layer.groups,
+            operands::<R>(layer, a.len(), pair, out.len(), first),
+        );
         let stride = groups * GROUP;
-        assert!(a.len() >= R * stride);
-        assert!(out.len() >= (first + R) * n);
-        let w =
-            &layer.packed[2 * pair * groups * GROUP_VALUES..(2 * pair + 2) * groups * GROUP_VALUES];
         let mut acc0 = [_mm512_setzero_ps(); R];
         let mut acc1 = [_mm512_setzero_ps(); R];
         // SAFETY: every pointer stays inside `a`, `w` and the padded bias, checked above.
