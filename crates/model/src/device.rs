@@ -160,7 +160,8 @@ impl ModelDevice {
     }
 }
 
-/// `host`, or for a reduced precision `host (int8, avx512 kernels)`: which kernels run.
+/// `host`, or for a reduced precision `host (int8, avx512 kernels)` (bf16 on AVX-512 names
+/// its form: `avx512 vdpbf16ps` or `avx512 widened-fma`): which kernels run.
 fn host_adapter(precision: Precision) -> String {
     use crate::kernels::{Isa, Kind};
     let kind = match precision {
@@ -169,6 +170,10 @@ fn host_adapter(precision: Precision) -> String {
         Precision::F32 | Precision::F16 => return "host".into(),
     };
     let isa = match Isa::detect(kind) {
+        Isa::Avx512 if kind == Kind::Bf16 => match crate::kernels::bf16::Avx512Form::detect() {
+            crate::kernels::bf16::Avx512Form::DotProduct => "avx512 vdpbf16ps",
+            crate::kernels::bf16::Avx512Form::Widened => "avx512 widened-fma",
+        },
         Isa::Avx512 => "avx512",
         Isa::Avx2 => "avx2",
         Isa::Portable => "portable",
