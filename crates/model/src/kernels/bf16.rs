@@ -25,8 +25,8 @@ pub enum Avx512Form {
     DotProduct,
     /// Each weight pair widened to two f32 vectors (a shift and a mask: bf16 is the top
     /// half of an f32), then 512-bit FMA. Faster where the FMA units run f32 at twice
-    /// `vdpbf16ps`'s rate (an Intel Xeon core measured here: 120 against 60 GMAC/s), and the only
-    /// form on AVX-512 CPUs without BF16.
+    /// `vdpbf16ps`'s rate (an Intel Xeon core measured here: 120 against 60 GMAC/s), and
+    /// the only form on AVX-512 CPUs without BF16.
     Widened,
 }
 
