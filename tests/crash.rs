@@ -207,25 +207,30 @@ async fn sigterm_drains_an_open_put_with_no_row_lost() {
     let input = FlightDataEncoderBuilder::new()
         .with_flight_descriptor(Some(descriptor()))
         .build(tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok));
-    let pid = server.child.id();
+    // The first 300 rows go at once; the rest wait until the server has taken the put and
+    // been sent SIGTERM, so the signal finds the stream open with more to come. (Signalled
+    // before the put is taken, the server rightly refuses it: Unavailable, shutting down.)
+    let (go, gone) = tokio::sync::oneshot::channel::<()>();
     let sender = {
         let all = all.clone();
         tokio::spawn(async move {
+            let mut gone = Some(gone);
             for (i, chunk) in all.chunks(100).enumerate() {
-                tx.send(batch(chunk)).await.unwrap();
-                if i == 2 {
-                    // SIGTERM while the stream is open and has more to send.
-                    let status = Command::new("kill")
-                        .args(["-TERM", &pid.to_string()])
-                        .status()
-                        .unwrap();
-                    assert!(status.success());
+                if i == 3 {
+                    gone.take().unwrap().await.unwrap();
                 }
+                tx.send(batch(chunk)).await.unwrap();
             }
         })
     };
-    // The sender runs first: the server answers a put once its first message is in.
+    // The server answers a put once its first message is in: the stream is open.
     let mut acks = c.do_put(input).await.unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    go.send(()).unwrap();
     let mut acknowledged = 0;
     while let Some(ack) = acks.next().await {
         let meta: serde_json::Value = serde_json::from_slice(&ack.unwrap().app_metadata).unwrap();
