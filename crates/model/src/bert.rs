@@ -1,4 +1,4 @@
-//! The BERT encoder and pooling, on burn tensors.
+//! The BERT encoder and pooling, on burn tensors: the GPU path, and the CPU reference.
 //!
 //! The layout is Hugging Face's `BertModel`: embeddings (word + position + token type,
 //! LayerNorm), then `num_layers` post-norm blocks of multi-head self-attention and a GELU
@@ -10,8 +10,9 @@
 //! - Q, K and V are one `[hidden, 3·hidden]` matmul; every Linear runs on a 2-D view;
 //! - attention is burn's fused `attention` op with a boolean key-padding mask, so padded
 //!   positions contribute exactly zero and a text's vector does not depend on its batch;
-//! - on the CPU backend GELU is [`super::gelu`]'s vectorised exact-erf kernel, run in
-//!   parallel; other backends use burn's `gelu`.
+//! - on burn's CPU backend (the reference the host pass, [`crate::host`], is tested
+//!   against) GELU is [`super::gelu`]'s vectorised exact-erf kernel; GPU backends use
+//!   burn's `gelu`.
 //!
 //! Tensors are reference-counted: cloning a [`Bert`] shares its weights, which is how
 //! several worker threads each get a replica without copying 90 MB.
@@ -26,10 +27,8 @@ use burn::tensor::{Bool, Device, FloatDType, Tensor, TensorData};
 use super::ModelError;
 use super::device::Precision;
 use super::gelu;
-use super::kernels::bf16::Bf16Linear;
-use super::kernels::int8::Int8Linear;
 use super::spec::{ModelSpec, Pooling};
-use super::weights::WeightFile;
+use super::weights::{LinearWeights, NormWeights, WeightFile};
 
 /// A float tensor on `device`, stored in `dtype`.
 fn on_device<const D: usize>(data: TensorData, device: &Device, dtype: FloatDType) -> Tensor<D> {
@@ -54,22 +53,21 @@ impl LinearRole {
     pub const ALL: [LinearRole; 4] = [Self::Qkv, Self::AttnOut, Self::Up, Self::Down];
 
     /// Its place in [`Self::ALL`].
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 }
 
-/// Input channels of each int8 Linear layer computed in f32 beside the int8 product: the
-/// channels that reached the largest magnitudes over the calibration texts. MiniLM's
+/// Input channels of an int8 Linear layer to compute in f32 beside the int8 product
+/// (`crate::host`): the channels that reached the largest magnitudes over the calibration
+/// texts. MiniLM's
 /// LayerNorm outputs carry four channels up to 16× the typical channel's maximum; eight
 /// cover them and the GELU outputs' largest. On the 2 000 variant texts of
 /// `scripts/bench-model.sh` eight lift int8's neighbour recall@10 from 0.93 to 0.96, for
 /// about 2 % of a layer's multiplies in f32 (docs/BENCHMARKS.md).
-const OUTLIER_CHANNELS: usize = 8;
-
 /// The `count` channels of `maxima` with the largest values (fewer if the layer is
 /// narrow: at most an eighth of its inputs).
-fn outlier_channels(maxima: &[f32], count: usize) -> Vec<usize> {
+pub(crate) fn outlier_channels(maxima: &[f32], count: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..maxima.len()).collect();
     order.sort_by(|&a, &b| maxima[b].total_cmp(&maxima[a]).then(a.cmp(&b)));
     order.truncate(count.min(maxima.len() / 8));
@@ -86,161 +84,35 @@ pub struct LayerPrecision {
     pub precision: Precision,
 }
 
-/// A Linear layer: burn's matmul on the device, or one of the host kernels.
+/// A Linear layer on the device: `[in, out]` weight and bias in the compute dtype.
 #[derive(Clone)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "four per block, made once at load: their size is immaterial"
-)]
-enum Linear {
-    Device {
-        /// `[in, out]`
-        weight: Tensor<2>,
-        bias: Tensor<1>,
-    },
-    Int8(Arc<Int8Linear>),
-    Bf16(Arc<Bf16Linear>),
+struct Linear {
+    weight: Tensor<2>,
+    bias: Tensor<1>,
 }
 
 impl Linear {
-    /// `weight` is `[inp, out]`, row-major. `precision`: `f32`/`f16` run on the device in
-    /// that dtype; `int8` and `bf16` on the host kernels (CPU backend only).
-    fn new(
-        weight: Vec<f32>,
-        bias: Vec<f32>,
-        inp: usize,
-        out: usize,
-        device: &Device,
-        precision: Precision,
-    ) -> Self {
-        match precision {
-            Precision::Int8 => Self::Int8(Arc::new(Int8Linear::quantize(&weight, &bias, inp, out))),
-            Precision::Bf16 => Self::Bf16(Arc::new(Bf16Linear::round(&weight, &bias, inp, out))),
-            Precision::F32 | Precision::F16 => {
-                let dtype = dtype_of(precision);
-                Self::Device {
-                    weight: on_device(TensorData::new(weight, [inp, out]), device, dtype),
-                    bias: on_device(TensorData::new(bias, [out]), device, dtype),
-                }
-            }
+    fn new(w: LinearWeights, device: &Device, dtype: FloatDType) -> Self {
+        Self {
+            weight: on_device(
+                TensorData::new(w.weight, [w.inputs, w.outputs]),
+                device,
+                dtype,
+            ),
+            bias: on_device(TensorData::new(w.bias, [w.outputs]), device, dtype),
         }
     }
 
-    fn load(
-        w: &mut WeightFile,
-        name: &str,
-        inp: usize,
-        out: usize,
-        device: &Device,
-        precision: Precision,
-    ) -> Result<Self, ModelError> {
-        let weight = w.get_linear_weight(&format!("{name}.weight"), out, inp)?;
-        let bias = w.get(&format!("{name}.bias"), &[out])?;
-        Ok(Self::new(weight, bias, inp, out, device, precision))
-    }
-
-    /// Q, K and V stacked into one `[in, 3·out]` layer.
-    fn load_fused(
-        w: &mut WeightFile,
-        names: [&str; 3],
-        inp: usize,
-        out: usize,
-        device: &Device,
-        precision: Precision,
-    ) -> Result<Self, ModelError> {
-        let mut weight = vec![0.0f32; inp * 3 * out];
-        let mut bias = Vec::with_capacity(3 * out);
-        for (part, name) in names.iter().enumerate() {
-            let wt = w.get_linear_weight(&format!("{name}.weight"), out, inp)?;
-            for i in 0..inp {
-                weight[i * 3 * out + part * out..i * 3 * out + (part + 1) * out]
-                    .copy_from_slice(&wt[i * out..(i + 1) * out]);
-            }
-            bias.extend(w.get(&format!("{name}.bias"), &[out])?);
-        }
-        Ok(Self::new(weight, bias, inp, 3 * out, device, precision))
-    }
-
-    /// This layer in int8 with `outliers` in f32 (a device layer's weights read back);
-    /// host layers are returned as they are.
-    fn quantized(&self, outliers: &[usize]) -> Self {
-        match self {
-            Self::Device { weight, bias } => {
-                let [inp, out] = weight.dims();
-                let read = |t: Tensor<2>| {
-                    t.cast(FloatDType::F32)
-                        .into_data()
-                        .try_into_vec::<f32>()
-                        .expect("cast to f32")
-                };
-                let weight = read(weight.clone());
-                let bias = read(bias.clone().reshape([1, out]));
-                Self::Int8(Arc::new(Int8Linear::quantize_with_outliers(
-                    &weight, &bias, inp, out, outliers,
-                )))
-            }
-            host => host.clone(),
-        }
-    }
-
-    /// `x · W + b`. Device layers compute in the weights' dtype (`x` in it already); host
-    /// layers take and return f32 tensors in host memory.
-    fn forward(&self, x: Tensor<2>, device: &Device) -> Tensor<2> {
-        match self {
-            Self::Device { weight, bias } => linear(x, weight.clone(), Some(bias.clone())),
-            Self::Int8(l) => on_host(x, l.outputs(), device, |x, rows, y| l.forward(x, rows, y)),
-            Self::Bf16(l) => on_host(x, l.outputs(), device, |x, rows, y| l.forward(x, rows, y)),
-        }
-    }
-
-    /// `gelu(x · W + b)`: on host layers GELU runs on the kernel's output before it becomes
-    /// a tensor (one pass over memory fewer); on device layers, `gelu` after.
-    fn forward_gelu(
-        &self,
-        x: Tensor<2>,
-        device: &Device,
-        on_device: impl Fn(Tensor<2>) -> Tensor<2>,
-    ) -> Tensor<2> {
-        match self {
-            Self::Device { .. } => on_device(self.forward(x, device)),
-            Self::Int8(l) => on_host(x, l.outputs(), device, |x, rows, y| {
-                l.forward(x, rows, y);
-                gelu::gelu_in_place(y);
-            }),
-            Self::Bf16(l) => on_host(x, l.outputs(), device, |x, rows, y| {
-                l.forward(x, rows, y);
-                gelu::gelu_in_place(y);
-            }),
-        }
+    /// `x · W + b`, in the weights' dtype (`x` in it already).
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        linear(x, self.weight.clone(), Some(self.bias.clone()))
     }
 
     /// Bytes of weights and biases.
     fn bytes(&self) -> usize {
-        match self {
-            Self::Device { weight, bias } => {
-                let elem = weight.dtype().size();
-                (weight.shape().num_elements() + bias.shape().num_elements()) * elem
-            }
-            Self::Int8(l) => l.bytes(),
-            Self::Bf16(l) => l.bytes(),
-        }
+        let elem = self.weight.dtype().size();
+        (self.weight.shape().num_elements() + self.bias.shape().num_elements()) * elem
     }
-}
-
-/// Runs a host kernel on `x` (`rows × in`, f32 in host memory) into a new `rows × out`
-/// tensor.
-fn on_host(
-    x: Tensor<2>,
-    out: usize,
-    device: &Device,
-    kernel: impl Fn(&[f32], usize, &mut [f32]),
-) -> Tensor<2> {
-    let [rows, _] = x.dims();
-    let data = x.into_data();
-    let input = data.as_slice::<f32>().expect("host layers take f32");
-    let mut y = vec![0.0f32; rows * out];
-    kernel(input, rows, &mut y);
-    Tensor::from_data(TensorData::new(y, [rows, out]), device)
 }
 
 fn dtype_of(precision: Precision) -> FloatDType {
@@ -258,20 +130,13 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn load(
-        w: &mut WeightFile,
-        name: &str,
-        width: usize,
-        eps: f64,
-        device: &Device,
-    ) -> Result<Self, ModelError> {
-        let gamma = w.get(&format!("{name}.weight"), &[width])?;
-        let beta = w.get(&format!("{name}.bias"), &[width])?;
-        Ok(Self {
-            gamma: Tensor::from_data(TensorData::new(gamma, [width]), device),
-            beta: Tensor::from_data(TensorData::new(beta, [width]), device),
+    fn new(w: NormWeights, eps: f64, device: &Device) -> Self {
+        let width = w.gamma.len();
+        Self {
+            gamma: Tensor::from_data(TensorData::new(w.gamma, [width]), device),
+            beta: Tensor::from_data(TensorData::new(w.beta, [width]), device),
             eps,
-        })
+        }
     }
 
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
@@ -289,22 +154,11 @@ struct Block {
     out_norm: LayerNorm,
 }
 
-impl Block {
-    fn linear_mut(&mut self, role: LinearRole) -> &mut Linear {
-        match role {
-            LinearRole::Qkv => &mut self.qkv,
-            LinearRole::AttnOut => &mut self.attn_out,
-            LinearRole::Up => &mut self.up,
-            LinearRole::Down => &mut self.down,
-        }
-    }
-}
-
 /// The word-embedding table (30 522 × 384 for MiniLM: 47 MB in f32, the largest tensor).
 /// An int8 model keeps it in int8 with one scale per 32 values of a row (13 MB; one scale
 /// per row lost a measurable 0.003 of min cosine on the reference texts): a row is
 /// dequantized when gathered, before the embedding LayerNorm.
-enum WordTable {
+pub(crate) enum WordTable {
     F32(Vec<f32>),
     Int8 { values: Vec<i8>, scales: Vec<f32> },
 }
@@ -313,7 +167,7 @@ enum WordTable {
 const WORD_GROUP: usize = 32;
 
 impl WordTable {
-    fn int8(table: &[f32], width: usize) -> Self {
+    pub(crate) fn int8(table: &[f32], width: usize) -> Self {
         let mut values = vec![0i8; table.len()];
         let mut scales = Vec::with_capacity(table.len().div_ceil(WORD_GROUP));
         for (row, q) in table
@@ -333,7 +187,7 @@ impl WordTable {
     }
 
     /// `out = table[id] + pos`.
-    fn add_row(&self, id: usize, pos: &[f32], out: &mut [f32]) {
+    pub(crate) fn add_row(&self, id: usize, pos: &[f32], out: &mut [f32]) {
         let w = pos.len();
         match self {
             Self::F32(t) => {
@@ -352,7 +206,7 @@ impl WordTable {
         }
     }
 
-    fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         match self {
             Self::F32(t) => t.len() * 4,
             Self::Int8 { values, scales } => values.len() + scales.len() * 4,
@@ -381,7 +235,7 @@ pub struct Bert {
     position_embeddings: Arc<Vec<f32>>,
     embed_norm: LayerNorm,
     blocks: Vec<Block>,
-    /// Run GELU on the host with the vectorised kernel (CPU backend only).
+    /// Run GELU on the host with the vectorised kernel (burn's CPU backend).
     host_gelu: bool,
     /// What the Linear layers, attention and GELU compute in; the residual stream,
     /// LayerNorm and pooling stay f32.
@@ -389,149 +243,36 @@ pub struct Bert {
 }
 
 impl Bert {
-    /// Loads the encoder with its Linear layers in `precision`, except `overrides`.
-    ///
-    /// int8 layers are calibrated: the model first loads in f32 and runs `calibration`
-    /// (token rows, one per pass), and each int8 layer keeps the input channels that
-    /// reached the largest magnitudes in f32 ([`OUTLIER_CHANNELS`]); then its weights are
-    /// quantized and the f32 copy dropped.
+    /// Loads the encoder onto `device` with its Linear layers in `precision` (`f32`, or
+    /// `f16` on a GPU).
     pub fn load(
         spec: Arc<ModelSpec>,
         weights: &mut WeightFile,
         device: &Device,
         host_gelu: bool,
         precision: Precision,
-        overrides: &[LayerPrecision],
-        calibration: &[Vec<u32>],
-    ) -> Result<Self, ModelError> {
-        let of = |layer: usize, role: LinearRole| {
-            overrides
-                .iter()
-                .rev()
-                .find(|o| o.layer == layer && o.role == role)
-                .map_or(precision, |o| o.precision)
-        };
-        let int8 = |layer: usize, role: LinearRole| of(layer, role) == Precision::Int8;
-        let mut bert = Self::load_layers(spec, weights, device, host_gelu, precision, |l, r| {
-            if int8(l, r) { Precision::F32 } else { of(l, r) }
-        })?;
-        let layers = bert.blocks.len();
-        if (0..layers).any(|l| LinearRole::ALL.iter().any(|&r| int8(l, r))) {
-            let maxima = bert.input_maxima(calibration);
-            for (l, block) in bert.blocks.iter_mut().enumerate() {
-                for role in LinearRole::ALL.into_iter().filter(|&r| int8(l, r)) {
-                    let outliers = maxima
-                        .get(l)
-                        .map(|m| outlier_channels(&m[role.index()], OUTLIER_CHANNELS))
-                        .unwrap_or_default();
-                    let linear = block.linear_mut(role);
-                    *linear = linear.quantized(&outliers);
-                }
-            }
-        }
-        if precision == Precision::Int8
-            && let WordTable::F32(table) = &*bert.word_embeddings
-        {
-            bert.word_embeddings = Arc::new(WordTable::int8(table, bert.spec.hidden_size));
-        }
-        Ok(bert)
-    }
-
-    /// The encoder with each Linear layer in `of(layer, role)`'s precision, the word
-    /// table in f32.
-    fn load_layers(
-        spec: Arc<ModelSpec>,
-        weights: &mut WeightFile,
-        device: &Device,
-        host_gelu: bool,
-        precision: Precision,
-        of: impl Fn(usize, LinearRole) -> Precision,
     ) -> Result<Self, ModelError> {
         let compute = dtype_of(precision);
-        let h = spec.hidden_size;
-        let word = weights.get("embeddings.word_embeddings.weight", &[spec.vocab_size, h])?;
-        let mut pos = weights.get(
-            "embeddings.position_embeddings.weight",
-            &[spec.max_position_embeddings, h],
-        )?;
-        let types = weights.get(
-            "embeddings.token_type_embeddings.weight",
-            &[spec.type_vocab_size, h],
-        )?;
-        for row in pos.chunks_exact_mut(h) {
-            for (p, t) in row.iter_mut().zip(&types[..h]) {
-                *p += *t;
-            }
-        }
-        let embed_norm = LayerNorm::load(
-            weights,
-            "embeddings.LayerNorm",
-            h,
-            spec.layer_norm_eps,
-            device,
-        )?;
+        let eps = spec.layer_norm_eps;
+        let embeddings = weights.embeddings(&spec)?;
         let mut blocks = Vec::with_capacity(spec.num_layers);
         for l in 0..spec.num_layers {
-            let p = format!("encoder.layer.{l}");
+            let w = weights.block(&spec, l)?;
             blocks.push(Block {
-                qkv: Linear::load_fused(
-                    weights,
-                    [
-                        &format!("{p}.attention.self.query"),
-                        &format!("{p}.attention.self.key"),
-                        &format!("{p}.attention.self.value"),
-                    ],
-                    h,
-                    h,
-                    device,
-                    of(l, LinearRole::Qkv),
-                )?,
-                attn_out: Linear::load(
-                    weights,
-                    &format!("{p}.attention.output.dense"),
-                    h,
-                    h,
-                    device,
-                    of(l, LinearRole::AttnOut),
-                )?,
-                attn_norm: LayerNorm::load(
-                    weights,
-                    &format!("{p}.attention.output.LayerNorm"),
-                    h,
-                    spec.layer_norm_eps,
-                    device,
-                )?,
-                up: Linear::load(
-                    weights,
-                    &format!("{p}.intermediate.dense"),
-                    h,
-                    spec.intermediate_size,
-                    device,
-                    of(l, LinearRole::Up),
-                )?,
-                down: Linear::load(
-                    weights,
-                    &format!("{p}.output.dense"),
-                    spec.intermediate_size,
-                    h,
-                    device,
-                    of(l, LinearRole::Down),
-                )?,
-                out_norm: LayerNorm::load(
-                    weights,
-                    &format!("{p}.output.LayerNorm"),
-                    h,
-                    spec.layer_norm_eps,
-                    device,
-                )?,
+                qkv: Linear::new(w.qkv, device, compute),
+                attn_out: Linear::new(w.attn_out, device, compute),
+                attn_norm: LayerNorm::new(w.attn_norm, eps, device),
+                up: Linear::new(w.up, device, compute),
+                down: Linear::new(w.down, device, compute),
+                out_norm: LayerNorm::new(w.out_norm, eps, device),
             });
         }
         Ok(Self {
             spec,
             device: device.clone(),
-            word_embeddings: Arc::new(WordTable::F32(word)),
-            position_embeddings: Arc::new(pos),
-            embed_norm,
+            word_embeddings: Arc::new(WordTable::F32(embeddings.words)),
+            position_embeddings: Arc::new(embeddings.positions),
+            embed_norm: LayerNorm::new(embeddings.norm, eps, device),
             blocks,
             host_gelu,
             compute,
@@ -562,50 +303,6 @@ impl Bert {
     /// masked out of attention and pooling. Every id must be below `vocab_size` and every
     /// row at most `max_seq_length` long (the tokenizer guarantees both).
     pub fn forward(&self, batch: &TokenBatch<'_>) -> Vec<f32> {
-        self.forward_observed(batch, |_, _, _| {})
-    }
-
-    /// For each block and Linear layer, the largest magnitude each input channel reached
-    /// over `texts`, run one per pass (so that no padded position counts). Empty when
-    /// `texts` is.
-    fn input_maxima(&self, texts: &[Vec<u32>]) -> Vec<[Vec<f32>; 4]> {
-        let mut maxima: Vec<[Vec<f32>; 4]> = Vec::new();
-        for ids in texts.iter().filter(|ids| !ids.is_empty()) {
-            let rows = [ids.as_slice()];
-            let batch = TokenBatch {
-                rows: &rows,
-                pad_to: 0,
-            };
-            self.forward_observed(&batch, |layer, role, x| {
-                let seen = x
-                    .clone()
-                    .abs()
-                    .max_dim(0)
-                    .into_data()
-                    .try_into_vec::<f32>()
-                    .expect("activations are f32");
-                if maxima.len() <= layer {
-                    maxima.resize_with(layer + 1, Default::default);
-                }
-                let kept = &mut maxima[layer][role.index()];
-                if kept.is_empty() {
-                    *kept = seen;
-                } else {
-                    for (k, s) in kept.iter_mut().zip(seen) {
-                        *k = k.max(s);
-                    }
-                }
-            });
-        }
-        maxima
-    }
-
-    /// [`Self::forward`], showing `observe` each Linear layer's input (`tokens × in`).
-    fn forward_observed(
-        &self,
-        batch: &TokenBatch<'_>,
-        mut observe: impl FnMut(usize, LinearRole, &Tensor<2>),
-    ) -> Vec<f32> {
         let spec = &*self.spec;
         let (h, heads, dh) = (spec.hidden_size, spec.num_heads, spec.head_dim());
         let b = batch.rows.len();
@@ -650,11 +347,10 @@ impl Bert {
             Tensor::from_data(TensorData::new(mask, [b, 1, t, t]), &self.device);
 
         let (f32, compute) = (FloatDType::F32, self.compute);
-        for (l, block) in self.blocks.iter().enumerate() {
-            observe(l, LinearRole::Qkv, &x);
+        for block in &self.blocks {
             let qkv = block
                 .qkv
-                .forward(x.clone().cast(compute), &self.device)
+                .forward(x.clone().cast(compute))
                 .reshape([b, t, 3 * heads, dh])
                 .swap_dims(1, 2);
             let q = qkv.clone().narrow(1, 0, heads);
@@ -670,24 +366,18 @@ impl Bert {
             )
             .swap_dims(1, 2)
             .reshape([n, h]);
-            observe(l, LinearRole::AttnOut, &ctx);
             x = block
                 .attn_norm
-                .forward(block.attn_out.forward(ctx, &self.device).cast(f32) + x);
-            observe(l, LinearRole::Up, &x);
-            let act = block
-                .up
-                .forward_gelu(x.clone().cast(compute), &self.device, |up| {
-                    if self.host_gelu {
-                        gelu::gelu_tensor(up, &self.device)
-                    } else {
-                        activation::gelu(up)
-                    }
-                });
-            observe(l, LinearRole::Down, &act);
+                .forward(block.attn_out.forward(ctx).cast(f32) + x);
+            let up = block.up.forward(x.clone().cast(compute));
+            let act = if self.host_gelu {
+                gelu::gelu_tensor(up, &self.device)
+            } else {
+                activation::gelu(up)
+            };
             x = block
                 .out_norm
-                .forward(block.down.forward(act, &self.device).cast(f32) + x);
+                .forward(block.down.forward(act).cast(f32) + x);
         }
 
         let x = x.reshape([b, t, h]);

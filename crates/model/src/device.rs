@@ -15,7 +15,8 @@ use crate::ModelError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Backend {
-    /// burn's `flex` backend: pure Rust, SIMD, multi-threaded through rayon.
+    /// The host: Keel's own forward pass and kernels (AVX-512, AVX2 or portable, chosen
+    /// at run time), multi-threaded through rayon.
     #[default]
     Cpu,
     /// burn's `wgpu` backend (WGSL kernels through the Vulkan, Metal or DX12 driver).
@@ -106,7 +107,7 @@ pub struct ModelDevice {
     pub backend: Backend,
     pub device: Device,
     /// The adapter's name and type (`"llvmpipe (LLVM 15.0.6, 256 bits), Cpu, Vulkan"`), or
-    /// `"host"` for the CPU backend (`"host (int8, avx512 kernels)"` in a reduced
+    /// `"host (f32, avx512 kernels)"` for the CPU backend (`"host (int8, avx2 kernels)"` in a reduced
     /// precision).
     pub adapter: String,
     pub precision: Precision,
@@ -160,20 +161,21 @@ impl ModelDevice {
     }
 }
 
-/// `host`, or for a reduced precision `host (int8, avx512 kernels)` (bf16 on AVX-512 names
+/// `host (f32, avx512 kernels)`, `host (int8, avx2 kernels)`, ... (bf16 on AVX-512 names
 /// its form: `avx512 vdpbf16ps` or `avx512 widened-fma`): which kernels run.
 fn host_adapter(precision: Precision) -> String {
     use crate::kernels::{Isa, Kind};
     let kind = match precision {
         Precision::Int8 => Kind::Int8,
         Precision::Bf16 => Kind::Bf16,
-        Precision::F32 | Precision::F16 => return "host".into(),
+        Precision::F32 | Precision::F16 => Kind::F32,
     };
     let isa = match Isa::detect(kind) {
         Isa::Avx512 if kind == Kind::Bf16 => match crate::kernels::bf16::Avx512Form::detect() {
             crate::kernels::bf16::Avx512Form::DotProduct => "avx512 vdpbf16ps",
             crate::kernels::bf16::Avx512Form::Widened => "avx512 widened-fma",
         },
+        Isa::Amx => "amx",
         Isa::Avx512 => "avx512",
         Isa::Avx2 => "avx2",
         Isa::Portable => "portable",

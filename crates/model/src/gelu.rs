@@ -44,12 +44,13 @@ pub fn gelu(x: f32) -> f32 {
 
 /// GELU over a slice, in place, in parallel on the current rayon pool.
 pub fn gelu_in_place(values: &mut [f32]) {
-    values.par_chunks_mut(CHUNK).for_each(gelu_chunk);
+    values.par_chunks_mut(CHUNK).for_each(gelu_slice);
 }
 
-/// The same scalar code compiled for the widest vectors this CPU has (chosen at run time):
-/// lane for lane the same IEEE operations, so the same results, 4–16 at a time.
-fn gelu_chunk(chunk: &mut [f32]) {
+/// GELU over a slice, in place, on this thread: the same scalar code compiled for the
+/// widest vectors this CPU has (chosen at run time), lane for lane the same IEEE
+/// operations, so the same results, 4–16 at a time.
+pub fn gelu_slice(chunk: &mut [f32]) {
     #[inline(always)]
     fn plain(chunk: &mut [f32]) {
         for v in chunk {

@@ -6,8 +6,9 @@
 //! a batch of any lengths; [`SentenceModel::embed`] tokenizes, plans length-bucketed passes
 //! and returns vectors in input order.
 //!
-//! The backend is picked at run time ([`Backend`]); the model code is the same for every
-//! device.
+//! The backend is picked at run time ([`Backend`]): on the CPU the encoder runs on Keel's
+//! own kernels in memory it owns ([`host`]), on a GPU on burn ([`bert`]), which is also the
+//! reference the CPU pass is tested against.
 
 mod batching;
 mod bert;
@@ -15,13 +16,14 @@ mod calibration;
 mod convert;
 mod device;
 pub mod gelu;
+mod host;
 pub mod kernels;
 mod spec;
 mod tokenize;
 mod weights;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 pub use batching::{BatchLimits, LENGTH_BUCKETS, length_bucket, plan};
 pub use bert::{LayerPrecision, LinearRole, TokenBatch};
@@ -31,6 +33,7 @@ pub use spec::{ModelSpec, Pooling};
 pub use tokenize::TextTokenizer;
 
 use bert::Bert;
+use host::{HostEncoder, Workspace};
 use weights::WeightFile;
 
 /// Why a model could not be loaded or run.
@@ -88,14 +91,38 @@ pub enum ModelError {
     },
 }
 
-/// A loaded sentence model. Cloning shares the weights (a replica for another thread).
+/// A loaded sentence model. Cloning shares the weights (a replica for another thread);
+/// on the CPU each clone has its own activation buffers.
 #[derive(Clone)]
 pub struct SentenceModel {
     device: ModelDevice,
     spec: Arc<ModelSpec>,
     tokenizer: TextTokenizer,
-    bert: Bert,
+    encoder: Encoder,
     model_id: String,
+}
+
+/// The encoder: burn on a device, or the host pass with this replica's buffers.
+#[derive(Clone)]
+enum Encoder {
+    Device(Bert),
+    Host(HostReplica),
+}
+
+/// The shared host encoder and one replica's workspace.
+struct HostReplica {
+    encoder: Arc<HostEncoder>,
+    workspace: Mutex<Workspace>,
+}
+
+impl Clone for HostReplica {
+    /// Shares the weights; a new replica starts with empty buffers of its own.
+    fn clone(&self) -> Self {
+        Self {
+            encoder: self.encoder.clone(),
+            workspace: Mutex::default(),
+        }
+    }
 }
 
 impl SentenceModel {
@@ -119,6 +146,11 @@ impl SentenceModel {
         device: ModelDevice,
         overrides: &[LayerPrecision],
     ) -> Result<Self, ModelError> {
+        if !overrides.is_empty() && !device.is_host() {
+            return Err(ModelError::Precision(
+                "per-layer precisions run on the cpu backend only".into(),
+            ));
+        }
         if let Some(o) = overrides
             .iter()
             .find(|o| !o.precision.runs_on(device.backend))
@@ -142,15 +174,26 @@ impl SentenceModel {
             .iter()
             .map(|text| tokenizer.encode(text))
             .collect::<Result<Vec<_>, _>>()?;
-        let bert = Bert::load(
-            spec.clone(),
-            &mut weights,
-            &device.device,
-            device.is_host(),
-            device.precision,
-            overrides,
-            &calibration,
-        )?;
+        let encoder = if device.is_host() {
+            Encoder::Host(HostReplica {
+                encoder: Arc::new(HostEncoder::load(
+                    spec.clone(),
+                    &mut weights,
+                    device.precision,
+                    overrides,
+                    &calibration,
+                )?),
+                workspace: Mutex::default(),
+            })
+        } else {
+            Encoder::Device(Bert::load(
+                spec.clone(),
+                &mut weights,
+                &device.device,
+                false,
+                device.precision,
+            )?)
+        };
         let unused = weights.unused()?;
         if !unused.is_empty() {
             tracing::debug!(file = %weights_path.display(), ?unused, "tensors not used by the encoder");
@@ -165,9 +208,28 @@ impl SentenceModel {
             device,
             spec,
             tokenizer,
-            bert,
+            encoder,
             model_id,
         })
+    }
+
+    /// The model in f32 on burn's own CPU backend (`flex`): the reference the host pass
+    /// is tested against, and a second opinion when one is in doubt. Slower than the
+    /// host pass; not what `backend: cpu` runs.
+    pub fn load_burn_reference(dir: &Path) -> Result<Self, ModelError> {
+        let mut model = Self::load(dir, Backend::Cpu)?;
+        let mut weights = WeightFile::open(&dir.join("model.safetensors"))?;
+        let device = burn::tensor::Device::flex();
+        model.encoder = Encoder::Device(Bert::load(
+            model.spec.clone(),
+            &mut weights,
+            &device,
+            true,
+            Precision::F32,
+        )?);
+        model.device.device = device;
+        model.device.adapter = "burn flex (reference)".into();
+        Ok(model)
     }
 
     /// Returns the device's pooled memory (GPU backends keep a pool of freed buffers);
@@ -192,12 +254,27 @@ impl SentenceModel {
 
     /// Bytes of the encoder's Linear weights in the precision they compute in.
     pub fn linear_bytes(&self) -> usize {
-        self.bert.linear_bytes()
+        match &self.encoder {
+            Encoder::Device(bert) => bert.linear_bytes(),
+            Encoder::Host(host) => host.encoder.linear_bytes(),
+        }
     }
 
     /// Bytes of every weight the model holds, in the precision it computes in.
     pub fn weight_bytes(&self) -> usize {
-        self.bert.weight_bytes()
+        match &self.encoder {
+            Encoder::Device(bert) => bert.weight_bytes(),
+            Encoder::Host(host) => host.encoder.weight_bytes(),
+        }
+    }
+
+    /// Bytes of this replica's activation buffers (host only: they grow to the largest
+    /// pass run and are kept).
+    pub fn workspace_bytes(&self) -> usize {
+        match &self.encoder {
+            Encoder::Device(_) => 0,
+            Encoder::Host(host) => host.workspace().bytes(),
+        }
     }
 
     /// Width of the sentence vectors.
@@ -219,7 +296,16 @@ impl SentenceModel {
     pub fn embed_tokens(&self, rows: &[&[u32]]) -> Vec<f32> {
         let longest = rows.iter().map(|r| r.len()).max().unwrap_or(0);
         let pad_to = self.padded_length(longest);
-        let mut out = self.bert.forward(&TokenBatch { rows, pad_to });
+        let batch = TokenBatch { rows, pad_to };
+        let mut out = match &self.encoder {
+            Encoder::Device(bert) => bert.forward(&batch),
+            Encoder::Host(host) => {
+                let mut out = Vec::with_capacity(rows.len() * self.spec.hidden_size);
+                host.encoder
+                    .forward(&batch, &mut host.workspace(), &mut out);
+                out
+            }
+        };
         if self.spec.normalize {
             for v in out.chunks_exact_mut(self.spec.hidden_size) {
                 l2_normalize(v);
@@ -265,6 +351,12 @@ impl SentenceModel {
     /// On the host it runs one small pass (nothing to compile) and returns 1.
     pub fn warm_up(&self, limits: BatchLimits) -> usize {
         let unk = [0u32; 1];
+        if let Encoder::Host(host) = &self.encoder {
+            // Buffers for the largest pass now, so that no pass allocates them.
+            let tokens = limits.max_tokens.max(self.spec.max_seq_length);
+            let rows = limits.max_rows.min(tokens).max(1);
+            host.encoder.reserve(&mut host.workspace(), rows, tokens);
+        }
         if !self.device.compiles_per_shape() {
             self.embed_tokens(&[&unk]);
             return 1;
@@ -288,6 +380,16 @@ impl SentenceModel {
             }
         }
         passes
+    }
+}
+
+impl HostReplica {
+    /// This replica's buffers (a poisoned lock only means a pass panicked: the buffers
+    /// hold no state between passes).
+    fn workspace(&self) -> std::sync::MutexGuard<'_, Workspace> {
+        self.workspace
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

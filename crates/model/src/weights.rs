@@ -14,6 +14,7 @@ use burn::tensor::{bf16, f16};
 use safetensors::{Dtype, SafeTensors};
 
 use super::ModelError;
+use super::spec::ModelSpec;
 
 /// An opened safetensors file, held in memory until the model is built.
 pub struct WeightFile {
@@ -130,5 +131,119 @@ impl WeightFile {
             .filter(|n| !self.used.contains(*n))
             .map(String::from)
             .collect())
+    }
+}
+
+/// A Linear layer's weight (`inputs × outputs`, row-major: `y = x · W + b`) and bias.
+pub struct LinearWeights {
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub inputs: usize,
+    pub outputs: usize,
+}
+
+/// A LayerNorm's scale and shift.
+pub struct NormWeights {
+    pub gamma: Vec<f32>,
+    pub beta: Vec<f32>,
+}
+
+/// The embedding layer: the word table, the position table with the token-type-0
+/// embedding added to every row (single-segment input), and the LayerNorm after them.
+pub struct EmbeddingWeights {
+    /// `vocab_size × hidden`.
+    pub words: Vec<f32>,
+    /// `max_position_embeddings × hidden`.
+    pub positions: Vec<f32>,
+    pub norm: NormWeights,
+}
+
+/// One encoder block's weights, in Hugging Face's `BertLayer` order.
+pub struct BlockWeights {
+    /// Q, K and V stacked into one `hidden × 3·hidden` layer.
+    pub qkv: LinearWeights,
+    pub attn_out: LinearWeights,
+    pub attn_norm: NormWeights,
+    pub up: LinearWeights,
+    pub down: LinearWeights,
+    pub out_norm: NormWeights,
+}
+
+impl WeightFile {
+    /// The embedding layer of a model shaped as `spec` says.
+    pub fn embeddings(&mut self, spec: &ModelSpec) -> Result<EmbeddingWeights, ModelError> {
+        let h = spec.hidden_size;
+        let words = self.get("embeddings.word_embeddings.weight", &[spec.vocab_size, h])?;
+        let mut positions = self.get(
+            "embeddings.position_embeddings.weight",
+            &[spec.max_position_embeddings, h],
+        )?;
+        let types = self.get(
+            "embeddings.token_type_embeddings.weight",
+            &[spec.type_vocab_size, h],
+        )?;
+        for row in positions.chunks_exact_mut(h) {
+            for (p, t) in row.iter_mut().zip(&types[..h]) {
+                *p += *t;
+            }
+        }
+        let norm = self.norm("embeddings.LayerNorm", h)?;
+        Ok(EmbeddingWeights {
+            words,
+            positions,
+            norm,
+        })
+    }
+
+    /// Encoder block `layer` of a model shaped as `spec` says.
+    pub fn block(&mut self, spec: &ModelSpec, layer: usize) -> Result<BlockWeights, ModelError> {
+        let (h, i) = (spec.hidden_size, spec.intermediate_size);
+        let p = format!("encoder.layer.{layer}");
+        let mut weight = vec![0.0f32; h * 3 * h];
+        let mut bias = Vec::with_capacity(3 * h);
+        for (part, name) in ["query", "key", "value"].into_iter().enumerate() {
+            let name = format!("{p}.attention.self.{name}");
+            let wt = self.get_linear_weight(&format!("{name}.weight"), h, h)?;
+            for r in 0..h {
+                weight[r * 3 * h + part * h..r * 3 * h + (part + 1) * h]
+                    .copy_from_slice(&wt[r * h..(r + 1) * h]);
+            }
+            bias.extend(self.get(&format!("{name}.bias"), &[h])?);
+        }
+        let qkv = LinearWeights {
+            weight,
+            bias,
+            inputs: h,
+            outputs: 3 * h,
+        };
+        Ok(BlockWeights {
+            qkv,
+            attn_out: self.linear(&format!("{p}.attention.output.dense"), h, h)?,
+            attn_norm: self.norm(&format!("{p}.attention.output.LayerNorm"), h)?,
+            up: self.linear(&format!("{p}.intermediate.dense"), h, i)?,
+            down: self.linear(&format!("{p}.output.dense"), i, h)?,
+            out_norm: self.norm(&format!("{p}.output.LayerNorm"), h)?,
+        })
+    }
+
+    fn linear(
+        &mut self,
+        name: &str,
+        inputs: usize,
+        outputs: usize,
+    ) -> Result<LinearWeights, ModelError> {
+        Ok(LinearWeights {
+            weight: self.get_linear_weight(&format!("{name}.weight"), outputs, inputs)?,
+            bias: self.get(&format!("{name}.bias"), &[outputs])?,
+            inputs,
+            outputs,
+        })
+    }
+
+    fn norm(&mut self, name: &str, width: usize) -> Result<NormWeights, ModelError> {
+        Ok(NormWeights {
+            gamma: self.get(&format!("{name}.weight"), &[width])?,
+            beta: self.get(&format!("{name}.bias"), &[width])?,
+        })
     }
 }

@@ -119,13 +119,77 @@ fn a_vector_does_not_depend_on_its_batch() {
     };
     let together = model.embed(&texts, one_pass).unwrap();
     for (i, text) in texts.iter().enumerate() {
+        // The host pass is ragged (no padding) and computes each row on its own: not
+        // close, identical.
         let alone = model.embed(&[text], one_pass).unwrap();
-        let diff = max_abs_diff(&alone, &together[i * dim..(i + 1) * dim]);
-        assert!(
-            diff <= 1e-5,
-            "{text:?}: alone vs in a batch differ by {diff:.2e}"
+        assert_eq!(
+            alone,
+            &together[i * dim..(i + 1) * dim],
+            "{text:?}: alone vs in a batch"
         );
     }
+}
+
+/// Token rows of lengths `lengths`: [CLS], ids spread over the vocabulary, [SEP].
+fn token_rows(lengths: &[usize], vocab: usize) -> Vec<Vec<u32>> {
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    lengths
+        .iter()
+        .map(|&len| {
+            (0..len)
+                .map(|p| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    match p {
+                        0 => 101,
+                        p if p + 1 == len && len > 1 => 102,
+                        _ => 1000 + (seed % (vocab as u64 - 1000)) as u32,
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The host pass (ragged rows, its own attention, LayerNorm and kernels) against burn's
+/// (padded rows, a key-padding mask, burn's attention) on every length 1–256, in passes
+/// that mix short and long rows.
+#[test]
+fn the_host_pass_matches_burn_on_every_length_and_mask() {
+    let host = model();
+    let burn = SentenceModel::load_burn_reference(&model_dir()).expect("burn reference loads");
+    let dim = host.dim();
+    let lengths: Vec<usize> = (1..=256).collect();
+    let rows = token_rows(&lengths, host.spec().vocab_size);
+    // Passes of 8 rows: lengths k, 256 − k, ... side by side, so each pass pads a lot.
+    let mut order: Vec<usize> = Vec::new();
+    for i in 0..128 {
+        order.push(i);
+        order.push(255 - i);
+    }
+    let mut worst = (1.0f64, 0.0f32);
+    for pass in order.chunks(8) {
+        let batch: Vec<&[u32]> = pass.iter().map(|&i| rows[i].as_slice()).collect();
+        let (a, b) = (host.embed_tokens(&batch), burn.embed_tokens(&batch));
+        for ((&i, a), b) in pass
+            .iter()
+            .zip(a.chunks_exact(dim))
+            .zip(b.chunks_exact(dim))
+        {
+            let (c, d) = (cosine(a, b), max_abs_diff(a, b));
+            assert!(
+                c >= 0.999_999 && d <= 2e-5,
+                "length {}: cosine {c:.8}, max |diff| {d:.2e}",
+                lengths[i]
+            );
+            worst = (worst.0.min(c), worst.1.max(d));
+        }
+    }
+    eprintln!(
+        "host vs burn, lengths 1–256: min cosine {:.9}, max |diff| {:.2e}",
+        worst.0, worst.1
+    );
 }
 
 fn model_in(precision: Precision) -> SentenceModel {

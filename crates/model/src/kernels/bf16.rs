@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
-use super::{Isa, Kind, PANEL, ROWS_PER_TASK};
+use super::amx::{self, TILE_GROUPS, TILE_ROWS};
+use super::{Isa, Kind, PANEL, ROWS_PER_TASK, Scratch};
 
 /// How the AVX-512 kernels multiply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -94,7 +95,7 @@ impl Avx512Form {
         (0..7)
             .map(|_| {
                 let t = Instant::now();
-                layer.block(&x, &mut out);
+                layer.block(&x, &mut out, &mut Scratch::default());
                 t.elapsed()
             })
             .min()
@@ -128,7 +129,7 @@ pub fn from_bf16(b: u16) -> f32 {
 pub struct Bf16Linear {
     inputs: usize,
     outputs: usize,
-    /// `ceil(inputs / 2)`.
+    /// `ceil(inputs / 2)`, rounded up to a whole AMX tile step (zeros past the inputs).
     groups: usize,
     /// Panels of 16 columns, an even number (tiles take two).
     panels: usize,
@@ -164,7 +165,7 @@ impl Bf16Linear {
         assert_eq!(weight.len(), inputs * outputs, "weight is inputs × outputs");
         assert_eq!(bias.len(), outputs, "one bias per output");
         assert!(inputs > 0 && outputs > 0, "an empty layer");
-        let groups = inputs.div_ceil(GROUP);
+        let groups = inputs.div_ceil(GROUP).next_multiple_of(TILE_GROUPS);
         let panels = outputs.div_ceil(2 * PANEL) * 2;
         let mut packed = vec![0u16; panels * groups * GROUP_VALUES];
         for i in 0..inputs {
@@ -196,7 +197,7 @@ impl Bf16Linear {
     /// If this CPU cannot run `isa`'s bf16 kernels.
     pub fn with_isa(mut self, isa: Isa) -> Self {
         assert!(
-            isa.runs(Kind::Bf16),
+            isa.runs(Kind::Bf16) || (isa == Isa::Amx && amx::available(Kind::Bf16)),
             "this CPU cannot run {isa:?} bf16 kernels"
         );
         self.isa = isa;
@@ -245,11 +246,12 @@ impl Bf16Linear {
         }
         out.par_chunks_mut(ROWS_PER_TASK * n)
             .zip(x.par_chunks(ROWS_PER_TASK * k))
-            .for_each(|(out, x)| self.block(x, out));
+            .for_each(|(out, x)| self.block(x, out, &mut Scratch::default()));
     }
 
-    /// Rounds one block of rows to bf16 and multiplies it on this thread.
-    fn block(&self, x: &[f32], out: &mut [f32]) {
+    /// `out = x · W + b` for the rows of `x` (`rows × inputs`) on this thread, rounding
+    /// them to bf16 into `scratch`.
+    pub fn block(&self, x: &[f32], out: &mut [f32], scratch: &mut Scratch) {
         let k = self.inputs;
         let rows = x.len() / k;
         let stride = self.groups * GROUP;
@@ -261,36 +263,92 @@ impl Bf16Linear {
             // values for every row of the tile.
             let mr = x86::MR_WIDENED;
             let round = |v: f32| from_bf16(to_bf16(v));
-            let mut a = Vec::with_capacity(rows * stride);
+            let a = scratch.f32s(rows * stride);
+            let mut next = 0;
             for start in (0..rows).step_by(mr) {
                 let tile = &x[start * k..(start + mr).min(rows) * k];
                 for g in 0..self.groups {
                     for row in tile.chunks_exact(k) {
                         let c = g * GROUP;
-                        a.push(round(row[c]));
-                        a.push(row.get(c + 1).copied().map_or(0.0, round));
+                        a[next] = row.get(c).copied().map_or(0.0, round);
+                        a[next + 1] = row.get(c + 1).copied().map_or(0.0, round);
+                        next += 2;
                     }
                 }
             }
             // SAFETY: `pack`, `with_isa` and `with_form` only choose kernels this CPU runs.
-            unsafe { x86::block_widened(self, &a, rows, out) };
+            unsafe { x86::block_widened(self, a, rows, out) };
             return;
         }
-        let mut a = vec![0u16; rows * stride];
+        // AMX reads whole tiles of 32 rows: the rows past the block are zeros.
+        let padded = if self.isa == Isa::Amx {
+            rows.next_multiple_of(TILE_ROWS)
+        } else {
+            rows
+        };
+        let a = scratch.u16s(padded * stride);
         for r in 0..rows {
-            for (b, &v) in a[r * stride..r * stride + k]
-                .iter_mut()
-                .zip(&x[r * k..(r + 1) * k])
-            {
+            let (row, pad) = a[r * stride..(r + 1) * stride].split_at_mut(k);
+            for (b, &v) in row.iter_mut().zip(&x[r * k..(r + 1) * k]) {
                 *b = to_bf16(v);
             }
+            pad.fill(0);
         }
+        a[rows * stride..].fill(0);
         match self.isa {
             #[cfg(target_arch = "x86_64")]
+            Isa::Amx => self.block_amx(a, rows, out),
+            #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            Isa::Avx512 => unsafe { x86::block_dot(self, &a, rows, out) },
-            _ => self.block_portable(&a, rows, out),
+            Isa::Avx512 => unsafe { x86::block_dot(self, a, rows, out) },
+            _ => self.block_portable(a, rows, out),
         }
+    }
+
+    /// The AMX kernel on rows rounded to bf16 (`a`: padded to whole tiles of rows).
+    #[cfg(target_arch = "x86_64")]
+    fn block_amx(&self, a: &[u16], rows: usize, out: &mut [f32]) {
+        let (n, stride) = (self.outputs, self.groups * GROUP);
+        let bytes = |v: &[u16]| {
+            // SAFETY: any u16 is two plain bytes; the length is doubled accordingly.
+            unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len() * 2) }
+        };
+        let store = |row0: usize, pair: usize, sums: &[u32; 1024]| {
+            for (tile, sums) in sums.chunks_exact(256).enumerate() {
+                let (half, panel) = (tile / 2, tile % 2);
+                let j0 = (2 * pair + panel) * PANEL;
+                if j0 >= n {
+                    continue;
+                }
+                let valid = (n - j0).min(PANEL);
+                for (r, sums) in sums.chunks_exact(PANEL).enumerate() {
+                    let row = row0 + half * 16 + r;
+                    if row >= rows {
+                        break;
+                    }
+                    let out = &mut out[row * n + j0..row * n + j0 + valid];
+                    for ((o, &s), &b) in out.iter_mut().zip(sums).zip(&self.bias[j0..]) {
+                        *o = f32::from_bits(s) + b;
+                    }
+                }
+            }
+        };
+        // SAFETY: only `pack` (for tests) or `with_isa`/`detect` (verified) choose AMX on
+        // a CPU that runs it; `a` holds `padded` rows of `stride` values, `packed` whole
+        // panels of `groups` (a multiple of 16) groups.
+        unsafe {
+            amx::multiply(
+                amx::Product::Bf16,
+                bytes(a),
+                stride * 2,
+                a.len() / stride,
+                bytes(&self.packed),
+                self.groups * GROUP_VALUES * 2,
+                n.div_ceil(2 * PANEL),
+                self.groups / TILE_GROUPS,
+                store,
+            )
+        };
     }
 
     fn block_portable(&self, a: &[u16], rows: usize, out: &mut [f32]) {
@@ -512,20 +570,33 @@ mod x86 {
     }
 }
 
+/// Whether the AMX kernel computes a small layer (odd rows, a padded step) as the portable
+/// kernel does, within f32 rounding of the sums. Only where [`amx::available`].
+pub(crate) fn amx_agrees_with_portable() -> bool {
+    let (rows, k, n) = (37, 70, 40);
+    let x: Vec<f32> = (0..rows * k)
+        .map(|i| ((i * 7919 % 211) as f32 - 105.0) * 0.013)
+        .collect();
+    let w: Vec<f32> = (0..k * n)
+        .map(|i| ((i * 104_729 % 197) as f32 - 98.0) * 0.007)
+        .collect();
+    let b: Vec<f32> = (0..n).map(|i| i as f32 * 0.1 - 2.0).collect();
+    let run = |isa| {
+        let layer = Bf16Linear::pack(&w, &b, k, n, isa, Avx512Form::Widened);
+        let mut out = vec![f32::NAN; rows * n];
+        layer.block(&x, &mut out, &mut Scratch::default());
+        out
+    };
+    let (amx, portable) = (run(Isa::Amx), run(Isa::Portable));
+    amx.iter()
+        .zip(&portable)
+        .all(|(a, p)| (a - p).abs() <= 1e-4 * (1.0 + p.abs()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn noise(seed: &mut u64, n: usize, scale: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                *seed ^= *seed << 13;
-                *seed ^= *seed >> 7;
-                *seed ^= *seed << 17;
-                ((*seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
-            })
-            .collect()
-    }
+    use crate::kernels::tests::noise;
 
     #[test]
     fn rounding_is_to_nearest_even() {
@@ -565,18 +636,24 @@ mod tests {
         out
     }
 
-    /// Every kernel this CPU runs: portable, and each AVX-512 form.
+    fn isa_listed(isas: &[Isa], isa: Isa) -> bool {
+        isas.contains(&isa)
+    }
+
+    /// Every kernel this CPU runs: portable, each AVX-512 form, AMX.
     fn kernels() -> Vec<(Isa, Avx512Form)> {
+        let isas = crate::kernels::testable(Kind::Bf16, "bf16");
         let kernels: Vec<(Isa, Avx512Form)> = [
             (Isa::Portable, Avx512Form::Widened),
             (Isa::Avx512, Avx512Form::DotProduct),
             (Isa::Avx512, Avx512Form::Widened),
+            (Isa::Amx, Avx512Form::Widened),
         ]
         .into_iter()
-        .filter(|&(isa, form)| isa.runs(Kind::Bf16) && (isa == Isa::Portable || form.runs()))
+        .filter(|&(isa, form)| isa_listed(&isas, isa) && (isa != Isa::Avx512 || form.runs()))
         .collect();
-        if kernels.len() < 3 {
-            eprintln!("bf16 kernels not all testable on this CPU: only {kernels:?}");
+        if Isa::Avx512.runs(Kind::Bf16) && !Avx512Form::DotProduct.runs() {
+            eprintln!("SKIPPED bf16 kernel Avx512 DotProduct: this CPU has no AVX512_BF16");
         }
         kernels
     }

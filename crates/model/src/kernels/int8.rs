@@ -30,7 +30,8 @@
 
 use rayon::prelude::*;
 
-use super::{Isa, Kind, PANEL, ROWS_PER_TASK, round_even};
+use super::amx::{self, TILE_GROUPS, TILE_ROWS};
+use super::{Isa, Kind, PANEL, ROWS_PER_TASK, Scratch, round_even};
 
 /// Inputs per packed group: the four bytes one 32-bit lane of `vpdpbusd` sums.
 const GROUP: usize = 4;
@@ -46,7 +47,8 @@ const LEVELS: f32 = 255.0;
 pub struct Int8Linear {
     inputs: usize,
     outputs: usize,
-    /// `ceil(inputs / 4)`.
+    /// `ceil(inputs / 4)`, rounded up to a whole AMX tile step (zero weights past the
+    /// inputs).
     groups: usize,
     /// Panels of 16 columns, an even number (tiles take two).
     panels: usize,
@@ -83,6 +85,19 @@ impl Int8Linear {
         outputs: usize,
         outliers: &[usize],
     ) -> Self {
+        let isa = Isa::detect(Kind::Int8);
+        Self::quantize_for(weight, bias, inputs, outputs, outliers, isa)
+    }
+
+    /// [`Self::quantize_with_outliers`] for the kernels of `isa`, unchecked.
+    fn quantize_for(
+        weight: &[f32],
+        bias: &[f32],
+        inputs: usize,
+        outputs: usize,
+        outliers: &[usize],
+        isa: Isa,
+    ) -> Self {
         assert_eq!(weight.len(), inputs * outputs, "weight is inputs × outputs");
         assert_eq!(bias.len(), outputs, "one bias per output");
         assert!(inputs > 0 && outputs > 0, "an empty layer");
@@ -107,7 +122,7 @@ impl Int8Linear {
                 weight[i * outputs + j]
             }
         };
-        let groups = inputs.div_ceil(GROUP);
+        let groups = inputs.div_ceil(GROUP).next_multiple_of(TILE_GROUPS);
         let panels = outputs.div_ceil(2 * PANEL) * 2;
         let width = panels * PANEL;
         let mut packed = vec![0i8; panels * groups * GROUP_BYTES];
@@ -138,7 +153,7 @@ impl Int8Linear {
             bias: padded_bias,
             outliers,
             outlier_rows,
-            isa: Isa::detect(Kind::Int8),
+            isa,
         }
     }
 
@@ -153,7 +168,7 @@ impl Int8Linear {
     /// If this CPU cannot run `isa`'s int8 kernels.
     pub fn with_isa(mut self, isa: Isa) -> Self {
         assert!(
-            isa.runs(Kind::Int8),
+            isa.runs(Kind::Int8) || (isa == Isa::Amx && amx::available(Kind::Int8)),
             "this CPU cannot run {isa:?} int8 kernels"
         );
         self.isa = isa;
@@ -208,38 +223,53 @@ impl Int8Linear {
         }
         out.par_chunks_mut(ROWS_PER_TASK * n)
             .zip(x.par_chunks(ROWS_PER_TASK * k))
-            .for_each(|(out, x)| {
-                let rows = x.len() / k;
-                let stride = self.groups * GROUP;
-                let mut q = vec![0u8; rows * stride];
-                let mut rows_q = vec![RowQuant::default(); rows];
-                // A row without its outlier channels (they are zero in the int8 product).
-                let mut rest = vec![0.0f32; if self.outliers.is_empty() { 0 } else { k }];
-                for r in 0..rows {
-                    let row = &x[r * k..(r + 1) * k];
-                    let row = if self.outliers.is_empty() {
-                        row
-                    } else {
-                        rest.copy_from_slice(row);
-                        for &i in &self.outliers {
-                            rest[i] = 0.0;
-                        }
-                        &rest
-                    };
-                    rows_q[r] = quantize_row(row, &mut q[r * stride..(r + 1) * stride]);
+            .for_each(|(out, x)| self.block(x, out, &mut Scratch::default()));
+    }
+
+    /// `out = x · W + b` for the rows of `x` (`rows × inputs`) on this thread, quantizing
+    /// them into `scratch`.
+    pub fn block(&self, x: &[f32], out: &mut [f32], scratch: &mut Scratch) {
+        let (k, n) = (self.inputs, self.outputs);
+        let rows = x.len() / k;
+        assert_eq!(x.len(), rows * k, "x is rows × inputs");
+        assert_eq!(out.len(), rows * n, "out is rows × outputs");
+        let stride = self.groups * GROUP;
+        // A row without its outlier channels (they are zero in the int8 product).
+        let rest_len = if self.outliers.is_empty() { 0 } else { k };
+        // AMX reads whole tiles of 32 rows: the rows past the block are zeros.
+        let padded = if self.isa == Isa::Amx {
+            rows.next_multiple_of(TILE_ROWS)
+        } else {
+            rows
+        };
+        let (q, rows_q, rest) = scratch.quantized(padded * stride, rows, rest_len);
+        q[rows * stride..].fill(0);
+        for r in 0..rows {
+            let row = &x[r * k..(r + 1) * k];
+            let row = if self.outliers.is_empty() {
+                row
+            } else {
+                rest.copy_from_slice(row);
+                for &i in &self.outliers {
+                    rest[i] = 0.0;
                 }
-                self.block(&q, &rows_q, out);
-                for (x, out) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
-                    for (&i, w) in self.outliers.iter().zip(self.outlier_rows.chunks_exact(n)) {
-                        axpy(x[i], w, out);
-                    }
-                }
-            });
+                &*rest
+            };
+            rows_q[r] = quantize_row(row, &mut q[r * stride..(r + 1) * stride]);
+        }
+        self.block_quantized(q, rows_q, out);
+        for (x, out) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
+            for (&i, w) in self.outliers.iter().zip(self.outlier_rows.chunks_exact(n)) {
+                axpy(x[i], w, out);
+            }
+        }
     }
 
     /// One block of quantized rows (`groups × 4` bytes each) into `out`.
-    fn block(&self, q: &[u8], rows: &[RowQuant], out: &mut [f32]) {
+    fn block_quantized(&self, q: &[u8], rows: &[RowQuant], out: &mut [f32]) {
         match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => self.block_amx(q, rows, out),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `with_isa` and `Isa::detect` only choose kernels this CPU runs.
             Isa::Avx512 => unsafe { x86::block_avx512(self, q, rows, out) },
@@ -248,6 +278,52 @@ impl Int8Linear {
             Isa::Avx2 => unsafe { x86::block_avx2(self, q, rows, out) },
             _ => self.block_portable(q, rows, out),
         }
+    }
+
+    /// The AMX kernel on quantized rows (`q`: padded to whole tiles of rows).
+    #[cfg(target_arch = "x86_64")]
+    fn block_amx(&self, q: &[u8], rows_q: &[RowQuant], out: &mut [f32]) {
+        let (n, stride, rows) = (self.outputs, self.groups * GROUP, rows_q.len());
+        let store = |row0: usize, pair: usize, sums: &[u32; 1024]| {
+            for (tile, sums) in sums.chunks_exact(256).enumerate() {
+                let (half, panel) = (tile / 2, tile % 2);
+                let j0 = (2 * pair + panel) * PANEL;
+                if j0 >= n {
+                    continue;
+                }
+                let valid = (n - j0).min(PANEL);
+                for (r, sums) in sums.chunks_exact(PANEL).enumerate() {
+                    let row = row0 + half * 16 + r;
+                    if row >= rows {
+                        break;
+                    }
+                    let RowQuant { step: t, zero } = rows_q[row];
+                    for (c, &s) in sums.iter().enumerate().take(valid) {
+                        let j = j0 + c;
+                        let sum = s as i32 - zero * self.col_sums[j];
+                        out[row * n + j] = sum as f32 * (self.scales[j] * t) + self.bias[j];
+                    }
+                }
+            }
+        };
+        // SAFETY: only `with_isa` (where the CPU has AMX) or `detect` (verified) choose
+        // AMX; `q` holds whole tiles of rows of `stride` bytes, `packed` whole panels of
+        // `groups` (a multiple of 16) groups.
+        unsafe {
+            let packed =
+                std::slice::from_raw_parts(self.packed.as_ptr().cast::<u8>(), self.packed.len());
+            amx::multiply(
+                amx::Product::Int8,
+                q,
+                stride,
+                q.len() / stride,
+                packed,
+                self.groups * GROUP_BYTES,
+                n.div_ceil(2 * PANEL),
+                self.groups / TILE_GROUPS,
+                store,
+            )
+        };
     }
 
     fn block_portable(&self, q: &[u8], rows: &[RowQuant], out: &mut [f32]) {
@@ -313,7 +389,7 @@ fn axpy(a: f32, w: &[f32], out: &mut [f32]) {
 
 /// How one row was quantized: `x ≈ step · (u − zero)`.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-struct RowQuant {
+pub(crate) struct RowQuant {
     step: f32,
     zero: i32,
 }
@@ -651,6 +727,27 @@ mod x86 {
     }
 }
 
+/// Whether the AMX kernel computes a small layer (odd rows, outlier channels, a padded
+/// step) exactly as the portable kernel does: both sum the same integers. Only where
+/// [`amx::available`].
+pub(crate) fn amx_agrees_with_portable() -> bool {
+    let (rows, k, n) = (37, 70, 40);
+    let x: Vec<f32> = (0..rows * k)
+        .map(|i| ((i * 7919 % 211) as f32 - 105.0) * 0.013)
+        .collect();
+    let w: Vec<f32> = (0..k * n)
+        .map(|i| ((i * 104_729 % 197) as f32 - 98.0) * 0.007)
+        .collect();
+    let b: Vec<f32> = (0..n).map(|i| i as f32 * 0.1 - 2.0).collect();
+    let run = |isa| {
+        let layer = Int8Linear::quantize_for(&w, &b, k, n, &[3, 41], isa);
+        let mut out = vec![f32::NAN; rows * n];
+        layer.block(&x, &mut out, &mut Scratch::default());
+        out
+    };
+    run(Isa::Amx) == run(Isa::Portable)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -705,12 +802,7 @@ mod tests {
     }
 
     fn isas() -> Vec<Isa> {
-        let all = [Isa::Portable, Isa::Avx2, Isa::Avx512];
-        let runnable: Vec<Isa> = all.into_iter().filter(|i| i.runs(Kind::Int8)).collect();
-        if runnable.len() < all.len() {
-            eprintln!("int8 kernels not testable on this CPU: only {runnable:?}");
-        }
-        runnable
+        crate::kernels::testable(Kind::Int8, "int8")
     }
 
     fn check(rows: usize, k: usize, n: usize, x: &[f32], w: &[f32], b: &[f32]) {
@@ -914,7 +1006,8 @@ mod tests {
     fn empty_passes_and_bytes() {
         let layer = Int8Linear::quantize(&[1.0; 12], &[0.0; 3], 4, 3);
         layer.forward(&[], 0, &mut []);
-        // One panel pair (32 columns) × one group of 4 inputs, plus 3 × 32 per-column values.
-        assert_eq!(layer.bytes(), 2 * 16 * 4 + 3 * 32 * 4);
+        // One panel pair (32 columns) × one AMX step of 16 groups of 4 inputs (one used),
+        // plus 3 × 32 per-column values.
+        assert_eq!(layer.bytes(), 2 * 16 * 4 * 16 + 3 * 32 * 4);
     }
 }

@@ -17,7 +17,9 @@
 //! x86-64 (and, through the portable kernels, anywhere). Every kernel is unit-tested
 //! against a scalar reference on odd sizes, tails and extreme values.
 
+pub mod amx;
 pub mod bf16;
+pub mod f32;
 pub mod int8;
 
 use std::sync::OnceLock;
@@ -32,26 +34,30 @@ pub enum Isa {
     Avx2,
     /// x86-64 with AVX-512 F/BW and VNNI (int8), or F (bf16; BF16 adds `vdpbf16ps`).
     Avx512,
+    /// x86-64 with AMX tiles (`tdpbusd` for int8, `tdpbf16ps` for bf16), granted by the
+    /// OS and verified at first use ([`amx::verified`]).
+    Amx,
 }
 
 impl Isa {
     /// The most capable kernels this CPU runs for `kind`, unless `KEEL_CPU_KERNELS`
-    /// (`portable`, `avx2` or `avx512`) asks for less. Read once per process.
+    /// (`portable`, `avx2`, `avx512` or `amx`) asks for less. Read once per process.
     pub fn detect(kind: Kind) -> Isa {
         static CAP: OnceLock<Option<Isa>> = OnceLock::new();
         let cap = *CAP.get_or_init(|| match std::env::var("KEEL_CPU_KERNELS").ok()?.as_str() {
             "portable" => Some(Isa::Portable),
             "avx2" => Some(Isa::Avx2),
             "avx512" => Some(Isa::Avx512),
+            "amx" => Some(Isa::Amx),
             other => {
                 tracing::warn!(
                     value = other,
-                    "KEEL_CPU_KERNELS is not portable, avx2 or avx512; ignored"
+                    "KEEL_CPU_KERNELS is not portable, avx2, avx512 or amx; ignored"
                 );
                 None
             }
         });
-        let best = [Isa::Avx512, Isa::Avx2]
+        let best = [Isa::Amx, Isa::Avx512, Isa::Avx2]
             .into_iter()
             .find(|isa| isa.runs(kind))
             .unwrap_or(Isa::Portable);
@@ -65,6 +71,8 @@ impl Isa {
             use std::arch::is_x86_feature_detected as has;
             match (self, kind) {
                 (Isa::Portable, _) => true,
+                (Isa::Avx2, Kind::F32) => has!("avx2") && has!("fma"),
+                (Isa::Avx512, Kind::F32) => has!("avx512f"),
                 (Isa::Avx2, Kind::Int8) => has!("avx2") && has!("fma"),
                 // The bf16 kernels have no AVX2 form: AVX2 has no bf16 arithmetic.
                 (Isa::Avx2, Kind::Bf16) => false,
@@ -73,6 +81,8 @@ impl Isa {
                 }
                 // The widened form needs AVX-512 F alone (bf16::Avx512Form).
                 (Isa::Avx512, Kind::Bf16) => has!("avx512f"),
+                (Isa::Amx, Kind::F32) => false,
+                (Isa::Amx, kind) => amx::verified(kind),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -86,6 +96,7 @@ impl Isa {
 /// A family of kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    F32,
     Int8,
     Bf16,
 }
@@ -105,9 +116,95 @@ pub(crate) fn round_even(x: f32) -> f32 {
     (x + MAGIC) - MAGIC
 }
 
+/// Buffers a kernel packs or quantizes a block of activation rows into, kept by the
+/// caller between calls: once they have grown to the largest block, no call allocates.
+#[derive(Default)]
+pub struct Scratch {
+    f32s: Vec<f32>,
+    u16s: Vec<u16>,
+    bytes: Vec<u8>,
+    rows: Vec<int8::RowQuant>,
+}
+
+/// `buffer`'s first `len` values, growing it (never shrinking) as needed.
+fn prefix<T: Copy + Default>(buffer: &mut Vec<T>, len: usize) -> &mut [T] {
+    if buffer.len() < len {
+        buffer.resize(len, T::default());
+    }
+    &mut buffer[..len]
+}
+
+impl Scratch {
+    pub(crate) fn f32s(&mut self, len: usize) -> &mut [f32] {
+        prefix(&mut self.f32s, len)
+    }
+
+    pub(crate) fn u16s(&mut self, len: usize) -> &mut [u16] {
+        prefix(&mut self.u16s, len)
+    }
+
+    /// Bytes, per-row `(step, zero)` pairs and f32 values at once (the int8 kernels).
+    pub(crate) fn quantized(
+        &mut self,
+        bytes: usize,
+        rows: usize,
+        f32s: usize,
+    ) -> (&mut [u8], &mut [int8::RowQuant], &mut [f32]) {
+        (
+            prefix(&mut self.bytes, bytes),
+            prefix(&mut self.rows, rows),
+            prefix(&mut self.f32s, f32s),
+        )
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.f32s.capacity() * 4
+            + self.u16s.capacity() * 2
+            + self.bytes.capacity()
+            + self.rows.capacity() * 8
+    }
+}
+
+/// The kernels of `kind` this CPU runs, each by name; the ones it cannot run are printed
+/// (tests skip them by name, never silently).
 #[cfg(test)]
-mod tests {
+pub(crate) fn testable(kind: Kind, family: &str) -> Vec<Isa> {
+    // AMX is tested wherever the CPU and OS offer it, verified or not: a kernel that
+    // computes wrongly must fail here, not be skipped.
+    let all = [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Amx];
+    let (runs, skipped): (Vec<Isa>, Vec<Isa>) = all.into_iter().partition(|&isa| match isa {
+        Isa::Amx => amx::available(kind),
+        _ => isa.runs(kind),
+    });
+    // Forms that do not exist are not skipped: bf16 has no AVX2 form, f32 no AMX form.
+    let skipped: Vec<Isa> = skipped
+        .into_iter()
+        .filter(|&isa| {
+            !(isa == Isa::Avx2 && kind == Kind::Bf16) && !(isa == Isa::Amx && kind == Kind::F32)
+        })
+        .collect();
+    if !skipped.is_empty() {
+        eprintln!("SKIPPED {family} kernels {skipped:?}: this CPU cannot run them");
+    }
+    runs
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
     use super::*;
+
+    /// Deterministic values in `[-scale, scale)`.
+    pub(crate) fn noise(seed: &mut u64, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed ^= *seed << 13;
+                *seed ^= *seed >> 7;
+                *seed ^= *seed << 17;
+                ((*seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
+            })
+            .collect()
+    }
 
     #[test]
     fn round_even_matches_std() {
