@@ -7,13 +7,15 @@
 # Texts: scripts/tools/variant_texts.py (the sample VCF's records, then their annotation
 # fields recombined). Keel: `keel embed --precision P --batch B` (2 workers × 1 thread, the
 # default on two cores) for P in f32, bf16, int8. Peers, in the venv this script makes in
-# .cache/bench-venv (pip install sentence-transformers psutil onnxruntime onnx: a large
-# download, once; or the Python given by BENCH_PYTHON): sentence-transformers + PyTorch
-# (scripts/tools/st_baseline.py), ONNX Runtime fp32 and int8 exported from the same weights
-# (scripts/tools/ort_baseline.py; int8 = its dynamic quantization). Batch sizes 25, 64, 256.
-# Accuracy (scripts/tools/precision_accuracy.py): min/mean cosine to Keel f32 and recall@10
-# of each text's neighbours among the others. Prints one line per measurement, then
-# Markdown tables (median and range over the rounds).
+# .cache/bench-venv (pip install sentence-transformers psutil onnxruntime onnx openvino: a
+# large download, once; or the Python given by BENCH_PYTHON): sentence-transformers +
+# PyTorch with fp32 and with bf16 weights (scripts/tools/st_baseline.py), and on one ONNX
+# export of the same weights ONNX Runtime fp32 and int8 (its dynamic quantization) and
+# OpenVINO with its default hints (bf16 where the CPU has AMX or AVX-512 BF16) and with
+# the f32 hint (scripts/tools/ort_baseline.py). Batch sizes 25, 64, 256. Accuracy
+# (scripts/tools/precision_accuracy.py): min/mean cosine to sentence-transformers fp32 and
+# recall@10 of each text's neighbours among the others. Prints one line per measurement,
+# then Markdown tables (median and range over the rounds).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -26,16 +28,17 @@ if [[ -n "${BENCH_PYTHON:-}" ]]; then
 else
     venv="$root/.cache/bench-venv"
     py="$venv/bin/python"
-    if ! "$py" -c "import sentence_transformers, psutil, onnxruntime, onnx" 2>/dev/null; then
-        echo "bench-model: installing sentence-transformers, onnxruntime into $venv (once)" >&2
+    if ! "$py" -c "import sentence_transformers, psutil, onnxruntime, onnx, openvino" 2>/dev/null; then
+        echo "bench-model: installing sentence-transformers, onnxruntime, openvino into $venv (once)" >&2
         python3 -m venv "$venv"
         "$venv/bin/pip" install --quiet --disable-pip-version-check \
-            sentence-transformers psutil onnxruntime onnx
+            sentence-transformers psutil onnxruntime onnx openvino
     fi
 fi
 
 scripts/fetch-model.sh
-cargo build --release --quiet
+# The same build as the tests (scripts/test.sh): another feature set would rebuild burn.
+cargo build --release --workspace --features gpu --all-targets --quiet
 keel=./target/release/keel
 model=models/all-MiniLM-L6-v2
 texts="$work/texts.txt"
@@ -55,15 +58,21 @@ for round in $(seq "$rounds"); do
             printf 'Keel %s\t%s\t%s\n' "$p" "$batch" "$rate" >> "$results"
         done
     done
-    "$py" scripts/tools/st_baseline.py "$model" "$texts" 25 64 256 2>/dev/null | grep '^batch' \
-        | while read -r _ b rate _; do
-            echo "round $round sentence-transformers batch=${b%:}: $rate texts/s"
-            printf 'sentence-transformers\t%s\t%.0f\n' "${b%:}" "$rate" >> "$results"
-        done
+    for dtype in fp32 bf16; do
+        flags=(); [[ $dtype == bf16 ]] && flags=(--bf16)
+        [[ $round == 1 ]] && flags+=(--save "$work/st-$dtype.npy")
+        # The first batch size saves its vectors (round 1): 64, as for Keel.
+        "$py" scripts/tools/st_baseline.py "$model" "$texts" "${flags[@]}" 64 25 256 2>/dev/null \
+            | grep '^batch' | while read -r _ b rate _; do
+                echo "round $round sentence-transformers $dtype batch=${b%:}: $rate texts/s"
+                printf 'sentence-transformers %s\t%s\t%.0f\n' "$dtype" "${b%:}" "$rate" >> "$results"
+            done
+    done
     "$py" scripts/tools/ort_baseline.py "$model" "$texts" "$work/ort" 25 64 256 2>/dev/null \
-        | grep '^onnxruntime' | while read -r _ _ kind _ b rate _; do
-            echo "round $round onnxruntime $kind batch=${b%:}: $rate texts/s"
-            printf 'ONNX Runtime %s\t%s\t%.0f\n' "$kind" "${b%:}" "$rate" >> "$results"
+        | grep -E '^(onnxruntime|openvino)' | while read -r stack _ kind _ b rate _; do
+            case $stack in onnxruntime) name="ONNX Runtime $kind" ;; *) name="OpenVINO $kind" ;; esac
+            echo "round $round $name batch=${b%:}: $rate texts/s"
+            printf '%s\t%s\t%.0f\n' "$name" "${b%:}" "$rate" >> "$results"
         done
 done
 

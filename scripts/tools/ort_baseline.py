@@ -1,5 +1,6 @@
-"""Peer: ONNX Runtime (the engine of the fastest CPU embedding servers), fp32 and int8,
-on the same texts and weights as Keel.
+"""Peers on the same ONNX export: ONNX Runtime (the engine of the fastest CPU embedding
+servers) fp32 and int8, and OpenVINO with its default hints (bf16 on CPUs with AMX or
+AVX-512 BF16, its own choice) and with the f32 hint, on the same texts and weights as Keel.
 
 usage: ort_baseline.py MODEL_DIR TEXTS_FILE WORK_DIR [batch ...]
 
@@ -10,7 +11,8 @@ Each model runs on 2 intra-op threads (this VM's cores), texts sorted by length 
 into batches as sentence-transformers does, tokenized with the model's tokenizer.json,
 mean-pooled and normalised. Prints one line per model and batch size (texts/s, the
 tokenizer and pooling included) and writes the vectors, in input order, to
-WORK_DIR/ort-{fp32,int8}.npy.
+WORK_DIR/ort-{fp32,int8}.npy and WORK_DIR/ov-{default,f32}.npy. OpenVINO (PyPI `openvino`)
+is skipped, with a line saying so, where it is not installed.
 """
 import os
 import sys
@@ -62,12 +64,30 @@ def main():
     tok.enable_truncation(256)
     tok.no_padding()
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    threads = int(os.environ.get("BENCH_THREADS", "2"))
+    stacks = []
     for name, path in [("fp32", fp32), ("int8", int8)]:
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 2
+        opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        run = (lambda s: lambda feed: s.run(None, feed)[0])(sess)
+        stacks.append((f"onnxruntime {ort.__version__} {name}", f"ort-{name}", run))
+    try:
+        import openvino
+        core = openvino.Core()
+        for name, config in [("default", {}), ("f32", {"INFERENCE_PRECISION_HINT": "f32"})]:
+            compiled = core.compile_model(core.read_model(fp32), "CPU",
+                                          {"INFERENCE_NUM_THREADS": threads, **config})
+            hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+            hint = getattr(hint, "get_type_name", lambda: str(hint))()
+            request = compiled.create_infer_request()
+            run = (lambda r: lambda feed: r.infer(feed)[0].copy())(request)
+            stacks.append((f"openvino {openvino.__version__.split('-')[0]} {name}({hint})", f"ov-{name}", run))
+    except ImportError:
+        print("openvino not installed: its rows are skipped", flush=True)
+    for label, save, run in stacks:
 
         def embed(batch):
             enc = tok.encode_batch(batch)
@@ -77,8 +97,8 @@ def main():
             for r, e in enumerate(enc):
                 ids[r, :len(e.ids)] = e.ids
                 mask[r, :len(e.ids)] = 1
-            hidden = sess.run(None, {"input_ids": ids, "attention_mask": mask,
-                                     "token_type_ids": np.zeros_like(ids)})[0]
+            hidden = run({"input_ids": ids, "attention_mask": mask,
+                          "token_type_ids": np.zeros_like(ids)})
             m = mask[:, :, None].astype(np.float32)
             pooled = (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
             return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
@@ -91,9 +111,8 @@ def main():
                 idx = order[s:s + bs]
                 out[idx] = embed([texts[i] for i in idx])
             dt = time.perf_counter() - t0
-            print(f"onnxruntime {ort.__version__} {name} batch {bs}: {len(texts) / dt:.1f} texts/s",
-                  flush=True)
-        np.save(os.path.join(work, f"ort-{name}.npy"), out)
+            print(f"{label} batch {bs}: {len(texts) / dt:.1f} texts/s", flush=True)
+        np.save(os.path.join(work, f"{save}.npy"), out)
 
 
 if __name__ == "__main__":
