@@ -3,8 +3,10 @@
 //!
 //!     cargo run --release --features gpu --example isa_peak
 //!
-//! f32 FMA (what burn's f32 matmul can reach), int8 `vpdpbusd` (the int8 kernels) and bf16
-//! `vdpbf16ps` (the bf16 kernels). Instructions the CPU lacks are skipped.
+//! f32 FMA (the f32 kernels), int8 `vpdpbusd` and bf16 `vdpbf16ps` (the AVX-512 int8 and
+//! bf16 kernels), and the AMX tile products `tdpbusd` and `tdpbf16ps` (the AMX kernels;
+//! four accumulator tiles, as they use them). Instructions the CPU (or, for AMX, the OS)
+//! does not offer are skipped, with a line saying so.
 use std::time::Instant;
 
 const N: usize = 120_000_000;
@@ -103,6 +105,13 @@ fn main() {
         }
         if has!("avx512f") && has!("avx512bf16") {
             unsafe { x86::bf16() };
+        }
+    }
+    use keel_model::kernels::{Kind, amx};
+    for (name, kind) in [("bf16 AMX tdpbf16ps", Kind::Bf16), ("int8 AMX tdpbusd", Kind::Int8)] {
+        match amx::peak_macs_per_second(kind, 2_000_000) {
+            Some(macs) => println!("{name:<28} {:>17.0} GMAC/s", macs / 1e9),
+            None => println!("{name:<28} skipped: no AMX tiles on this CPU or OS"),
         }
     }
     eprintln!("({:.1} s)", t.elapsed().as_secs_f64());

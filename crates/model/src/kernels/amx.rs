@@ -153,6 +153,48 @@ pub(crate) unsafe fn multiply(
     }
 }
 
+/// The peak rate of one core's tile unit for `kind` (bf16 or int8), in multiply-adds per
+/// second: `steps` back-to-back tile products on four accumulators from tiles already
+/// loaded (no memory traffic). `None` where the CPU or the OS offers no tiles.
+pub fn peak_macs_per_second(kind: Kind, steps: usize) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !available(kind) {
+            return None;
+        }
+        let (product, macs) = match kind {
+            Kind::Bf16 => (Product::Bf16, 16.0 * 16.0 * 32.0),
+            Kind::Int8 => (Product::Int8, 16.0 * 16.0 * 64.0),
+            Kind::F32 => return None,
+        };
+        let zeros = [0u8; 1024];
+        // SAFETY: `available` checked the CPU and the OS grant; the tiles load from a
+        // 1 KiB buffer (16 rows × 64 bytes).
+        let seconds = unsafe {
+            x86::configure();
+            x86::zero_accumulators();
+            x86::load_a(zeros.as_ptr(), zeros.as_ptr(), 64);
+            x86::load_b(zeros.as_ptr(), zeros.as_ptr());
+            let t = std::time::Instant::now();
+            for _ in 0..steps {
+                match product {
+                    Product::Bf16 => x86::dot_bf16(),
+                    Product::Int8 => x86::dot_int8(),
+                }
+            }
+            let seconds = t.elapsed().as_secs_f64();
+            x86::release();
+            seconds
+        };
+        Some(steps as f64 * 4.0 * macs / seconds)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (kind, steps);
+        None
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::asm;
