@@ -108,7 +108,10 @@ fn main() {
         }
     }
     use keel_model::kernels::{Kind, amx};
-    for (name, kind) in [("bf16 AMX tdpbf16ps", Kind::Bf16), ("int8 AMX tdpbusd", Kind::Int8)] {
+    for (name, kind) in [
+        ("bf16 AMX tdpbf16ps", Kind::Bf16),
+        ("int8 AMX tdpbusd", Kind::Int8),
+    ] {
         match amx::peak_macs_per_second(kind, 2_000_000) {
             Some(macs) => println!("{name:<28} {:>17.0} GMAC/s", macs / 1e9),
             None => println!("{name:<28} skipped: no AMX tiles on this CPU or OS"),

@@ -239,12 +239,14 @@ fn lanes_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// `e^x` for `x ≤ 0` (softmax after its maximum is subtracted), relative error < 2e-7:
+/// `e^x` for `x ≤ 0` (softmax after its maximum is subtracted), relative error < 2e-7, 0
+/// below −87:
 /// `x = n·ln 2 + r`, Cephes' polynomial for `e^r` on `|r| ≤ ln 2 / 2`, `2^n` built in the
 /// exponent bits. Plain arithmetic, so loops over it vectorise.
 #[inline(always)]
 fn exp_neg(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 · 2²³: adding it rounds to an integer
+    let tiny = x < -87.0;
     let x = x.max(-87.0);
     let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
@@ -255,7 +257,12 @@ fn exp_neg(x: f32) -> f32 {
     p = p * r + 0.166_666_65;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // Below e^-87 (f32's smallest normal), and −∞ (a masked score): exactly 0.
+    if tiny {
+        0.0
+    } else {
+        y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    }
 }
 
 #[inline(always)]
@@ -276,46 +283,99 @@ fn lanes_max(x: &[f32]) -> f32 {
         .fold(max, |m, v| if v > m { v } else { m })
 }
 
+/// Lanes of one vector of attention scores (a 512-bit register of f32).
+const LANES: usize = 16;
+/// Queries scored together, sharing each load of the keys.
+const QUERIES: usize = 4;
+
+/// Buffer values [`attend`] needs for a row of `len` tokens with heads of `dh` values:
+/// scores of [`QUERIES`] queries and one head's keys, transposed, both padded to whole
+/// vectors.
+fn attention_buffer(len: usize, dh: usize) -> usize {
+    len.next_multiple_of(LANES) * (QUERIES + dh)
+}
+
 widest! {
     /// Self-attention of one row of `len` tokens, every head: `qkv` is the row's fused QKV
     /// output (`len × 3·h`: Q, K, V side by side, each `heads × dh`), `ctx` its context
-    /// rows (`len × h`); `buffer` holds `len` scores and one head's keys, transposed
-    /// (`dh × len`), so that a query's scores are `dh` contiguous multiply-adds of `len`.
+    /// rows (`len × h`). Per head, the keys are transposed into `buffer` (`dh × lp`, `lp`
+    /// = `len` rounded up to whole vectors, zeros past `len`), so that the scores of
+    /// [`QUERIES`] queries are `dh` broadcast multiply-adds per vector of keys, each key
+    /// vector loaded once for all of them; padded scores are masked to −∞ before the
+    /// softmax, whose exponentials and sums run on whole vectors too.
     fn attend(qkv: &[f32], ctx: &mut [f32], h: usize, heads: usize, buffer: &mut [f32]) {
         let len = ctx.len() / h;
         let dh = h / heads;
+        let lp = len.next_multiple_of(LANES);
         let scale = 1.0 / (dh as f32).sqrt();
-        let (scores, keys) = buffer.split_at_mut(len);
-        let keys = &mut keys[..dh * len];
+        let (scores, keys) = buffer[..attention_buffer(len, dh)].split_at_mut(QUERIES * lp);
         for head in 0..heads {
             let (q0, k0, v0) = (head * dh, h + head * dh, 2 * h + head * dh);
-            for (j, row) in qkv.chunks_exact(3 * h).enumerate() {
-                for (d, &k) in row[k0..k0 + dh].iter().enumerate() {
-                    keys[d * len + j] = k;
+            for (d, keys) in keys.chunks_exact_mut(lp).enumerate() {
+                for (k, row) in keys.iter_mut().zip(qkv.chunks_exact(3 * h)) {
+                    *k = row[k0 + d];
                 }
+                keys[len..].fill(0.0);
             }
-            for (i, row) in qkv.chunks_exact(3 * h).enumerate() {
-                scores.fill(0.0);
-                for (d, &q) in row[q0..q0 + dh].iter().enumerate() {
-                    let q = q * scale;
-                    for (s, &k) in scores.iter_mut().zip(&keys[d * len..(d + 1) * len]) {
-                        *s += q * k;
+            for first in (0..len).step_by(QUERIES) {
+                let count = (len - first).min(QUERIES);
+                // Scores: per vector of keys, QUERIES accumulators over the head's dh values.
+                for c in 0..lp / LANES {
+                    let mut acc = [[0.0f32; LANES]; QUERIES];
+                    for d in 0..dh {
+                        let k: &[f32; LANES] = keys[d * lp + c * LANES..][..LANES]
+                            .try_into()
+                            .expect("a whole vector");
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let q = qkv[(first + r.min(count - 1)) * 3 * h + q0 + d] * scale;
+                            for (a, &k) in acc.iter_mut().zip(k) {
+                                *a += q * k;
+                            }
+                        }
+                    }
+                    for (r, acc) in acc.iter().enumerate() {
+                        scores[r * lp + c * LANES..][..LANES].copy_from_slice(acc);
                     }
                 }
-                let max = lanes_max(scores);
-                for s in scores.iter_mut() {
-                    *s = exp_neg(*s - max);
-                }
-                let inv = 1.0 / lanes_sum(scores, |v| v);
-                let out = &mut ctx[i * h + q0..i * h + q0 + dh];
-                out.fill(0.0);
-                for (&p, row) in scores.iter().zip(qkv.chunks_exact(3 * h)) {
-                    for (o, &v) in out.iter_mut().zip(&row[v0..v0 + dh]) {
-                        *o += p * v;
+                for r in 0..count {
+                    let s = &mut scores[r * lp..(r + 1) * lp];
+                    s[len..].fill(f32::NEG_INFINITY);
+                    let max = lanes_max(s);
+                    for v in s.iter_mut() {
+                        *v = exp_neg(*v - max);
                     }
-                }
-                for o in out {
-                    *o *= inv;
+                    let inv = 1.0 / lanes_sum(s, |v| v);
+                    let i = first + r;
+                    let out = &mut ctx[i * h + q0..i * h + q0 + dh];
+                    // ·V a vector of the head's values at a time, summed in registers.
+                    let mut start = 0;
+                    while start < dh {
+                        let width = (dh - start).min(LANES);
+                        let mut acc = [0.0f32; LANES];
+                        let rows = s.iter().zip(qkv.chunks_exact(3 * h));
+                        if width == LANES {
+                            // A whole vector: fixed width, so `acc` stays in a register.
+                            for (&p, row) in rows {
+                                let v: &[f32; LANES] = row[v0 + start..][..LANES]
+                                    .try_into()
+                                    .expect("a whole vector");
+                                for (a, &v) in acc.iter_mut().zip(v) {
+                                    *a += p * v;
+                                }
+                            }
+                        } else {
+                            for (&p, row) in rows {
+                                let v = &row[v0 + start..v0 + start + width];
+                                for (a, &v) in acc.iter_mut().zip(v) {
+                                    *a += p * v;
+                                }
+                            }
+                        }
+                        for (o, a) in out[start..start + width].iter_mut().zip(acc) {
+                            *o = a * inv;
+                        }
+                        start += width;
+                    }
                 }
             }
         }
@@ -620,7 +680,7 @@ impl HostEncoder {
         x.par_chunks_mut(ROWS_PER_TASK * h)
             .for_each(|rows| self.embed_norm.rows(rows));
 
-        let buffer = longest + (h / heads) * longest;
+        let buffer = attention_buffer(longest, h / heads);
         for (l, block) in self.blocks.iter().enumerate() {
             observe(l, LinearRole::Qkv, x);
             block.qkv.forward(x, qkv, |_| {});
