@@ -206,7 +206,19 @@ impl Running {
         let service = FlightServiceServer::new(KeelFlight::new(engine.clone(), self.auth.clone()))
             .max_decoding_message_size(engine.settings.server.max_message_bytes)
             .max_encoding_message_size(engine.settings.server.max_message_bytes);
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // Nagle's algorithm off on every accepted socket: tonic sets TCP_NODELAY only on
+        // sockets it accepts itself, and an answer written in more than one piece would
+        // otherwise wait ~40 ms for the peer's delayed ACK.
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            |socket| {
+                socket.inspect(|s| {
+                    if let Err(e) = s.set_nodelay(true) {
+                        tracing::debug!(error = %e, "TCP_NODELAY not set on an accepted socket");
+                    }
+                })
+            },
+        );
         let grace = std::time::Duration::from_millis(engine.settings.server.shutdown_grace_ms);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         // The standard gRPC health service (grpc.health.v1) on the same port, for

@@ -450,3 +450,38 @@ async fn actions_report_stats_cleanup_and_health() {
     );
     server.stop().await;
 }
+
+/// No ~40 ms stall on small answers (Nagle's algorithm meeting the client's delayed ACK):
+/// the median of 20 `stats` actions and of 20 cached one-row DoExchanges on loopback stays
+/// under 20 ms, half the stall, so a loaded machine does not fail it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_answers_do_not_wait_for_delayed_acks() {
+    let server = TestServer::start(|_| {}).await;
+    let mut client = server.client().await;
+    let median = |mut v: Vec<std::time::Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let mut stats = Vec::new();
+    for _ in 0..20 {
+        let t = std::time::Instant::now();
+        action(&mut client, "stats", "").await;
+        stats.push(t.elapsed());
+    }
+    let row = || vec![text_batch(&[Some("BRCA1 missense variant, cached")])];
+    exchange(&mut client, embed_path(), row()).await.unwrap();
+    let mut cached = Vec::new();
+    for _ in 0..20 {
+        let t = std::time::Instant::now();
+        let out = exchange(&mut client, embed_path(), row()).await.unwrap();
+        cached.push(t.elapsed());
+        assert_eq!(out.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+    }
+    let (stats, cached) = (median(stats), median(cached));
+    assert!(
+        stats < std::time::Duration::from_millis(20)
+            && cached < std::time::Duration::from_millis(20),
+        "median stats {stats:?}, cached one-row exchange {cached:?}"
+    );
+    server.stop().await;
+}
