@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds what scripts/device-check.sh carries to a GPU machine, into one folder
 # (default .device, git-ignored), at most 64 MiB: the release binary with the GPU backend
-# (stripped, xz-compressed), MiniLM with f16 weights (`keel convert`), 16 000 variant
-# texts, the float64 reference of 20 texts, and Debian's Vulkan loader as .debs.
+# (stripped, xz-compressed), the model crate's test binary (the CPU kernel tests, for the
+# host's AMX), MiniLM with f16 weights (`keel convert`), 16 000 variant texts, the float64
+# reference of 20 texts, and Debian's Vulkan loader as .debs.
 #
 #   scripts/device-bundle.sh [DIR] [--uncompressed]   (--uncompressed: a plain binary,
 #                                                      for the dry run here)
@@ -23,6 +24,20 @@ else
     strip -o "$dir/keel.stripped" "$keel"
     xz -6 -T0 -c "$dir/keel.stripped" >"$dir/keel.xz"
     rm -f "$dir/keel.stripped" "$dir/keel"
+fi
+
+# The model crate's unit tests (the CPU kernels, AMX forms included), for the host's CPUs.
+tests=$(cargo test --release --workspace --features gpu -p keel-model --lib --no-run \
+    --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "keel_model" and m.get("executable"):
+        print(m["executable"])')
+if [[ -n "$tests" ]]; then
+    strip -o "$dir/model-tests" "$tests"
+    xz -6 -T0 -c "$dir/model-tests" >"$dir/model-tests.xz"
+    rm -f "$dir/model-tests"
 fi
 
 rm -rf "$dir/model"

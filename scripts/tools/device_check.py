@@ -1,5 +1,8 @@
 """The GPU check: parity, throughput and device memory of Keel on this machine's GPU, beside
-sentence-transformers on the same GPU in the same run. Run through scripts/device-check.sh.
+sentence-transformers on the same GPU in the same run; then the host's CPUs: the kernel
+tests (AMX where the host has it), every CPU precision against the float64 reference and
+beside ONNX Runtime, OpenVINO and sentence-transformers on all cores. Run through
+scripts/device-check.sh.
 
 usage: device_check.py BUNDLE OUT [--dry-run]
   BUNDLE  a folder made by scripts/device-bundle.sh: keel (or keel.xz), model/ (MiniLM
@@ -263,6 +266,69 @@ finally:
     except subprocess.TimeoutExpired:
         server.kill()
 
+# 6. The host's CPUs (the GPU machine's 16-core Xeon, AMX): the kernel tests (AMX forms
+# included, where the bundle carries the model crate's test binary), parity of every CPU
+# precision with the float64 reference, keel embed on all cores at every precision on the
+# best kernels and capped at AVX-512, and the CPU peers (ONNX Runtime, OpenVINO,
+# sentence-transformers) on the same texts and threads, where importable.
+cpu = {"parity": {}, "keel_embed": [], "peers": []}
+tests = os.path.join(BUNDLE, "model-tests.xz")
+if os.path.exists(tests):
+    binary = os.path.join(WORK, "model-tests")
+    with lzma.open(tests) as src, open(binary, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.chmod(binary, 0o755)
+    p = subprocess.run([binary, "kernels::", "--nocapture", "--test-threads", "1"],
+                       capture_output=True, timeout=600)
+    text = (p.stdout + p.stderr).decode(errors="replace")
+    LOG.write(text)
+    cpu["kernel_tests"] = {"exit": p.returncode,
+                           "summary": next((l for l in text.splitlines() if l.startswith("test result")), "?"),
+                           "skipped": sorted(set(l for l in text.splitlines() if l.startswith("SKIPPED")))}
+    log("kernel tests", json.dumps(cpu["kernel_tests"]))
+CPU_PRECISIONS = ["f32", "bf16", "int8"]
+for precision in CPU_PRECISIONS:
+    got, _ = embed(ref_file, "cpu", precision=precision)
+    cpu["parity"][f"cpu_{precision}_vs_float64"] = compare(got, f64)
+cpu_texts = os.path.join(WORK, "cpu-texts.txt")
+with open(cpu_texts, "w") as f:
+    f.write("\n".join(texts[:24 if DRY else 4000]) + "\n")
+for kernels in ["best", "avx512"]:
+    for precision in CPU_PRECISIONS:
+        for batch in ([4] if DRY else [25, 64, 256]):
+            if kernels == "best":
+                _, info = embed(cpu_texts, "cpu", batch, precision)
+            else:
+                BASE_ENV["KEEL_CPU_KERNELS"] = kernels
+                try:
+                    _, info = embed(cpu_texts, "cpu", batch, precision)
+                finally:
+                    del BASE_ENV["KEEL_CPU_KERNELS"]
+            row = {"kernels": kernels, "precision": precision, "batch": batch,
+                   "texts_per_s": info["texts_per_s"]}
+            cpu["keel_embed"].append(row)
+            log("keel embed (cpu)", json.dumps(row))
+if not DRY:
+    tools = os.path.join(os.path.dirname(os.path.abspath(__file__)))
+    peer_env = dict(os.environ, BENCH_THREADS=str(os.cpu_count()))
+    for script, extra in [("ort_baseline.py", [os.path.join(WORK, "ort")]), ("st_baseline.py", []),
+                          ("st_baseline.py", ["--bf16"])]:
+        cmd = [sys.executable, os.path.join(tools, script), MODEL, cpu_texts, *extra, "25", "64", "256"]
+        p = subprocess.run(cmd, env=peer_env, capture_output=True, timeout=1800)
+        LOG.write(p.stderr.decode(errors="replace"))
+        for line in p.stdout.decode(errors="replace").splitlines():
+            if line.startswith(("onnxruntime", "openvino", "batch")):
+                name = line.split(" batch")[0] if not line.startswith("batch") else \
+                    ("sentence-transformers bf16" if "--bf16" in extra else "sentence-transformers fp32")
+                m = re.search(r"batch (\d+): ([\d.]+)", line)
+                if m:
+                    cpu["peers"].append({"stack": name, "batch": int(m.group(1)),
+                                         "texts_per_s": float(m.group(2))})
+        if p.returncode != 0:
+            cpu["peers"].append({"stack": script + " " + " ".join(extra), "error": p.stderr.decode()[-500:]})
+    log("cpu peers", json.dumps(cpu["peers"]))
+report["cpu_host"] = cpu
+
 report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
 with open(os.path.join(OUT, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
@@ -291,6 +357,22 @@ lines += ["", "## keel serve", "",
           f"- keel produce DoExchange: {s['keel_produce_rows_per_s']} rows/s; pyarrow: {s['pyarrow_rows_per_s']}",
           f"- device memory after warm-up {s['device_memory_after_warm_up']}, at peak {s['device_memory_at_peak']}, "
           f"after a full cleanup {s['device_memory_after_cleanup']}"]
+c = report["cpu_host"]
+lines += ["", f"## The host's CPUs ({report['cores']} cores)", ""]
+if "kernel_tests" in c:
+    k = c["kernel_tests"]
+    lines.append(f"- kernel tests (AMX forms where the CPU has them): exit {k['exit']}, {k['summary']}; "
+                 f"skipped: {', '.join(k['skipped']) or 'none'}")
+for name, v in c["parity"].items():
+    lines.append(f"- {name}: max abs diff {v['max_abs_diff']:.2e}, min cosine {v['min_cosine']:.7f}")
+lines += ["", "| stack | batch | texts/s |", "|---|---|---|"]
+for r in c["keel_embed"]:
+    lines.append(f"| keel embed {r['precision']} ({r['kernels']} kernels) | {r['batch']} | {r['texts_per_s']} |")
+for r in c["peers"]:
+    if "error" in r:
+        lines.append(f"| {r['stack']} | failed | |")
+    else:
+        lines.append(f"| {r['stack']} | {r['batch']} | {r['texts_per_s']:.0f} |")
 with open(os.path.join(OUT, "report.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
 log("\n".join(lines))
