@@ -465,6 +465,13 @@ impl Workspace {
         self.starts.reserve(rows + 1);
     }
 
+    /// Drops the buffers (the next pass grows them again); returns the bytes released.
+    pub fn release(&mut self) -> usize {
+        let bytes = self.bytes();
+        *self = Self::default();
+        bytes
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         (self.x.capacity()

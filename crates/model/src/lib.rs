@@ -23,7 +23,7 @@ mod tokenize;
 mod weights;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 pub use batching::{BatchLimits, LENGTH_BUCKETS, length_bucket, plan};
 pub use bert::{LayerPrecision, LinearRole, TokenBatch};
@@ -105,22 +105,60 @@ pub struct SentenceModel {
 /// The encoder: burn on a device, or the host pass with this replica's buffers.
 #[derive(Clone)]
 enum Encoder {
-    Device(Bert),
+    Device(Box<Bert>),
     Host(HostReplica),
 }
 
-/// The shared host encoder and one replica's workspace.
+/// The shared host encoder, one replica's workspace, and every replica's workspace (so
+/// that a cleanup through any replica releases them all).
 struct HostReplica {
     encoder: Arc<HostEncoder>,
-    workspace: Mutex<Workspace>,
+    workspace: Arc<Mutex<Workspace>>,
+    all: Arc<Mutex<Vec<Weak<Mutex<Workspace>>>>>,
+}
+
+impl HostReplica {
+    fn new(encoder: HostEncoder) -> Self {
+        let workspace = Arc::default();
+        Self {
+            encoder: Arc::new(encoder),
+            all: Arc::new(Mutex::new(vec![Arc::downgrade(&workspace)])),
+            workspace,
+        }
+    }
+
+    /// This replica's buffers (a poisoned lock only means a pass panicked: the buffers
+    /// hold no state between passes).
+    fn workspace(&self) -> MutexGuard<'_, Workspace> {
+        self.workspace
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Releases the buffers of every replica not running a pass now; returns the bytes
+    /// released.
+    fn release(&self) -> usize {
+        let mut all = self.all.lock().unwrap_or_else(PoisonError::into_inner);
+        all.retain(|w| w.strong_count() > 0);
+        all.iter()
+            .filter_map(Weak::upgrade)
+            .filter_map(|w| w.try_lock().ok().map(|mut w| w.release()))
+            .sum()
+    }
 }
 
 impl Clone for HostReplica {
     /// Shares the weights; a new replica starts with empty buffers of its own.
     fn clone(&self) -> Self {
+        let workspace = Arc::default();
+        self.all
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Arc::downgrade(&workspace));
         Self {
             encoder: self.encoder.clone(),
-            workspace: Mutex::default(),
+            workspace,
+            all: self.all.clone(),
         }
     }
 }
@@ -175,24 +213,21 @@ impl SentenceModel {
             .map(|text| tokenizer.encode(text))
             .collect::<Result<Vec<_>, _>>()?;
         let encoder = if device.is_host() {
-            Encoder::Host(HostReplica {
-                encoder: Arc::new(HostEncoder::load(
-                    spec.clone(),
-                    &mut weights,
-                    device.precision,
-                    overrides,
-                    &calibration,
-                )?),
-                workspace: Mutex::default(),
-            })
+            Encoder::Host(HostReplica::new(HostEncoder::load(
+                spec.clone(),
+                &mut weights,
+                device.precision,
+                overrides,
+                &calibration,
+            )?))
         } else {
-            Encoder::Device(Bert::load(
+            Encoder::Device(Box::new(Bert::load(
                 spec.clone(),
                 &mut weights,
                 &device.device,
                 false,
                 device.precision,
-            )?)
+            )?))
         };
         let unused = weights.unused()?;
         if !unused.is_empty() {
@@ -220,13 +255,13 @@ impl SentenceModel {
         let mut model = Self::load(dir, Backend::Cpu)?;
         let mut weights = WeightFile::open(&dir.join("model.safetensors"))?;
         let device = burn::tensor::Device::flex();
-        model.encoder = Encoder::Device(Bert::load(
+        model.encoder = Encoder::Device(Box::new(Bert::load(
             model.spec.clone(),
             &mut weights,
             &device,
             true,
             Precision::F32,
-        )?);
+        )?));
         model.device.device = device;
         model.device.adapter = "burn flex (reference)".into();
         Ok(model)
@@ -241,6 +276,16 @@ impl SentenceModel {
         }
         self.device.device.memory_cleanup();
         true
+    }
+
+    /// Releases the activation buffers of every replica of this model on the host that is
+    /// not running a pass now (they grow back with the next pass); returns the bytes
+    /// released. 0 on a device, where [`Self::release_pooled_memory`] applies.
+    pub fn release_host_buffers(&self) -> usize {
+        match &self.encoder {
+            Encoder::Host(host) => host.release(),
+            Encoder::Device(_) => 0,
+        }
     }
 
     /// The device the model runs on.
@@ -380,16 +425,6 @@ impl SentenceModel {
             }
         }
         passes
-    }
-}
-
-impl HostReplica {
-    /// This replica's buffers (a poisoned lock only means a pass panicked: the buffers
-    /// hold no state between passes).
-    fn workspace(&self) -> std::sync::MutexGuard<'_, Workspace> {
-        self.workspace
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

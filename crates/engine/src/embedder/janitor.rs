@@ -1,10 +1,10 @@
 //! The embedder's member of the cleanup protocol.
 //!
 //! The replicas run on their own threads (see [`super::workers`]); this small actor is
-//! how the supervisor reaches them. On the CPU backend a forward pass keeps nothing after
-//! it returns — activations, masks and token buffers are owned by the pass and dropped
-//! with it — so a cleanup has nothing pooled to drop; on device backends it returns the
-//! device's pooled memory.
+//! how the supervisor reaches them. On the CPU backend each replica keeps its activation
+//! buffers between passes (grown to the largest pass, so that a warm pass allocates
+//! nothing): a cleanup releases those of every replica not running a pass, and they grow
+//! back with the next one. On device backends it returns the device's pooled memory.
 
 use std::time::Instant;
 
@@ -43,9 +43,10 @@ impl Handler<Cleanup> for EmbedderJanitor {
                 format!("returned {freed} bytes of pooled device memory"),
             )
         } else {
+            let freed = self.model.release_host_buffers() as u64;
             (
-                0,
-                "host backend: passes keep no scratch between batches".to_string(),
+                freed,
+                format!("released {freed} bytes of the replicas' activation buffers"),
             )
         };
         MessageResult(CleanupAck::new(
