@@ -195,6 +195,36 @@ pub fn peak_macs_per_second(kind: Kind, steps: usize) -> Option<f64> {
     }
 }
 
+/// The real rows and columns of one 32 × 32 block of sums from [`multiply`]: calls
+/// `f(row, j0, sums)` for each row below `rows` and each of the pair's two panels that
+/// starts below `outputs`, with that row's sums of the panel's columns below `outputs`.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn each_row(
+    sums: &[u32; 1024],
+    row0: usize,
+    pair: usize,
+    rows: usize,
+    outputs: usize,
+    mut f: impl FnMut(usize, usize, &[u32]),
+) {
+    const PANEL: usize = super::PANEL;
+    for (tile, sums) in sums.chunks_exact(256).enumerate() {
+        let (half, panel) = (tile / 2, tile % 2);
+        let j0 = (2 * pair + panel) * PANEL;
+        if j0 >= outputs {
+            continue;
+        }
+        let valid = (outputs - j0).min(PANEL);
+        for (r, sums) in sums.chunks_exact(PANEL).enumerate() {
+            let row = row0 + half * 16 + r;
+            if row >= rows {
+                break;
+            }
+            f(row, j0, &sums[..valid]);
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::asm;

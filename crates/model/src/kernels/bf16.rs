@@ -314,24 +314,12 @@ impl Bf16Linear {
             unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len() * 2) }
         };
         let store = |row0: usize, pair: usize, sums: &[u32; 1024]| {
-            for (tile, sums) in sums.chunks_exact(256).enumerate() {
-                let (half, panel) = (tile / 2, tile % 2);
-                let j0 = (2 * pair + panel) * PANEL;
-                if j0 >= n {
-                    continue;
+            amx::each_row(sums, row0, pair, rows, n, |row, j0, sums| {
+                let out = &mut out[row * n + j0..row * n + j0 + sums.len()];
+                for ((o, &s), &b) in out.iter_mut().zip(sums).zip(&self.bias[j0..]) {
+                    *o = f32::from_bits(s) + b;
                 }
-                let valid = (n - j0).min(PANEL);
-                for (r, sums) in sums.chunks_exact(PANEL).enumerate() {
-                    let row = row0 + half * 16 + r;
-                    if row >= rows {
-                        break;
-                    }
-                    let out = &mut out[row * n + j0..row * n + j0 + valid];
-                    for ((o, &s), &b) in out.iter_mut().zip(sums).zip(&self.bias[j0..]) {
-                        *o = f32::from_bits(s) + b;
-                    }
-                }
-            }
+            })
         };
         // SAFETY: only `pack` (for tests) or `with_isa`/`detect` (verified) choose AMX on
         // a CPU that runs it; `a` holds `padded` rows of `stride` values, `packed` whole

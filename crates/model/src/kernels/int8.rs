@@ -285,26 +285,14 @@ impl Int8Linear {
     fn block_amx(&self, q: &[u8], rows_q: &[RowQuant], out: &mut [f32]) {
         let (n, stride, rows) = (self.outputs, self.groups * GROUP, rows_q.len());
         let store = |row0: usize, pair: usize, sums: &[u32; 1024]| {
-            for (tile, sums) in sums.chunks_exact(256).enumerate() {
-                let (half, panel) = (tile / 2, tile % 2);
-                let j0 = (2 * pair + panel) * PANEL;
-                if j0 >= n {
-                    continue;
+            amx::each_row(sums, row0, pair, rows, n, |row, j0, sums| {
+                let RowQuant { step: t, zero } = rows_q[row];
+                for (c, &s) in sums.iter().enumerate() {
+                    let j = j0 + c;
+                    let sum = s as i32 - zero * self.col_sums[j];
+                    out[row * n + j] = sum as f32 * (self.scales[j] * t) + self.bias[j];
                 }
-                let valid = (n - j0).min(PANEL);
-                for (r, sums) in sums.chunks_exact(PANEL).enumerate() {
-                    let row = row0 + half * 16 + r;
-                    if row >= rows {
-                        break;
-                    }
-                    let RowQuant { step: t, zero } = rows_q[row];
-                    for (c, &s) in sums.iter().enumerate().take(valid) {
-                        let j = j0 + c;
-                        let sum = s as i32 - zero * self.col_sums[j];
-                        out[row * n + j] = sum as f32 * (self.scales[j] * t) + self.bias[j];
-                    }
-                }
-            }
+            })
         };
         // SAFETY: only `with_isa` (where the CPU has AMX) or `detect` (verified) choose
         // AMX; `q` holds whole tiles of rows of `stride` bytes, `packed` whole panels of
