@@ -88,9 +88,30 @@ fn the_device_check_dry_run_writes_a_full_report() {
         after < peak,
         "a full cleanup kept {after} of {peak} reserved bytes: {report}"
     );
+    // The host's CPUs: every precision against the reference, keel embed on the best
+    // kernels and capped at AVX-512.
+    let cpu = &report["cpu_host"];
+    for precision in ["f32", "bf16", "int8"] {
+        let cosine = cpu["parity"][format!("cpu_{precision}_vs_float64")]["min_cosine"]
+            .as_f64()
+            .unwrap();
+        assert!(cosine > 0.99, "{precision}: {report}");
+        for kernels in ["best", "avx512"] {
+            assert!(
+                cpu["keel_embed"].as_array().unwrap().iter().any(|r| {
+                    r["precision"] == precision
+                        && r["kernels"] == kernels
+                        && r["texts_per_s"].as_f64().unwrap_or(0.0) > 0.0
+                }),
+                "{precision} on {kernels} kernels: {report}"
+            );
+        }
+    }
     let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
     assert!(
-        md.contains("## Parity") && md.contains("## keel serve"),
+        md.contains("## Parity")
+            && md.contains("## keel serve")
+            && md.contains("## The host's CPUs"),
         "{md}"
     );
 }
