@@ -17,7 +17,7 @@ use keel_model::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Backends {
-    /// burn's flex backend on the host's cores.
+    /// Keel's own forward pass and kernels on the host's cores.
     #[default]
     Cpu,
     /// burn's wgpu backend on the GPU.
