@@ -13,8 +13,8 @@
 //! Stable Rust has no AMX intrinsics: the tile instructions are inline `asm!`. Linux gives
 //! a process tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`);
 //! [`available`] asks once and says no where the CPU or the kernel refuses. Before the
-//! kernels are chosen, [`verified`] runs them once on a small layer against the portable
-//! kernels (exactly equal for int8's integer sums, within f32 rounding for bf16): a CPU or
+//! kernels are chosen, [`super::amx_verified`] runs them once on a small layer against the
+//! portable kernels (exactly equal for int8's integer sums, within f32 rounding for bf16): a CPU or
 //! kernel that computes them wrongly is never used, and says so in the log.
 
 use std::sync::OnceLock;
@@ -54,37 +54,6 @@ pub fn available(kind: Kind) -> bool {
         let _ = kind;
         false
     }
-}
-
-/// Whether the AMX kernels for `kind` are available and computed a small layer as the
-/// portable kernels do. Checked once per process and kind.
-pub fn verified(kind: Kind) -> bool {
-    static BF16: OnceLock<bool> = OnceLock::new();
-    static INT8: OnceLock<bool> = OnceLock::new();
-    let cell = match kind {
-        Kind::Bf16 => &BF16,
-        Kind::Int8 => &INT8,
-        Kind::F32 => return false,
-    };
-    *cell.get_or_init(|| {
-        if !available(kind) {
-            return false;
-        }
-        let agrees = match kind {
-            Kind::Bf16 => super::bf16::amx_agrees_with_portable(),
-            Kind::Int8 => super::int8::amx_agrees_with_portable(),
-            Kind::F32 => false,
-        };
-        if agrees {
-            tracing::debug!(?kind, "AMX kernels verified against the portable kernels");
-        } else {
-            tracing::warn!(
-                ?kind,
-                "AMX kernels disagree with the portable kernels on this CPU: not used"
-            );
-        }
-        agrees
-    })
 }
 
 /// The two tile products a kernel runs.

@@ -561,18 +561,18 @@ mod x86 {
 /// Whether the AMX kernel computes a small layer (odd rows, a padded step) as the portable
 /// kernel does, within f32 rounding of the sums. Only where [`amx::available`].
 pub(crate) fn amx_agrees_with_portable() -> bool {
-    let (rows, k, n) = (37, 70, 40);
-    let x: Vec<f32> = (0..rows * k)
-        .map(|i| ((i * 7919 % 211) as f32 - 105.0) * 0.013)
-        .collect();
-    let w: Vec<f32> = (0..k * n)
-        .map(|i| ((i * 104_729 % 197) as f32 - 98.0) * 0.007)
-        .collect();
-    let b: Vec<f32> = (0..n).map(|i| i as f32 * 0.1 - 2.0).collect();
+    let c = super::check_layer();
     let run = |isa| {
-        let layer = Bf16Linear::pack(&w, &b, k, n, isa, Avx512Form::Widened);
-        let mut out = vec![f32::NAN; rows * n];
-        layer.block(&x, &mut out, &mut Scratch::default());
+        let layer = Bf16Linear::pack(
+            &c.weight,
+            &c.bias,
+            c.inputs,
+            c.outputs,
+            isa,
+            Avx512Form::Widened,
+        );
+        let mut out = vec![f32::NAN; c.rows * c.outputs];
+        layer.block(&c.x, &mut out, &mut Scratch::default());
         out
     };
     let (amx, portable) = (run(Isa::Amx), run(Isa::Portable));

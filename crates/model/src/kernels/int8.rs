@@ -719,18 +719,12 @@ mod x86 {
 /// step) exactly as the portable kernel does: both sum the same integers. Only where
 /// [`amx::available`].
 pub(crate) fn amx_agrees_with_portable() -> bool {
-    let (rows, k, n) = (37, 70, 40);
-    let x: Vec<f32> = (0..rows * k)
-        .map(|i| ((i * 7919 % 211) as f32 - 105.0) * 0.013)
-        .collect();
-    let w: Vec<f32> = (0..k * n)
-        .map(|i| ((i * 104_729 % 197) as f32 - 98.0) * 0.007)
-        .collect();
-    let b: Vec<f32> = (0..n).map(|i| i as f32 * 0.1 - 2.0).collect();
+    let c = super::check_layer();
     let run = |isa| {
-        let layer = Int8Linear::quantize_for(&w, &b, k, n, &[3, 41], isa);
-        let mut out = vec![f32::NAN; rows * n];
-        layer.block(&x, &mut out, &mut Scratch::default());
+        let layer =
+            Int8Linear::quantize_for(&c.weight, &c.bias, c.inputs, c.outputs, &[3, 41], isa);
+        let mut out = vec![f32::NAN; c.rows * c.outputs];
+        layer.block(&c.x, &mut out, &mut Scratch::default());
         out
     };
     run(Isa::Amx) == run(Isa::Portable)

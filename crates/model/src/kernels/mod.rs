@@ -35,7 +35,7 @@ pub enum Isa {
     /// x86-64 with AVX-512 F/BW and VNNI (int8), or F (bf16; BF16 adds `vdpbf16ps`).
     Avx512,
     /// x86-64 with AMX tiles (`tdpbusd` for int8, `tdpbf16ps` for bf16), granted by the
-    /// OS and verified at first use ([`amx::verified`]).
+    /// OS and verified at first use ([`amx_verified`]).
     Amx,
 }
 
@@ -82,7 +82,7 @@ impl Isa {
                 // The widened form needs AVX-512 F alone (bf16::Avx512Form).
                 (Isa::Avx512, Kind::Bf16) => has!("avx512f"),
                 (Isa::Amx, Kind::F32) => false,
-                (Isa::Amx, kind) => amx::verified(kind),
+                (Isa::Amx, kind) => amx_verified(kind),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -90,6 +90,65 @@ impl Isa {
             let _ = kind;
             self == Isa::Portable
         }
+    }
+}
+
+/// Whether the AMX kernels for `kind` are available ([`amx::available`]) and computed a
+/// small layer as the portable kernels do ([`check_layer`]). Checked once per process and
+/// kind; a disagreement is logged and the AMX kernels are not used.
+pub fn amx_verified(kind: Kind) -> bool {
+    static BF16: OnceLock<bool> = OnceLock::new();
+    static INT8: OnceLock<bool> = OnceLock::new();
+    let cell = match kind {
+        Kind::Bf16 => &BF16,
+        Kind::Int8 => &INT8,
+        Kind::F32 => return false,
+    };
+    *cell.get_or_init(|| {
+        if !amx::available(kind) {
+            return false;
+        }
+        let agrees = match kind {
+            Kind::Bf16 => bf16::amx_agrees_with_portable(),
+            Kind::Int8 => int8::amx_agrees_with_portable(),
+            Kind::F32 => false,
+        };
+        if agrees {
+            tracing::debug!(?kind, "AMX kernels verified against the portable kernels");
+        } else {
+            tracing::warn!(
+                ?kind,
+                "AMX kernels disagree with the portable kernels on this CPU: not used"
+            );
+        }
+        agrees
+    })
+}
+
+/// The layer the AMX kernels are checked on before use: 37 rows (a partial tile of rows)
+/// × 70 inputs (a partial tile step) × 40 outputs (a partial panel pair), fixed values.
+pub(crate) struct CheckLayer {
+    pub rows: usize,
+    pub inputs: usize,
+    pub outputs: usize,
+    pub x: Vec<f32>,
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+}
+
+pub(crate) fn check_layer() -> CheckLayer {
+    let (rows, inputs, outputs) = (37, 70, 40);
+    CheckLayer {
+        rows,
+        inputs,
+        outputs,
+        x: (0..rows * inputs)
+            .map(|i| ((i * 7919 % 211) as f32 - 105.0) * 0.013)
+            .collect(),
+        weight: (0..inputs * outputs)
+            .map(|i| ((i * 104_729 % 197) as f32 - 98.0) * 0.007)
+            .collect(),
+        bias: (0..outputs).map(|i| i as f32 * 0.1 - 2.0).collect(),
     }
 }
 
