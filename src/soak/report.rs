@@ -85,13 +85,13 @@ fn quantile(mut xs: Vec<f64>, q: f64) -> Option<f64> {
 
 /// The peak RSS the configuration allows with this model (docs/OPERATIONS.md, "Memory:
 /// what bounds it"): the weights, 64 MiB of runtime, the cache's budget, the rows in
-/// flight with their vectors, and one pass's activations per worker (the feed-forward and
-/// attention projections of `max_batch_tokens` tokens, and the attention scores of as
-/// many rows of the longest sequence).
+/// flight with their vectors, and per CPU worker the buffers its forward pass keeps for
+/// the largest pass (`max_batch_tokens` tokens × the residual stream, QKV, context, a
+/// layer's output and the feed-forward activations) plus 1 MiB per thread for the
+/// kernels' packing and one row's attention (`keel_model`'s host pass).
 pub fn memory_bound(settings: &Settings, model_bytes: u64, spec: &ModelSpec) -> u64 {
     let hidden = spec.hidden_size as u64;
     let intermediate = spec.intermediate_size as u64;
-    let heads = spec.num_heads as u64;
     let longest = spec.max_seq_length as u64;
     let mut passes = 0;
     for group in settings.embedder.groups() {
@@ -100,7 +100,8 @@ pub fn memory_bound(settings: &Settings, model_bytes: u64, spec: &ModelSpec) -> 
         let workers = group.workers as u64;
         passes += match group.backend {
             keel_model::Backend::Cpu => {
-                workers * (tokens * 4 * (intermediate + 4 * hidden) + tokens * heads * longest * 4)
+                let threads = group.threads_per_worker as u64;
+                workers * (tokens * 4 * (intermediate + 6 * hidden) + threads * (1 << 20))
             }
             // Activations live on the device; the host holds, per batch in the pipeline
             // and the one computing, the gathered embeddings, the mask and the output.
