@@ -10,6 +10,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Unio
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from .contract import EmbedCommand, PutAck, dataset_descriptor, embed_descriptor
+
 Data = Union[pa.Table, pa.RecordBatch, pa.RecordBatchReader, Iterable[pa.RecordBatch], str, "os.PathLike[str]"]
 
 # Errors after which a stream is sent again, to the next address: the server went away
@@ -158,30 +160,22 @@ class KeelClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _command(self, text_column: Optional[str], template: Optional[str]) -> bytes:
-        text_column = text_column or self.text_column
-        template = template or self.template
-        if text_column and template:
-            raise ValueError("text_column or template, not both")
-        cmd: Dict[str, Any] = {}
-        if text_column:
-            cmd["text_column"] = text_column
-        if template:
-            cmd["template"] = template
-        if self.precision:
-            cmd["precision"] = self.precision
-        if self.dimensions:
-            cmd["dimensions"] = self.dimensions
-        return json.dumps(cmd).encode()
+    def _command(self, text_column: Optional[str], template: Optional[str]) -> EmbedCommand:
+        return EmbedCommand(
+            text_column=text_column or self.text_column,
+            template=template or self.template,
+            precision=self.precision or None,
+            dimensions=self.dimensions or None,
+        )
 
     # -- embedding ------------------------------------------------------------------
 
-    def _exchange(self, address: str, batches: List[pa.RecordBatch], command: bytes) -> pa.Table:
+    def _exchange(self, address: str, batches: List[pa.RecordBatch],
+                  command: EmbedCommand) -> pa.Table:
         """One DoExchange: writes on this thread, reads on another (Keel's backpressure
         reaches a writer that does not read as a stall)."""
         client = self._client(address)
-        descriptor = flight.FlightDescriptor.for_command(command)
-        writer, reader = client.do_exchange(descriptor, options=self._options)
+        writer, reader = client.do_exchange(embed_descriptor(command), options=self._options)
         out: List[pa.RecordBatch] = []
         failure: List[BaseException] = []
 
@@ -210,7 +204,8 @@ class KeelClient:
             return pa.Table.from_batches([], schema=reader.schema)
         return pa.Table.from_batches(out)
 
-    def _embed_slice(self, batches: List[pa.RecordBatch], command: bytes, first: int) -> pa.Table:
+    def _embed_slice(self, batches: List[pa.RecordBatch], command: EmbedCommand,
+                     first: int) -> pa.Table:
         """A slice to addresses[first], then the next ones while the server is gone."""
         tries = len(self.addresses) * (self.retries + 1)
         last: Optional[BaseException] = None
@@ -308,11 +303,7 @@ class KeelClient:
         dataset's rows once every row sent is durable."""
         address = address or self.addresses[0]
         client = self._client(address)
-        command = self._command(text_column, template)
-        # The command rides as the path's third part: pyarrow's descriptors carry a path or
-        # a command, not both.
-        path = ["datasets", dataset] + ([command.decode()] if command != b"{}" else [])
-        descriptor = flight.FlightDescriptor.for_path(*path)
+        descriptor = dataset_descriptor(dataset, self._command(text_column, template))
         batches = iter(_batches(data, self.batch_rows))
         first = next(batches, None)
         if first is None:
@@ -327,7 +318,7 @@ class KeelClient:
                 buf = meta.read()
                 if buf is None:
                     break
-                dataset_rows = json.loads(buf.to_pybytes())["dataset_rows"]
+                dataset_rows = PutAck.parse(buf.to_pybytes()).dataset_rows
             writer.close()
             return dataset_rows
         except (flight.FlightError, pa.ArrowException) as e:

@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_flight import ROOT, start_server  # noqa: E402
 
 from keel_client import KeelClient, KeelError  # noqa: E402
+from keel_client import contract  # noqa: E402
 
 failures = []
 
@@ -109,6 +110,13 @@ def main(binary):
         check("read returns the dataset", back.num_rows == 100 and "embedding" in back.column_names)
         found = client.action("search", {"dataset": "pyclient", "text": texts[5], "k": 3})
         check("search through the client", found["results"][0]["text"] == texts[5], found)
+        typed = client.action("search", contract.body(
+            contract.SearchRequest(dataset="pyclient", text=texts[5], k=3, mode="exact")))
+        check("a search built from the contract's SearchRequest",
+              typed["mode"] == "exact" and typed["results"][0]["text"] == texts[5], typed)
+        listed = tuple(a.type for a in client._client(a).list_actions())
+        check("the contract's ACTIONS are the server's ListActions",
+              sorted(listed) == sorted(contract.ACTIONS), listed)
 
         # Two servers: the table split over both, every row once; then one goes away
         # mid-run and its slices go to the other.
