@@ -24,11 +24,11 @@ use burn::tensor::module::{attention, layer_norm, linear};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, FloatDType, Tensor, TensorData};
 
-use super::ModelError;
 use super::device::Precision;
 use super::gelu;
 use super::spec::{ModelSpec, Pooling};
 use super::weights::{LinearWeights, NormWeights, WeightFile};
+use crate::error::ModelError;
 
 /// A float tensor on `device`, stored in `dtype`.
 fn on_device<const D: usize>(data: TensorData, device: &Device, dtype: FloatDType) -> Tensor<D> {

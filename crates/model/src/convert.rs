@@ -13,7 +13,7 @@ use burn::tensor::{bf16, f16};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::ModelError;
+use crate::error::ModelError;
 
 /// How a converted copy stores its floating-point weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -99,20 +99,8 @@ pub fn convert_model(
 
 /// A tensor's bytes in `precision`; non-float tensors are returned unchanged.
 fn convert_tensor(dtype: Dtype, data: &[u8], precision: StoredPrecision) -> (Dtype, Vec<u8>) {
-    let values: Vec<f32> = match dtype {
-        Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::F16 => data
-            .chunks_exact(2)
-            .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
-            .collect(),
-        Dtype::BF16 => data
-            .chunks_exact(2)
-            .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
-            .collect(),
-        other => return (other, data.to_vec()),
+    let Some(values) = crate::weights::float_values(dtype, data) else {
+        return (dtype, data.to_vec());
     };
     match precision {
         StoredPrecision::F32 => (

@@ -9,7 +9,7 @@
 
 use burn::tensor::Device;
 
-use crate::ModelError;
+use crate::error::ModelError;
 
 /// Where the model runs. Chosen in configuration, resolved to a burn [`Device`] at run time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
@@ -198,7 +198,7 @@ mod gpu {
     use wgpu::{Backends, DeviceType, Instance, InstanceDescriptor};
 
     use super::{Backend, DeviceOptions, ModelDevice, Precision};
-    use crate::ModelError;
+    use crate::error::ModelError;
 
     /// Picks a hardware adapter (discrete, then integrated, then virtual), or a software
     /// one when allowed; burn's `DeviceKind` indexes adapters of one type in the order
@@ -314,7 +314,7 @@ mod gpu {
 #[cfg(not(feature = "gpu"))]
 mod gpu {
     use super::{DeviceOptions, ModelDevice};
-    use crate::ModelError;
+    use crate::error::ModelError;
 
     pub(super) fn open(_: DeviceOptions) -> Result<ModelDevice, ModelError> {
         Err(ModelError::BackendUnavailable("wgpu".into()))

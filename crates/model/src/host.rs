@@ -26,7 +26,6 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::ModelError;
 use super::bert::{LayerPrecision, LinearRole, TokenBatch, WordTable, outlier_channels};
 use super::device::Precision;
 use super::gelu;
@@ -36,6 +35,7 @@ use super::kernels::int8::Int8Linear;
 use super::kernels::{ROWS_PER_TASK, Scratch};
 use super::spec::{ModelSpec, Pooling};
 use super::weights::{LinearWeights, NormWeights, WeightFile};
+use crate::error::ModelError;
 
 /// Input channels of each int8 layer computed in f32 beside the int8 product (see
 /// [`crate::bert`]'s calibration notes).

@@ -15,6 +15,7 @@ mod bert;
 mod calibration;
 mod convert;
 mod device;
+mod error;
 pub mod gelu;
 mod host;
 pub mod kernels;
@@ -22,74 +23,20 @@ mod spec;
 mod tokenize;
 mod weights;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 pub use batching::{BatchLimits, LENGTH_BUCKETS, length_bucket, plan};
 pub use bert::{LayerPrecision, LinearRole, TokenBatch};
 pub use convert::{StoredPrecision, convert_model};
 pub use device::{Backend, DeviceMemory, DeviceOptions, ModelDevice, Precision};
+pub use error::ModelError;
 pub use spec::{ModelSpec, Pooling};
 pub use tokenize::TextTokenizer;
 
 use bert::Bert;
 use host::{HostEncoder, Workspace};
 use weights::WeightFile;
-
-/// Why a model could not be loaded or run.
-#[derive(Debug, thiserror::Error)]
-pub enum ModelError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: invalid JSON: {source}")]
-    Json {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error("{path}: unsupported model: {what}")]
-    Unsupported { path: PathBuf, what: String },
-    #[error("{path}: not a safetensors file: {what}")]
-    Format { path: PathBuf, what: String },
-    #[error("{path}: tensor {name:?} is missing")]
-    MissingTensor { path: PathBuf, name: String },
-    #[error("{path}: tensor {name:?} has shape {found:?}, expected {expected:?}")]
-    TensorShape {
-        path: PathBuf,
-        name: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
-    #[error("{path}: tensor {name:?} has dtype {dtype}, expected F32, F16 or BF16")]
-    TensorDtype {
-        path: PathBuf,
-        name: String,
-        dtype: String,
-    },
-    #[error("{path}: tokenizer: {what}")]
-    Tokenizer { path: PathBuf, what: String },
-    #[error("tokenizing failed: {0}")]
-    Encode(String),
-    #[error("precision: {0}")]
-    Precision(String),
-    #[error("fusion: {0}")]
-    Fusion(String),
-    #[error("backend {0:?} is not compiled into this binary (build with the `gpu` feature)")]
-    BackendUnavailable(String),
-    #[error(
-        "no usable GPU adapter (found: {}){}",
-        if found.is_empty() { "none: is a Vulkan driver installed (libvulkan1 and the GPU vendor's ICD)?".to_string() } else { found.join("; ") },
-        if *software_allowed { "" } else { "; a software adapter runs only with embedder.gpu.allow_software: true" }
-    )]
-    NoGpu {
-        found: Vec<String>,
-        software_allowed: bool,
-    },
-}
 
 /// A loaded sentence model. Cloning shares the weights (a replica for another thread);
 /// on the CPU each clone has its own activation buffers.

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use tokenizers::{Tokenizer, TruncationParams};
 
-use super::ModelError;
+use crate::error::ModelError;
 
 /// Longest text, in bytes, handed to the tokenizer. WordPiece turns a word of more
 /// than 100 characters into one `[UNK]`, so `max_seq_length` tokens never need more than

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{bf16, f16};
 use safetensors::{Dtype, SafeTensors};
 
-use super::ModelError;
 use super::spec::ModelSpec;
+use crate::error::ModelError;
 
 /// An opened safetensors file, held in memory until the model is built.
 pub struct WeightFile {
@@ -79,26 +79,12 @@ impl WeightFile {
             });
         }
         let data = view.data();
-        let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
-                .collect(),
-            Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
-                .collect(),
-            other => {
-                return Err(ModelError::TensorDtype {
-                    path: self.path.clone(),
-                    name: full,
-                    dtype: format!("{other:?}"),
-                });
-            }
+        let Some(values) = float_values(view.dtype(), data) else {
+            return Err(ModelError::TensorDtype {
+                path: self.path.clone(),
+                name: full,
+                dtype: format!("{:?}", view.dtype()),
+            });
         };
         self.used.insert(full);
         Ok(values)
@@ -246,4 +232,23 @@ impl WeightFile {
             beta: self.get(&format!("{name}.bias"), &[width])?,
         })
     }
+}
+
+/// A float tensor's values as f32 (F32, F16 or BF16, little-endian, as safetensors stores
+/// them); `None` for any other dtype.
+pub(crate) fn float_values(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
+    let half = |decode: fn(u16) -> f32| {
+        data.chunks_exact(2)
+            .map(|b| decode(u16::from_le_bytes([b[0], b[1]])))
+            .collect()
+    };
+    Some(match dtype {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => half(|bits| f16::from_bits(bits).to_f32()),
+        Dtype::BF16 => half(|bits| bf16::from_bits(bits).to_f32()),
+        _ => return None,
+    })
 }
