@@ -17,19 +17,18 @@ use keel_engine::embedder::workers::EmbedderWorkers;
 use keel_engine::ingest::pipeline::{IngestCounters, Pipeline};
 use keel_engine::memory::allocator;
 use keel_engine::memory::probe::ProcessProbe;
-use keel_engine::sink::store::DatasetStore;
-use keel_engine::sink::writer::SinkWriter;
+use keel_engine::sink::datasets::Datasets;
 use keel_engine::supervisor::actor::SupervisorActor;
 use tonic_health::ServingStatus;
 
 use crate::config::Settings;
-use crate::engine::Engine;
 use crate::flight::auth::Auth;
 use crate::flight::service::KeelFlight;
+use crate::state::ServerState;
 
-/// A started engine: the shared [`Engine`] and what must be stopped at the end.
+/// A started engine: the shared [`ServerState`] and what must be stopped at the end.
 pub struct Running {
-    pub engine: Arc<Engine>,
+    pub engine: Arc<ServerState>,
     /// Who may call: checked by the Flight service on every RPC.
     auth: Arc<Auth>,
     embedder: EmbedderWorkers,
@@ -112,18 +111,17 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         tracing::warn!(error = %e, "could not configure the allocator");
     }
 
-    let store = DatasetStore::open(&settings.storage.data_dir).with_context(|| {
+    let (datasets, sink_thread) = Datasets::open(
+        &settings.storage.data_dir,
+        settings.storage.queue_depth,
+        settings.storage.index.clone(),
+    )
+    .with_context(|| {
         format!(
             "opening storage.data_dir {}",
             settings.storage.data_dir.display()
         )
     })?;
-    let (sink, sink_thread) = SinkWriter::start(
-        store,
-        &settings.storage.data_dir,
-        settings.storage.queue_depth,
-        settings.storage.index.clone(),
-    );
 
     // The actix system on its own thread; its actors are created inside it.
     let (addrs_tx, addrs_rx) = std::sync::mpsc::channel();
@@ -181,7 +179,9 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         )
         .with_shared_cache(shared),
     );
-    let engine = Arc::new(Engine::new(settings, pipeline, cache, supervisor, sink));
+    let engine = Arc::new(ServerState::new(
+        settings, pipeline, cache, supervisor, datasets,
+    ));
     Ok(Running {
         engine,
         auth,
@@ -229,9 +229,7 @@ impl Running {
         let warming_engine = engine.clone();
         let warm_reporter = health.clone();
         tokio::spawn(async move {
-            while warming_engine.pipeline.embedder().warming().is_some() {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
+            warming_engine.pipeline.embedder().warm().await;
             if !warming_engine.is_closing() {
                 set_health(&warm_reporter, ServingStatus::Serving).await;
                 // A SIGTERM that came in between wins.
@@ -247,10 +245,7 @@ impl Running {
             closing_engine.close();
             set_health(&health, ServingStatus::NotServing).await;
             // Give open streams their grace period, then stop the server.
-            let deadline = tokio::time::Instant::now() + grace;
-            while closing_engine.open_streams() > 0 && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
+            let _ = tokio::time::timeout(grace, closing_engine.streams_ended()).await;
             let _ = stop_tx.send(());
         });
         let mut builder = tonic::transport::Server::builder();
@@ -295,7 +290,7 @@ impl Running {
         } = self;
         engine.pipeline.close();
         embedder.shutdown(std::time::Duration::from_secs(5));
-        engine.sink.stop();
+        engine.datasets.stop();
         let _ = sink_thread.join();
         drop(engine);
         actix.stop();

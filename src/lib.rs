@@ -3,7 +3,7 @@
 //! - [`config`]: `Settings`, every actor's configuration composed, loaded from YAML and
 //!   `KEEL_*` variables and validated once;
 //! - [`app`]: starting the actors in order, serving, and stopping in reverse order;
-//! - [`engine`]: the [`engine::Engine`] every handler shares (pipeline, actors, sink,
+//! - [`state`]: the [`state::ServerState`] every handler shares (pipeline, actors, datasets,
 //!   auth, stream slots) and its typed stats;
 //! - [`flight`]: the Flight front end, one module per job (streams, datasets, actions,
 //!   auth, the error → gRPC status mapping, the client);
@@ -18,8 +18,8 @@
 
 pub mod app;
 pub mod config;
-pub mod engine;
 pub mod flight;
 pub mod input;
 pub mod metrics;
 pub mod soak;
+pub mod state;

@@ -1,5 +1,5 @@
-//! The [`Engine`]: what every Flight handler and the metrics endpoint share — the
-//! settings, the ingest pipeline, the actors' addresses, the sink, and the bound on open
+//! The [`ServerState`]: what every Flight handler and the metrics endpoint share — the
+//! settings, the ingest pipeline, the actors' addresses, the datasets, and the bound on open
 //! streams. [`crate::app`] builds it; [`crate::flight`] and
 //! [`crate::metrics`] use it; it imports neither, so the three do not form a circle.
 
@@ -11,9 +11,9 @@ use actix::Addr;
 use keel_engine::cache::actor::CacheActor;
 use keel_engine::cache::messages::GetCacheStats;
 use keel_engine::ingest::pipeline::{IngestCounters, Pipeline};
+use keel_engine::sink::datasets::Datasets;
 use keel_engine::sink::reduce::Projection;
 use keel_engine::sink::store::{DatasetInfo, SinkError};
-use keel_engine::sink::writer::SinkWriter;
 use keel_engine::stats::{CleanupStats, MemoryStats, Stats, StreamStats};
 use keel_engine::supervisor::actor::SupervisorActor;
 use keel_engine::supervisor::messages::GetMemoryReport;
@@ -25,7 +25,7 @@ use crate::config::Settings;
 
 /// Why the engine could not answer.
 #[derive(Debug, thiserror::Error)]
-pub enum EngineError {
+pub enum ServerError {
     /// `server.max_streams` streams are open.
     #[error("{0} streams are open (server.max_streams); retry later")]
     TooManyStreams(usize),
@@ -69,24 +69,24 @@ impl Shape {
 }
 
 /// Everything a Flight handler needs; shared by all streams.
-pub struct Engine {
+pub struct ServerState {
     pub settings: Settings,
     pub pipeline: Arc<Pipeline>,
     pub cache: Option<Addr<CacheActor>>,
     pub supervisor: Addr<SupervisorActor>,
-    pub sink: SinkWriter,
+    pub datasets: Datasets,
     streams: Arc<Semaphore>,
     closing: AtomicBool,
     started: Instant,
 }
 
-impl Engine {
+impl ServerState {
     pub fn new(
         settings: Settings,
         pipeline: Arc<Pipeline>,
         cache: Option<Addr<CacheActor>>,
         supervisor: Addr<SupervisorActor>,
-        sink: SinkWriter,
+        datasets: Datasets,
     ) -> Self {
         Self {
             streams: Arc::new(Semaphore::new(settings.server.max_streams)),
@@ -94,7 +94,7 @@ impl Engine {
             pipeline,
             cache,
             supervisor,
-            sink,
+            datasets,
             closing: AtomicBool::new(false),
             started: Instant::now(),
         }
@@ -102,15 +102,15 @@ impl Engine {
 
     /// A stream slot, or an error when `server.max_streams` are open or the server is
     /// shutting down.
-    pub fn admit_stream(&self) -> Result<StreamSlot, EngineError> {
+    pub fn admit_stream(&self) -> Result<StreamSlot, ServerError> {
         if self.is_closing() {
-            return Err(EngineError::ShuttingDown);
+            return Err(ServerError::ShuttingDown);
         }
         let permit = self
             .streams
             .clone()
             .try_acquire_owned()
-            .map_err(|_| EngineError::TooManyStreams(self.settings.server.max_streams))?;
+            .map_err(|_| ServerError::TooManyStreams(self.settings.server.max_streams))?;
         let counters = self.pipeline.counters().clone();
         counters.streams_open.fetch_add(1, Ordering::Relaxed);
         counters.streams_total.fetch_add(1, Ordering::Relaxed);
@@ -120,12 +120,11 @@ impl Engine {
         })
     }
 
-    /// Streams open now.
-    pub fn open_streams(&self) -> u64 {
-        self.pipeline
-            .counters()
-            .streams_open
-            .load(Ordering::Relaxed)
+    /// Resolves once no stream is open (every slot is free again).
+    pub async fn streams_ended(&self) {
+        let slots = self.settings.server.max_streams as u32;
+        // The semaphore is never closed; holding every slot for an instant is the signal.
+        let _ = self.streams.acquire_many(slots).await;
     }
 
     /// No new streams from now on (SIGTERM); open ones may finish.
@@ -140,37 +139,31 @@ impl Engine {
     /// How a stream's vectors are written: its command's precision and dimensions, else
     /// `ingest.default_precision` / `default_dimensions`. `InvalidArgument` for
     /// dimensions the model does not have.
-    pub fn vector_format(&self, request: &Request) -> Result<VectorFormat, tonic::Status> {
+    pub fn vector_format(&self, request: &Request) -> Result<VectorFormat, ServerError> {
         let ingest = self.pipeline.config();
         let dim = self.pipeline.dim();
         let default = VectorFormat {
             precision: ingest.default_precision,
             dimensions: ingest.default_dimensions.unwrap_or(dim),
         };
-        Ok(VectorFormat::resolve(
-            request.precision,
-            request.dimensions,
-            default,
-            dim,
-        )?)
+        VectorFormat::resolve(request.precision, request.dimensions, default, dim)
+            .map_err(|e| ServerError::Invalid(e.to_string()))
     }
 
-    /// [`Engine::vector_format`] plus the command's projection (loaded from the data
+    /// [`ServerState::vector_format`] plus the command's projection (loaded from the data
     /// folder): with one, the vectors are projected to its dimensions. `NotFound` for an
     /// unknown projection, `InvalidArgument` for one of another model's dimensions.
-    pub fn vector_shape(&self, request: &Request) -> Result<Shape, EngineError> {
+    pub fn vector_shape(&self, request: &Request) -> Result<Shape, ServerError> {
         let Some(name) = &request.projection else {
             return Ok(Shape {
-                format: self
-                    .vector_format(request)
-                    .map_err(|s| EngineError::Invalid(s.message().to_string()))?,
+                format: self.vector_format(request)?,
                 projection: None,
             });
         };
-        let projection = Projection::load_named(&self.settings.storage.data_dir, name)?;
+        let projection = Projection::load_named(self.datasets.root(), name)?;
         let dim = self.pipeline.dim();
         if projection.input_dimensions > dim {
-            return Err(EngineError::Invalid(format!(
+            return Err(ServerError::Invalid(format!(
                 "projection {name:?} takes {} dimensions, the model gives {dim}",
                 projection.input_dimensions
             )));
@@ -184,7 +177,7 @@ impl Engine {
             },
             projection.dimensions,
         )
-        .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        .map_err(|e| ServerError::Invalid(e.to_string()))?;
         Ok(Shape {
             format,
             projection: Some((name.clone(), Arc::new(projection))),
@@ -192,26 +185,26 @@ impl Engine {
     }
 
     /// A dataset's description, read off the async workers.
-    pub async fn dataset(&self, name: String) -> Result<DatasetInfo, EngineError> {
-        let store = self.sink.store().clone();
+    pub async fn dataset(&self, name: String) -> Result<DatasetInfo, ServerError> {
+        let store = self.datasets.store().clone();
         tokio::task::spawn_blocking(move || store.info(&name))
             .await
-            .map_err(|e| EngineError::Task(e.to_string()))?
-            .map_err(EngineError::from)
+            .map_err(|e| ServerError::Task(e.to_string()))?
+            .map_err(ServerError::from)
     }
 
     /// Every figure of the engine now.
-    pub async fn stats(&self) -> Result<Stats, EngineError> {
+    pub async fn stats(&self) -> Result<Stats, ServerError> {
         let memory = self
             .supervisor
             .send(GetMemoryReport)
             .await
-            .map_err(|e| EngineError::ActorGone("supervisor", e.to_string()))?;
+            .map_err(|e| ServerError::ActorGone("supervisor", e.to_string()))?;
         let cache = match &self.cache {
             Some(c) => c
                 .send(GetCacheStats)
                 .await
-                .map_err(|e| EngineError::ActorGone("cache", e.to_string()))?,
+                .map_err(|e| ServerError::ActorGone("cache", e.to_string()))?,
             None => Default::default(),
         };
         let c = self.pipeline.counters();
@@ -243,7 +236,7 @@ impl Engine {
             },
             embedder: self.pipeline.embedder().stats(),
             cleanups: CleanupStats::from_report(&memory),
-            indexes: self.sink.indexes().reports(),
+            indexes: self.datasets.indexes().reports(),
         })
     }
 }

@@ -124,3 +124,95 @@ fn the_kubernetes_configmap_is_current_and_valid_and_the_memory_limit_fits_it() 
     assert!(deployment.contains("grpc: {port: 50051}"), "gRPC probes");
     assert!(committed.contains("listen: 0.0.0.0:50051"));
 }
+
+/// The features `cargo tree` resolves for a build of `edges`, one `name version features`
+/// line per crate.
+fn resolved_features(edges: &str) -> std::collections::BTreeSet<String> {
+    let out = std::process::Command::new(env!("CARGO"))
+        .current_dir(repo_root())
+        .args([
+            "tree",
+            "--workspace",
+            "--features",
+            "gpu",
+            "--locked",
+            "--offline",
+        ])
+        .args(["-e", edges, "--prefix", "none", "-f", "{p} {f}"])
+        .output()
+        .expect("cargo tree runs");
+    assert!(
+        out.status.success(),
+        "cargo tree: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim_end_matches(" (*)").to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// scripts/run.sh builds the binary (`cargo build`), scripts/test.sh the tests: both must
+/// resolve every crate they share with the same features, or the second compiles burn
+/// again (~15 minutes on 2 cores). A crate only the tests use is fine.
+#[test]
+fn the_run_and_test_builds_share_one_feature_set() {
+    let build = resolved_features("normal,build");
+    let tests = resolved_features("normal,build,dev");
+    let name = |l: &String| l.split(" ").take(2).collect::<Vec<_>>().join(" ");
+    let built: std::collections::BTreeSet<String> = build.iter().map(name).collect();
+    let drift: Vec<&String> = tests
+        .iter()
+        .filter(|l| built.contains(&name(l)) && !build.contains(*l))
+        .collect();
+    assert!(
+        drift.is_empty(),
+        "the test build turns on features the run build lacks (pin them in Cargo.toml's \
+         [dependencies]): {drift:#?}"
+    );
+}
+
+/// `keel serve` with its log in a pipe (`scripts/run.sh > log`): plain text, no colour
+/// codes, and the metrics line names the address it listens on.
+#[test]
+fn a_log_written_to_a_pipe_is_plain_text_and_names_the_metrics_address() {
+    use std::io::{BufRead, BufReader};
+    let data = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("serve")
+        .env("KEEL_SERVER__LISTEN", "127.0.0.1:0")
+        .env("KEEL_METRICS__LISTEN", "127.0.0.1:0")
+        .env("KEEL_STORAGE__DATA_DIR", data.path())
+        .env(
+            "KEEL_EMBEDDER__MODEL_DIR",
+            repo_root().join("models/all-MiniLM-L6-v2"),
+        )
+        .env("KEEL_EMBEDDER__CPU__WORKERS", "1")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("keel serve starts");
+    let mut lines = Vec::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let done = line.contains("keel serving Arrow Flight");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = lines.join("\n");
+    assert!(!log.contains('\x1b'), "colour codes in a piped log:\n{log}");
+    let metrics = lines
+        .iter()
+        .find(|l| l.contains("/metrics"))
+        .unwrap_or_else(|| panic!("no metrics line:\n{log}"));
+    assert!(
+        metrics.contains("metrics on http://127.0.0.1:") && !metrics.contains("ADDRESS"),
+        "{metrics}"
+    );
+}

@@ -180,6 +180,70 @@ async fn a_client_that_disconnects_mid_stream_leaves_nothing_held() {
     server.stop().await;
 }
 
+/// A client that sends 20 000 rows, reads its first answer and cancels: the embedder
+/// skips the jobs it left behind, and computes at most the passes already on a worker
+/// when it left (with one more per worker of slack for the moment before the server
+/// sees the cancellation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departed_client_costs_at_most_the_passes_on_the_workers() {
+    let server = TestServer::start(|_| {}).await;
+    let workers = server.settings.embedder.cpu.workers as u64;
+    let pass_rows = server.settings.embedder.cpu.max_batch_rows as u64;
+    let mut client = raw_client(&server).await;
+    let texts: Vec<String> = (0..20_000)
+        .map(|i| format!("departed client variant {i} of gene G{}", i % 97))
+        .collect();
+    let batches: Vec<RecordBatch> = texts
+        .chunks(1000)
+        .map(|c| text_batch(&c.iter().map(|s| Some(s.as_str())).collect::<Vec<_>>()))
+        .collect();
+    let messages = encoded(batches).await;
+    let mut replies = client
+        .do_exchange(futures::stream::iter(messages))
+        .await
+        .unwrap()
+        .into_inner();
+    // The schema, then the first batch of rows.
+    let mut rows_seen = 0;
+    while rows_seen == 0 {
+        let m = replies.message().await.unwrap().expect("an answer");
+        rows_seen = m.data_body.len();
+    }
+    let mut stats_client = server.client().await;
+    let at_cancel = action(&mut stats_client, "stats", "").await;
+    drop(replies);
+    drop(client);
+    // Wait for the embedder to go idle: an empty queue and no rows for 0.5 s.
+    let mut last = at_cancel["embedder"]["rows"].as_u64().unwrap();
+    let mut stats = at_cancel.clone();
+    for _ in 0..120 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stats = action(&mut stats_client, "stats", "").await;
+        let rows = stats["embedder"]["rows"].as_u64().unwrap();
+        if rows == last && stats["embedder"]["queued_jobs"] == 0 {
+            break;
+        }
+        last = rows;
+    }
+    let after = stats["embedder"]["rows"].as_u64().unwrap()
+        - at_cancel["embedder"]["rows"].as_u64().unwrap();
+    eprintln!(
+        "rows embedded after the client left: {after}; dropped jobs: {}",
+        stats["embedder"]["dropped_jobs"]
+    );
+    assert!(
+        stats["embedder"]["dropped_jobs"].as_u64().unwrap() > 0,
+        "the jobs left behind were computed: {stats:#}"
+    );
+    assert!(
+        after <= 2 * workers * pass_rows,
+        "{after} rows embedded after the client left; at most {} expected",
+        2 * workers * pass_rows
+    );
+    still_serving(&server).await;
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_client_times_out_and_extra_streams_are_refused() {
     let server = TestServer::start(|s| {

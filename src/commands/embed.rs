@@ -119,9 +119,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
     let embedder = EmbedderWorkers::start(groups, CHUNK_LINES.div_ceil(rows_per_job))?;
     let handle = embedder.handle();
     // Kernel compilation (GPU) is start-up, not embedding: wait for it before timing.
-    while handle.warming().is_some() {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    handle.wait_warm_blocking();
     let load_time = started.elapsed();
     tracing::info!(
         model = model_id,

@@ -2,8 +2,8 @@
 //! fit a PCA projection on it (the `index` and `reduce` actions), printing the answer.
 
 use anyhow::Context;
-use keel::flight::actions::ReduceResponse;
 use keel_engine::sink::index::IndexReport;
+use keel_wire::contract::ReduceResponse;
 
 #[derive(clap::Args)]
 pub struct IndexArgs {

@@ -23,13 +23,14 @@ use anyhow::{Context, bail};
 use arrow_array::{Array, RecordBatch, StringArray};
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
-use arrow_flight::{FlightClient, FlightDescriptor, Ticket};
+use arrow_flight::{FlightClient, Ticket};
 use arrow_schema::DataType;
 use futures::{StreamExt, TryStreamExt};
-use keel::flight::stream::PutAck;
 use keel::input::{self, Format, InputOptions, OnError};
 use keel_engine::stats::Stats;
+use keel_wire::contract::{PutAck, dataset_descriptor, embed_descriptor};
 use keel_wire::descriptor::DatasetTicket;
+use keel_wire::text::EmbedCommand;
 
 #[derive(clap::Args)]
 pub struct ProduceArgs {
@@ -247,7 +248,7 @@ fn backoff(attempt: u32) -> Duration {
 
 /// Rows the dataset holds (0 when it does not exist yet).
 async fn dataset_rows(client: &mut FlightClient, name: &str) -> Result<u64, FlightError> {
-    let descriptor = FlightDescriptor::new_path(vec!["datasets".into(), name.into()]);
+    let descriptor = dataset_descriptor(name, &EmbedCommand::default());
     match client.get_flight_info(descriptor).await {
         Ok(info) => Ok(info.total_records.max(0) as u64),
         Err(FlightError::Tonic(s)) if s.code() == tonic::Code::NotFound => Ok(0),
@@ -382,11 +383,16 @@ async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
     drop(first_open);
     // VCF/BCF texts are rendered here; other inputs name their text to the server.
     let command = match (format.renders_text(), &args.template, &args.text_column) {
-        (true, _, _) | (false, None, None) => serde_json::json!({}),
-        (false, Some(t), _) => serde_json::json!({ "template": t }),
-        (false, None, Some(c)) => serde_json::json!({ "text_column": c }),
+        (true, _, _) | (false, None, None) => EmbedCommand::default(),
+        (false, Some(t), _) => EmbedCommand {
+            template: Some(t.clone()),
+            ..Default::default()
+        },
+        (false, None, Some(c)) => EmbedCommand {
+            text_column: Some(c.clone()),
+            ..Default::default()
+        },
     };
-    let cmd = serde_json::to_vec(&command)?;
     let mut client = keel::flight::client::connect_with(
         &args.to,
         Duration::from_secs(args.connect_timeout),
@@ -427,7 +433,7 @@ async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
                     &mut client,
                     &args,
                     name,
-                    &cmd,
+                    &command,
                     input.batches,
                     from,
                     &read,
@@ -440,7 +446,6 @@ async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
                     &mut client,
                     &args,
                     &command,
-                    &cmd,
                     input.batches,
                     from,
                     &read,
@@ -647,15 +652,14 @@ async fn put(
     client: &mut FlightClient,
     args: &ProduceArgs,
     name: &str,
-    cmd: &[u8],
+    command: &EmbedCommand,
     batches: input::Batches,
     from: u64,
     read: &Arc<AtomicU64>,
     progress: &Progress,
 ) -> Result<(), Stop> {
     let read_error = Arc::new(std::sync::Mutex::new(None));
-    let mut descriptor = FlightDescriptor::new_path(vec!["datasets".into(), name.to_string()]);
-    descriptor.cmd = cmd.to_vec().into();
+    let descriptor = dataset_descriptor(name, command);
     let data = FlightDataEncoderBuilder::new()
         .with_flight_descriptor(Some(descriptor))
         .build(flight_batches(args, batches, from, read, &read_error));
@@ -682,8 +686,7 @@ async fn put(
 async fn exchange(
     client: &mut FlightClient,
     args: &ProduceArgs,
-    command: &serde_json::Value,
-    cmd: &[u8],
+    command: &EmbedCommand,
     batches: input::Batches,
     from: u64,
     read: &Arc<AtomicU64>,
@@ -691,11 +694,7 @@ async fn exchange(
     writer: &mut Option<parquet::arrow::ArrowWriter<std::fs::File>>,
 ) -> Result<(), Stop> {
     let read_error = Arc::new(std::sync::Mutex::new(None));
-    let descriptor = if command.as_object().is_some_and(|o| o.is_empty()) {
-        FlightDescriptor::new_path(vec!["embed".into()])
-    } else {
-        FlightDescriptor::new_cmd(cmd.to_vec())
-    };
+    let descriptor = embed_descriptor(command);
     let data = FlightDataEncoderBuilder::new()
         .with_flight_descriptor(Some(descriptor))
         .build(flight_batches(args, batches, from, read, &read_error));

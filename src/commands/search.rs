@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use keel::flight::actions::SearchResponse;
 use keel_engine::sink::search::SearchMode;
+use keel_wire::contract::SearchResponse;
 
 #[derive(clap::Args)]
 pub struct SearchArgs {

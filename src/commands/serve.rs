@@ -24,7 +24,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let metrics = match metrics.enabled {
             true => {
                 let l = app::bind(metrics.listen).await?;
-                tracing::info!(address = %l.local_addr()?, "metrics on http://ADDRESS/metrics");
+                let address = l.local_addr()?;
+                tracing::info!(%address, "metrics on http://{address}/metrics");
                 Some(l)
             }
             false => None,

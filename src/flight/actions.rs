@@ -12,47 +12,21 @@
 
 use std::sync::Arc;
 
-use keel_engine::cleanup::{CleanupLevel, CleanupRecord};
-use keel_engine::sink::config::Quantization;
-use keel_engine::sink::index::{IndexReport, IndexRequest};
-use keel_engine::sink::search::{SearchMode, SearchOptions};
+use keel_engine::cleanup::CleanupRecord;
+use keel_engine::sink::index::IndexReport;
+use keel_engine::sink::search::SearchOptions;
 use keel_engine::supervisor::messages::RunCleanup;
-use serde::{Deserialize, Serialize};
+use keel_wire::contract::{
+    CleanupLevel, CleanupRequest, Health, IndexRequest, ReduceRequest, ReduceResponse,
+    SearchRequest, SearchResponse,
+};
 use tonic::Status;
 
 use super::error;
-use crate::engine::Engine;
+use crate::state::ServerState;
 
-/// Every action, with its description for `ListActions`.
-pub const ACTIONS: [(&str, &str); 7] = [
-    (
-        "stats",
-        "JSON: memory, cache, embedder, ops, rows, in-flight rows, recent cleanups",
-    ),
-    (
-        "cleanup",
-        "Run a cleanup now; body {\"level\": \"trim\"|\"gentle\"|\"full\"}; returns each actor's duration",
-    ),
-    ("health", "JSON: status, model, dimension"),
-    (
-        "search",
-        "Nearest rows of a dataset by cosine; body {\"dataset\": NAME, \"text\": \"...\", \"k\": 10}",
-    ),
-    (
-        "heap-profile",
-        "Write a jemalloc heap profile to memory.heap_profile_dir; returns {\"path\": ...}",
-    ),
-    (
-        "index",
-        "Build a dataset's HNSW index; body {\"dataset\": NAME, \"quantization\": \"int8\", \"projection\": null, \"rescore\": 50, ...}",
-    ),
-    (
-        "reduce",
-        "Fit a PCA projection on a dataset; body {\"dataset\": NAME, \"dimensions\": 128, \"name\": \"pca128\"}",
-    ),
-];
-
-/// A parsed action.
+/// A parsed action (the bodies and answers are the client contract's,
+/// `keel_wire::contract`).
 #[derive(Debug, PartialEq)]
 pub enum Action {
     Stats,
@@ -60,124 +34,8 @@ pub enum Action {
     Cleanup(CleanupLevel),
     Search(SearchRequest),
     HeapProfile,
-    Index(IndexBody),
+    Index(IndexRequest),
     Reduce(ReduceRequest),
-}
-
-/// The `index` action's body: the dataset and what differs from `storage.index`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IndexBody {
-    pub dataset: String,
-    #[serde(default)]
-    pub quantization: Option<Quantization>,
-    #[serde(default)]
-    pub projection: Option<String>,
-    #[serde(default)]
-    pub connectivity: Option<usize>,
-    #[serde(default)]
-    pub expansion_add: Option<usize>,
-    #[serde(default)]
-    pub expansion_search: Option<usize>,
-    #[serde(default)]
-    pub rescore: Option<usize>,
-}
-
-impl IndexBody {
-    fn request(&self) -> IndexRequest {
-        IndexRequest {
-            quantization: self.quantization,
-            projection: self.projection.clone(),
-            connectivity: self.connectivity,
-            expansion_add: self.expansion_add,
-            expansion_search: self.expansion_search,
-            rescore: self.rescore,
-        }
-    }
-}
-
-/// The `reduce` action's body.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReduceRequest {
-    pub dataset: String,
-    pub dimensions: usize,
-    /// The projection's name (default `pcaN`).
-    #[serde(default)]
-    pub name: Option<String>,
-}
-
-/// The `reduce` action's answer.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ReduceResponse {
-    pub dataset: String,
-    pub name: String,
-    pub input_dimensions: usize,
-    pub dimensions: usize,
-    pub rows: u64,
-    /// Share of the variance the kept components hold.
-    pub variance_kept: f64,
-    pub seconds: f64,
-}
-
-/// The `search` action's body.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SearchRequest {
-    pub dataset: String,
-    pub text: String,
-    #[serde(default = "default_k")]
-    pub k: usize,
-    /// `auto` (the index when the dataset has one), `exact` or `index`.
-    #[serde(default)]
-    pub mode: SearchMode,
-    /// Candidates rescored against the stored vectors (default: the index's).
-    #[serde(default)]
-    pub rescore: Option<usize>,
-    /// The graph's search breadth (default: the index's `expansion_search`).
-    #[serde(default)]
-    pub expansion: Option<usize>,
-}
-
-fn default_k() -> usize {
-    10
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CleanupBody {
-    #[serde(default)]
-    level: Option<CleanupLevel>,
-}
-
-/// The `health` action's answer.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Health {
-    /// `ok`, or `shutting_down` after SIGTERM.
-    pub status: String,
-    pub model: String,
-    pub dim: usize,
-}
-
-/// The `search` action's answer.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct SearchResponse {
-    pub dataset: String,
-    pub text: String,
-    pub k: usize,
-    /// `exact` or `index`: how the rows were found.
-    #[serde(default)]
-    pub mode: SearchMode,
-    /// Rows scored exactly: all of them for `exact`; for `index`, the rows appended
-    /// since the index last grew.
-    pub scanned_rows: u64,
-    /// Rows the index covered, and the candidates it gave (0 for `exact`).
-    #[serde(default)]
-    pub indexed_rows: u64,
-    #[serde(default)]
-    pub candidates: u64,
-    /// The rows found, best first: every stored column but `embedding`, plus `score`.
-    pub results: Vec<serde_json::Value>,
 }
 
 fn empty(body: &[u8]) -> bool {
@@ -191,7 +49,7 @@ impl Action {
             "stats" => Ok(Action::Stats),
             "health" => Ok(Action::Health),
             "cleanup" if empty(body) => Ok(Action::Cleanup(CleanupLevel::Gentle)),
-            "cleanup" => serde_json::from_slice::<CleanupBody>(body)
+            "cleanup" => serde_json::from_slice::<CleanupRequest>(body)
                 .map(|b| Action::Cleanup(b.level.unwrap_or(CleanupLevel::Gentle)))
                 .map_err(|e| Status::invalid_argument(format!("bad cleanup body: {e}"))),
             "search" => {
@@ -217,7 +75,7 @@ impl Action {
                 Ok(Action::Search(request))
             }
             "index" => {
-                let body: IndexBody = serde_json::from_slice(body).map_err(|e| {
+                let body: IndexRequest = serde_json::from_slice(body).map_err(|e| {
                     Status::invalid_argument(format!(
                         "bad index body ({e}); send {{\"dataset\": NAME}} and optionally \
                          quantization (f32|f16|int8|binary), projection, connectivity, \
@@ -249,9 +107,9 @@ impl Action {
     }
 
     /// Runs the action; the answer is JSON.
-    pub async fn run(self, engine: &Arc<Engine>) -> Result<Vec<u8>, Status> {
+    pub async fn run(self, engine: &Arc<ServerState>) -> Result<Vec<u8>, Status> {
         let json = match self {
-            Action::Stats => serde_json::to_vec(&engine.stats().await.map_err(error::engine)?),
+            Action::Stats => serde_json::to_vec(&engine.stats().await.map_err(error::server)?),
             Action::Health => serde_json::to_vec(&health(engine)?),
             Action::Cleanup(level) => serde_json::to_vec(&cleanup(engine, level).await?),
             Action::Search(request) => serde_json::to_vec(&search(engine, request).await?),
@@ -265,7 +123,7 @@ impl Action {
 
 /// `Unavailable` while a GPU worker is still compiling its kernels: a readiness probe
 /// sends traffic only to a warm engine.
-fn health(engine: &Engine) -> Result<Health, Status> {
+fn health(engine: &ServerState) -> Result<Health, Status> {
     if let Some(progress) = engine.pipeline.embedder().warming() {
         return Err(Status::unavailable(format!("warming up: {progress}")));
     }
@@ -282,7 +140,7 @@ fn health(engine: &Engine) -> Result<Health, Status> {
 }
 
 /// Writes `keel.PID.SEQ.heap` into `memory.heap_profile_dir`.
-fn heap_profile(engine: &Engine) -> Result<serde_json::Value, Status> {
+fn heap_profile(engine: &ServerState) -> Result<serde_json::Value, Status> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let Some(dir) = &engine.settings.memory.heap_profile_dir else {
@@ -305,7 +163,7 @@ fn heap_profile(engine: &Engine) -> Result<serde_json::Value, Status> {
     Ok(serde_json::json!({ "path": path }))
 }
 
-async fn cleanup(engine: &Engine, level: CleanupLevel) -> Result<CleanupRecord, Status> {
+async fn cleanup(engine: &ServerState, level: CleanupLevel) -> Result<CleanupRecord, Status> {
     engine
         .supervisor
         .send(RunCleanup {
@@ -318,7 +176,7 @@ async fn cleanup(engine: &Engine, level: CleanupLevel) -> Result<CleanupRecord, 
 
 /// Embeds the query text (through the cache, like any row), then scans the dataset on a
 /// blocking thread for the `k` nearest rows by cosine.
-async fn search(engine: &Engine, request: SearchRequest) -> Result<SearchResponse, Status> {
+async fn search(engine: &ServerState, request: SearchRequest) -> Result<SearchResponse, Status> {
     let pipeline = &engine.pipeline;
     let vector = {
         let _in_flight = pipeline.admit(1).await.map_err(error::ingest)?;
@@ -328,8 +186,8 @@ async fn search(engine: &Engine, request: SearchRequest) -> Result<SearchRespons
             .map_err(error::ingest)?
             .0
     };
-    let store = engine.sink.store().clone();
-    let indexes = engine.sink.indexes().clone();
+    let store = engine.datasets.store().clone();
+    let indexes = engine.datasets.indexes().clone();
     let (dataset, k) = (request.dataset.clone(), request.k);
     let options = SearchOptions {
         mode: request.mode,
@@ -366,18 +224,18 @@ async fn search(engine: &Engine, request: SearchRequest) -> Result<SearchRespons
 }
 
 /// Builds a dataset's index on a blocking thread (minutes for millions of rows).
-async fn index(engine: &Engine, body: IndexBody) -> Result<IndexReport, Status> {
-    let indexes = engine.sink.indexes().clone();
-    tokio::task::spawn_blocking(move || indexes.build(&body.dataset, &body.request()))
+async fn index(engine: &ServerState, body: IndexRequest) -> Result<IndexReport, Status> {
+    let indexes = engine.datasets.indexes().clone();
+    tokio::task::spawn_blocking(move || indexes.build(&body.dataset, &body.options()))
         .await
         .map_err(|e| Status::internal(format!("index task failed: {e}")))?
         .map_err(error::sink)
 }
 
 /// Fits a PCA projection on a dataset on a blocking thread.
-async fn reduce(engine: &Engine, body: ReduceRequest) -> Result<ReduceResponse, Status> {
-    let store = engine.sink.store().clone();
-    let root = engine.settings.storage.data_dir.clone();
+async fn reduce(engine: &ServerState, body: ReduceRequest) -> Result<ReduceResponse, Status> {
+    let store = engine.datasets.store().clone();
+    let root = engine.datasets.root().to_path_buf();
     let started = std::time::Instant::now();
     let name = body
         .name

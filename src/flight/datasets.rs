@@ -20,19 +20,19 @@ use tonic::Status;
 
 use super::error;
 use super::stream::BoxStream;
-use crate::engine::{Engine, EngineError};
+use crate::state::{ServerError, ServerState};
 
 /// Rows per batch when a dataset is streamed back.
 const DO_GET_BATCH_ROWS: usize = 8192;
 
 /// Every dataset's `FlightInfo`.
-pub async fn list(engine: &Engine) -> Result<BoxStream<FlightInfo>, Status> {
-    let store = engine.sink.store().clone();
+pub async fn list(engine: &ServerState) -> Result<BoxStream<FlightInfo>, Status> {
+    let store = engine.datasets.store().clone();
     let infos = tokio::task::spawn_blocking(move || store.list())
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(error::sink)?;
-    let indexes = engine.sink.indexes();
+    let indexes = engine.datasets.indexes();
     let flights: Vec<Result<FlightInfo, Status>> = infos
         .iter()
         .map(|i| flight_info(i, indexes.describe(&i.name)))
@@ -41,9 +41,9 @@ pub async fn list(engine: &Engine) -> Result<BoxStream<FlightInfo>, Status> {
 }
 
 /// The dataset a descriptor (path `["datasets", NAME]`) names.
-pub async fn describe(engine: &Engine, d: &FlightDescriptor) -> Result<DatasetInfo, Status> {
+pub async fn describe(engine: &ServerState, d: &FlightDescriptor) -> Result<DatasetInfo, Status> {
     let name = keel_wire::descriptor::dataset_of(d)?.to_string();
-    engine.dataset(name).await.map_err(error::engine)
+    engine.dataset(name).await.map_err(error::server)
 }
 
 /// A dataset's `FlightInfo`: schema, rows, bytes on disk, and in `app_metadata` (JSON)
@@ -85,13 +85,13 @@ pub fn schema(info: &DatasetInfo) -> Result<SchemaResult, Status> {
 
 /// `DoGet`: the dataset named by the ticket (or the range of its rows a JSON ticket
 /// names), streamed back in order.
-pub async fn read(engine: &Engine, ticket: Ticket) -> Result<BoxStream<FlightData>, Status> {
+pub async fn read(engine: &ServerState, ticket: Ticket) -> Result<BoxStream<FlightData>, Status> {
     let ticket = DatasetTicket::parse(&ticket.ticket).map_err(Status::from)?;
     let info = engine
         .dataset(ticket.dataset.clone())
         .await
-        .map_err(error::engine)?;
-    let store = engine.sink.store().clone();
+        .map_err(error::server)?;
+    let store = engine.datasets.store().clone();
     let (tx, rx) = mpsc::channel::<Result<RecordBatch, FlightError>>(2);
     tokio::task::spawn_blocking(move || {
         let result = store.read_range(
@@ -104,7 +104,7 @@ pub async fn read(engine: &Engine, ticket: Ticket) -> Result<BoxStream<FlightDat
         if let Err(e) = result
             && !matches!(e, SinkError::Closed)
         {
-            let status = error::engine(EngineError::Sink(e));
+            let status = error::server(ServerError::Sink(e));
             let _ = tx.blocking_send(Err(error::into_flight(status)));
         }
     });

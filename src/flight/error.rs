@@ -9,7 +9,7 @@ use keel_engine::ingest::IngestError;
 use keel_engine::sink::store::SinkError;
 use tonic::Status;
 
-use crate::engine::EngineError;
+use crate::state::ServerError;
 
 pub fn ingest(e: IngestError) -> Status {
     match e {
@@ -35,15 +35,15 @@ pub fn sink(e: SinkError) -> Status {
     }
 }
 
-pub fn engine(e: EngineError) -> Status {
+pub fn server(e: ServerError) -> Status {
     match e {
-        EngineError::TooManyStreams(_) => Status::resource_exhausted(e.to_string()),
-        EngineError::ShuttingDown | EngineError::ActorGone(..) => {
+        ServerError::TooManyStreams(_) => Status::resource_exhausted(e.to_string()),
+        ServerError::ShuttingDown | ServerError::ActorGone(..) => {
             Status::unavailable(e.to_string())
         }
-        EngineError::Sink(e) => sink(e),
-        EngineError::Task(_) => Status::internal(e.to_string()),
-        EngineError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        ServerError::Sink(e) => sink(e),
+        ServerError::Task(_) => Status::internal(e.to_string()),
+        ServerError::Invalid(_) => Status::invalid_argument(e.to_string()),
     }
 }
 

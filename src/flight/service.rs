@@ -17,15 +17,15 @@ use super::actions;
 use super::auth::Auth;
 use super::datasets;
 use super::stream::{self as streams, BoxStream};
-use crate::engine::Engine;
+use crate::state::ServerState;
 
 pub struct KeelFlight {
-    engine: Arc<Engine>,
+    engine: Arc<ServerState>,
     auth: Arc<Auth>,
 }
 
 impl KeelFlight {
-    pub fn new(engine: Arc<Engine>, auth: Arc<Auth>) -> Self {
+    pub fn new(engine: Arc<ServerState>, auth: Arc<Auth>) -> Self {
         Self { engine, auth }
     }
 }
@@ -72,7 +72,7 @@ impl FlightService for KeelFlight {
     ) -> Result<Response<FlightInfo>, Status> {
         self.auth.check(request.metadata())?;
         let info = datasets::describe(&self.engine, request.get_ref()).await?;
-        let index = self.engine.sink.indexes().describe(&info.name);
+        let index = self.engine.datasets.indexes().describe(&info.name);
         Ok(Response::new(datasets::flight_info(&info, index)?))
     }
 
@@ -149,7 +149,7 @@ impl FlightService for KeelFlight {
         request: Request<Empty>,
     ) -> Result<Response<Self::ListActionsStream>, Status> {
         self.auth.check(request.metadata())?;
-        let actions = actions::ACTIONS.map(|(t, d)| {
+        let actions = keel_wire::contract::ACTIONS.map(|(t, d)| {
             Ok(ActionType {
                 r#type: t.into(),
                 description: d.into(),

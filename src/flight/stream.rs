@@ -1,8 +1,9 @@
 //! One stream's pipeline: `DoExchange ["embed"]` and `DoPut ["datasets", NAME]`.
 //!
-//! Every stream gets a reader task that owns its decoding, validation and slicing (the
-//! wire crate's [`Slicer`], the same loop the fuzzer runs), admits each slice into the
-//! in-flight bound before embedding it, and hands the slices' tasks on in order. The
+//! Every stream gets an ingestion actor ([`IngestActor`], a task of its own) that owns its
+//! decoding, validation and slicing (the wire crate's [`Slicer`], the same loop the fuzzer
+//! runs), admits each slice into the in-flight bound before embedding it, and hands the
+//! slices' tasks on in order. The
 //! writing half awaits them in that order: `DoExchange` encodes each batch back to the
 //! client (the permits go back as the rows reach the encoder), `DoPut` buffers up to
 //! `storage.flush_rows` rows and appends them to the dataset, acknowledging rows only
@@ -23,17 +24,18 @@ use keel_engine::ingest::config::WhenFull;
 use keel_engine::ingest::output::with_embeddings;
 use keel_engine::ingest::pipeline::InFlight;
 use keel_engine::sink::reduce::PROJECTION_KEY;
+use keel_wire::contract::PutAck;
 use keel_wire::decode::{Batches, decode, panic_message};
 use keel_wire::descriptor::Target;
 use keel_wire::slicer::Slicer;
 use keel_wire::text::TextSource;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::task::AbortOnDropHandle;
 use tonic::{Status, Streaming};
 
 use super::error;
-use crate::engine::{Engine, Shape, StreamSlot};
+use crate::state::{ServerState, Shape, StreamSlot};
 
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -46,8 +48,11 @@ pub struct OpenStream {
 
 /// Admits a stream (a slot under `server.max_streams`), reads its first message and
 /// parses the descriptor: the preamble `DoPut` and `DoExchange` share.
-pub async fn open(engine: &Engine, mut input: Streaming<FlightData>) -> Result<OpenStream, Status> {
-    let slot = engine.admit_stream().map_err(error::engine)?;
+pub async fn open(
+    engine: &ServerState,
+    mut input: Streaming<FlightData>,
+) -> Result<OpenStream, Status> {
+    let slot = engine.admit_stream().map_err(error::server)?;
     let first = input
         .message()
         .await?
@@ -65,7 +70,10 @@ pub async fn open(engine: &Engine, mut input: Streaming<FlightData>) -> Result<O
 }
 
 /// `DoExchange`: the rows back, in order, with their vectors.
-pub fn exchange(engine: Arc<Engine>, stream: OpenStream) -> Result<BoxStream<FlightData>, Status> {
+pub fn exchange(
+    engine: Arc<ServerState>,
+    stream: OpenStream,
+) -> Result<BoxStream<FlightData>, Status> {
     let OpenStream {
         slot,
         target,
@@ -76,7 +84,7 @@ pub fn exchange(engine: Arc<Engine>, stream: OpenStream) -> Result<BoxStream<Fli
             "DoExchange needs the descriptor path [\"embed\"]; use DoPut for datasets",
         ));
     };
-    let shape = engine.vector_shape(&request).map_err(error::engine)?;
+    let shape = engine.vector_shape(&request).map_err(error::server)?;
     let rx = spawn_reader(engine.clone(), batches, request.source, shape);
     let counters = engine.pipeline.counters().clone();
     let batches = ordered_results(rx).map(move |r| {
@@ -98,7 +106,7 @@ pub fn exchange(engine: Arc<Engine>, stream: OpenStream) -> Result<BoxStream<Fli
 }
 
 /// `DoPut`: the rows appended to a dataset; each `PutResult` acknowledges rows on disk.
-pub fn put(engine: Arc<Engine>, stream: OpenStream) -> Result<BoxStream<PutResult>, Status> {
+pub fn put(engine: Arc<ServerState>, stream: OpenStream) -> Result<BoxStream<PutResult>, Status> {
     let OpenStream {
         slot,
         target,
@@ -109,7 +117,7 @@ pub fn put(engine: Arc<Engine>, stream: OpenStream) -> Result<BoxStream<PutResul
             "DoPut needs the descriptor path [\"datasets\", NAME]; use DoExchange [\"embed\"] to get rows back",
         ));
     };
-    let shape = engine.vector_shape(&request).map_err(error::engine)?;
+    let shape = engine.vector_shape(&request).map_err(error::server)?;
     let rx = spawn_reader(engine.clone(), batches, request.source, shape);
     let (out_tx, out_rx) = mpsc::channel::<Result<PutResult, Status>>(4);
     tokio::spawn(async move {
@@ -122,7 +130,7 @@ pub fn put(engine: Arc<Engine>, stream: OpenStream) -> Result<BoxStream<PutResul
 /// The writing half of a `DoPut`: buffers embedded rows (bounded by
 /// `storage.flush_rows`), appends them, and acknowledges what is on disk.
 async fn store(
-    engine: &Engine,
+    engine: &ServerState,
     name: &str,
     rx: mpsc::Receiver<Pending>,
     out: &mpsc::Sender<Result<PutResult, Status>>,
@@ -150,7 +158,10 @@ async fn store(
                     .fetch_add(1, Ordering::Relaxed);
                 // Rows embedded before the error are still stored and acknowledged.
                 if !pending.is_empty()
-                    && let Ok(total) = engine.sink.append(name, std::mem::take(&mut pending)).await
+                    && let Ok(total) = engine
+                        .datasets
+                        .append(name, std::mem::take(&mut pending))
+                        .await
                 {
                     acknowledged += buffered as u64;
                     let _ = out.send(Ok(put_result(acknowledged, total))).await;
@@ -161,7 +172,11 @@ async fn store(
             None => {}
         }
         if (buffered >= flush_rows || end) && !pending.is_empty() {
-            match engine.sink.append(name, std::mem::take(&mut pending)).await {
+            match engine
+                .datasets
+                .append(name, std::mem::take(&mut pending))
+                .await
+            {
                 Ok(total) => {
                     acknowledged += buffered as u64;
                     buffered = 0;
@@ -181,15 +196,6 @@ async fn store(
     }
 }
 
-/// The `app_metadata` of a `PutResult`.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct PutAck {
-    /// Rows of this stream on disk so far.
-    pub acknowledged_rows: u64,
-    /// Rows of the dataset on disk.
-    pub dataset_rows: u64,
-}
-
 fn put_result(acknowledged_rows: u64, dataset_rows: u64) -> PutResult {
     let ack = PutAck {
         acknowledged_rows,
@@ -201,8 +207,11 @@ fn put_result(acknowledged_rows: u64, dataset_rows: u64) -> PutResult {
 }
 
 /// One slice of a stream on its way through the pipeline, or the error that ends it.
+/// Dropping a slice aborts its task: when a client leaves, the stream's pending slices
+/// are dropped with it, their embedder jobs lose their requester, and the workers skip
+/// them (`stats.embedder.dropped_jobs`).
 enum Pending {
-    Slice(JoinHandle<Result<(RecordBatch, InFlight), Status>>),
+    Slice(AbortOnDropHandle<Result<(RecordBatch, InFlight), Status>>),
     Failed(Status),
 }
 
@@ -234,19 +243,21 @@ fn with_projection(batch: RecordBatch, shape: &Shape) -> Result<RecordBatch, Sta
         .map_err(|e| Status::internal(format!("naming the projection: {e}")))
 }
 
-/// Starts a stream's reader; its slices (in order) come out of the returned channel,
-/// at most `ingest.stream_parallelism` ahead of the writer. Should the reader panic (a
-/// bug), the stream ends with `Internal` rather than looking complete to its client.
+/// Starts a stream's ingestion actor; its slices (in order) come out of the returned
+/// channel, at most `ingest.stream_parallelism` ahead of the writer. Should the actor
+/// panic (a bug), the stream ends with `Internal` rather than looking complete to its
+/// client.
 fn spawn_reader(
-    engine: Arc<Engine>,
+    engine: Arc<ServerState>,
     batches: Batches,
     source: TextSource,
     shape: Shape,
 ) -> mpsc::Receiver<Pending> {
     let (tx, rx) = mpsc::channel(engine.pipeline.config().stream_parallelism);
+    let failed = tx.clone();
+    let actor = IngestActor::new(engine, source, shape, tx);
     tokio::spawn(async move {
-        let failed = tx.clone();
-        if let Err(panic) = std::panic::AssertUnwindSafe(read(engine, batches, source, shape, tx))
+        if let Err(panic) = std::panic::AssertUnwindSafe(actor.run(batches))
             .catch_unwind()
             .await
         {
@@ -262,74 +273,100 @@ fn spawn_reader(
     rx
 }
 
-/// The reading half of a stream: decode, validate, slice, admit, embed. Slices go to
-/// `tx` in order; the first error goes there too and ends the stream.
-async fn read(
-    engine: Arc<Engine>,
-    mut batches: Batches,
-    source: TextSource,
+/// The ingestion actor of one stream. Its mailbox is the client's stream of decoded
+/// messages (record batches, in order); for each it validates and slices, admits every
+/// slice into the in-flight bound, starts the slice's embedding (cache lookups, embedder
+/// jobs) and sends it on, in order, to the stream's writer. It ends at the client's last
+/// message, at the first error (sent on as the stream's status), or when the writer is
+/// gone (the client left).
+struct IngestActor {
+    engine: Arc<ServerState>,
+    slicer: Slicer,
     shape: Shape,
-    tx: mpsc::Sender<Pending>,
-) {
-    let pipeline = engine.pipeline.clone();
-    let idle = Duration::from_millis(engine.settings.server.idle_timeout_ms);
-    let slice_rows = NonZeroUsize::new(pipeline.config().slice_rows)
-        .expect("ingest.slice_rows is validated to be at least 1");
-    let dim = pipeline.dim();
-    let mut slicer = Slicer::new(source, slice_rows);
-    // With `when_full: reject` a stream's first slice must find room at once.
-    let mut first_slice = pipeline.config().when_full == WhenFull::Reject;
-    let fail = |status: Status| {
-        let tx = tx.clone();
-        async move {
-            let _ = tx.send(Pending::Failed(status)).await;
+    dim: usize,
+    /// With `when_full: reject` a stream's first slice must find room at once.
+    first_slice: bool,
+    out: mpsc::Sender<Pending>,
+}
+
+/// What became of one message.
+enum Handled {
+    /// Its slices went on; read the next.
+    Next,
+    /// The writer is gone (the client left): stop quietly.
+    Gone,
+}
+
+impl IngestActor {
+    fn new(
+        engine: Arc<ServerState>,
+        source: TextSource,
+        shape: Shape,
+        out: mpsc::Sender<Pending>,
+    ) -> Self {
+        let pipeline = &engine.pipeline;
+        let slice_rows = NonZeroUsize::new(pipeline.config().slice_rows)
+            .expect("ingest.slice_rows is validated to be at least 1");
+        Self {
+            slicer: Slicer::new(source, slice_rows),
+            dim: pipeline.dim(),
+            first_slice: pipeline.config().when_full == WhenFull::Reject,
+            engine,
+            shape,
+            out,
         }
-    };
-    loop {
-        let batch = match tokio::time::timeout(idle, batches.next()).await {
-            Err(_) => {
-                return fail(Status::deadline_exceeded(format!(
+    }
+
+    /// Reads the mailbox until the stream ends; the first error is the stream's status.
+    async fn run(mut self, mut mailbox: Batches) {
+        let idle = Duration::from_millis(self.engine.settings.server.idle_timeout_ms);
+        loop {
+            let handled = match tokio::time::timeout(idle, mailbox.next()).await {
+                Err(_) => Err(Status::deadline_exceeded(format!(
                     "no message for {} ms (server.idle_timeout_ms)",
                     idle.as_millis()
-                )))
-                .await;
+                ))),
+                Ok(None) => return,
+                Ok(Some(Err(e))) => Err(e.into()),
+                Ok(Some(Ok(batch))) => self.handle(&batch).await,
+            };
+            match handled {
+                Ok(Handled::Next) => {}
+                Ok(Handled::Gone) => return,
+                Err(status) => {
+                    let _ = self.out.send(Pending::Failed(status)).await;
+                    return;
+                }
             }
-            Ok(None) => return,
-            Ok(Some(Err(e))) => return fail(e.into()).await,
-            Ok(Some(Ok(batch))) => batch,
-        };
-        let slices = match slicer.slices(&batch) {
-            Ok(slices) => slices,
-            Err(e) => return fail(e.into()).await,
-        };
-        for slice in slices {
+        }
+    }
+
+    /// One record batch: its slices admitted, their embedding started, sent on in order.
+    async fn handle(&mut self, batch: &RecordBatch) -> Result<Handled, Status> {
+        let pipeline = self.engine.pipeline.clone();
+        for slice in self.slicer.slices(batch)? {
             let len = slice.num_rows();
-            let admitted = if std::mem::take(&mut first_slice) {
+            let admitted = if std::mem::take(&mut self.first_slice) {
                 pipeline.try_admit(len)
             } else {
                 pipeline.admit(len).await
             };
-            let in_flight = match admitted {
-                Ok(p) => p,
-                Err(e) => return fail(error::ingest(e)).await,
-            };
-            let texts = match slicer.texts(&slice) {
-                Ok(t) => t,
-                Err(e) => return fail(e.into()).await,
-            };
-            let p = pipeline.clone();
-            let shape = shape.clone();
-            let task = tokio::spawn(async move {
+            let in_flight = admitted.map_err(error::ingest)?;
+            let texts = self.slicer.texts(&slice)?;
+            let (p, shape, dim) = (pipeline.clone(), self.shape.clone(), self.dim);
+            let task = AbortOnDropHandle::new(tokio::spawn(async move {
                 let (vectors, valid) = p.embed(texts).await.map_err(error::ingest)?;
                 let (vectors, dim) = shape.apply(vectors, dim);
                 let out = with_embeddings(&slice, vectors, &valid, dim, &shape.format)
                     .map_err(error::ingest)?;
                 Ok((with_projection(out, &shape)?, in_flight))
-            });
-            if tx.send(Pending::Slice(task)).await.is_err() {
-                return; // the client went away; dropping the stream cancels the rest
+            }));
+            if self.out.send(Pending::Slice(task)).await.is_err() {
+                // The client went away: the unsent slice's task is aborted.
+                return Ok(Handled::Gone);
             }
         }
+        Ok(Handled::Next)
     }
 }
 

@@ -16,11 +16,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use arrow_array::{ArrayRef, RecordBatch, StringArray};
+use arrow_flight::FlightClient;
 use arrow_flight::encode::FlightDataEncoderBuilder;
-use arrow_flight::{FlightClient, FlightDescriptor};
 use futures::TryStreamExt;
 use keel_engine::cleanup::CleanupRecord;
 use keel_engine::stats::Stats;
+use keel_wire::contract::embed_descriptor;
+use keel_wire::text::EmbedCommand;
 use serde::Serialize;
 
 use crate::config::Settings;
@@ -173,7 +175,7 @@ async fn producer(
             .collect::<Result<_, _>>()?;
         let n: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
         let input = FlightDataEncoderBuilder::new()
-            .with_flight_descriptor(Some(FlightDescriptor::new_path(vec!["embed".into()])))
+            .with_flight_descriptor(Some(embed_descriptor(&EmbedCommand::default())))
             .build(futures::stream::iter(batches.into_iter().map(Ok)));
         let replies = client.do_exchange(input).await?;
         let got: usize = replies

@@ -11,18 +11,8 @@ use std::time::Duration;
 use actix::Message;
 use serde::{Deserialize, Serialize};
 
-/// How hard a cleanup goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CleanupLevel {
-    /// Return memory that nothing holds: allocator pages and pooled device memory. Evicts
-    /// nothing (the idle cleanup: a lull must not cost the cache its working set).
-    Trim,
-    /// What trim does, and the cache down to its low watermark (memory pressure).
-    Gentle,
-    /// Everything gentle does, and empty what may be emptied.
-    Full,
-}
+/// How hard a cleanup goes: part of the client contract (the `cleanup` action's level).
+pub use keel_wire::contract::CleanupLevel;
 
 /// Broadcast to every member; each answers with what it did and how long it took.
 #[derive(Debug, Clone, Message)]

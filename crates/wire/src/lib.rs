@@ -2,6 +2,8 @@
 //! each row is embedded as. It never links the model (burn) or the actors, so the fuzz
 //! targets that drive it build in minutes, and the server and the fuzzer run the same code.
 //!
+//! - [`contract`]: the client contract: descriptor builders, the actions' bodies and
+//!   answers, `DoPut` acknowledgements (the server and every client use these types);
 //! - [`descriptor`]: what a stream asks for (`["embed"]`, `["datasets", NAME]`), parsed once
 //!   into a [`descriptor::Target`]; dataset names;
 //! - [`decode`]: `FlightData` → record batches, malformed IPC answered, never a panic;
@@ -16,6 +18,7 @@
 //!
 //! Errors are one [`WireError`]; it converts into the `tonic::Status` the client sees.
 
+pub mod contract;
 pub mod decode;
 pub mod descriptor;
 pub mod frames;

@@ -10,29 +10,39 @@ use std::sync::Arc;
 use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_cast::display::{ArrayFormatter, FormatOptions};
 use arrow_schema::{DataType, Schema};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::WireError;
 use crate::template::Template;
 
 /// The JSON command of an `embed` exchange or a dataset put.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmbedCommand {
     /// Column holding the text (default `ingest.default_text_column`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_column: Option<String>,
     /// A template over columns, e.g. `"{gene} {chrom}:{pos} {ref}>{alt}"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
     /// The vectors' number type (default `ingest.default_precision`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precision: Option<crate::vectors::VectorPrecision>,
     /// The vectors' dimensions, at most the model's (default `ingest.default_dimensions`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dimensions: Option<usize>,
     /// A PCA projection fitted by `keel reduce`, `"DATASET/NAME"`: the vectors are
     /// projected to its dimensions (instead of cut).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub projection: Option<String>,
 }
 
 impl EmbedCommand {
+    /// The command as a client sends it (JSON; `{}` for all defaults).
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a command serialises")
+    }
+
     /// Parses a command; empty bytes mean "all defaults".
     pub fn parse(bytes: &[u8]) -> Result<Self, WireError> {
         if bytes.iter().all(|b| b.is_ascii_whitespace()) {

@@ -296,19 +296,6 @@ impl EmbedderConfig {
         self.groups().iter().map(|g| g.workers).sum()
     }
 
-    /// The largest pass any group runs: rows and padded tokens.
-    pub fn largest_pass(&self) -> BatchLimits {
-        let groups = self.groups();
-        BatchLimits {
-            max_rows: groups.iter().map(|g| g.limits.max_rows).max().unwrap_or(1),
-            max_tokens: groups
-                .iter()
-                .map(|g| g.limits.max_tokens)
-                .max()
-                .unwrap_or(1),
-        }
-    }
-
     /// Opens each group's device (checking the GPU adapter) and loads the model onto it.
     pub fn load_models(&self) -> Result<Vec<(SentenceModel, WorkerGroup)>, ModelError> {
         self.groups()

@@ -6,12 +6,23 @@
 //! replicas never contend for one global pool. Measured on two cores: two one-thread
 //! replicas beat one two-thread replica (docs/BENCHMARKS.md).
 //!
-//! Async callers ([`EmbedderHandle::embed`]) put a job — the texts of one micro-batch — on a
-//! bounded tokio channel and await a oneshot reply; `send` waits when the queue is full,
-//! so the queue is a bound, not a buffer. Each worker thread takes a job, then drains
-//! whatever else is queued, up to `max_batch_rows` rows: micro-batches from any streams
-//! merge into the same forward passes (dynamic batching), planned by token length so
-//! that padding stays near zero. Each job gets its own vectors back, in its row order.
+//! The embedder is the engine's worker-actor pool, in the pattern of actix's `SyncArbiter`
+//! for CPU-bound work: its mailbox is one `crossbeam-channel` MPMC queue of [`Job`]s
+//! (typed messages: the texts of one micro-batch and where to send their vectors), read by
+//! every worker. Async callers ([`EmbedderHandle::embed`]) take one of the queue's places
+//! (a semaphore of `queue_jobs` permits, so a full queue makes the caller wait: the queue
+//! is a bound, not a buffer), send the job and await a oneshot reply. Each worker takes a
+//! job, then drains whatever else is queued, up to `max_batch_rows` rows: micro-batches
+//! from any streams merge into the same forward passes (dynamic batching), planned by
+//! token length so that padding stays near zero. Each job gets its own vectors back, in
+//! its row order.
+//!
+//! A job whose requester is gone (a client that cancelled its stream drops the task that
+//! awaited the reply) is skipped before it is tokenized, and a pass whose rows all belong
+//! to such jobs is not run: a departed client costs at most the passes already on a
+//! worker. Both count in `stats.embedder.dropped_jobs`. Workers stop by `select!` on a
+//! closing channel: [`EmbedderWorkers::shutdown`] closes it, and each worker finishes the
+//! jobs already queued, then exits.
 //!
 //! `keel embed` uses the same workers through [`EmbedderHandle::embed_blocking`]: its
 //! texts, sorted by length, go in as jobs of `max_batch_rows`, so the command and the
@@ -31,13 +42,14 @@
 //! an error, and the worker goes on.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
-use tokio::sync::{mpsc, oneshot};
+use crossbeam_channel::{Receiver, Sender, select};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 
-use keel_model::{BatchLimits, DeviceMemory, ModelDevice, ModelError, SentenceModel, run_planned};
+use keel_model::{BatchLimits, DeviceMemory, ModelDevice, ModelError, SentenceModel};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -65,15 +77,31 @@ const DRAIN_PASSES: usize = 4;
 /// Planned batches a GPU worker's feeder may hold ready ahead of its device.
 pub const PIPELINE_DEPTH: usize = 2;
 
+/// The embedder's message: one micro-batch's texts and where their vectors go.
 struct Job {
     texts: Vec<String>,
     reply: oneshot::Sender<Result<Vec<f32>, EmbedError>>,
 }
 
-enum Work {
-    Job(Job),
-    /// One worker finishes its current jobs and exits.
-    Stop,
+impl Job {
+    /// Whether whoever asked for this job has gone (its reply would reach no one).
+    fn departed(&self) -> bool {
+        self.reply.is_closed()
+    }
+}
+
+/// A job in the queue, holding its place (given back when a worker takes it).
+struct Queued {
+    job: Job,
+    _place: OwnedSemaphorePermit,
+}
+
+/// What every worker reads: the queue, and the channel whose closing stops them.
+#[derive(Clone)]
+struct Mailbox {
+    jobs: Receiver<Queued>,
+    /// Never sent on: [`EmbedderWorkers::shutdown`] drops its sender.
+    closing: Receiver<()>,
 }
 
 /// Token ids per row (rows of every job, in job order) and the passes (row indices).
@@ -92,14 +120,31 @@ struct Planned {
 #[derive(Default)]
 struct EmbedderCounters {
     jobs: AtomicU64,
+    /// Jobs whose requester had gone before their vectors were computed.
+    dropped_jobs: AtomicU64,
     rows: AtomicU64,
     passes: AtomicU64,
     tokens: AtomicU64,
     busy_micros: AtomicU64,
     /// Workers whose device is still running its warm-up passes.
-    warming: AtomicUsize,
+    warming: Warming,
     warm_up_passes: AtomicU64,
     warm_up_micros: AtomicU64,
+}
+
+/// How many workers are still warming up, watched by whoever waits for them.
+struct Warming(watch::Sender<usize>);
+
+impl Default for Warming {
+    fn default() -> Self {
+        Self(watch::Sender::new(0))
+    }
+}
+
+impl Warming {
+    fn count(&self) -> usize {
+        *self.0.borrow()
+    }
 }
 
 /// The embedder's figures in `stats`.
@@ -107,6 +152,11 @@ struct EmbedderCounters {
 pub struct EmbedderStats {
     pub workers: usize,
     pub jobs: u64,
+    /// Jobs skipped (before tokenizing, or pass by pass) because whoever asked for them
+    /// had gone: a client that cancelled its stream.
+    #[serde(default)]
+    pub dropped_jobs: u64,
+    /// Rows through forward passes.
     pub rows: u64,
     pub passes: u64,
     pub tokens: u64,
@@ -152,7 +202,10 @@ impl Replica {
 /// Sends work to the embedder. Cheap to clone.
 #[derive(Clone)]
 pub struct EmbedderHandle {
-    tx: mpsc::Sender<Work>,
+    tx: Sender<Queued>,
+    /// The queue's places: a job takes one before it is sent.
+    places: Arc<Semaphore>,
+    capacity: usize,
     dim: usize,
     model_id: Arc<str>,
     counters: Arc<EmbedderCounters>,
@@ -166,12 +219,22 @@ impl EmbedderHandle {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Work::Job(Job { texts, reply }))
+        let place = self
+            .places
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| EmbedError::Closed)?;
+        let (reply, rx) = oneshot::channel();
+        self.send(Job { texts, reply }, place)?;
         rx.await.map_err(|_| EmbedError::Closed)?
+    }
+
+    /// Puts a job that holds its place on the queue (never waits: the places bound it).
+    fn send(&self, job: Job, place: OwnedSemaphorePermit) -> Result<(), EmbedError> {
+        self.tx
+            .send(Queued { job, _place: place })
+            .map_err(|_| EmbedError::Closed)
     }
 
     pub fn dim(&self) -> usize {
@@ -186,13 +249,25 @@ impl EmbedderHandle {
     /// kernels): how far it got. `None` once every worker is warm.
     pub fn warming(&self) -> Option<String> {
         let c = &self.counters;
-        let warming = c.warming.load(Ordering::Acquire);
+        let warming = c.warming.count();
         (warming > 0).then(|| {
             format!(
                 "{warming} GPU worker(s) still compiling kernels ({} warm-up passes done)",
                 c.warm_up_passes.load(Ordering::Relaxed)
             )
         })
+    }
+
+    /// Resolves once every worker is warm (at once for CPU workers and without warm-up).
+    pub async fn warm(&self) {
+        let mut warming = self.counters.warming.0.subscribe();
+        // The sender lives as long as the counters this handle holds.
+        let _ = warming.wait_for(|&n| n == 0).await;
+    }
+
+    /// Waits, on a thread outside any async runtime, until every worker is warm.
+    pub fn wait_warm_blocking(&self) {
+        futures::executor::block_on(self.warm());
     }
 
     /// Vectors of `texts` from a thread outside any async runtime (`keel embed`), in
@@ -208,14 +283,14 @@ impl EmbedderHandle {
         order.sort_by_key(|&i| std::cmp::Reverse(texts[i].len()));
         let mut replies = Vec::new();
         for chunk in order.chunks(rows_per_job.max(1)) {
+            let place = futures::executor::block_on(self.places.clone().acquire_owned())
+                .map_err(|_| EmbedError::Closed)?;
             let (reply, rx) = oneshot::channel();
             let job = Job {
                 texts: chunk.iter().map(|&i| texts[i].to_string()).collect(),
                 reply,
             };
-            self.tx
-                .blocking_send(Work::Job(job))
-                .map_err(|_| EmbedError::Closed)?;
+            self.send(job, place)?;
             replies.push((chunk, rx));
         }
         let dim = self.dim;
@@ -234,12 +309,13 @@ impl EmbedderHandle {
         EmbedderStats {
             workers: self.workers,
             jobs: c.jobs.load(Ordering::Relaxed),
+            dropped_jobs: c.dropped_jobs.load(Ordering::Relaxed),
             rows: c.rows.load(Ordering::Relaxed),
             passes: c.passes.load(Ordering::Relaxed),
             tokens: c.tokens.load(Ordering::Relaxed),
             busy_ms: c.busy_micros.load(Ordering::Relaxed) / 1000,
-            queue_capacity: self.tx.max_capacity(),
-            queued_jobs: self.tx.max_capacity() - self.tx.capacity(),
+            queue_capacity: self.capacity,
+            queued_jobs: self.tx.len(),
             device: self
                 .devices
                 .iter()
@@ -247,7 +323,7 @@ impl EmbedderHandle {
                 .collect::<Vec<_>>()
                 .join("; "),
             device_memory: self.devices.iter().find_map(ModelDevice::memory),
-            warming: c.warming.load(Ordering::Acquire) > 0,
+            warming: c.warming.count() > 0,
             warm_up_passes: c.warm_up_passes.load(Ordering::Relaxed),
             warm_up_ms: c.warm_up_micros.load(Ordering::Relaxed) / 1000,
         }
@@ -257,15 +333,17 @@ impl EmbedderHandle {
 /// The running embedder: its worker threads and the handle that feeds them.
 pub struct EmbedderWorkers {
     handle: EmbedderHandle,
-    /// Threads that take work from the queue (one per worker); each stops at a `Stop`.
-    takers: usize,
+    /// Dropped by `shutdown`: the workers' `closing` channel closes.
+    closing: Sender<()>,
+    /// The queue, for answering what is left in it once the workers are gone.
+    jobs: Receiver<Queued>,
     threads: Vec<JoinHandle<()>>,
 }
 
 /// What every worker thread shares.
 #[derive(Clone)]
 struct Shared {
-    rx: Arc<Mutex<mpsc::Receiver<Work>>>,
+    mailbox: Mailbox,
     counters: Arc<EmbedderCounters>,
     /// Workers across all groups: the fair share of a deep queue.
     workers: usize,
@@ -282,10 +360,15 @@ impl EmbedderWorkers {
             return Err(StartError("no embedder workers configured".into()));
         };
         let (dim, model_id) = (first.dim(), Arc::<str>::from(first.model_id()));
-        let (tx, rx) = mpsc::channel::<Work>(queue_jobs.max(1));
+        let capacity = queue_jobs.max(1);
+        let (tx, jobs) = crossbeam_channel::unbounded::<Queued>();
+        let (closing_tx, closing) = crossbeam_channel::bounded::<()>(0);
         let workers: usize = groups.iter().map(|(_, g)| g.workers).sum();
         let shared = Shared {
-            rx: Arc::new(Mutex::new(rx)),
+            mailbox: Mailbox {
+                jobs: jobs.clone(),
+                closing,
+            },
             counters: Arc::new(EmbedderCounters::default()),
             workers,
         };
@@ -327,13 +410,16 @@ impl EmbedderWorkers {
         Ok(Self {
             handle: EmbedderHandle {
                 tx,
+                places: Arc::new(Semaphore::new(capacity)),
+                capacity,
                 dim,
                 model_id,
                 counters: shared.counters,
                 workers,
                 devices: devices.into(),
             },
-            takers: workers,
+            closing: closing_tx,
+            jobs,
             threads,
         })
     }
@@ -342,17 +428,19 @@ impl EmbedderWorkers {
         self.handle.clone()
     }
 
-    /// Tells every worker to stop after the jobs queued so far, and waits for them at
-    /// most `wait` (then leaves them to the process's exit).
+    /// Refuses new jobs, tells every worker to stop after the jobs queued so far, and
+    /// waits for them at most `wait` (then leaves them to the process's exit).
     pub fn shutdown(self, wait: std::time::Duration) {
-        for _ in 0..self.takers {
-            if self.handle.tx.blocking_send(Work::Stop).is_err() {
-                break;
-            }
-        }
-        drop(self.handle);
-        let (done_tx, done_rx) = std::sync::mpsc::channel();
-        let threads = self.threads;
+        let Self {
+            handle,
+            closing,
+            jobs,
+            threads,
+        } = self;
+        handle.places.close();
+        drop(closing);
+        drop(handle);
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(1);
         std::thread::spawn(move || {
             for t in threads {
                 let _ = t.join();
@@ -361,6 +449,11 @@ impl EmbedderWorkers {
         });
         if done_rx.recv_timeout(wait).is_err() {
             tracing::warn!("embedder workers still busy at shutdown; not waiting longer");
+            return;
+        }
+        // A job sent as the last worker left gets an answer rather than none.
+        for queued in jobs.try_iter() {
+            let _ = queued.job.reply.send(Err(EmbedError::Closed));
         }
     }
 }
@@ -374,14 +467,10 @@ fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<(
 
 /// A CPU worker: takes jobs, tokenizes them, runs the passes, replies; one thread.
 fn inline_worker(replica: Replica, shared: Shared, limits: BatchLimits) {
-    loop {
-        let (jobs, stopping) = take_jobs(&shared, limits);
+    while let Some(jobs) = take_jobs(&shared, limits) {
         if !jobs.is_empty() {
             let planned = plan_jobs(&replica.model, jobs, limits, None);
             compute(&replica, planned, &shared.counters);
-        }
-        if stopping {
-            return;
         }
     }
 }
@@ -401,7 +490,7 @@ fn start_pipelined(
     let model = replica.model.clone();
     let counters = shared.counters.clone();
     if warm_up {
-        counters.warming.fetch_add(1, Ordering::AcqRel);
+        counters.warming.0.send_modify(|n| *n += 1);
     }
     let device = spawn(format!("keel-device-{index}"), move || {
         if warm_up {
@@ -427,7 +516,7 @@ fn start_pipelined(
             counters
                 .warm_up_micros
                 .fetch_max(elapsed.as_micros() as u64, Ordering::Relaxed);
-            counters.warming.fetch_sub(1, Ordering::AcqRel);
+            counters.warming.0.send_modify(|n| *n -= 1);
         }
         let _ = warm_tx.send(());
         for planned in planned_rx {
@@ -439,16 +528,12 @@ fn start_pipelined(
         if warm_rx.recv().is_err() {
             return;
         }
-        loop {
-            let (jobs, stopping) = take_jobs(&shared, limits);
+        while let Some(jobs) = take_jobs(&shared, limits) {
             if !jobs.is_empty() {
                 let planned = plan_jobs(&model, jobs, limits, Some(&tokenizers));
                 if planned_tx.send(planned).is_err() {
                     return;
                 }
-            }
-            if stopping {
-                return;
             }
         }
     })?;
@@ -456,34 +541,38 @@ fn start_pipelined(
 }
 
 /// Waits for a job, then drains what else is queued, up to [`DRAIN_PASSES`] passes' worth
-/// of rows and a fair share of the queue. Returns the jobs and whether a `Stop` (or the
-/// queue's end) was seen.
-fn take_jobs(shared: &Shared, limits: BatchLimits) -> (Vec<Job>, bool) {
-    let mut jobs = Vec::new();
-    // One worker waits at a time; the others are computing.
-    let Ok(mut rx) = shared.rx.lock() else {
-        return (jobs, true);
-    };
-    match rx.blocking_recv() {
-        Some(Work::Job(job)) => jobs.push(job),
-        Some(Work::Stop) | None => return (jobs, true),
-    }
+/// of rows and a fair share of the queue; jobs whose requester has gone are dropped here,
+/// before they are tokenized. `None` once the embedder is closing and the queue is empty.
+fn take_jobs(shared: &Shared, limits: BatchLimits) -> Option<Vec<Job>> {
+    let Mailbox {
+        jobs: queue,
+        closing,
+    } = &shared.mailbox;
+    let first = select! {
+        recv(queue) -> queued => queued.ok(),
+        // Closing: finish what is queued, then stop.
+        recv(closing) -> _ => queue.try_recv().ok(),
+    }?;
+    let mut jobs = vec![first.job];
     // A fair share of what is queued, so that a deep queue (`keel embed` sends a whole
     // chunk at once) is split between the workers rather than left to the first one
     // while the others idle at the end.
-    let share = rx.len().div_ceil(shared.workers.max(1));
+    let share = queue.len().div_ceil(shared.workers.max(1));
     let mut rows = jobs[0].texts.len();
     while rows < limits.max_rows * DRAIN_PASSES && jobs.len() <= share {
-        match rx.try_recv() {
-            Ok(Work::Job(job)) => {
-                rows += job.texts.len();
-                jobs.push(job);
-            }
-            Ok(Work::Stop) => return (jobs, true),
-            Err(_) => break,
-        }
+        let Ok(queued) = queue.try_recv() else {
+            break;
+        };
+        rows += queued.job.texts.len();
+        jobs.push(queued.job);
     }
-    (jobs, false)
+    let taken = jobs.len();
+    jobs.retain(|job| !job.departed());
+    shared
+        .counters
+        .dropped_jobs
+        .fetch_add((taken - jobs.len()) as u64, Ordering::Relaxed);
+    Some(jobs)
 }
 
 /// Tokenizes every job's texts (in parallel on `tokenizers`, else on this thread) and
@@ -513,54 +602,62 @@ fn plan_jobs(
     Planned { jobs, tokens }
 }
 
-/// Runs a planned batch's passes and replies to its jobs, each with its own vectors.
+/// Runs a planned batch's passes and replies to its jobs, each with its own vectors. A
+/// pass whose rows all belong to jobs whose requesters have gone is not run.
 fn compute(replica: &Replica, planned: Planned, counters: &EmbedderCounters) {
     let Planned { jobs, tokens } = planned;
     let dim = replica.model.dim();
     let started = std::time::Instant::now();
     let outcome = match tokens {
         Err(e) => Err(EmbedError::Failed(e.to_string())),
-        Ok(Tokenized {
-            rows: tokens,
-            passes,
-        }) => {
+        Ok(Tokenized { rows, passes }) => {
+            // The job each row belongs to.
+            let owner: Vec<usize> = jobs
+                .iter()
+                .enumerate()
+                .flat_map(|(j, job)| std::iter::repeat_n(j, job.texts.len()))
+                .collect();
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                run_planned(&tokens, &passes, dim, |rows| {
+                let mut out = vec![0.0f32; rows.len() * dim];
+                for pass in &passes {
+                    if pass.iter().all(|&r| jobs[owner[r]].departed()) {
+                        continue;
+                    }
+                    let tokens: Vec<&[u32]> = pass.iter().map(|&r| rows[r].as_slice()).collect();
                     let started = std::time::Instant::now();
-                    let vectors = replica.embed_tokens(rows);
+                    let vectors = replica.embed_tokens(&tokens);
                     metrics::histogram!("keel_embed_pass_seconds")
                         .record(started.elapsed().as_secs_f64());
-                    metrics::histogram!("keel_embed_pass_rows").record(rows.len() as f64);
-                    vectors
-                })
-            }));
-            match result {
-                Ok(vectors) => {
+                    metrics::histogram!("keel_embed_pass_rows").record(pass.len() as f64);
+                    counters.passes.fetch_add(1, Ordering::Relaxed);
                     counters
-                        .passes
-                        .fetch_add(passes.len() as u64, Ordering::Relaxed);
-                    let token_count = tokens.iter().map(Vec::len).sum::<usize>() as u64;
+                        .rows
+                        .fetch_add(pass.len() as u64, Ordering::Relaxed);
+                    let token_count = tokens.iter().map(|t| t.len()).sum::<usize>() as u64;
                     counters.tokens.fetch_add(token_count, Ordering::Relaxed);
-                    Ok(vectors)
+                    for (&r, v) in pass.iter().zip(vectors.chunks_exact(dim)) {
+                        out[r * dim..(r + 1) * dim].copy_from_slice(v);
+                    }
                 }
-                Err(_) => Err(EmbedError::Failed(
-                    "the model panicked on this batch".into(),
-                )),
-            }
+                out
+            }));
+            result.map_err(|_| EmbedError::Failed("the model panicked on this batch".into()))
         }
     };
     counters
         .busy_micros
         .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-    counters
-        .jobs
-        .fetch_add(jobs.len() as u64, Ordering::Relaxed);
     match outcome {
         Ok(vectors) => {
             let mut offset = 0;
             for job in jobs {
                 let n = job.texts.len();
-                counters.rows.fetch_add(n as u64, Ordering::Relaxed);
+                let counter = if job.departed() {
+                    &counters.dropped_jobs
+                } else {
+                    &counters.jobs
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
                 let _ = job
                     .reply
                     .send(Ok(vectors[offset * dim..(offset + n) * dim].to_vec()));
@@ -569,6 +666,9 @@ fn compute(replica: &Replica, planned: Planned, counters: &EmbedderCounters) {
         }
         Err(e) => {
             tracing::error!(error = %e, jobs = jobs.len(), "embedding pass failed");
+            counters
+                .jobs
+                .fetch_add(jobs.len() as u64, Ordering::Relaxed);
             for job in jobs {
                 let _ = job.reply.send(Err(e.clone()));
             }

@@ -1,45 +1,81 @@
 //! Memory of this process: readings, the allocator, samples, creep, the budget.
 //!
-//! RSS comes from `/proc/self/statm` (under a microsecond per read, against tens of
-//! microseconds for sysinfo). Elsewhere than Linux it reads as `None`.
+//! The process's RSS and the system's memory come from `sysinfo` ([`MemoryReader`]; the
+//! supervisor keeps one and refreshes only this process's memory each tick); the bytes
+//! the program holds come from jemalloc ([`allocator`]). The budget is the cgroup's limit
+//! where one is set, else the machine's memory.
 
 pub mod allocator;
 pub mod config;
 pub mod creep;
 pub mod probe;
 
-/// Resident set size of this process in bytes, if the platform says.
+use sysinfo::{MemoryRefreshKind, Pid, ProcessRefreshKind, ProcessesToUpdate, System};
+
+/// The system's memory, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SystemMemory {
+    pub total: u64,
+    pub available: u64,
+    /// The cgroup's memory limit, where one is set.
+    pub cgroup_limit: Option<u64>,
+}
+
+/// Reads memory through `sysinfo`, keeping its tables between readings.
+pub struct MemoryReader {
+    system: System,
+    pid: Option<Pid>,
+}
+
+impl Default for MemoryReader {
+    fn default() -> Self {
+        Self {
+            system: System::new(),
+            pid: sysinfo::get_current_pid().ok(),
+        }
+    }
+}
+
+impl MemoryReader {
+    /// Resident set size of this process in bytes, if the platform says.
+    pub fn rss_bytes(&mut self) -> Option<u64> {
+        let pid = self.pid?;
+        self.system.refresh_processes_specifics(
+            ProcessesToUpdate::Some(&[pid]),
+            false,
+            ProcessRefreshKind::nothing().with_memory(),
+        );
+        self.system.process(pid).map(|p| p.memory())
+    }
+
+    /// The system's total and available memory, and the cgroup's limit.
+    pub fn system(&mut self) -> SystemMemory {
+        self.system
+            .refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
+        SystemMemory {
+            total: self.system.total_memory(),
+            available: self.system.available_memory(),
+            cgroup_limit: self
+                .system
+                .cgroup_limits()
+                .map(|c| c.total_memory)
+                .filter(|&limit| limit > 0 && limit < (1 << 60)),
+        }
+    }
+}
+
+/// Resident set size of this process in bytes, if the platform says (one reading; the
+/// supervisor keeps a [`MemoryReader`]).
 pub fn rss_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let resident_pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(resident_pages * page_size())
+    MemoryReader::default().rss_bytes()
 }
 
-fn page_size() -> u64 {
-    // 4 KiB on x86-64, but 16 or 64 KiB on some aarch64 kernels: ask the system.
-    // SAFETY: sysconf(3) has no preconditions; it reads a constant of the system.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if size > 0 { size as u64 } else { 4096 }
-}
-
-/// Memory this process may use: the cgroup v2 (or v1) limit if one is set, else the
-/// machine's total memory.
+/// Memory this process may use: the cgroup's limit if one is set, else the machine's
+/// total memory.
 pub fn available_memory() -> Option<u64> {
-    let cgroup = [
-        "/sys/fs/cgroup/memory.max",
-        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-    ]
-    .iter()
-    .filter_map(|p| std::fs::read_to_string(p).ok())
-    .filter_map(|s| s.trim().parse::<u64>().ok())
-    .find(|v| *v < (1u64 << 60));
-    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        m.lines()
-            .find(|l| l.starts_with("MemTotal:"))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .map(|kib| kib * 1024)
-    });
-    match (cgroup, total) {
+    let m = MemoryReader::default().system();
+    let total = (m.total > 0).then_some(m.total);
+    match (m.cgroup_limit, total) {
         (Some(c), Some(t)) => Some(c.min(t)),
         (c, t) => c.or(t),
     }

@@ -1,7 +1,8 @@
 //! What the supervisor samples each tick, behind a trait so tests can inject memory
 //! behaviour (a creep) that the real process would take hours to show.
 //!
-//! [`ProcessProbe`] reads this process: RSS, jemalloc's figures, the ingest counters (ops
+//! [`ProcessProbe`] reads this process: RSS and the system's available memory (sysinfo),
+//! jemalloc's figures, the ingest counters (ops
 //! and rows in flight, so memory can be put against work), the cache's byte gauge and,
 //! with a GPU, its memory pool.
 
@@ -11,7 +12,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::{allocator, rss_bytes};
+use super::{MemoryReader, allocator};
 use crate::ingest::pipeline::IngestCounters;
 
 /// One sample.
@@ -22,6 +23,9 @@ pub struct MemorySample {
     pub ops: u64,
     pub rows: u64,
     pub rss: u64,
+    /// Memory the system has available (sysinfo), 0 where it does not say.
+    #[serde(default)]
+    pub system_available: u64,
     pub allocated: u64,
     pub resident: u64,
     pub in_flight_rows: u64,
@@ -44,6 +48,7 @@ pub struct ProcessProbe {
     counters: Arc<IngestCounters>,
     cache_bytes: Arc<AtomicU64>,
     device: Option<keel_model::ModelDevice>,
+    reader: MemoryReader,
 }
 
 impl ProcessProbe {
@@ -53,6 +58,7 @@ impl ProcessProbe {
             counters,
             cache_bytes,
             device: None,
+            reader: MemoryReader::default(),
         }
     }
 
@@ -75,7 +81,8 @@ impl MemoryProbe for ProcessProbe {
             at_ms: self.started.elapsed().as_millis() as u64,
             ops: self.counters.ops.load(Ordering::Relaxed),
             rows: self.counters.rows.load(Ordering::Relaxed),
-            rss: rss_bytes().unwrap_or(0),
+            rss: self.reader.rss_bytes().unwrap_or(0),
+            system_available: self.reader.system().available,
             allocated: a.allocated,
             resident: a.resident,
             in_flight_rows: self.counters.in_flight_rows.load(Ordering::Relaxed),

@@ -89,35 +89,5 @@ impl StorageConfig {
     }
 }
 
-/// How the graph keeps its vectors (and so how it compares them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Quantization {
-    F32,
-    F16,
-    /// Symmetric per vector, as Keel's int8 output (the scale cancels out of a cosine).
-    Int8,
-    /// Sign bits compared by Hamming distance: 32× smaller than f32, rescoring needed.
-    Binary,
-}
-
-impl Quantization {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::F32 => "f32",
-            Self::F16 => "f16",
-            Self::Int8 => "int8",
-            Self::Binary => "binary",
-        }
-    }
-
-    /// Bytes of one vector of `d` dimensions in the graph.
-    pub fn vector_bytes(self, d: usize) -> usize {
-        match self {
-            Self::F32 => 4 * d,
-            Self::F16 => 2 * d,
-            Self::Int8 => d,
-            Self::Binary => d.div_ceil(8),
-        }
-    }
-}
+/// How the graph keeps its vectors: part of the client contract (the `index` action).
+pub use keel_wire::contract::Quantization;

@@ -1,6 +1,8 @@
-//! The sink's writer thread: every append goes through it, in arrival order, so
-//! concurrent producers to one dataset never race on a part number. Reads go straight to
-//! the [`DatasetStore`] (parts are immutable once renamed into place).
+//! [`Datasets`]: the server's stored datasets behind one facade. It owns the data
+//! directory (opened once), the [`DatasetStore`] that reads it, the writer thread every
+//! append goes through (in arrival order, so concurrent producers to one dataset never
+//! race on a part number) and the [`Indexes`]. Reads go straight to the store (parts are
+//! immutable once renamed into place).
 
 use std::sync::Arc;
 
@@ -21,26 +23,26 @@ enum SinkMsg {
     Stop,
 }
 
-/// Sends appends to the sink thread; reads go straight to the store (parts are immutable
-/// once renamed into place, so reading never races a write).
+/// The datasets under `storage.data_dir`: appends go to the writer thread; reads, searches
+/// and indexes go to the store and the indexes (parts are immutable once renamed into
+/// place, so reading never races a write).
 #[derive(Clone)]
-pub struct SinkWriter {
+pub struct Datasets {
     tx: mpsc::Sender<SinkMsg>,
     store: Arc<DatasetStore>,
     indexes: Arc<Indexes>,
 }
 
-impl SinkWriter {
-    /// Starts the sink thread over `store` (rooted at `root`); at most `queue_depth`
-    /// appends wait. Datasets with an index have it grown after each append (by the
-    /// indexer thread, which the sink thread stops and joins when it exits).
-    pub fn start(
-        store: DatasetStore,
+impl Datasets {
+    /// Opens the data directory `root` and starts the writer thread; at most
+    /// `queue_depth` appends wait. Datasets with an index have it grown after each append
+    /// (by the indexer thread, which the writer thread stops and joins when it exits).
+    pub fn open(
         root: &std::path::Path,
         queue_depth: usize,
         index: IndexConfig,
-    ) -> (Self, std::thread::JoinHandle<()>) {
-        let store = Arc::new(store);
+    ) -> Result<(Self, std::thread::JoinHandle<()>), SinkError> {
+        let store = Arc::new(DatasetStore::open(root)?);
         let (indexes, indexer) = Indexes::start(store.clone(), root, index);
         let (tx, mut rx) = mpsc::channel::<SinkMsg>(queue_depth.max(1));
         let thread_store = store.clone();
@@ -64,8 +66,16 @@ impl SinkWriter {
                 thread_indexes.stop();
                 let _ = indexer.join();
             })
-            .expect("the sink thread starts");
-        (Self { tx, store, indexes }, thread)
+            .map_err(|e| SinkError::Io {
+                path: root.to_path_buf(),
+                source: e,
+            })?;
+        Ok((Self { tx, store, indexes }, thread))
+    }
+
+    /// The data directory (`storage.data_dir`).
+    pub fn root(&self) -> &std::path::Path {
+        self.store.root()
     }
 
     /// Appends `batches` as one part; resolves once they are durable, with the rows stored.
@@ -82,7 +92,7 @@ impl SinkWriter {
         rx.await.map_err(|_| SinkError::Closed)?
     }
 
-    /// Asks the sink thread to exit once the appends queued so far are written.
+    /// Asks the writer thread to exit once the appends queued so far are written.
     pub fn stop(&self) {
         let _ = self.tx.blocking_send(SinkMsg::Stop);
     }

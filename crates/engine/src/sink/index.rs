@@ -27,7 +27,7 @@ use std::time::Instant;
 use keel_wire::vectors::{VectorFormat, VectorPrecision, pack_signs, quantize_int8};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use usearch::{Index, IndexOptions, MetricKind, ScalarKind, b1x8};
+use usearch::{Index, MetricKind, ScalarKind, b1x8};
 
 use super::config::{IndexConfig, Quantization};
 use super::reduce::Projection;
@@ -41,19 +41,8 @@ const READ_ROWS: usize = 8192;
 /// context per concurrent caller).
 const SEARCH_THREADS: usize = 16;
 
-/// An `index` request: every field optional, the rest from `storage.index`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IndexRequest {
-    pub quantization: Option<Quantization>,
-    /// A PCA projection of the dataset (`keel reduce`): the graph holds projected vectors.
-    pub projection: Option<String>,
-    pub connectivity: Option<usize>,
-    pub expansion_add: Option<usize>,
-    pub expansion_search: Option<usize>,
-    /// Candidates rescored against the stored vectors per search (0 = none).
-    pub rescore: Option<usize>,
-}
+/// How to build an index (the `index` action's options): part of the client contract.
+pub use keel_wire::contract::IndexOptions;
 
 /// What is kept about an index (`index.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -182,8 +171,8 @@ impl DatasetIndex {
         }
     }
 
-    fn options(m: &Manifest) -> IndexOptions {
-        IndexOptions {
+    fn options(m: &Manifest) -> usearch::IndexOptions {
+        usearch::IndexOptions {
             dimensions: m.dimensions,
             metric: if m.quantization == Quantization::Binary {
                 MetricKind::Hamming
@@ -572,7 +561,7 @@ impl Indexes {
 
     /// Builds (or rebuilds) `name`'s index over every row it holds now, then keeps it
     /// growing with later appends. Blocking: minutes for millions of rows.
-    pub fn build(&self, name: &str, request: &IndexRequest) -> Result<IndexReport, SinkError> {
+    pub fn build(&self, name: &str, request: &IndexOptions) -> Result<IndexReport, SinkError> {
         let started = Instant::now();
         let info = self.store.info(name)?;
         let format = VectorFormat::of_schema(&info.schema)
@@ -997,7 +986,7 @@ mod tests {
         ] {
             let f = Fixture::new(IndexConfig::default());
             f.store.append("d", &[part(&values, 0, precision)]).unwrap();
-            let request = IndexRequest {
+            let request = IndexOptions {
                 quantization: Some(quantization),
                 rescore: Some(rescore),
                 expansion_search: Some(128),
@@ -1031,7 +1020,7 @@ mod tests {
         f.store
             .append("d", &[part(&values[..2000 * D], 0, VectorPrecision::F32)])
             .unwrap();
-        f.indexes.build("d", &IndexRequest::default()).unwrap();
+        f.indexes.build("d", &IndexOptions::default()).unwrap();
         f.store
             .append(
                 "d",
@@ -1123,7 +1112,7 @@ mod tests {
             "{}",
             p.variance_kept
         );
-        let request = IndexRequest {
+        let request = IndexOptions {
             projection: Some("p16".into()),
             ..Default::default()
         };
@@ -1132,7 +1121,7 @@ mod tests {
         let queries = low_rank(20, 5);
         let r = recall(&f, &queries, 10);
         assert!(r >= 0.9, "recall {r} with rescoring");
-        let missing = IndexRequest {
+        let missing = IndexOptions {
             projection: Some("nope".into()),
             ..Default::default()
         };
@@ -1152,7 +1141,7 @@ mod tests {
         f.store
             .append("d", &[part(&values[..1000 * D], 0, VectorPrecision::F32)])
             .unwrap();
-        let err = f.indexes.build("d", &IndexRequest::default()).unwrap_err();
+        let err = f.indexes.build("d", &IndexOptions::default()).unwrap_err();
         assert!(matches!(err, SinkError::OverBudget(_)), "{err}");
         assert!(err.to_string().contains("storage.index.max_bytes"), "{err}");
         assert!(f.indexes.describe("d").is_none());
@@ -1165,7 +1154,7 @@ mod tests {
             .unwrap();
         let held = f
             .indexes
-            .build("d", &IndexRequest::default())
+            .build("d", &IndexOptions::default())
             .unwrap()
             .memory_bytes;
         // Room for that and a few rows more: the build fits, growth stops at the budget,
@@ -1178,7 +1167,7 @@ mod tests {
         f.store
             .append("d", &[part(&values[..800 * D], 0, VectorPrecision::F32)])
             .unwrap();
-        f.indexes.build("d", &IndexRequest::default()).unwrap();
+        f.indexes.build("d", &IndexOptions::default()).unwrap();
         f.store
             .append("d", &[part(&values[800 * D..], 800, VectorPrecision::F32)])
             .unwrap();

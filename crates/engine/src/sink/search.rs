@@ -10,7 +10,6 @@ use std::sync::Arc;
 use arrow_array::{Float32Array, RecordBatch, UInt64Array};
 use arrow_schema::{DataType, Field, Schema};
 use keel_wire::vectors::{SCALE_COLUMN, VectorFormat, VectorPrecision};
-use serde::{Deserialize, Serialize};
 
 use super::index::{Indexes, Scored};
 use super::reduce::{PROJECTION_KEY, Projection};
@@ -19,18 +18,8 @@ use super::store::{DatasetStore, SinkError};
 /// Rows scored per batch of an exact scan.
 const SCAN_ROWS: usize = 8192;
 
-/// Whether a search uses the dataset's index.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SearchMode {
-    /// The index when the dataset has one, else an exact scan.
-    #[default]
-    Auto,
-    /// Every row scored (the reference ranking).
-    Exact,
-    /// The index; a dataset without one is an error.
-    Index,
-}
+/// Whether a search uses the dataset's index: part of the client contract.
+pub use keel_wire::contract::SearchMode;
 
 /// How to search, beyond the query and `k`.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
