@@ -22,7 +22,7 @@ MASK = (1 << 64) - 1
 
 
 class Generator:
-    """src/soak/workload.rs, line for line."""
+    """crates/client/src/soak/workload.rs, line for line."""
 
     def __init__(self, base, seed):
         self.base = base

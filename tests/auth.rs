@@ -7,7 +7,7 @@ use arrow_flight::flight_service_client::FlightServiceClient;
 use arrow_flight::{FlightClient, HandshakeRequest};
 use base64::Engine as _;
 use futures::TryStreamExt;
-use keel::config::{AuthMode, BasicUser, Secret};
+use keel_server::config::{AuthMode, BasicUser, Secret};
 use tonic::Code;
 
 use crate::common::{TestServer, embed_path, exchange, text_batch};
@@ -179,11 +179,11 @@ async fn tls_with_a_generated_certificate() {
     })
     .await;
     let port = server.addr.port();
-    let auth = keel::flight::client::ClientAuth {
+    let auth = keel_client::flight::ClientAuth {
         token: None,
         tls_ca: Some(cert_path.clone()),
     };
-    let mut client = keel::flight::client::connect_with(
+    let mut client = keel_client::flight::connect_with(
         &format!("grpc+tls://localhost:{port}"),
         Duration::from_secs(10),
         &auth,

@@ -5,7 +5,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use arrow_array::{Array, FixedSizeListArray, Float32Array, RecordBatch};
-use keel::config::Settings;
+use keel_server::config::Settings;
 
 #[cfg(feature = "gpu")]
 use crate::common::tiny_bert;
@@ -235,7 +235,7 @@ async fn another_precision_on_the_same_redis_gets_no_hit() {
     // Kernels compile before the first stream is served.
     let mut client = f16.client().await;
     let deadline = Instant::now() + Duration::from_secs(240);
-    while keel::flight::client::action::<serde_json::Value>(&mut client, "health", Vec::new())
+    while keel_client::flight::action::<serde_json::Value>(&mut client, "health", Vec::new())
         .await
         .is_err()
     {
@@ -471,8 +471,8 @@ async fn the_grpc_health_service_says_serving_then_not_serving_while_draining() 
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
     let server = TestServer::start(|s| {
-        s.auth.mode = keel::config::AuthMode::Token;
-        s.auth.tokens = vec![keel::config::Secret::new("secret")];
+        s.auth.mode = keel_server::config::AuthMode::Token;
+        s.auth.tokens = vec![keel_server::config::Secret::new("secret")];
         s.server.shutdown_grace_ms = 3000;
     })
     .await;

@@ -266,7 +266,7 @@ async fn serve_with_gpu_and_cpu_workers_answers_with_the_cpu_backends_vectors() 
     // Health answers Unavailable while the GPU worker compiles its kernels, then ok.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(240);
     let health = loop {
-        match keel::flight::client::action::<serde_json::Value>(&mut client, "health", Vec::new())
+        match keel_client::flight::action::<serde_json::Value>(&mut client, "health", Vec::new())
             .await
         {
             Ok(health) => break health,

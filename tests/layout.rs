@@ -216,3 +216,30 @@ fn a_log_written_to_a_pipe_is_plain_text_and_names_the_metrics_address() {
         "{metrics}"
     );
 }
+
+/// The server library links none of the client tools' crates: input readers (noodles),
+/// plots (plotters), progress bars (indicatif).
+#[test]
+fn the_server_links_no_client_tool() {
+    let out = std::process::Command::new(env!("CARGO"))
+        .current_dir(repo_root())
+        .args(["tree", "-p", "keel-server", "-e", "normal", "--prefix", "none"])
+        .args(["--locked", "--offline", "-f", "{p}"])
+        .output()
+        .expect("cargo tree runs");
+    assert!(
+        out.status.success(),
+        "cargo tree: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tree = String::from_utf8_lossy(&out.stdout);
+    let linked: Vec<&str> = tree
+        .lines()
+        .filter(|l| {
+            ["noodles", "plotters", "indicatif", "keel-client"]
+                .iter()
+                .any(|c| l.starts_with(&format!("{c} ")))
+        })
+        .collect();
+    assert!(linked.is_empty(), "keel-server links {linked:?}");
+}

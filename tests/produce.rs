@@ -10,7 +10,7 @@ use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef, Int64Array, RecordBatch, StringArray};
 use arrow_flight::FlightDescriptor;
 use futures::TryStreamExt;
-use keel::input::{self, Format, InputOptions, OnError};
+use keel_client::input::{self, Format, InputOptions, OnError};
 use noodles::vcf::variant::io::Write as _;
 
 use crate::common::{TestServer, action, repo_root};

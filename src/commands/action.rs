@@ -20,7 +20,7 @@ pub struct ActionArgs {
     #[arg(long, default_value = "grpc://127.0.0.1:50051")]
     to: String,
     #[command(flatten)]
-    auth: keel::flight::client::ClientAuth,
+    auth: keel_client::flight::ClientAuth,
     /// Keep retrying for up to this many seconds while the server is starting or answers
     /// Unavailable (a GPU engine compiling its kernels); 0 = one try.
     #[arg(long, default_value_t = 0)]
@@ -35,9 +35,9 @@ pub fn run(args: ActionArgs) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(args.wait);
         let connect_wait = Duration::from_secs(args.wait.max(10));
         let mut client =
-            keel::flight::client::connect_with(&args.to, connect_wait, &args.auth).await?;
+            keel_client::flight::connect_with(&args.to, connect_wait, &args.auth).await?;
         loop {
-            let answer: anyhow::Result<serde_json::Value> = keel::flight::client::action(
+            let answer: anyhow::Result<serde_json::Value> = keel_client::flight::action(
                 &mut client,
                 &args.name,
                 args.body.clone().into_bytes(),

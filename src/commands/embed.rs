@@ -17,7 +17,7 @@ use keel_engine::memory::rss_bytes;
 use keel_model::{Backend, Precision};
 
 use crate::ConfigArgs;
-use keel::config::Settings;
+use keel_server::config::Settings;
 
 /// Lines embedded together: enough to sort by length and keep every replica busy.
 const CHUNK_LINES: usize = 2048;

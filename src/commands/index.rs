@@ -53,7 +53,7 @@ struct Server {
     #[arg(long, default_value = "grpc://127.0.0.1:50051")]
     to: String,
     #[command(flatten)]
-    auth: keel::flight::client::ClientAuth,
+    auth: keel_client::flight::ClientAuth,
 }
 
 /// Runs one action and returns its decoded answer (no deadline: a build takes minutes).
@@ -66,13 +66,13 @@ fn call<T: serde::de::DeserializeOwned>(
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let mut client = keel::flight::client::connect_with(
+        let mut client = keel_client::flight::connect_with(
             &server.to,
             std::time::Duration::from_secs(10),
             &server.auth,
         )
         .await?;
-        keel::flight::client::action(&mut client, action, serde_json::to_vec(&body)?)
+        keel_client::flight::action(&mut client, action, serde_json::to_vec(&body)?)
             .await
             .with_context(|| action.to_string())
     })

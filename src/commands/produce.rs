@@ -1,6 +1,6 @@
 //! `keel produce`: stream a file's records to a Keel server over Arrow Flight.
 //!
-//! Inputs (see [`keel::input`]): VCF / VCF.gz / BCF (annotations parsed into columns, the
+//! Inputs (see [`keel_client::input`]): VCF / VCF.gz / BCF (annotations parsed into columns, the
 //! text made by `--template`), Parquet, Arrow IPC, CSV/TSV (the text from `--text-column`
 //! or `--template`, applied by the server), or plain text (one row per line). The file is
 //! read on its own thread, batch by batch, and paced by `--rate`; `--exchange` gets the
@@ -26,7 +26,7 @@ use arrow_flight::error::FlightError;
 use arrow_flight::{FlightClient, Ticket};
 use arrow_schema::DataType;
 use futures::{StreamExt, TryStreamExt};
-use keel::input::{self, Format, InputOptions, OnError};
+use keel_client::input::{self, Format, InputOptions, OnError};
 use keel_engine::stats::Stats;
 use keel_wire::contract::{PutAck, dataset_descriptor, embed_descriptor};
 use keel_wire::descriptor::DatasetTicket;
@@ -76,7 +76,7 @@ pub struct ProduceArgs {
     #[arg(long, value_enum, default_value = "skip")]
     on_error: OnError,
     #[command(flatten)]
-    auth: keel::flight::client::ClientAuth,
+    auth: keel_client::flight::ClientAuth,
     /// Seconds to keep retrying the first connection (the server may still be starting).
     #[arg(long, default_value_t = 60)]
     connect_timeout: u64,
@@ -393,7 +393,7 @@ async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
     };
-    let mut client = keel::flight::client::connect_with(
+    let mut client = keel_client::flight::connect_with(
         &args.to,
         Duration::from_secs(args.connect_timeout),
         &args.auth,
@@ -505,7 +505,7 @@ async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
             .retry_for
             .saturating_sub(lost.elapsed())
             .max(Duration::from_secs(1));
-        client = match keel::flight::client::connect_with(&args.to, budget, &args.auth).await {
+        client = match keel_client::flight::connect_with(&args.to, budget, &args.auth).await {
             Ok(c) => c,
             Err(e) => {
                 progress.bar.finish_and_clear();
@@ -541,7 +541,7 @@ async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
     let done = progress.done.load(Ordering::Relaxed);
     let skipped = skipped.load(Ordering::Relaxed);
     let secs = started.elapsed().as_secs_f64();
-    let stats: Option<Stats> = keel::flight::client::action(&mut client, "stats", Vec::new())
+    let stats: Option<Stats> = keel_client::flight::action(&mut client, "stats", Vec::new())
         .await
         .ok();
     let this_run = done.saturating_sub(resumed);

@@ -21,7 +21,7 @@ pub struct SearchArgs {
     #[arg(long, default_value = "grpc://127.0.0.1:50051")]
     to: String,
     #[command(flatten)]
-    auth: keel::flight::client::ClientAuth,
+    auth: keel_client::flight::ClientAuth,
     /// exact (score every row), index (the dataset's index) or auto (the index when there is one).
     #[arg(long, default_value = "auto")]
     mode: String,
@@ -39,7 +39,7 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         let mut client =
-            keel::flight::client::connect_with(&args.to, Duration::from_secs(10), &args.auth)
+            keel_client::flight::connect_with(&args.to, Duration::from_secs(10), &args.auth)
                 .await?;
         let mut body = serde_json::json!({
             "dataset": args.dataset, "text": args.text, "k": args.k, "mode": args.mode,
@@ -48,7 +48,7 @@ pub fn run(args: SearchArgs) -> anyhow::Result<()> {
             body["rescore"] = r.into();
         }
         let answer: SearchResponse =
-            keel::flight::client::action(&mut client, "search", serde_json::to_vec(&body)?)
+            keel_client::flight::action(&mut client, "search", serde_json::to_vec(&body)?)
                 .await
                 .context("search")?;
         if args.json {

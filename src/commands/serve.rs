@@ -1,8 +1,8 @@
 //! `keel serve`: the engine behind an Arrow Flight endpoint, until SIGINT or SIGTERM.
 
 use crate::ConfigArgs;
-use keel::app;
-use keel::config::Settings;
+use keel_server::app;
+use keel_server::config::Settings;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use keel::config::Settings;
-use keel::soak::workload::Workload;
-use keel::soak::{SoakOptions, report};
+use keel_client::soak::workload::Workload;
+use keel_client::soak::{SoakOptions, report};
+use keel_server::config::Settings;
 
 use crate::ConfigArgs;
 
@@ -93,9 +93,9 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
     }
     let resuming = args.resume && args.report.join("samples.csv").exists();
     let mut log = if resuming {
-        keel::soak::log::SampleLog::resume(&args.report)?
+        keel_client::soak::log::SampleLog::resume(&args.report)?
     } else {
-        keel::soak::log::SampleLog::create(&args.report)?
+        keel_client::soak::log::SampleLog::create(&args.report)?
     };
     let done = log.offsets;
     // What is left of the run.
@@ -139,7 +139,7 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
         duration,
         rate: args.rate,
         workload: args.workload,
-        texts: keel::input::load_texts(&args.input)?,
+        texts: keel_client::input::load_texts(&args.input)?,
         streams: args.streams,
         batch_rows: args.batch_rows,
         warmup_ops: args.warmup_ops,
@@ -162,7 +162,7 @@ pub fn run(args: SoakArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let observed = runtime.block_on(keel::soak::run(
+    let observed = runtime.block_on(keel_client::soak::run(
         &settings,
         args.target.as_deref(),
         &opts,

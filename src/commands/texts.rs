@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use arrow_array::{Array, StringArray};
-use keel::input::{self, Format, InputOptions, OnError};
+use keel_client::input::{self, Format, InputOptions, OnError};
 use keel_wire::variants::DEFAULT_TEMPLATE;
 
 #[derive(clap::Args)]

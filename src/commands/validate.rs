@@ -1,7 +1,7 @@
 //! `keel validate`: load and check a configuration without starting anything.
 
 use crate::ConfigArgs;
-use keel::config::Settings;
+use keel_server::config::Settings;
 
 #[derive(clap::Args)]
 pub struct ValidateArgs {
@@ -25,7 +25,7 @@ pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
         keel_model::ModelSpec::from_dir(dir),
         std::fs::metadata(dir.join("model.safetensors")),
     ) {
-        let bound = keel::soak::report::memory_bound(&settings, weights.len(), &spec);
+        let bound = keel_client::soak::report::memory_bound(&settings, weights.len(), &spec);
         println!(
             "memory bound: {bound} bytes ({} MB) peak RSS with this configuration and model; \
              Keel budgets half of a container's memory limit: give it at least {} MiB",

@@ -9,7 +9,7 @@ use arrow_array::{ArrayRef, RecordBatch, StringArray};
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::{FlightClient, FlightDescriptor};
 use futures::{StreamExt, TryStreamExt};
-use keel::config::Settings;
+use keel_server::config::Settings;
 use tokio::sync::oneshot;
 
 pub fn repo_root() -> PathBuf {
@@ -50,15 +50,15 @@ impl TestServer {
         edit(&mut settings);
         settings.validate().unwrap();
         let kept = settings.clone();
-        let running = tokio::task::spawn_blocking(move || keel::app::start(settings))
+        let running = tokio::task::spawn_blocking(move || keel_server::app::start(settings))
             .await
             .unwrap()
             .expect("the engine starts");
-        let listener = keel::app::bind("127.0.0.1:0".parse().unwrap())
+        let listener = keel_server::app::bind("127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
         let addr = listener.local_addr().unwrap();
-        let metrics = keel::app::bind("127.0.0.1:0".parse().unwrap())
+        let metrics = keel_server::app::bind("127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
         let metrics_addr = metrics.local_addr().unwrap();

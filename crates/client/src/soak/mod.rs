@@ -25,7 +25,7 @@ use keel_wire::contract::embed_descriptor;
 use keel_wire::text::EmbedCommand;
 use serde::Serialize;
 
-use crate::config::Settings;
+use keel_server::config::Settings;
 use log::{SampleLog, SeenCleanup};
 use workload::{Generator, Workload};
 
@@ -102,7 +102,7 @@ pub struct Observed {
 }
 
 async fn stats(client: &mut FlightClient) -> anyhow::Result<Stats> {
-    crate::flight::client::action(client, "stats", Vec::new()).await
+    crate::flight::action(client, "stats", Vec::new()).await
 }
 
 /// Has the engine write a heap profile; returns its path.
@@ -111,7 +111,7 @@ async fn heap_profile(client: &mut FlightClient) -> anyhow::Result<String> {
     struct Written {
         path: String,
     }
-    let w: Written = crate::flight::client::action(client, "heap-profile", Vec::new()).await?;
+    let w: Written = crate::flight::action(client, "heap-profile", Vec::new()).await?;
     Ok(w.path)
 }
 
@@ -248,7 +248,7 @@ async fn drive(
     recovery_window: Duration,
     mut log: Option<&mut SampleLog>,
 ) -> anyhow::Result<Observed> {
-    let mut probe = crate::flight::client::connect(addr, Duration::ZERO).await?;
+    let mut probe = crate::flight::connect(addr, Duration::ZERO).await?;
     let control = Arc::new(Control {
         stop: AtomicBool::new(false),
         long: AtomicBool::new(false),
@@ -258,7 +258,7 @@ async fn drive(
     let base = opts.texts.clone();
     let mut producers = Vec::new();
     for i in 0..opts.streams {
-        let client = crate::flight::client::connect(addr, Duration::ZERO).await?;
+        let client = crate::flight::connect(addr, Duration::ZERO).await?;
         // Producers pace themselves on the rows all of them have sent: each gets the
         // whole rate, not a share of it.
         let rate = opts.rate;
@@ -508,8 +508,8 @@ type Done = tokio::task::JoinHandle<anyhow::Result<()>>;
 async fn start_engine(
     settings: Settings,
 ) -> anyhow::Result<(String, tokio::sync::oneshot::Sender<()>, Done)> {
-    let running = tokio::task::spawn_blocking(move || crate::app::start(settings)).await??;
-    let listener = crate::app::bind("127.0.0.1:0".parse()?).await?;
+    let running = tokio::task::spawn_blocking(move || keel_server::app::start(settings)).await??;
+    let listener = keel_server::app::bind("127.0.0.1:0".parse()?).await?;
     let addr = format!("grpc://{}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let done = tokio::spawn(running.serve(listener, None, async {

@@ -9,13 +9,11 @@
 //!   `cleanup`, `search`), one handler each;
 //! - [`auth`]: tokens, basic credentials, `Handshake`;
 //! - [`error`]: the one mapping from Keel's errors to gRPC statuses;
-//! - [`client`]: connecting as a client (the commands and the soak).
 //!
 //! Decoding, descriptor parsing, slicing and text extraction are `keel-wire`'s.
 
 pub mod actions;
 pub mod auth;
-pub mod client;
 pub mod datasets;
 pub mod error;
 pub mod service;

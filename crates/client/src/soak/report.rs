@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::workload::Workload;
 use super::{Observed, Sample};
-use crate::config::Settings;
+use keel_server::config::Settings;
 
 const MB: f64 = 1_000_000.0;
 

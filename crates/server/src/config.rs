@@ -305,7 +305,7 @@ mod tests {
     use super::*;
 
     fn configs_dir() -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("configs")
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs")
     }
 
     /// A YAML file with `body`, removed when the returned value drops.
@@ -383,7 +383,7 @@ mod tests {
     fn configuration_reference_matches_default_yaml() {
         let yaml = std::fs::read_to_string(configs_dir().join("default.yaml")).unwrap();
         let expected = configuration_reference(&yaml);
-        let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/CONFIGURATION.md");
+        let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/CONFIGURATION.md");
         if std::env::var_os("KEEL_BLESS").is_some() {
             std::fs::write(&doc, &expected).unwrap();
         }
