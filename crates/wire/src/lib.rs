@@ -7,9 +7,9 @@
 //! - [`descriptor`]: what a stream asks for (`["embed"]`, `["datasets", NAME]`), parsed once
 //!   into a [`descriptor::Target`]; dataset names;
 //! - [`decode`]: `FlightData` → record batches, malformed IPC answered, never a panic;
-//! - [`slicer`]: the ONE loop from decoded batches to slices and their texts: schema checks,
-//!   slicing into `slice_rows`, text extraction; used by the server's stream task and by
-//!   [`validate`] (the fuzz entry point);
+//! - [`slicer`]: from decoded batches to slices and their texts (schema checks, slicing
+//!   into `slice_rows`, text extraction): the one implementation the server's ingestion
+//!   actor and [`validate`] (the fuzz entry point) both call, batch by batch;
 //! - [`text`]: the JSON command and the [`text::TextSource`] (a column or a template);
 //! - [`template`]: `{field}` templates; [`variants`]: annotated VCF records as fields;
 //! - [`vectors`]: the precision and dimensions vectors are written in (f32, f16, int8,

@@ -1,9 +1,9 @@
 //! One stream's pipeline: `DoExchange ["embed"]` and `DoPut ["datasets", NAME]`.
 //!
 //! Every stream gets an ingestion actor ([`IngestActor`], a task of its own) that owns its
-//! decoding, validation and slicing (the wire crate's [`Slicer`], the same loop the fuzzer
-//! runs), admits each slice into the in-flight bound before embedding it, and hands the
-//! slices' tasks on in order. The
+//! decoding, validation and slicing (the wire crate's [`Slicer`], which the fuzzer's
+//! `keel_wire::validate` drives too), admits each slice into the in-flight bound before
+//! embedding it, and hands the slices' tasks on in order. The
 //! writing half awaits them in that order: `DoExchange` encodes each batch back to the
 //! client (the permits go back as the rows reach the encoder), `DoPut` buffers up to
 //! `storage.flush_rows` rows and appends them to the dataset, acknowledging rows only
