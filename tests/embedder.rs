@@ -2,7 +2,7 @@
 //! back in input order whatever the passes, and match the float64 reference.
 
 use keel_engine::embedder::config::EmbedderConfig;
-use keel_engine::embedder::workers::EmbedderWorkers;
+use keel_engine::embedder::workers::{EmbedderWorkers, Lane};
 
 use crate::common::repo_root;
 
@@ -47,5 +47,59 @@ fn workers_return_vectors_in_input_order_from_many_small_passes() {
     let stats = workers.handle().stats();
     assert_eq!(stats.rows, texts.len() as u64);
     assert!(stats.passes >= (texts.len() / 3) as u64, "{stats:?}");
+    workers.shutdown(std::time::Duration::from_secs(5));
+}
+
+/// A query on the fast lane does not wait behind the bulk jobs queued before it: with one
+/// worker and 24 bulk jobs of 64 texts queued first, the query is answered at the next
+/// pass boundary, before most of them (without the fast lane it would come last).
+#[test]
+fn a_fast_lane_job_overtakes_queued_bulk_jobs() {
+    let mut cfg = EmbedderConfig {
+        model_dir: repo_root().join("models/all-MiniLM-L6-v2"),
+        ..Default::default()
+    };
+    cfg.cpu.workers = 1;
+    cfg.cpu.max_batch_rows = 64;
+    let workers = EmbedderWorkers::start(cfg.load_models().unwrap(), 64).unwrap();
+    let handle = workers.handle();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let bulk_done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (bulk_jobs, answered_after) = runtime.block_on(async {
+        let mut bulk = Vec::new();
+        for j in 0..24 {
+            let (handle, done) = (handle.clone(), bulk_done.clone());
+            let texts: Vec<String> = (0..64)
+                .map(|i| format!("bulk job {j} row {i}: GENE{} missense_variant", i % 17))
+                .collect();
+            bulk.push(tokio::spawn(async move {
+                handle.embed_in(Lane::Bulk, texts).await.unwrap();
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }));
+        }
+        // Let the bulk jobs reach the queue and the worker start on them.
+        while handle.stats().passes == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let query = handle
+            .embed_in(Lane::Fast, vec!["BRCA1 frameshift_variant".into()])
+            .await
+            .unwrap();
+        assert_eq!(query.len(), handle.dim());
+        let after = bulk_done.load(std::sync::atomic::Ordering::SeqCst);
+        for b in bulk {
+            b.await.unwrap();
+        }
+        (24, after)
+    });
+    assert!(
+        answered_after <= bulk_jobs / 2,
+        "the query was answered after {answered_after} of {bulk_jobs} bulk jobs"
+    );
+    assert_eq!(handle.stats().fast_jobs, 1);
     workers.shutdown(std::time::Duration::from_secs(5));
 }

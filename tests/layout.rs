@@ -223,7 +223,15 @@ fn a_log_written_to_a_pipe_is_plain_text_and_names_the_metrics_address() {
 fn the_server_links_no_client_tool() {
     let out = std::process::Command::new(env!("CARGO"))
         .current_dir(repo_root())
-        .args(["tree", "-p", "keel-server", "-e", "normal", "--prefix", "none"])
+        .args([
+            "tree",
+            "-p",
+            "keel-server",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+        ])
         .args(["--locked", "--offline", "-f", "{p}"])
         .output()
         .expect("cargo tree runs");

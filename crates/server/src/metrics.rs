@@ -184,6 +184,7 @@ const FIGURES: &[Figure] = &[
     total("keel_embed_passes_total", "Forward passes.", |s| Some(s.embedder.passes as f64)),
     total("keel_embed_rows_total", "Rows through forward passes.", |s| Some(s.embedder.rows as f64)),
     total("keel_embed_tokens_total", "Tokens through forward passes.", |s| Some(s.embedder.tokens as f64)),
+    total("keel_embed_fast_jobs_total", "Embedder jobs that came through the fast lane (requests of at most ingest.fast_lane_rows).", |s| Some(s.embedder.fast_jobs as f64)),
     total("keel_embed_dropped_jobs_total", "Embedder jobs skipped because the client that asked for them had gone.", |s| Some(s.embedder.dropped_jobs as f64)),
     gauge("keel_embed_busy_seconds_total", Unit::Seconds, "Time the embedder workers computed.", |s| Some(s.embedder.busy_ms as f64 / 1000.0)),
     gauge("keel_embed_queue_jobs", Unit::Count, "Micro-batches waiting for the embedder.", |s| Some(s.embedder.queued_jobs as f64)),

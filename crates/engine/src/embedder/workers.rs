@@ -17,6 +17,11 @@
 //! token length so that padding stays near zero. Each job gets its own vectors back, in
 //! its row order.
 //!
+//! Requests of few rows (`ingest.fast_lane_rows`: a single query, a search) go on a second
+//! queue, the fast lane, read first: a worker takes fast jobs before bulk ones, and a CPU
+//! worker looks at the fast lane between the passes of a batch, so a query waits at most
+//! for the pass in progress, not behind the bulk jobs queued before it.
+//!
 //! A job whose requester is gone (a client that cancelled its stream drops the task that
 //! awaited the reply) is skipped before it is tokenized, and a pass whose rows all belong
 //! to such jobs is not run: a departed client costs at most the passes already on a
@@ -96,10 +101,20 @@ struct Queued {
     _place: OwnedSemaphorePermit,
 }
 
-/// What every worker reads: the queue, and the channel whose closing stops them.
+/// Which queue a job goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Micro-batches of streams: taken in arrival order, batched into passes.
+    Bulk,
+    /// Requests of few rows: taken before any bulk job, and between the passes of a batch.
+    Fast,
+}
+
+/// What every worker reads: the two queues, and the channel whose closing stops them.
 #[derive(Clone)]
 struct Mailbox {
     jobs: Receiver<Queued>,
+    fast: Receiver<Queued>,
     /// Never sent on: [`EmbedderWorkers::shutdown`] drops its sender.
     closing: Receiver<()>,
 }
@@ -120,6 +135,8 @@ struct Planned {
 #[derive(Default)]
 struct EmbedderCounters {
     jobs: AtomicU64,
+    /// Jobs that came through the fast lane.
+    fast_jobs: AtomicU64,
     /// Jobs whose requester had gone before their vectors were computed.
     dropped_jobs: AtomicU64,
     rows: AtomicU64,
@@ -152,6 +169,9 @@ impl Warming {
 pub struct EmbedderStats {
     pub workers: usize,
     pub jobs: u64,
+    /// Jobs that came through the fast lane (requests of at most `ingest.fast_lane_rows`).
+    #[serde(default)]
+    pub fast_jobs: u64,
     /// Jobs skipped (before tokenizing, or pass by pass) because whoever asked for them
     /// had gone: a client that cancelled its stream.
     #[serde(default)]
@@ -203,8 +223,11 @@ impl Replica {
 #[derive(Clone)]
 pub struct EmbedderHandle {
     tx: Sender<Queued>,
+    fast_tx: Sender<Queued>,
     /// The queue's places: a job takes one before it is sent.
     places: Arc<Semaphore>,
+    /// The fast lane's places, apart: bulk jobs never hold up a query's place.
+    fast_places: Arc<Semaphore>,
     capacity: usize,
     dim: usize,
     model_id: Arc<str>,
@@ -214,26 +237,40 @@ pub struct EmbedderHandle {
 }
 
 impl EmbedderHandle {
-    /// Vectors of `texts`, `texts.len() × dim` values in order.
+    /// Vectors of `texts`, `texts.len() × dim` values in order (the bulk lane).
     pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<f32>, EmbedError> {
+        self.embed_in(Lane::Bulk, texts).await
+    }
+
+    /// Vectors of `texts` through `lane`.
+    pub async fn embed_in(&self, lane: Lane, texts: Vec<String>) -> Result<Vec<f32>, EmbedError> {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
-        let place = self
-            .places
+        let places = match lane {
+            Lane::Bulk => &self.places,
+            Lane::Fast => &self.fast_places,
+        };
+        let place = places
             .clone()
             .acquire_owned()
             .await
             .map_err(|_| EmbedError::Closed)?;
         let (reply, rx) = oneshot::channel();
-        self.send(Job { texts, reply }, place)?;
+        self.send(lane, Job { texts, reply }, place)?;
         rx.await.map_err(|_| EmbedError::Closed)?
     }
 
-    /// Puts a job that holds its place on the queue (never waits: the places bound it).
-    fn send(&self, job: Job, place: OwnedSemaphorePermit) -> Result<(), EmbedError> {
-        self.tx
-            .send(Queued { job, _place: place })
+    /// Puts a job that holds its place on its queue (never waits: the places bound it).
+    fn send(&self, lane: Lane, job: Job, place: OwnedSemaphorePermit) -> Result<(), EmbedError> {
+        let tx = match lane {
+            Lane::Bulk => &self.tx,
+            Lane::Fast => {
+                self.counters.fast_jobs.fetch_add(1, Ordering::Relaxed);
+                &self.fast_tx
+            }
+        };
+        tx.send(Queued { job, _place: place })
             .map_err(|_| EmbedError::Closed)
     }
 
@@ -290,7 +327,7 @@ impl EmbedderHandle {
                 texts: chunk.iter().map(|&i| texts[i].to_string()).collect(),
                 reply,
             };
-            self.send(job, place)?;
+            self.send(Lane::Bulk, job, place)?;
             replies.push((chunk, rx));
         }
         let dim = self.dim;
@@ -309,13 +346,14 @@ impl EmbedderHandle {
         EmbedderStats {
             workers: self.workers,
             jobs: c.jobs.load(Ordering::Relaxed),
+            fast_jobs: c.fast_jobs.load(Ordering::Relaxed),
             dropped_jobs: c.dropped_jobs.load(Ordering::Relaxed),
             rows: c.rows.load(Ordering::Relaxed),
             passes: c.passes.load(Ordering::Relaxed),
             tokens: c.tokens.load(Ordering::Relaxed),
             busy_ms: c.busy_micros.load(Ordering::Relaxed) / 1000,
             queue_capacity: self.capacity,
-            queued_jobs: self.tx.len(),
+            queued_jobs: self.tx.len() + self.fast_tx.len(),
             device: self
                 .devices
                 .iter()
@@ -335,8 +373,9 @@ pub struct EmbedderWorkers {
     handle: EmbedderHandle,
     /// Dropped by `shutdown`: the workers' `closing` channel closes.
     closing: Sender<()>,
-    /// The queue, for answering what is left in it once the workers are gone.
+    /// The queues, for answering what is left in them once the workers are gone.
     jobs: Receiver<Queued>,
+    fast: Receiver<Queued>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -362,11 +401,13 @@ impl EmbedderWorkers {
         let (dim, model_id) = (first.dim(), Arc::<str>::from(first.model_id()));
         let capacity = queue_jobs.max(1);
         let (tx, jobs) = crossbeam_channel::unbounded::<Queued>();
+        let (fast_tx, fast) = crossbeam_channel::unbounded::<Queued>();
         let (closing_tx, closing) = crossbeam_channel::bounded::<()>(0);
         let workers: usize = groups.iter().map(|(_, g)| g.workers).sum();
         let shared = Shared {
             mailbox: Mailbox {
                 jobs: jobs.clone(),
+                fast: fast.clone(),
                 closing,
             },
             counters: Arc::new(EmbedderCounters::default()),
@@ -410,7 +451,9 @@ impl EmbedderWorkers {
         Ok(Self {
             handle: EmbedderHandle {
                 tx,
+                fast_tx,
                 places: Arc::new(Semaphore::new(capacity)),
+                fast_places: Arc::new(Semaphore::new(capacity)),
                 capacity,
                 dim,
                 model_id,
@@ -420,6 +463,7 @@ impl EmbedderWorkers {
             },
             closing: closing_tx,
             jobs,
+            fast,
             threads,
         })
     }
@@ -435,9 +479,11 @@ impl EmbedderWorkers {
             handle,
             closing,
             jobs,
+            fast,
             threads,
         } = self;
         handle.places.close();
+        handle.fast_places.close();
         drop(closing);
         drop(handle);
         let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(1);
@@ -452,7 +498,7 @@ impl EmbedderWorkers {
             return;
         }
         // A job sent as the last worker left gets an answer rather than none.
-        for queued in jobs.try_iter() {
+        for queued in fast.try_iter().chain(jobs.try_iter()) {
             let _ = queued.job.reply.send(Err(EmbedError::Closed));
         }
     }
@@ -470,7 +516,11 @@ fn inline_worker(replica: Replica, shared: Shared, limits: BatchLimits) {
     while let Some(jobs) = take_jobs(&shared, limits) {
         if !jobs.is_empty() {
             let planned = plan_jobs(&replica.model, jobs, limits, None);
-            compute(&replica, planned, &shared.counters);
+            let fast_lane = FastLane {
+                shared: &shared,
+                limits,
+            };
+            compute(&replica, planned, &shared.counters, Some(fast_lane));
         }
     }
 }
@@ -520,7 +570,7 @@ fn start_pipelined(
         }
         let _ = warm_tx.send(());
         for planned in planned_rx {
-            compute(&replica, planned, &counters);
+            compute(&replica, planned, &counters, None);
         }
     })?;
     let feeder = spawn(format!("keel-feeder-{index}"), move || {
@@ -546,19 +596,34 @@ fn start_pipelined(
 fn take_jobs(shared: &Shared, limits: BatchLimits) -> Option<Vec<Job>> {
     let Mailbox {
         jobs: queue,
+        fast,
         closing,
     } = &shared.mailbox;
-    let first = select! {
-        recv(queue) -> queued => queued.ok(),
-        // Closing: finish what is queued, then stop.
-        recv(closing) -> _ => queue.try_recv().ok(),
-    }?;
+    // The fast lane first; then whichever queue has work (a disconnected queue reads as
+    // closing). Closing: finish what is queued, then stop.
+    let either = || fast.try_recv().or_else(|_| queue.try_recv()).ok();
+    let first = match fast.try_recv() {
+        Ok(queued) => queued,
+        Err(_) => select! {
+            recv(fast) -> queued => queued.ok().or_else(either),
+            recv(queue) -> queued => queued.ok().or_else(either),
+            recv(closing) -> _ => either(),
+        }?,
+    };
     let mut jobs = vec![first.job];
+    let mut rows = jobs[0].texts.len();
+    // Every fast job waiting goes in this batch (a few rows each).
+    while rows < limits.max_rows * DRAIN_PASSES {
+        let Ok(queued) = fast.try_recv() else {
+            break;
+        };
+        rows += queued.job.texts.len();
+        jobs.push(queued.job);
+    }
     // A fair share of what is queued, so that a deep queue (`keel embed` sends a whole
     // chunk at once) is split between the workers rather than left to the first one
     // while the others idle at the end.
     let share = queue.len().div_ceil(shared.workers.max(1));
-    let mut rows = jobs[0].texts.len();
     while rows < limits.max_rows * DRAIN_PASSES && jobs.len() <= share {
         let Ok(queued) = queue.try_recv() else {
             break;
@@ -602,12 +667,55 @@ fn plan_jobs(
     Planned { jobs, tokens }
 }
 
+/// Where a CPU worker looks between passes for jobs that may not wait for the batch.
+#[derive(Clone, Copy)]
+struct FastLane<'a> {
+    shared: &'a Shared,
+    limits: BatchLimits,
+}
+
+impl FastLane<'_> {
+    /// Runs the fast jobs waiting now (a pass or so), replies to them, and says how long
+    /// that took.
+    fn serve(self, replica: &Replica) -> std::time::Duration {
+        let started = std::time::Instant::now();
+        let mut jobs = Vec::new();
+        let mut rows = 0;
+        while rows < self.limits.max_rows {
+            let Ok(queued) = self.shared.mailbox.fast.try_recv() else {
+                break;
+            };
+            if queued.job.departed() {
+                self.shared
+                    .counters
+                    .dropped_jobs
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            rows += queued.job.texts.len();
+            jobs.push(queued.job);
+        }
+        if !jobs.is_empty() {
+            let planned = plan_jobs(&replica.model, jobs, self.limits, None);
+            compute(replica, planned, &self.shared.counters, None);
+        }
+        started.elapsed()
+    }
+}
+
 /// Runs a planned batch's passes and replies to its jobs, each with its own vectors. A
-/// pass whose rows all belong to jobs whose requesters have gone is not run.
-fn compute(replica: &Replica, planned: Planned, counters: &EmbedderCounters) {
+/// pass whose rows all belong to jobs whose requesters have gone is not run. With a
+/// `fast_lane`, the fast jobs waiting are served at each pass boundary.
+fn compute(
+    replica: &Replica,
+    planned: Planned,
+    counters: &EmbedderCounters,
+    fast_lane: Option<FastLane<'_>>,
+) {
     let Planned { jobs, tokens } = planned;
     let dim = replica.model.dim();
     let started = std::time::Instant::now();
+    let mut served = std::time::Duration::ZERO;
     let outcome = match tokens {
         Err(e) => Err(EmbedError::Failed(e.to_string())),
         Ok(Tokenized { rows, passes }) => {
@@ -619,7 +727,11 @@ fn compute(replica: &Replica, planned: Planned, counters: &EmbedderCounters) {
                 .collect();
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 let mut out = vec![0.0f32; rows.len() * dim];
-                for pass in &passes {
+                for (i, pass) in passes.iter().enumerate() {
+                    if let Some(lane) = fast_lane.filter(|_| i > 0) {
+                        // Counted as busy by the fast jobs' own batch.
+                        served += lane.serve(replica);
+                    }
                     if pass.iter().all(|&r| jobs[owner[r]].departed()) {
                         continue;
                     }
@@ -644,9 +756,10 @@ fn compute(replica: &Replica, planned: Planned, counters: &EmbedderCounters) {
             result.map_err(|_| EmbedError::Failed("the model panicked on this batch".into()))
         }
     };
+    let busy = started.elapsed().saturating_sub(served);
     counters
         .busy_micros
-        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        .fetch_add(busy.as_micros() as u64, Ordering::Relaxed);
     match outcome {
         Ok(vectors) => {
             let mut offset = 0;

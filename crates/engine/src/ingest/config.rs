@@ -32,6 +32,10 @@ pub struct IngestConfig {
     pub default_text_column: String,
     /// Slices of one stream being embedded at once (order is kept on output).
     pub stream_parallelism: usize,
+    /// A request of at most this many rows (a one-row exchange, a search's query) goes
+    /// to the embedder's fast lane: ahead of queued bulk work, at the next pass boundary.
+    /// 0 turns the fast lane off.
+    pub fast_lane_rows: usize,
     /// A new stream that finds no room: wait (`block`) or `ResourceExhausted` (`reject`).
     pub when_full: WhenFull,
     /// The vectors' number type when the command names none.
@@ -48,6 +52,7 @@ impl Default for IngestConfig {
             slice_rows: 1024,
             default_text_column: "text".into(),
             stream_parallelism: 8,
+            fast_lane_rows: 8,
             when_full: WhenFull::Block,
             default_precision: VectorPrecision::F32,
             default_dimensions: None,

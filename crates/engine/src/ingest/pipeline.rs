@@ -23,7 +23,7 @@ use super::config::IngestConfig;
 use crate::cache::actor::CacheActor;
 use crate::cache::messages::{Insert, Lookup};
 use crate::cache::shared::{Found, SharedCache};
-use crate::embedder::workers::{EmbedError, EmbedderHandle};
+use crate::embedder::workers::{EmbedError, EmbedderHandle, Lane};
 
 /// A distinct text of a slice: its cache key, the text, and the rows that carry it.
 type Unique<'a> = (u128, &'a str, Vec<usize>);
@@ -223,6 +223,7 @@ impl Pipeline {
     /// it to `inserts` (for the caches).
     async fn compute(
         &self,
+        lane: Lane,
         texts: &[&Unique<'_>],
         out: &mut [f32],
         inserts: &mut Vec<(u128, Arc<[f32]>)>,
@@ -234,7 +235,7 @@ impl Pipeline {
         // One embedder job per micro-batch, all queued at once: the workers share them.
         let jobs = texts.chunks(self.config.micro_batch_rows).map(|chunk| {
             self.embedder
-                .embed(chunk.iter().map(|u| u.1.to_string()).collect())
+                .embed_in(lane, chunk.iter().map(|u| u.1.to_string()).collect())
         });
         let mut vectors = Vec::with_capacity(texts.len() * dim);
         for result in futures::future::join_all(jobs).await {
@@ -273,6 +274,7 @@ impl Pipeline {
     /// for again, backing off, until they are there or their lease has expired.
     async fn resolve_shared(
         &self,
+        lane: Lane,
         shared: &SharedCache,
         mine: &[&Unique<'_>],
         out: &mut [f32],
@@ -305,7 +307,7 @@ impl Pipeline {
                 }
             }
             let computed = inserts.len();
-            self.compute(&compute, out, inserts).await?;
+            self.compute(lane, &compute, out, inserts).await?;
             shared.put(&inserts[computed..]).await;
             if !busy.is_empty() {
                 tokio::time::sleep(pause).await;
@@ -322,6 +324,9 @@ impl Pipeline {
     /// rest computed.
     async fn resolve(&self, chunk: &[Option<String>]) -> Result<Vec<f32>, IngestError> {
         let dim = self.dim();
+        // A request of few rows does not queue behind bulk work.
+        let fast = chunk.len() <= self.config.fast_lane_rows;
+        let lane = if fast { Lane::Fast } else { Lane::Bulk };
         let mut out = vec![0.0f32; chunk.len() * dim];
         // Unique texts of the chunk and the rows that carry each.
         let mut unique: Vec<Unique> = Vec::new();
@@ -401,10 +406,10 @@ impl Pipeline {
             let mut promoted = Vec::new();
             match &self.shared {
                 Some(shared) => {
-                    self.resolve_shared(shared, &mine, &mut out, &mut inserts, &mut promoted)
+                    self.resolve_shared(lane, shared, &mine, &mut out, &mut inserts, &mut promoted)
                         .await?
                 }
-                None => self.compute(&mine, &mut out, &mut inserts).await?,
+                None => self.compute(lane, &mine, &mut out, &mut inserts).await?,
             }
             inserts.append(&mut promoted);
             self.insert_l1(inserts.clone()).await?;
@@ -427,7 +432,8 @@ impl Pipeline {
             }
             if !fallback.is_empty() {
                 let mut computed = Vec::with_capacity(fallback.len());
-                self.compute(&fallback, &mut out, &mut computed).await?;
+                self.compute(lane, &fallback, &mut out, &mut computed)
+                    .await?;
                 if let Some(shared) = &self.shared {
                     shared.put(&computed).await;
                 }
