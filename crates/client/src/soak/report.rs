@@ -117,7 +117,10 @@ pub fn memory_bound(settings: &Settings, model_bytes: u64, spec: &ModelSpec) -> 
     2 * model_bytes
         + 64 * 1024 * 1024
         + settings.cache.max_bytes
-        + settings.ingest.max_in_flight_rows as u64 * row
+        + (settings.ingest.max_in_flight_rows
+            + settings.ingest.fast_lane_rows * keel_engine::ingest::pipeline::FAST_LANE_REQUESTS)
+            as u64
+            * row
         + passes
 }
 

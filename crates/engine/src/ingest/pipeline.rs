@@ -50,6 +50,10 @@ pub struct IngestCounters {
     pub rejected_streams: AtomicU64,
 }
 
+/// Requests of the fast lane in flight at once, beyond `ingest.max_in_flight_rows`: their
+/// rows (at most `fast_lane_rows` each) have permits of their own.
+pub const FAST_LANE_REQUESTS: usize = 32;
+
 /// Permits for rows in flight; dropping it releases them.
 pub struct InFlight {
     _permit: OwnedSemaphorePermit,
@@ -69,6 +73,9 @@ pub struct Pipeline {
     cache: Option<Addr<CacheActor>>,
     embedder: EmbedderHandle,
     permits: Arc<Semaphore>,
+    /// The fast lane's own rows in flight ([`FAST_LANE_REQUESTS`] requests of at most
+    /// `fast_lane_rows`): a query never queues behind a bulk stream's admission.
+    fast_permits: Arc<Semaphore>,
     config: IngestConfig,
     counters: Arc<IngestCounters>,
     /// Set by the supervisor while RSS is above the hard watermark: each row then takes
@@ -96,6 +103,7 @@ impl Pipeline {
         Self {
             pressure,
             permits: Arc::new(Semaphore::new(config.max_in_flight_rows)),
+            fast_permits: Arc::new(Semaphore::new(config.fast_lane_rows * FAST_LANE_REQUESTS)),
             key_model: embedder.model_id().to_string(),
             cache,
             embedder,
@@ -135,6 +143,16 @@ impl Pipeline {
 
     /// Permits for `rows` rows: twice as many under memory pressure, so that half as
     /// many rows are admitted.
+    /// The semaphore `rows` rows are admitted through: the fast lane's for a request of few
+    /// rows, else the bound every stream shares.
+    fn semaphore_for(&self, rows: usize) -> &Arc<Semaphore> {
+        if rows <= self.config.fast_lane_rows {
+            &self.fast_permits
+        } else {
+            &self.permits
+        }
+    }
+
     fn permits_for(&self, rows: usize) -> (u32, u32) {
         let rows = rows.min(self.config.max_in_flight_rows) as u32;
         let permits = if self.pressure.load(Ordering::Relaxed) {
@@ -162,7 +180,7 @@ impl Pipeline {
         let (rows, permits) = self.permits_for(rows);
         let waited = std::time::Instant::now();
         let permit = self
-            .permits
+            .semaphore_for(rows as usize)
             .clone()
             .acquire_many_owned(permits)
             .await
@@ -176,7 +194,11 @@ impl Pipeline {
     /// Admits `rows` if there is room now; `ResourceExhausted` if not.
     pub fn try_admit(&self, rows: usize) -> Result<InFlight, IngestError> {
         let (rows, permits) = self.permits_for(rows);
-        match self.permits.clone().try_acquire_many_owned(permits) {
+        match self
+            .semaphore_for(rows as usize)
+            .clone()
+            .try_acquire_many_owned(permits)
+        {
             Ok(permit) => Ok(self.in_flight(permit, rows)),
             Err(TryAcquireError::Closed) => Err(IngestError::Unavailable(
                 "the server is shutting down".into(),
@@ -197,6 +219,7 @@ impl Pipeline {
     /// Stops admitting rows: waiting and future `admit`s fail with `Unavailable`.
     pub fn close(&self) {
         self.permits.close();
+        self.fast_permits.close();
     }
 
     /// Vectors for `texts` (a slice: `rows × dim`, zeros where the text is null) and the
