@@ -29,30 +29,19 @@ sys.path.insert(0, os.path.join(ROOT, "python"))
 sys.path.insert(0, os.path.join(ROOT, "tests", "python"))
 from keel_client import KeelClient  # noqa: E402
 from test_flight import free_port, start_redis  # noqa: E402
+from keel_client.local import LocalKeel  # noqa: E402
 
 
 def start_keel(binary, workdir, name, redis_url=None, cache_bytes=None):
-    port = free_port()
-    env = dict(os.environ, KEEL_SERVER__LISTEN=f"127.0.0.1:{port}",
-               KEEL_STORAGE__DATA_DIR=os.path.join(workdir, name),
-               KEEL_EMBEDDER__MODEL_DIR=os.path.join(ROOT, "models/all-MiniLM-L6-v2"),
-               KEEL_METRICS__ENABLED="false", RUST_LOG="warn")
+    env = {"KEEL_EMBEDDER__MODEL_DIR": os.path.join(ROOT, "models/all-MiniLM-L6-v2"),
+           "KEEL_METRICS__ENABLED": "false", "RUST_LOG": "warn"}
     if redis_url:
         env["KEEL_CACHE__SHARED__URL"] = redis_url
     if cache_bytes is not None:
         env["KEEL_CACHE__MAX_BYTES"] = str(cache_bytes)
-    proc = subprocess.Popen([binary, "serve", "--config", os.path.join(ROOT, "configs/default.yaml")],
-                            env=env)
-    client = KeelClient(f"grpc://127.0.0.1:{port}", timeout=600)
-    deadline = time.time() + 120
-    while True:
-        try:
-            client.health()
-            return proc, client
-        except Exception:  # noqa: BLE001 - not up yet
-            if proc.poll() is not None or time.time() > deadline:
-                raise
-            time.sleep(0.2)
+    keel = LocalKeel(binary, config=os.path.join(ROOT, "configs/default.yaml"),
+                     data_dir=os.path.join(workdir, name), env=env, timeout=120)
+    return keel.proc, KeelClient(keel.address, timeout=600)
 
 
 def texts(tag, n):

@@ -17,8 +17,8 @@ idle, p99 <= 4x the model's time plus one pass loaded, and bulk throughput down 
 import argparse
 import json
 import os
-import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -28,28 +28,14 @@ import pyarrow.flight as flight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEEL = os.path.join(ROOT, "target/release/keel")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, os.path.join(ROOT, "python"))
+from keel_client.local import LocalKeel  # noqa: E402
 
 
 def serve(data_dir, extra_env):
-    port = free_port()
-    env = dict(os.environ, KEEL_SERVER__LISTEN=f"127.0.0.1:{port}", KEEL_METRICS__ENABLED="false",
-               KEEL_STORAGE__DATA_DIR=data_dir, **extra_env)
-    proc = subprocess.Popen([KEEL, "serve", "--config", os.path.join(ROOT, "configs/default.yaml")],
-                            env=env, stderr=subprocess.DEVNULL)
-    client = flight.connect(f"grpc://127.0.0.1:{port}")
-    for _ in range(600):
-        try:
-            list(client.do_action(flight.Action("health", b"")))
-            return proc, port
-        except flight.FlightUnavailableError:
-            time.sleep(0.1)
-    raise RuntimeError("server did not start")
+    keel = LocalKeel(KEEL, config=os.path.join(ROOT, "configs/default.yaml"), data_dir=data_dir,
+                     env={"KEEL_METRICS__ENABLED": "false", **extra_env}, stderr=subprocess.DEVNULL)
+    return keel.proc, keel.port
 
 
 def action(client, kind, body=b""):

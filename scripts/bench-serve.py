@@ -6,34 +6,21 @@ Starts the release binary on a free port, then measures:
   unique:  the variant texts made distinct (4 copies) with the cache disabled, rows/s — and `keel embed`
            on the same texts in the same run, for the ratio.
 """
-import argparse, os, socket, subprocess, sys, threading, time
+import argparse, os, subprocess, sys, threading, time
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEEL = os.path.join(ROOT, "target/release/keel")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, os.path.join(ROOT, "python"))
+from keel_client.local import LocalKeel  # noqa: E402
 
 
 def serve(extra_env):
-    port = free_port()
-    env = dict(os.environ, KEEL_SERVER__LISTEN=f"127.0.0.1:{port}", **extra_env)
-    proc = subprocess.Popen([KEEL, "serve", "--config", os.path.join(ROOT, "configs/default.yaml")],
-                            env=env, stderr=subprocess.DEVNULL)
-    client = flight.connect(f"grpc://127.0.0.1:{port}")
-    for _ in range(300):
-        try:
-            list(client.do_action(flight.Action("health", b"")))
-            return proc, client
-        except flight.FlightUnavailableError:
-            time.sleep(0.1)
-    raise RuntimeError("server did not start")
+    keel = LocalKeel(KEEL, config=os.path.join(ROOT, "configs/default.yaml"),
+                     env=extra_env, stderr=subprocess.DEVNULL)
+    return keel.proc, flight.connect(keel.address)
 
 
 def exchange(client, table, chunk):

@@ -6,7 +6,8 @@
 
 `keel_client.ray.KeelEmbedder` embeds a Ray Dataset with `map_batches`;
 `keel_client.contract` holds the descriptors, action bodies and acknowledgements the
-server speaks (the mirror of its `keel_wire::contract`).
+server speaks (the mirror of its `keel_wire::contract`); `keel_client.local.LocalKeel`
+starts a `keel serve` on a free loopback port (tests, benchmarks, notebooks).
 """
 from . import contract
 from .client import KeelClient, KeelError

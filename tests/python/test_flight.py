@@ -16,14 +16,10 @@ import time
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from keel_client.local import LocalKeel, free_port  # noqa: F401 - free_port: for the other tests
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT = flight.FlightCallOptions(timeout=60)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_redis(port, workdir):
@@ -44,26 +40,11 @@ def start_redis(port, workdir):
 
 
 def start_server(binary, data_dir):
-    port = free_port()
-    env = dict(os.environ)
-    env.update({
-        "KEEL_SERVER__LISTEN": f"127.0.0.1:{port}",
-        "KEEL_STORAGE__DATA_DIR": data_dir,
-        "KEEL_EMBEDDER__MODEL_DIR": os.path.join(ROOT, "models/all-MiniLM-L6-v2"),
-        "KEEL_STORAGE__FLUSH_ROWS": "100",
-    })
-    proc = subprocess.Popen([binary, "serve", "--config", os.path.join(ROOT, "configs/default.yaml")],
-                            env=env, stderr=subprocess.PIPE, text=True)
-    client = flight.connect(f"grpc://127.0.0.1:{port}")
-    deadline = time.time() + 60
-    while True:
-        try:
-            list(client.do_action(flight.Action("health", b""), options=TIMEOUT))
-            return proc, client, port
-        except flight.FlightUnavailableError:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("keel serve did not come up:\n" + proc.stderr.read())
-            time.sleep(0.2)
+    """`keel serve` with configs/default.yaml on a free port (keel_client.local.LocalKeel)."""
+    keel = LocalKeel(binary, config=os.path.join(ROOT, "configs/default.yaml"), data_dir=data_dir,
+                     env={"KEEL_EMBEDDER__MODEL_DIR": os.path.join(ROOT, "models/all-MiniLM-L6-v2"),
+                          "KEEL_STORAGE__FLUSH_ROWS": "100"}, timeout=60)
+    return keel.proc, flight.connect(keel.address), keel.port
 
 
 def auth_and_tls(binary, check):

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_flight import ROOT, free_port, start_redis  # noqa: E402
+from keel_client.local import LocalKeel  # noqa: E402
 
 from keel_client import KeelClient  # noqa: E402
 
@@ -39,30 +40,19 @@ def check(name, cond, detail=""):
 
 
 def start_keel(binary, workdir, name, redis_url):
-    port = free_port()
-    env = dict(os.environ, KEEL_SERVER__LISTEN=f"127.0.0.1:{port}",
-               KEEL_STORAGE__DATA_DIR=os.path.join(workdir, name),
-               KEEL_EMBEDDER__MODEL_DIR=os.path.join(ROOT, "models/all-MiniLM-L6-v2"),
-               KEEL_METRICS__ENABLED="false", RUST_LOG="warn",
-               KEEL_CACHE__SHARED__URL=redis_url,
-               # A loaded 2-core machine runs Ray, three Keels and Redis: a slow lookup must
-               # stay a lookup (a timeout would embed the text again, and be counted).
-               KEEL_CACHE__SHARED__TIMEOUT_MS="5000",
-               # Each Keel is one replica of a fleet on a shared machine: one model each.
-               KEEL_EMBEDDER__CPU__WORKERS="1")
-    proc = subprocess.Popen([binary, "serve", "--config", os.path.join(ROOT, "configs/default.yaml")],
-                            env=env)
-    address = f"grpc://127.0.0.1:{port}"
-    client = KeelClient(address, timeout=60)
-    deadline = time.time() + 120
-    while True:
-        try:
-            client.health()
-            return proc, address
-        except Exception:  # noqa: BLE001 - not up yet
-            if proc.poll() is not None or time.time() > deadline:
-                raise
-            time.sleep(0.2)
+    keel = LocalKeel(binary, config=os.path.join(ROOT, "configs/default.yaml"),
+                     data_dir=os.path.join(workdir, name), timeout=120,
+                     env={"KEEL_EMBEDDER__MODEL_DIR": os.path.join(ROOT, "models/all-MiniLM-L6-v2"),
+                          "KEEL_METRICS__ENABLED": "false", "RUST_LOG": "warn",
+                          "KEEL_CACHE__SHARED__URL": redis_url,
+                          # A loaded 2-core machine runs Ray, three Keels and Redis: a slow
+                          # lookup must stay a lookup (a timeout would embed the text again,
+                          # and be counted).
+                          "KEEL_CACHE__SHARED__TIMEOUT_MS": "5000",
+                          # Each Keel is one replica of a fleet on a shared machine: one
+                          # model each.
+                          "KEEL_EMBEDDER__CPU__WORKERS": "1"})
+    return keel.proc, keel.address
 
 
 def reference(binary, texts):

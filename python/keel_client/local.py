@@ -1,0 +1,83 @@
+"""A `keel serve` on a free loopback port, started from a binary: for tests, benchmarks
+and notebooks.
+
+    from keel_client.local import LocalKeel
+    with LocalKeel("target/release/keel", env={"KEEL_CACHE__MAX_BYTES": "0"}) as keel:
+        KeelClient(keel.address).embed(table)
+
+The server reads `config` (default: none, the built-in defaults) plus `KEEL_*` variables;
+`env` adds or overrides them. It is up once its `health` action answers (a server with
+authentication on is up once it refuses a call without credentials).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from typing import IO, Mapping, Optional, Union
+
+import pyarrow.flight as flight
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalKeel:
+    """`keel serve` as a child process on 127.0.0.1:PORT; `stop()` (or leaving the `with`
+    block) sends SIGTERM and waits for it."""
+
+    def __init__(self, binary: str = "keel", *, config: Optional[str] = None,
+                 data_dir: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
+                 timeout: float = 120.0, stderr: Union[int, IO, None] = None) -> None:
+        self.port = free_port()
+        self.address = f"grpc://127.0.0.1:{self.port}"
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="keel-local-")
+        full_env = dict(os.environ)
+        full_env.update({"KEEL_SERVER__LISTEN": f"127.0.0.1:{self.port}",
+                         "KEEL_STORAGE__DATA_DIR": self.data_dir})
+        full_env.update(env or {})
+        args = [binary, "serve"] + (["--config", config] if config else [])
+        self.proc = subprocess.Popen(args, env=full_env, stderr=stderr)
+        self._wait(timeout)
+
+    def _wait(self, timeout: float) -> None:
+        client = flight.connect(self.address)
+        deadline = time.time() + timeout
+        options = flight.FlightCallOptions(timeout=10)
+        while True:
+            try:
+                list(client.do_action(flight.Action("health", b""), options=options))
+                return
+            except flight.FlightUnauthenticatedError:
+                return  # up, and asking for credentials
+            except (flight.FlightUnavailableError, flight.FlightTimedOutError, OSError):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"keel serve exited with {self.proc.returncode} before it "
+                                       "was up")
+                if time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"keel serve was not up within {timeout:.0f} s")
+                time.sleep(0.2)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, then the exit code (killed after `timeout`)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> "LocalKeel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
