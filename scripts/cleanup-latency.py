@@ -21,6 +21,7 @@ def main():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
     env = dict(os.environ, KEEL_SERVER__LISTEN=f"127.0.0.1:{port}", KEEL_METRICS__ENABLED="false",
+               KEEL_HTTP__ENABLED="false",
                KEEL_SUPERVISOR__ACT="false")
     proc = subprocess.Popen([KEEL, "serve", "--config", os.path.join(ROOT, "configs/default.yaml")],
                             env=env, stderr=subprocess.DEVNULL)

@@ -48,6 +48,7 @@ fn start(data_dir: &Path, port: u16) -> Server {
         )
         .env("KEEL_EMBEDDER__CPU__WORKERS", "2")
         .env("KEEL_METRICS__ENABLED", "false")
+        .env("KEEL_HTTP__ENABLED", "false")
         .env("KEEL_SERVER__SHUTDOWN_GRACE_MS", "30000")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())

@@ -183,6 +183,7 @@ fn a_log_written_to_a_pipe_is_plain_text_and_names_the_metrics_address() {
         .arg("serve")
         .env("KEEL_SERVER__LISTEN", "127.0.0.1:0")
         .env("KEEL_METRICS__LISTEN", "127.0.0.1:0")
+        .env("KEEL_HTTP__LISTEN", "127.0.0.1:0")
         .env("KEEL_STORAGE__DATA_DIR", data.path())
         .env(
             "KEEL_EMBEDDER__MODEL_DIR",

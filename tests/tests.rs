@@ -11,6 +11,7 @@ mod fleet;
 mod flight;
 #[cfg(feature = "gpu")]
 mod gpu;
+mod http;
 mod layout;
 mod memory;
 mod produce;

@@ -37,9 +37,13 @@ class LocalKeel:
                  timeout: float = 120.0, stderr: Union[int, IO, None] = None) -> None:
         self.port = free_port()
         self.address = f"grpc://127.0.0.1:{self.port}"
+        #: The HTTP front (OpenAI's embeddings API), on a free port of its own.
+        self.http_port = free_port()
+        self.http_address = f"http://127.0.0.1:{self.http_port}"
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="keel-local-")
         full_env = dict(os.environ)
         full_env.update({"KEEL_SERVER__LISTEN": f"127.0.0.1:{self.port}",
+                         "KEEL_HTTP__LISTEN": f"127.0.0.1:{self.http_port}",
                          "KEEL_STORAGE__DATA_DIR": self.data_dir})
         full_env.update(env or {})
         args = [binary, "serve"] + (["--config", config] if config else [])

@@ -211,7 +211,7 @@ port = free_port()
 addr = f"grpc://127.0.0.1:{port}"
 serve_env = dict(BASE_ENV, KEEL_SERVER__LISTEN=f"127.0.0.1:{port}", KEEL_EMBEDDER__BACKEND="wgpu",
                  KEEL_CACHE__MAX_BYTES="0", KEEL_STORAGE__DATA_DIR=os.path.join(WORK, "data"),
-                 KEEL_METRICS__ENABLED="false")
+                 KEEL_METRICS__ENABLED="false", KEEL_HTTP__ENABLED="false")
 if not DRY:
     serve_env["KEEL_EMBEDDER__GPU__MAX_BATCH_ROWS"] = "256"
 server_log = open(os.path.join(OUT, "serve.log"), "w")

@@ -19,6 +19,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let listen = settings.server.listen;
         let metrics = settings.metrics.clone();
+        let http = settings.http.clone();
         let running = app::start(settings)?;
         let listener = app::bind(listen).await?;
         let metrics = match metrics.enabled {
@@ -29,6 +30,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 Some(l)
             }
             false => None,
+        };
+        let running = match http.enabled {
+            true => {
+                let l = app::bind(http.listen).await?;
+                let address = l.local_addr()?;
+                tracing::info!(%address, "HTTP front on http://{address}/v1/embeddings");
+                running.with_http(l)
+            }
+            false => running,
         };
         tracing::info!(address = %listener.local_addr()?, "keel serving Arrow Flight");
         running.serve(listener, metrics, shutdown_signal()).await

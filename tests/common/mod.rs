@@ -21,6 +21,8 @@ pub struct TestServer {
     /// The settings it runs with.
     pub settings: Settings,
     pub metrics_addr: SocketAddr,
+    /// The HTTP front (OpenAI's embeddings API).
+    pub http_addr: SocketAddr,
     /// The server's storage.data_dir (held so that it is removed when the server drops).
     _data_dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
@@ -62,6 +64,11 @@ impl TestServer {
             .await
             .unwrap();
         let metrics_addr = metrics.local_addr().unwrap();
+        let http = keel_server::app::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let http_addr = http.local_addr().unwrap();
+        let running = running.with_http(http);
         let (stop, stopped) = oneshot::channel::<()>();
         let done = tokio::spawn(running.serve(listener, Some(metrics), async {
             let _ = stopped.await;
@@ -70,6 +77,7 @@ impl TestServer {
             addr,
             settings: kept,
             metrics_addr,
+            http_addr,
             _data_dir: data_dir,
             stop: Some(stop),
             done: Some(done),

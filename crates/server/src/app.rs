@@ -35,6 +35,8 @@ pub struct Running {
     sink_thread: std::thread::JoinHandle<()>,
     actix: actix::System,
     actix_thread: std::thread::JoinHandle<()>,
+    /// The HTTP front's listener, when it is served ([`Running::with_http`]).
+    http: Option<tokio::net::TcpListener>,
 }
 
 /// xxh3 of the model's weights file: part of every cache key.
@@ -189,14 +191,30 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         sink_thread,
         actix,
         actix_thread,
+        http: None,
     })
 }
 
 impl Running {
+    /// Also serves the HTTP front (OpenAI's embeddings API, TEI's `/embed`) on `listener`.
+    /// Not with `server.tls` (the front has no TLS of its own yet): a warning says so.
+    pub fn with_http(mut self, listener: tokio::net::TcpListener) -> Self {
+        let tls = &self.engine.settings.server.tls;
+        if tls.cert.is_some() {
+            tracing::warn!(
+                "the HTTP front is not served: server.tls is set and the front has no TLS of \
+                 its own yet (put a TLS proxy before it, or set http.enabled: false)"
+            );
+        } else {
+            self.http = Some(listener);
+        }
+        self
+    }
+
     /// Serves Flight on `listener` until `shutdown` resolves, then drains: no new streams,
     /// open streams get `server.shutdown_grace_ms` to finish, then everything stops.
     pub async fn serve(
-        self,
+        mut self,
         listener: tokio::net::TcpListener,
         metrics: Option<tokio::net::TcpListener>,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -221,6 +239,19 @@ impl Running {
         );
         let grace = std::time::Duration::from_millis(engine.settings.server.shutdown_grace_ms);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        // The HTTP front drains with Flight (its /health says 503 meanwhile), then stops.
+        let (http_stop, mut http_stopping) = tokio::sync::watch::channel(false);
+        let http_task = self.http.take().map(|l| {
+            let stopped = async move {
+                let _ = http_stopping.wait_for(|&stop| stop).await;
+            };
+            tokio::spawn(crate::http::serve(
+                l,
+                engine.clone(),
+                self.auth.clone(),
+                stopped,
+            ))
+        });
         // The standard gRPC health service (grpc.health.v1) on the same port, for
         // Kubernetes' gRPC probes: SERVING once the model is loaded and warm, NOT_SERVING
         // before and while draining. It needs no credentials (probes carry none).
@@ -246,6 +277,7 @@ impl Running {
             set_health(&health, ServingStatus::NotServing).await;
             // Give open streams their grace period, then stop the server.
             let _ = tokio::time::timeout(grace, closing_engine.streams_ended()).await;
+            let _ = http_stop.send(true);
             let _ = stop_tx.send(());
         });
         let mut builder = tonic::transport::Server::builder();
@@ -271,6 +303,13 @@ impl Running {
         if let Some(t) = metrics_task {
             t.abort();
         }
+        if let Some(t) = http_task {
+            match t.await {
+                Ok(Err(e)) => tracing::warn!(error = %e, "the HTTP front failed"),
+                Err(e) => tracing::warn!(error = %e, "the HTTP front's task failed"),
+                Ok(Ok(())) => {}
+            }
+        }
         // Stopping joins threads: do it off the async workers.
         tokio::task::spawn_blocking(move || self.stop())
             .await
@@ -287,6 +326,7 @@ impl Running {
             sink_thread,
             actix,
             actix_thread,
+            http: _,
         } = self;
         engine.pipeline.close();
         embedder.shutdown(std::time::Duration::from_secs(5));

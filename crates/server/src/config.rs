@@ -161,6 +161,38 @@ impl Default for MetricsConfig {
     }
 }
 
+/// `http:` section: the HTTP front (OpenAI's embeddings API, TEI's `/embed`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Serve the HTTP front beside Flight.
+    pub enabled: bool,
+    /// Address of the HTTP front.
+    pub listen: SocketAddr,
+    /// The model name clients send and get back (`model`); `None`: the model folder's name.
+    pub model_name: Option<String>,
+    /// Largest request body; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Most texts in one request (and never more than `ingest.max_in_flight_rows`).
+    pub max_inputs: usize,
+    /// A request that cannot be answered within this long (the engine saturated) gets 503
+    /// with `Retry-After`.
+    pub queue_timeout_ms: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "127.0.0.1:8080".parse().expect("a valid address"),
+            model_name: None,
+            max_body_bytes: 4 << 20,
+            max_inputs: 2048,
+            queue_timeout_ms: 30_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
@@ -173,6 +205,7 @@ pub struct Settings {
     pub storage: StorageConfig,
     pub memory: MemoryConfig,
     pub metrics: MetricsConfig,
+    pub http: HttpConfig,
 }
 
 impl Settings {
@@ -214,6 +247,16 @@ impl Settings {
         self.supervisor.validate().map_err(anyhow::Error::msg)?;
         self.storage.validate().map_err(anyhow::Error::msg)?;
         self.memory.validate().map_err(anyhow::Error::msg)?;
+        let h = &self.http;
+        if h.max_inputs == 0 {
+            anyhow::bail!("http.max_inputs: must be at least 1");
+        }
+        if h.max_body_bytes < 1024 {
+            anyhow::bail!("http.max_body_bytes: {} is below 1 KiB", h.max_body_bytes);
+        }
+        if h.queue_timeout_ms == 0 {
+            anyhow::bail!("http.queue_timeout_ms: must be at least 1");
+        }
         let s = &self.server;
         if s.max_message_bytes < 1024 * 1024 {
             anyhow::bail!(
@@ -259,7 +302,7 @@ impl Settings {
 }
 
 /// Sections of [`Settings`], for telling configuration variables from others.
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "server",
     "auth",
     "ingest",
@@ -269,6 +312,7 @@ const SECTIONS: [&str; 9] = [
     "storage",
     "memory",
     "metrics",
+    "http",
 ];
 
 /// The `KEEL_<SECTION>__<KEY>` variables. Other `KEEL_*` variables belong to scripts and

@@ -9,6 +9,8 @@
 //!   auth, stream slots) and its typed stats;
 //! - [`flight`]: the Flight front end, one module per job (streams, datasets, actions,
 //!   auth, the error → gRPC status mapping);
+//! - [`http`]: the HTTP front (OpenAI's `/v1/embeddings`, TEI's `/embed`, `/health`,
+//!   `/info`) on the same engine;
 //! - [`metrics`]: the Prometheus endpoint (`/metrics`, `/health`, `/ready`).
 //!
 //! The actors live in `keel-engine`, the model in `keel-model`, the wire and text path
@@ -17,5 +19,6 @@
 pub mod app;
 pub mod config;
 pub mod flight;
+pub mod http;
 pub mod metrics;
 pub mod state;

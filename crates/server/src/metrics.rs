@@ -209,6 +209,26 @@ fn describe() {
         Unit::Count,
         "Rows a dataset's index covers (later rows are scanned exactly)."
     );
+    describe_counter!(
+        "keel_http_requests_total",
+        Unit::Count,
+        "HTTP front requests by route."
+    );
+    describe_counter!(
+        "keel_http_inputs_total",
+        Unit::Count,
+        "Texts embedded through the HTTP front, by route."
+    );
+    describe_counter!(
+        "keel_http_errors_total",
+        Unit::Count,
+        "HTTP front errors by status."
+    );
+    describe_histogram!(
+        "keel_http_request_seconds",
+        Unit::Seconds,
+        "Duration of an HTTP front request, by route."
+    );
     describe_histogram!(
         "keel_embed_pass_rows",
         Unit::Count,
