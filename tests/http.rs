@@ -180,7 +180,9 @@ async fn every_http_error_has_its_status_and_openai_shape() {
     let addr = server.http_addr;
     tokio::task::spawn_blocking(move || {
         let m = "all-MiniLM-L6-v2";
-        let cases: Vec<(&str, (u16, Value), u16, Option<&str>)> = vec![
+        // (what, the answer, the status expected, the `param` expected)
+        type Case<'a> = (&'a str, (u16, Value), u16, Option<&'a str>);
+        let cases: Vec<Case> = vec![
             (
                 "an unknown model",
                 post(
