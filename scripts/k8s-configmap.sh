@@ -19,6 +19,7 @@ data:
 HEAD
     sed -e 's|^  listen: 127.0.0.1:50051$|  listen: 0.0.0.0:50051|' \
         -e 's|^  listen: 127.0.0.1:9464$|  listen: 0.0.0.0:9464|' \
+        -e 's|^  listen: 127.0.0.1:8080$|  listen: 0.0.0.0:8080|' \
         -e 's|^  model_dir: models/all-MiniLM-L6-v2$|  model_dir: /models/all-MiniLM-L6-v2|' \
         -e 's|^  data_dir: data/datasets$|  data_dir: /var/lib/keel/data|' \
         -e 's|^    url: null$|    url: redis://keel-redis:6379/0|' \
