@@ -118,8 +118,7 @@ pub fn memory_bound(settings: &Settings, model_bytes: u64, spec: &ModelSpec) -> 
         + 64 * 1024 * 1024
         + settings.cache.max_bytes
         + (settings.ingest.max_in_flight_rows
-            + settings.ingest.fast_lane_rows * keel_engine::ingest::pipeline::FAST_LANE_REQUESTS)
-            as u64
+            + settings.ingest.fast_lane_rows * settings.ingest.fast_lane_requests) as u64
             * row
         + passes
 }

@@ -36,6 +36,9 @@ pub struct IngestConfig {
     /// to the embedder's fast lane: ahead of queued bulk work, at the next pass boundary.
     /// 0 turns the fast lane off.
     pub fast_lane_rows: usize,
+    /// Fast-lane requests in flight at once, admitted beyond `max_in_flight_rows` through
+    /// a reserve of their own (`fast_lane_rows` rows each); more wait for one to finish.
+    pub fast_lane_requests: usize,
     /// A new stream that finds no room: wait (`block`) or `ResourceExhausted` (`reject`).
     pub when_full: WhenFull,
     /// The vectors' number type when the command names none.
@@ -53,6 +56,7 @@ impl Default for IngestConfig {
             default_text_column: "text".into(),
             stream_parallelism: 8,
             fast_lane_rows: 8,
+            fast_lane_requests: 32,
             when_full: WhenFull::Block,
             default_precision: VectorPrecision::F32,
             default_dimensions: None,
@@ -73,6 +77,11 @@ impl IngestConfig {
         }
         if self.max_in_flight_rows > u32::MAX as usize {
             return Err("ingest.max_in_flight_rows: at most 4294967295".into());
+        }
+        if self.fast_lane_rows > 0 && self.fast_lane_requests == 0 {
+            return Err(
+                "ingest.fast_lane_requests: must be at least 1 while fast_lane_rows is on".into(),
+            );
         }
         if self.stream_parallelism == 0 {
             return Err("ingest.stream_parallelism: must be at least 1".into());

@@ -50,10 +50,6 @@ pub struct IngestCounters {
     pub rejected_streams: AtomicU64,
 }
 
-/// Requests of the fast lane in flight at once, beyond `ingest.max_in_flight_rows`: their
-/// rows (at most `fast_lane_rows` each) have permits of their own.
-pub const FAST_LANE_REQUESTS: usize = 32;
-
 /// Permits for rows in flight; dropping it releases them.
 pub struct InFlight {
     _permit: OwnedSemaphorePermit,
@@ -73,7 +69,7 @@ pub struct Pipeline {
     cache: Option<Addr<CacheActor>>,
     embedder: EmbedderHandle,
     permits: Arc<Semaphore>,
-    /// The fast lane's own rows in flight ([`FAST_LANE_REQUESTS`] requests of at most
+    /// The fast lane's own rows in flight (`fast_lane_requests` requests of at most
     /// `fast_lane_rows`): a query never queues behind a bulk stream's admission.
     fast_permits: Arc<Semaphore>,
     config: IngestConfig,
@@ -103,7 +99,9 @@ impl Pipeline {
         Self {
             pressure,
             permits: Arc::new(Semaphore::new(config.max_in_flight_rows)),
-            fast_permits: Arc::new(Semaphore::new(config.fast_lane_rows * FAST_LANE_REQUESTS)),
+            fast_permits: Arc::new(Semaphore::new(
+                config.fast_lane_rows * config.fast_lane_requests,
+            )),
             key_model: embedder.model_id().to_string(),
             cache,
             embedder,
