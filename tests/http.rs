@@ -274,6 +274,17 @@ async fn every_http_error_has_its_status_and_openai_shape() {
             json!({"inputs": long, "truncate": false}),
         );
         assert_eq!(status, 413, "{body}");
+        let fits = "gene ".repeat(200);
+        let (status, body) = post(
+            addr,
+            "/embed",
+            None,
+            json!({"inputs": [fits, "BRCA1"], "truncate": false}),
+        );
+        assert_eq!(
+            status, 200,
+            "texts within the limit pass truncate: false: {body}"
+        );
         let (status, _) = post(addr, "/embed", None, json!({"inputs": long}));
         assert_eq!(status, 200, "a long text is truncated like Flight's");
         let (status, body) = call(addr, "GET", "/health", None, b"");

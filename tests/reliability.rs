@@ -24,6 +24,7 @@ fn assert_within_bound(server: &TestServer, stats: &serde_json::Value) {
     let spec = keel_model::ModelSpec::from_dir(dir).unwrap();
     let bound = keel_client::soak::report::memory_bound(&server.settings, model, &spec);
     let peak = stats["peak_rss_bytes"].as_u64().unwrap();
+    eprintln!("peak RSS {peak} of the bound {bound}");
     assert!(peak <= bound, "peak RSS {peak} above the bound {bound}");
 }
 

@@ -240,6 +240,11 @@ impl SentenceModel {
         &self.device
     }
 
+    /// The model's tokenizer (clones share its vocabulary).
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
     pub fn spec(&self) -> &ModelSpec {
         &self.spec
     }

@@ -6,6 +6,7 @@
 //! tokens included, as sentence-transformers does.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use tokenizers::{Tokenizer, TruncationParams};
 
@@ -19,9 +20,10 @@ use crate::error::ModelError;
 /// 256th token could tokenize differently, and those are not sentences.
 const BYTES_PER_TOKEN_BOUND: usize = 101 * 4;
 
+/// Cloning shares the vocabulary (a few MB): every worker and the HTTP front read one.
 #[derive(Clone)]
 pub struct TextTokenizer {
-    inner: Tokenizer,
+    inner: Arc<Tokenizer>,
     max_len: usize,
     max_bytes: usize,
 }
@@ -52,7 +54,7 @@ impl TextTokenizer {
             });
         }
         Ok(Self {
-            inner,
+            inner: Arc::new(inner),
             max_len,
             max_bytes: max_len * BYTES_PER_TOKEN_BOUND,
         })
@@ -60,22 +62,29 @@ impl TextTokenizer {
 
     /// Token ids of one text, `[CLS]` … `[SEP]`, at most `max_seq_length` of them.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
-        let text = if text.len() > self.max_bytes {
+        self.encode_checked(text).map(|(ids, _)| ids)
+    }
+
+    /// Token ids as [`encode`](Self::encode) gives them, and whether the text was longer
+    /// than the model reads (and so was cut).
+    pub fn encode_checked(&self, text: &str) -> Result<(Vec<u32>, bool), ModelError> {
+        let (text, cut) = if text.len() > self.max_bytes {
             let mut end = self.max_bytes;
             while !text.is_char_boundary(end) {
                 end -= 1;
             }
-            &text[..end]
+            (&text[..end], true)
         } else {
-            text
+            (text, false)
         };
         let encoding = self
             .inner
             .encode_fast(text, true)
             .map_err(|e| ModelError::Encode(e.to_string()))?;
+        let cut = cut || !encoding.get_overflowing().is_empty();
         let mut ids = encoding.get_ids().to_vec();
         debug_assert!(ids.len() <= self.max_len);
         ids.truncate(self.max_len);
-        Ok(ids)
+        Ok((ids, cut))
     }
 }

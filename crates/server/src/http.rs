@@ -36,8 +36,7 @@ struct Front {
     config: HttpConfig,
     /// The served model's name (`http.model_name`, default the model folder's name).
     model: String,
-    /// Token counts for `usage` and TEI's `truncate: false`: the model's own tokenizer,
-    /// without its truncation (a text's full length is what `truncate: false` checks).
+    /// Token counts for `usage` and TEI's `truncate: false`: the embedder's own tokenizer.
     tokenizer: TextTokenizer,
     max_tokens: usize,
 }
@@ -125,8 +124,7 @@ pub async fn serve(
     let config = state.settings.http.clone();
     let model_dir = state.settings.embedder.model_dir.clone();
     let spec = ModelSpec::from_dir(&model_dir)?;
-    let tokenizer =
-        TextTokenizer::load(&model_dir.join("tokenizer.json"), 1 << 20, spec.vocab_size)?;
+    let tokenizer = state.pipeline.embedder().tokenizer().clone();
     let model = config.model_name.clone().unwrap_or_else(|| {
         model_dir
             .file_name()
@@ -271,14 +269,17 @@ impl Front {
         self.config.max_inputs.min(in_flight)
     }
 
-    /// Tokens of `text` in full, `[CLS]` and `[SEP]` included.
-    fn tokens(&self, text: &str) -> usize {
+    /// Tokens the model reads of `text`, `[CLS]` and `[SEP]` included (longer texts are
+    /// cut, as Flight's are).
+    fn read_tokens(&self, text: &str) -> usize {
         self.tokenizer.encode(text).map(|t| t.len()).unwrap_or(0)
     }
 
-    /// Tokens the model reads of `text` (longer texts are cut, as Flight's are).
-    fn read_tokens(&self, text: &str) -> usize {
-        self.tokens(text).min(self.max_tokens)
+    /// Whether `text` is longer than the model reads.
+    fn too_long(&self, text: &str) -> bool {
+        self.tokenizer
+            .encode_checked(text)
+            .is_ok_and(|(_, cut)| cut)
     }
 }
 
@@ -446,9 +447,7 @@ async fn tei_embed(State(front): State<Arc<Front>>, request: Request) -> Respons
         };
         let texts = checked(texts, front.max_inputs(), "inputs")?;
         if req.truncate == Some(false)
-            && let Some(long) = texts
-                .iter()
-                .position(|t| front.tokens(t) > front.max_tokens)
+            && let Some(long) = texts.iter().position(|t| front.too_long(t))
         {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,

@@ -54,7 +54,9 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender, select};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 
-use keel_model::{BatchLimits, DeviceMemory, ModelDevice, ModelError, SentenceModel};
+use keel_model::{
+    BatchLimits, DeviceMemory, ModelDevice, ModelError, SentenceModel, TextTokenizer,
+};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -231,6 +233,8 @@ pub struct EmbedderHandle {
     capacity: usize,
     dim: usize,
     model_id: Arc<str>,
+    /// The model's tokenizer, for token counts outside the workers (the HTTP front).
+    tokenizer: TextTokenizer,
     counters: Arc<EmbedderCounters>,
     workers: usize,
     devices: Arc<[ModelDevice]>,
@@ -280,6 +284,11 @@ impl EmbedderHandle {
 
     pub fn model_id(&self) -> &str {
         &self.model_id
+    }
+
+    /// The model's tokenizer (shared with the workers).
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
     }
 
     /// While a GPU worker is still running its start-up warm-up (compiling and autotuning
@@ -399,6 +408,7 @@ impl EmbedderWorkers {
             return Err(StartError("no embedder workers configured".into()));
         };
         let (dim, model_id) = (first.dim(), Arc::<str>::from(first.model_id()));
+        let tokenizer = first.tokenizer().clone();
         let capacity = queue_jobs.max(1);
         let (tx, jobs) = crossbeam_channel::unbounded::<Queued>();
         let (fast_tx, fast) = crossbeam_channel::unbounded::<Queued>();
@@ -457,6 +467,7 @@ impl EmbedderWorkers {
                 capacity,
                 dim,
                 model_id,
+                tokenizer,
                 counters: shared.counters,
                 workers,
                 devices: devices.into(),
