@@ -29,7 +29,7 @@ pub struct EmbedArgs {
     /// Model folder (overrides embedder.model_dir).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Where the model runs: cpu, wgpu or both (overrides embedder.backend).
+    /// Where the model runs: cpu, wgpu, vulkan or both (overrides embedder.backend).
     #[arg(long)]
     backend: Option<Backends>,
     /// Most texts in one forward pass (overrides embedder.cpu.max_batch_rows and
@@ -69,19 +69,19 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         e.cpu.workers = workers;
     }
     if let Some(precision) = args.precision {
-        let (cpu, gpu) = (e.backend != Backends::Wgpu, e.backend != Backends::Cpu);
+        let (cpu, gpu) = (e.uses_cpu(), e.uses_gpu());
         let mut applied = false;
         if cpu && precision.runs_on(Backend::Cpu) {
             e.cpu.precision = precision;
             applied = true;
         }
-        if gpu && precision.runs_on(Backend::Wgpu) {
+        if gpu && precision.runs_on(e.gpu_backend()) {
             e.gpu.precision = precision;
             applied = true;
         }
         if !applied {
             bail!(
-                "--precision {}: no backend in use computes in it (cpu: f32, bf16, int8; wgpu: f32, f16)",
+                "--precision {}: no backend in use computes in it (cpu: f32, bf16, int8; wgpu, vulkan: f32, f16)",
                 precision.name()
             );
         }

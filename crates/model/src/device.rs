@@ -22,6 +22,20 @@ pub enum Backend {
     /// burn's `wgpu` backend (WGSL kernels through the Vulkan, Metal or DX12 driver).
     /// Needs a binary built with the `gpu` feature (the default build).
     Wgpu,
+    /// burn's own SPIR-V kernels on the Vulkan driver, with cooperative-matrix (tensor core)
+    /// matmuls where the device has them. Needs a binary built with the `vulkan` feature and
+    /// a hardware GPU.
+    Vulkan,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Wgpu => "wgpu",
+            Backend::Vulkan => "vulkan",
+        }
+    }
 }
 
 /// What the model's matrix products, attention and GELU compute in.
@@ -48,7 +62,7 @@ impl Precision {
     pub fn runs_on(self, backend: Backend) -> bool {
         match self {
             Precision::F32 => true,
-            Precision::F16 => backend == Backend::Wgpu,
+            Precision::F16 => matches!(backend, Backend::Wgpu | Backend::Vulkan),
             Precision::Bf16 | Precision::Int8 => backend == Backend::Cpu,
         }
     }
@@ -73,7 +87,7 @@ impl std::str::FromStr for Precision {
             "bf16" => Ok(Self::Bf16),
             "int8" => Ok(Self::Int8),
             other => Err(format!(
-                "unknown precision {other:?} (f32; f16 on wgpu; bf16 or int8 on cpu)"
+                "unknown precision {other:?} (f32; f16 on wgpu or vulkan; bf16 or int8 on cpu)"
             )),
         }
     }
@@ -121,11 +135,8 @@ impl ModelDevice {
     pub fn open(backend: Backend, options: DeviceOptions) -> Result<Self, ModelError> {
         match backend {
             _ if !options.precision.runs_on(backend) => Err(ModelError::Precision(format!(
-                "the {} backend does not compute in {} (cpu: f32, bf16, int8; wgpu: f32, f16)",
-                match backend {
-                    Backend::Cpu => "cpu",
-                    Backend::Wgpu => "wgpu",
-                },
+                "the {} backend does not compute in {} (cpu: f32, bf16, int8; wgpu, vulkan: f32, f16)",
+                backend.name(),
                 options.precision.name()
             ))),
             Backend::Cpu => Ok(Self {
@@ -135,6 +146,7 @@ impl ModelDevice {
                 precision: options.precision,
             }),
             Backend::Wgpu => gpu::open(options),
+            Backend::Vulkan => vulkan::open(options),
         }
     }
 
@@ -270,7 +282,7 @@ mod gpu {
     /// kernels. Its optimizations are a process-wide registry that seals at the first
     /// operation on a GPU device, so one setting holds for every GPU model of a process:
     /// the first device opened decides, and a later one asking otherwise is refused.
-    fn set_fusion(on: bool) -> Result<(), ModelError> {
+    pub(super) fn set_fusion(on: bool) -> Result<(), ModelError> {
         static CHOSEN: std::sync::OnceLock<Result<bool, String>> = std::sync::OnceLock::new();
         let chosen = CHOSEN.get_or_init(|| {
             if !on {
@@ -311,12 +323,114 @@ mod gpu {
     }
 }
 
+/// burn's SPIR-V path: the device pinned to Vulkan, checked to compile SPIR-V (cubecl
+/// falls back to WGSL on a device without the Vulkan features its SPIR-V compiler needs,
+/// which would make `vulkan` a second name for `wgpu`).
+#[cfg(feature = "vulkan")]
+mod vulkan {
+    use burn::tensor::{Device, DeviceKind};
+    use cubecl::Runtime;
+    use cubecl::wgpu::{WgpuBackend, WgpuDevice, WgpuDeviceKind, WgpuRuntime};
+    use wgpu::{Backends, DeviceType, Instance, InstanceDescriptor};
+
+    use super::{Backend, DeviceOptions, ModelDevice, Precision};
+    use crate::error::ModelError;
+
+    pub(super) fn open(options: DeviceOptions) -> Result<ModelDevice, ModelError> {
+        let instance = Instance::new(InstanceDescriptor {
+            backends: Backends::VULKAN,
+            ..InstanceDescriptor::new_without_display_handle()
+        });
+        let adapters: Vec<wgpu::AdapterInfo> =
+            futures::executor::block_on(instance.enumerate_adapters(Backends::VULKAN))
+                .into_iter()
+                .map(|a| a.get_info())
+                .collect();
+        let describe = |a: &wgpu::AdapterInfo| format!("{}, {:?}, Vulkan", a.name, a.device_type);
+        let chosen = [
+            (DeviceType::DiscreteGpu, DeviceKind::DiscreteGpu(0), WgpuDeviceKind::DiscreteGpu(0)),
+            (DeviceType::IntegratedGpu, DeviceKind::IntegratedGpu(0), WgpuDeviceKind::IntegratedGpu(0)),
+            (DeviceType::VirtualGpu, DeviceKind::VirtualGpu(0), WgpuDeviceKind::VirtualGpu(0)),
+        ]
+        .into_iter()
+        .find_map(|(t, kind, wgpu_kind)| {
+            adapters
+                .iter()
+                .find(|a| a.device_type == t)
+                .map(|a| (kind, wgpu_kind, describe(a)))
+        });
+        // Software adapters are refused whatever `allow_software` says: burn's SPIR-V
+        // kernels abort the process on Mesa's lavapipe (the `wgpu` backend runs there).
+        let Some((kind, wgpu_kind, adapter)) = chosen else {
+            return Err(ModelError::DeviceUnfit(format!(
+                "the vulkan backend needs a hardware GPU on a Vulkan driver (found: {}); \
+                 a software adapter runs only the wgpu backend",
+                if adapters.is_empty() {
+                    "no Vulkan adapter".to_string()
+                } else {
+                    adapters.iter().map(describe).collect::<Vec<_>>().join("; ")
+                }
+            )));
+        };
+        super::gpu::set_fusion(options.fusion)?;
+        let client = WgpuRuntime::client(&WgpuDevice {
+            kind: wgpu_kind,
+            backend: WgpuBackend::Vulkan,
+        });
+        let compiler = client.name();
+        if compiler != "wgpu<spirv>" {
+            return Err(ModelError::DeviceUnfit(format!(
+                "{adapter}: the Vulkan driver lacks the features burn's SPIR-V compiler needs \
+                 (the runtime fell back to {compiler}); use backend: wgpu"
+            )));
+        }
+        let tensor_cores = !client.properties().features.matmul.cmma.is_empty();
+        let device = Device::vulkan(kind);
+        if options.precision == Precision::F16 && !device.supports_dtype(burn::tensor::DType::F16) {
+            return Err(ModelError::Precision(format!(
+                "the adapter {adapter} cannot compute in f16; use precision: f32"
+            )));
+        }
+        let adapter = format!(
+            "{adapter}, SPIR-V, {}",
+            if tensor_cores {
+                "cooperative matrices"
+            } else {
+                "no cooperative matrices"
+            }
+        );
+        tracing::info!(%adapter, fusion = options.fusion, "GPU adapter (vulkan)");
+        Ok(ModelDevice {
+            backend: Backend::Vulkan,
+            device,
+            adapter,
+            precision: options.precision,
+        })
+    }
+}
+
+#[cfg(not(feature = "vulkan"))]
+mod vulkan {
+    use super::{DeviceOptions, ModelDevice};
+    use crate::error::ModelError;
+
+    pub(super) fn open(_: DeviceOptions) -> Result<ModelDevice, ModelError> {
+        Err(ModelError::BackendUnavailable {
+            backend: "vulkan",
+            feature: "vulkan",
+        })
+    }
+}
+
 #[cfg(not(feature = "gpu"))]
 mod gpu {
     use super::{DeviceOptions, ModelDevice};
     use crate::error::ModelError;
 
     pub(super) fn open(_: DeviceOptions) -> Result<ModelDevice, ModelError> {
-        Err(ModelError::BackendUnavailable("wgpu".into()))
+        Err(ModelError::BackendUnavailable {
+            backend: "wgpu",
+            feature: "gpu",
+        })
     }
 }

@@ -44,8 +44,14 @@ pub enum ModelError {
     Precision(String),
     #[error("fusion: {0}")]
     Fusion(String),
-    #[error("backend {0:?} is not compiled into this binary (build with the `gpu` feature)")]
-    BackendUnavailable(String),
+    #[error("backend {backend:?} is not compiled into this binary (build it with `cargo build --release --features {feature}`)")]
+    BackendUnavailable {
+        backend: &'static str,
+        feature: &'static str,
+    },
+    /// The device cannot run the backend asked for; says what it lacks.
+    #[error("{0}")]
+    DeviceUnfit(String),
     #[error(
         "no usable GPU adapter (found: {}){}",
         if found.is_empty() { "none: is a Vulkan driver installed (libvulkan1 and the GPU vendor's ICD)?".to_string() } else { found.join("; ") },

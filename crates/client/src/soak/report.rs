@@ -105,7 +105,7 @@ pub fn memory_bound(settings: &Settings, model_bytes: u64, spec: &ModelSpec) -> 
             }
             // Activations live on the device; the host holds, per batch in the pipeline
             // and the one computing, the gathered embeddings, the mask and the output.
-            keel_model::Backend::Wgpu => {
+            keel_model::Backend::Wgpu | keel_model::Backend::Vulkan => {
                 workers
                     * (keel_engine::embedder::workers::PIPELINE_DEPTH as u64 + 1)
                     * (tokens * 4 * (hidden + 1) + tokens * longest)

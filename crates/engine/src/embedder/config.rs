@@ -20,9 +20,12 @@ pub enum Backends {
     /// Keel's own forward pass and kernels on the host's cores.
     #[default]
     Cpu,
-    /// burn's wgpu backend on the GPU.
+    /// burn's wgpu backend (WGSL) on the GPU.
     Wgpu,
-    /// GPU workers and CPU workers side by side, on one queue.
+    /// burn's SPIR-V kernels on the GPU's Vulkan driver, tensor cores where the device has
+    /// cooperative matrices (a binary built with the `vulkan` feature).
+    Vulkan,
+    /// GPU workers (wgpu) and CPU workers side by side, on one queue.
     Both,
 }
 
@@ -33,8 +36,11 @@ impl std::str::FromStr for Backends {
         match s {
             "cpu" => Ok(Self::Cpu),
             "wgpu" => Ok(Self::Wgpu),
+            "vulkan" => Ok(Self::Vulkan),
             "both" => Ok(Self::Both),
-            other => Err(format!("unknown backend {other:?} (cpu, wgpu or both)")),
+            other => Err(format!(
+                "unknown backend {other:?} (cpu, wgpu, vulkan or both)"
+            )),
         }
     }
 }
@@ -203,7 +209,7 @@ impl EmbedderConfig {
                 ),
             );
         }
-        if !gpu.precision.runs_on(Backend::Wgpu) {
+        if !gpu.precision.runs_on(self.gpu_backend()) {
             return bad(
                 "gpu.precision",
                 &format!(
@@ -236,21 +242,39 @@ impl EmbedderConfig {
         Ok(())
     }
 
-    /// Whether a worker group runs on the GPU.
     /// The arithmetic of each backend in use, for cache keys: `cpu=f32`, `wgpu=f16,cpu=f32`.
     pub fn precision_key(&self) -> String {
         let mut parts = Vec::new();
         if self.uses_gpu() {
-            parts.push(format!("wgpu={:?}", self.gpu.precision));
+            parts.push(format!(
+                "{}={:?}",
+                self.gpu_backend().name(),
+                self.gpu.precision
+            ));
         }
-        if self.backend != Backends::Wgpu {
+        if self.uses_cpu() {
             parts.push(format!("cpu={:?}", self.cpu.precision));
         }
         parts.join(",")
     }
 
+    /// Whether a worker group runs on the GPU.
     pub fn uses_gpu(&self) -> bool {
         self.backend != Backends::Cpu
+    }
+
+    /// Whether a worker group runs on the host's cores.
+    pub fn uses_cpu(&self) -> bool {
+        matches!(self.backend, Backends::Cpu | Backends::Both)
+    }
+
+    /// The GPU workers' backend: `vulkan` where asked for, else `wgpu`.
+    pub fn gpu_backend(&self) -> Backend {
+        if self.backend == Backends::Vulkan {
+            Backend::Vulkan
+        } else {
+            Backend::Wgpu
+        }
     }
 
     /// The worker groups to start, GPU first.
@@ -259,7 +283,7 @@ impl EmbedderConfig {
         if self.uses_gpu() {
             let g = &self.gpu;
             groups.push(WorkerGroup {
-                backend: Backend::Wgpu,
+                backend: self.gpu_backend(),
                 workers: g.workers,
                 threads_per_worker: 1,
                 limits: BatchLimits {
@@ -274,7 +298,7 @@ impl EmbedderConfig {
                 warm_up: g.warm_up,
             });
         }
-        if self.backend != Backends::Wgpu {
+        if self.uses_cpu() {
             let c = &self.cpu;
             groups.push(WorkerGroup {
                 backend: Backend::Cpu,
@@ -306,7 +330,7 @@ impl EmbedderConfig {
                         precision: self.cpu.precision,
                         ..DeviceOptions::default()
                     },
-                    Backend::Wgpu => DeviceOptions {
+                    Backend::Wgpu | Backend::Vulkan => DeviceOptions {
                         allow_software_gpu: self.gpu.allow_software,
                         precision: self.gpu.precision,
                         fusion: self.gpu.fusion,
