@@ -19,7 +19,6 @@ import os
 import platform
 import random
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -28,8 +27,15 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests", "python"))
-from test_flight import start_server  # noqa: E402
+from keel_client.local import LocalKeel  # noqa: E402
+
+
+def start_server(binary, data_dir):
+    """`keel serve` with configs/default.yaml on a free port."""
+    keel = LocalKeel(binary, config=os.path.join(ROOT, "configs/default.yaml"), data_dir=data_dir,
+                     env={"KEEL_EMBEDDER__MODEL_DIR": os.path.join(ROOT, "models/all-MiniLM-L6-v2"),
+                          "KEEL_STORAGE__FLUSH_ROWS": "100"}, timeout=60)
+    return keel.proc, flight.connect(keel.address), keel.port
 
 FORMATS = [("f32", None), ("f16", None), ("int8", None), ("binary", None), ("int8", 128),
            ("f32", 128)]

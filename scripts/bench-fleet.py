@@ -26,10 +26,8 @@ import pyarrow as pa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "python"))
-sys.path.insert(0, os.path.join(ROOT, "tests", "python"))
 from keel_client import KeelClient  # noqa: E402
-from test_flight import free_port, start_redis  # noqa: E402
-from keel_client.local import LocalKeel  # noqa: E402
+from keel_client.local import LocalKeel, free_port, start_redis  # noqa: E402
 
 
 def start_keel(binary, workdir, name, redis_url=None, cache_bytes=None):
@@ -127,8 +125,7 @@ def main():
     BINARY = args.binary
     work = tempfile.mkdtemp(prefix="keel-bench-fleet-")
     rport = free_port()
-    redis = start_redis(rport, work)
-    url = f"redis://127.0.0.1:{rport}/0"
+    redis, url = start_redis(work, rport)
     procs = []
     results = {"cold": [], "own": [], "shared": [], "lookup_ms": [], "lookup_max_ms": [],
                "alone_ms": [], "added_ms": [], "shared_warm": [], "down": [], "nocache": []}
@@ -183,7 +180,7 @@ def main():
             redis.kill()
             redis.wait()
             results["down"].append(rate(b, fresh))
-            redis = start_redis(rport, work)
+            redis, _ = start_redis(work, rport)
             started = time.time()
             probe = 0
             while True:

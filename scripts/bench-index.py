@@ -31,8 +31,15 @@ import pyarrow.flight as flight
 import pyarrow.parquet as pq
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests", "python"))
-from test_flight import start_server  # noqa: E402
+from keel_client.local import LocalKeel  # noqa: E402
+
+
+def start_server(binary, data_dir):
+    """`keel serve` with configs/default.yaml on a free port."""
+    keel = LocalKeel(binary, config=os.path.join(ROOT, "configs/default.yaml"), data_dir=data_dir,
+                     env={"KEEL_EMBEDDER__MODEL_DIR": os.path.join(ROOT, "models/all-MiniLM-L6-v2"),
+                          "KEEL_STORAGE__FLUSH_ROWS": "100"}, timeout=60)
+    return keel.proc, flight.connect(keel.address), keel.port
 
 _spec = importlib.util.spec_from_file_location("bench_compact", os.path.join(ROOT, "scripts", "bench-compact.py"))
 bench_compact = importlib.util.module_from_spec(_spec)

@@ -47,21 +47,20 @@ fi
 
 # pyarrow, the client Keel's users have, in a venv of its own, with Keel's own client
 # package (python/), grpcio's health checker, Ray Data (the fleet test) and OpenAI's own
-# Python client (the HTTP front's test).
+# Python client (the HTTP front's test), under pytest.
 venv="${KEEL_TEST_VENV:-$root/.cache/venv}"
-if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import pyarrow.flight, numpy, grpc_health, ray.data, openai" 2>/dev/null; then
+if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import pyarrow.flight, numpy, grpc_health, ray.data, openai, pytest" 2>/dev/null; then
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "pyarrow>=20" numpy grpcio-health-checking "ray[data]>=2.9" "openai==3.60.0"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "pyarrow>=20" numpy grpcio-health-checking "ray[data]>=2.9" "openai==3.60.0" "pytest>=8"
 fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --force-reinstall ./python
 # The integration tests built target/release/keel already (with the test build's feature
 # set); a plain `cargo build` here would rebuild burn with another one.
 [[ -x target/release/keel ]] || cargo build --release --features gpu --all-targets --quiet
-"$venv/bin/python" tests/python/test_flight.py "$root/target/release/keel"
-"$venv/bin/python" tests/python/test_client.py "$root/target/release/keel"
-"$venv/bin/python" tests/python/test_http.py "$root/target/release/keel"
-# A 3-node local Ray cluster, one Keel per node, one shared redis-server.
-"$venv/bin/python" tests/python/test_ray.py "$root/target/release/keel"
+# pyarrow.flight, the client package (two servers, failover), the HTTP front with OpenAI's
+# client, and a 3-node local Ray cluster with one Keel per node and one shared redis-server;
+# tests/python/conftest.py starts each server.
+"$venv/bin/python" -m pytest tests/python --keel "$root/target/release/keel"
 
 # The quick soak: memory flat, cache bounded, bursts recovered, cleanups fast. Fails the
 # run if a criterion fails (reports in reports/quick-*).

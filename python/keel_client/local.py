@@ -6,7 +6,8 @@ and notebooks.
         KeelClient(keel.address).embed(table)
 
 The server reads `config` (default: none, the built-in defaults) plus `KEEL_*` variables;
-`env` adds or overrides them. It is up once its `health` action answers (a server with
+`env` adds or overrides them; `tls_cert`/`tls_key` (PEM files) serve TLS on
+`grpc+tls://localhost:PORT`. It is up once its `health` action answers (a server with
 authentication on is up once it refuses a call without credentials).
 """
 from __future__ import annotations
@@ -34,9 +35,13 @@ class LocalKeel:
 
     def __init__(self, binary: str = "keel", *, config: Optional[str] = None,
                  data_dir: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
-                 timeout: float = 120.0, stderr: Union[int, IO, None] = None) -> None:
+                 timeout: float = 120.0, stderr: Union[int, IO, None] = None,
+                 tls_cert: Optional[str] = None, tls_key: Optional[str] = None) -> None:
         self.port = free_port()
-        self.address = f"grpc://127.0.0.1:{self.port}"
+        #: PEM bytes of the server's certificate where it serves TLS (`tls_cert`).
+        self.tls_root_certs = open(tls_cert, "rb").read() if tls_cert else None
+        self.address = (f"grpc+tls://localhost:{self.port}" if tls_cert
+                        else f"grpc://127.0.0.1:{self.port}")
         #: The HTTP front (OpenAI's embeddings API), on a free port of its own.
         self.http_port = free_port()
         self.http_address = f"http://127.0.0.1:{self.http_port}"
@@ -45,13 +50,21 @@ class LocalKeel:
         full_env.update({"KEEL_SERVER__LISTEN": f"127.0.0.1:{self.port}",
                          "KEEL_HTTP__LISTEN": f"127.0.0.1:{self.http_port}",
                          "KEEL_STORAGE__DATA_DIR": self.data_dir})
+        if tls_cert:
+            full_env.update({"KEEL_SERVER__TLS__CERT": tls_cert, "KEEL_SERVER__TLS__KEY": tls_key or ""})
         full_env.update(env or {})
         args = [binary, "serve"] + (["--config", config] if config else [])
         self.proc = subprocess.Popen(args, env=full_env, stderr=stderr)
         self._wait(timeout)
 
+    def connect(self) -> flight.FlightClient:
+        """A pyarrow Flight client of this server (trusting its certificate under TLS)."""
+        if self.tls_root_certs:
+            return flight.connect(self.address, tls_root_certs=self.tls_root_certs)
+        return flight.connect(self.address)
+
     def _wait(self, timeout: float) -> None:
-        client = flight.connect(self.address)
+        client = self.connect()
         deadline = time.time() + timeout
         options = flight.FlightCallOptions(timeout=10)
         while True:
@@ -85,3 +98,23 @@ class LocalKeel:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def start_redis(workdir: str, port: Optional[int] = None) -> "tuple[subprocess.Popen, str]":
+    """A `redis-server` (Keel's shared cache, `cache.shared.url`) on a loopback port with no
+    persistence, files in `workdir`; returns the process and its URL once it answers PING."""
+    port = port or free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("redis-server did not start (is it installed? apt-get install redis-server)")
+            time.sleep(0.05)

@@ -1,33 +1,39 @@
 """The Python client package (python/, `pip install ./python`) against real Keel servers,
-and the standard gRPC health service through grpcio-health-checking. Run by
-scripts/test.sh:
-    python tests/python/test_client.py target/release/keel
-"""
-import os
-import sys
-import tempfile
+and the standard gRPC health service through grpcio-health-checking."""
 import threading
 import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_flight import ROOT, start_server  # noqa: E402
+from keel_client import KeelClient, KeelError
+from keel_client import contract
 
-from keel_client import KeelClient, KeelError  # noqa: E402
-from keel_client import contract  # noqa: E402
-
-failures = []
+TEXTS = [f"GENE{i % 23} chr2:{1000 + i} C>T missense_variant" for i in range(600)]
+TABLE = pa.table({"id": list(range(600)), "text": TEXTS})
 
 
-def check(name, cond, detail=""):
-    print(("ok   " if cond else "FAIL ") + name)
-    if not cond:
-        failures.append(name)
-        if detail:
-            print("     ", str(detail)[:800])
+@pytest.fixture(scope="module")
+def servers(start_keel):
+    """Two servers: the second is killed by the last test of this module."""
+    return start_keel(), start_keel()
+
+
+@pytest.fixture(scope="module")
+def address(servers):
+    return servers[0].address
+
+
+@pytest.fixture(scope="module")
+def client(address):
+    return KeelClient(address, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def embedded(client):
+    return client.embed(TABLE)
 
 
 def vectors(table):
@@ -35,125 +41,97 @@ def vectors(table):
     return col.values.to_numpy().reshape(len(col), -1)
 
 
-def grpc_health(port):
+def test_embed_returns_every_row_in_order_at_unit_length(embedded):
+    assert embedded.num_rows == 600 and embedded.column("id").to_pylist() == list(range(600))
+    assert embedded.schema.field("embedding").type.list_size == 384
+    assert np.allclose(np.linalg.norm(vectors(embedded), axis=1), 1.0, atol=1e-4)
+
+
+def test_a_template_embeds_the_text_it_renders(client):
+    templ = client.embed(pa.table({"gene": ["BRCA1", "TP53"], "pos": [41245000, 7673000]}),
+                         template="{gene} {pos}")
+    plain = client.embed(pa.table({"text": ["BRCA1 41245000", "TP53 7673000"]}))
+    assert np.allclose(vectors(templ), vectors(plain), atol=1e-6)
+
+
+def test_parquet_paths_in_and_out(client, embedded, tmp_path):
+    src = tmp_path / "in.parquet"
+    pq.write_table(TABLE.rename_columns(["id", "description"]), src)
+    v = vectors(embedded)
+    assert np.allclose(vectors(client.embed(str(src), text_column="description")), v, atol=1e-6)
+    dst = tmp_path / "out.parquet"
+    n = client.embed_to_parquet(str(src), str(dst), text_column="description", chunk_rows=250)
+    assert n == 600 and np.allclose(vectors(pq.read_table(dst)), v, atol=1e-6)
+
+
+def test_a_missing_text_column_raises_keel_error_with_the_servers_message(client, address):
+    with pytest.raises(KeelError) as e:
+        client.embed(pa.table({"other": ["x"]}))
+    assert "not found" in str(e.value) and e.value.code == "InvalidArgument", (e.value.code, str(e.value))
+    assert e.value.address == address
+
+
+def test_int8_of_the_first_128_dimensions_as_documented(address, embedded):
+    compact = KeelClient(address, timeout=120, precision="int8", dimensions=128).embed(TABLE.slice(0, 10))
+    assert compact.schema.field("embedding").type.value_type == pa.int8()
+    q = compact.column("embedding").combine_chunks().values.to_numpy().reshape(10, 128)
+    deq = q * compact.column("embedding_scale").to_numpy()[:, None]
+    v = vectors(embedded)
+    cut = v[:10, :128] / np.linalg.norm(v[:10, :128], axis=1, keepdims=True)
+    cos = np.sum(deq * cut, axis=1) / np.linalg.norm(deq, axis=1)
+    assert cos.min() > 0.999, cos.min()
+
+
+def test_binary_vectors_are_the_signs_read_as_docs_flight_shows(address, embedded):
+    result = KeelClient(address, timeout=120, precision="binary").embed(TABLE.slice(0, 10))
+    emb = result.column("embedding").combine_chunks()
+    d = int(result.schema.field("embedding").metadata[b"keel.dimensions"])
+    bits = np.frombuffer(emb.buffers()[1], np.uint8).reshape(len(emb), -1)
+    signs = np.unpackbits(bits, axis=1)[:, :d].astype(np.float32) * 2 - 1
+    assert d == 384
+    assert np.array_equal(signs, np.where(vectors(embedded)[:10] > 0, 1.0, -1.0))
+
+
+def test_put_read_and_search_with_the_contracts_types(client, address):
+    assert client.put(TABLE.slice(0, 100), "pyclient") == 100
+    back = client.read("pyclient")
+    assert back.num_rows == 100 and "embedding" in back.column_names
+    found = client.action("search", {"dataset": "pyclient", "text": TEXTS[5], "k": 3})
+    assert found["results"][0]["text"] == TEXTS[5], found
+    typed = client.action("search", contract.body(
+        contract.SearchRequest(dataset="pyclient", text=TEXTS[5], k=3, mode="exact")))
+    assert typed["mode"] == "exact" and typed["results"][0]["text"] == TEXTS[5], typed
+    listed = tuple(a.type for a in client._client(address).list_actions())
+    assert sorted(listed) == sorted(contract.ACTIONS), listed
+
+
+def test_grpc_health_says_serving(servers):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with grpc.insecure_channel(f"127.0.0.1:{servers[0].port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        return {service: health_pb2.HealthCheckResponse.ServingStatus.Name(
-                    stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status)
-                for service in ("", "arrow.flight.protocol.FlightService")}
+        status = {service: health_pb2.HealthCheckResponse.ServingStatus.Name(
+                      stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status)
+                  for service in ("", "arrow.flight.protocol.FlightService")}
+    assert status == {"": "SERVING", "arrow.flight.protocol.FlightService": "SERVING"}, status
 
 
-def main(binary):
-    work = tempfile.mkdtemp(prefix="keel-pyclient-")
-    os.environ["KEEL_METRICS__ENABLED"] = "false"  # two servers: no shared metrics port
-    servers = [start_server(binary, os.path.join(work, f"data{i}")) for i in range(2)]
-    (proc_a, _, port_a), (proc_b, _, port_b) = servers
-    a, b = f"grpc://127.0.0.1:{port_a}", f"grpc://127.0.0.1:{port_b}"
-    try:
-        client = KeelClient(a, timeout=120)
-        texts = [f"GENE{i % 23} chr2:{1000 + i} C>T missense_variant" for i in range(600)]
-        table = pa.table({"id": list(range(600)), "text": texts})
-        out = client.embed(table)
-        check("embed returns every row in order with its embedding",
-              out.num_rows == 600 and out.column("id").to_pylist() == list(range(600))
-              and out.schema.field("embedding").type.list_size == 384)
-        v = vectors(out)
-        check("vectors are unit length", np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-4))
+def test_two_servers_share_a_table_and_one_killed_mid_run_loses_nothing(servers, client, embedded):
+    a, b = servers
+    fleet = KeelClient([a.address, b.address], timeout=120, batch_rows=100)
+    both = fleet.embed(TABLE)
+    assert both.column("id").to_pylist() == list(range(600))
+    assert np.allclose(vectors(both), vectors(embedded), atol=1e-6)
+    served = [client.stats(address=x.address)["rows"] for x in servers]
+    assert all(s > 0 for s in served), served
 
-        templ = client.embed(pa.table({"gene": ["BRCA1", "TP53"], "pos": [41245000, 7673000]}),
-                             template="{gene} {pos}")
-        plain = client.embed(pa.table({"text": ["BRCA1 41245000", "TP53 7673000"]}))
-        check("a template embeds the text it renders",
-              np.allclose(vectors(templ), vectors(plain), atol=1e-6))
-
-        src = os.path.join(work, "in.parquet")
-        pq.write_table(table.rename_columns(["id", "description"]), src)
-        from_file = client.embed(src, text_column="description")
-        check("a Parquet path with text_column", np.allclose(vectors(from_file), v, atol=1e-6))
-        dst = os.path.join(work, "out.parquet")
-        n = client.embed_to_parquet(src, dst, text_column="description", chunk_rows=250)
-        check("embed_to_parquet writes every row",
-              n == 600 and np.allclose(vectors(pq.read_table(dst)), v, atol=1e-6))
-
-        try:
-            client.embed(pa.table({"other": ["x"]}))
-            check("a missing text column raises KeelError", False)
-        except KeelError as e:
-            check("a missing text column raises KeelError with the server's message",
-                  "not found" in str(e) and e.code == "InvalidArgument" and e.address == a,
-                  (e.code, str(e)))
-
-        compact = KeelClient(a, timeout=120, precision="int8", dimensions=128).embed(table.slice(0, 10))
-        q = compact.column("embedding").combine_chunks().values.to_numpy().reshape(10, 128)
-        deq = q * compact.column("embedding_scale").to_numpy()[:, None]
-        cut = v[:10, :128] / np.linalg.norm(v[:10, :128], axis=1, keepdims=True)
-        cos = np.sum(deq * cut, axis=1) / np.linalg.norm(deq, axis=1)
-        check("precision and dimensions: int8 of the first 128 dimensions, as documented",
-              compact.schema.field("embedding").type.value_type == pa.int8() and cos.min() > 0.999,
-              cos.min())
-
-        # binary, read back the way docs/FLIGHT.md shows
-        result = KeelClient(a, timeout=120, precision="binary").embed(table.slice(0, 10))
-        emb = result.column("embedding").combine_chunks()
-        d = int(result.schema.field("embedding").metadata[b"keel.dimensions"])
-        bits = np.frombuffer(emb.buffers()[1], np.uint8).reshape(len(emb), -1)
-        signs = np.unpackbits(bits, axis=1)[:, :d].astype(np.float32) * 2 - 1
-        check("binary vectors are the signs of the f32 ones (numpy unpackbits order)",
-              d == 384 and np.array_equal(signs, np.where(v[:10] > 0, 1.0, -1.0)))
-
-        rows = client.put(table.slice(0, 100), "pyclient")
-        check("put stores the rows durably", rows == 100, rows)
-        back = client.read("pyclient")
-        check("read returns the dataset", back.num_rows == 100 and "embedding" in back.column_names)
-        found = client.action("search", {"dataset": "pyclient", "text": texts[5], "k": 3})
-        check("search through the client", found["results"][0]["text"] == texts[5], found)
-        typed = client.action("search", contract.body(
-            contract.SearchRequest(dataset="pyclient", text=texts[5], k=3, mode="exact")))
-        check("a search built from the contract's SearchRequest",
-              typed["mode"] == "exact" and typed["results"][0]["text"] == texts[5], typed)
-        listed = tuple(a.type for a in client._client(a).list_actions())
-        check("the contract's ACTIONS are the server's ListActions",
-              sorted(listed) == sorted(contract.ACTIONS), listed)
-
-        # Two servers: the table split over both, every row once; then one goes away
-        # mid-run and its slices go to the other.
-        fleet = KeelClient([a, b], timeout=120, batch_rows=100)
-        both = fleet.embed(table)
-        check("a spread over two servers keeps every row once, in order",
-              both.column("id").to_pylist() == list(range(600))
-              and np.allclose(vectors(both), v, atol=1e-6))
-        served = [client.stats(address=x)["rows"] for x in (a, b)]
-        check("both servers took part", all(s > 0 for s in served), served)
-
-        big = pa.table({"id": list(range(6000)),
-                        "text": [f"failover row {i} GENE{i % 31}" for i in range(6000)]})
-        killer = threading.Timer(1.0, proc_b.kill)
-        killer.start()
-        started = time.time()
-        survived = fleet.embed(big)
-        killer.join()
-        check("a server killed mid-run: every row comes back once",
-              survived.column("id").to_pylist() == list(range(6000)),
-              f"{survived.num_rows} rows in {time.time() - started:.1f} s")
-        check("failover rows match the surviving server's",
-              np.allclose(vectors(survived)[:5], vectors(client.embed(big.slice(0, 5))), atol=1e-6))
-
-        status = grpc_health(port_a)
-        check("grpc.health.v1 says SERVING for the server and the Flight service",
-              status == {"": "SERVING", "arrow.flight.protocol.FlightService": "SERVING"}, status)
-    finally:
-        for proc, _, _ in servers:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(timeout=30)
-    if failures:
-        print(f"{len(failures)} failed: {failures}")
-        sys.exit(1)
-    print("all client checks passed")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target/release/keel"))
+    big = pa.table({"id": list(range(6000)), "text": [f"failover row {i} GENE{i % 31}" for i in range(6000)]})
+    killer = threading.Timer(1.0, b.proc.kill)
+    killer.start()
+    started = time.time()
+    survived = fleet.embed(big)
+    killer.join()
+    assert survived.column("id").to_pylist() == list(range(6000)), \
+        f"{survived.num_rows} rows in {time.time() - started:.1f} s"
+    assert np.allclose(vectors(survived)[:5], vectors(client.embed(big.slice(0, 5))), atol=1e-6)

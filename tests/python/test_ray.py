@@ -1,8 +1,7 @@
 """Keel fleets driven by Ray Data: a local Ray cluster of three nodes on this machine
 (ray.cluster_utils.Cluster), one `keel serve` per node sharing one redis-server, and a
 Parquet file of variant texts with repeats through `Dataset.map_batches(KeelEmbedder)`.
-Run by scripts/test.sh (Ray from PyPI in the test venv):
-    python tests/python/test_ray.py target/release/keel
+Ray from PyPI in the test venv.
 
 Checks: every row comes back once, in a Parquet output, with `keel embed`'s vector for
 its text; the fleet embedded each distinct text once (the replicas' embedded rows add up
@@ -13,52 +12,22 @@ import json
 import os
 import random
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_flight import ROOT, free_port, start_redis  # noqa: E402
-from keel_client.local import LocalKeel  # noqa: E402
-
-from keel_client import KeelClient  # noqa: E402
-
-failures = []
-
-
-def check(name, cond, detail=""):
-    print(("ok   " if cond else "FAIL ") + name, flush=True)
-    if not cond:
-        failures.append(name)
-        if detail:
-            print("     ", str(detail)[:800])
-
-
-def start_keel(binary, workdir, name, redis_url):
-    keel = LocalKeel(binary, config=os.path.join(ROOT, "configs/default.yaml"),
-                     data_dir=os.path.join(workdir, name), timeout=120,
-                     env={"KEEL_EMBEDDER__MODEL_DIR": os.path.join(ROOT, "models/all-MiniLM-L6-v2"),
-                          "KEEL_METRICS__ENABLED": "false", "RUST_LOG": "warn",
-                          "KEEL_CACHE__SHARED__URL": redis_url,
-                          # A loaded 2-core machine runs Ray, three Keels and Redis: a slow
-                          # lookup must stay a lookup (a timeout would embed the text again,
-                          # and be counted).
-                          "KEEL_CACHE__SHARED__TIMEOUT_MS": "5000",
-                          # Each Keel is one replica of a fleet on a shared machine: one
-                          # model each.
-                          "KEEL_EMBEDDER__CPU__WORKERS": "1"})
-    return keel.proc, keel.address
+from conftest import MODEL_DIR, ROOT
+from keel_client import KeelClient
 
 
 def reference(binary, texts):
     """`keel embed`'s vector for each text."""
     out = subprocess.run([binary, "embed", "--config", os.path.join(ROOT, "configs/default.yaml"),
-                          "--model", os.path.join(ROOT, "models/all-MiniLM-L6-v2")],
+                          "--model", MODEL_DIR],
                          input="\n".join(texts) + "\n", capture_output=True, text=True, check=True,
                          env=dict(os.environ, RUST_LOG="warn"))
     lines = out.stdout.splitlines()
@@ -111,94 +80,85 @@ def run_pipeline(ray, src, dst, node_addresses):
     ds.write_parquet(dst)
 
 
-def main(binary):
+@pytest.fixture(scope="module")
+def fleet(start_keel, redis_url, tmp_path_factory):
+    """Three Keels sharing one redis-server, and a 3-node Ray cluster, one Keel per node."""
     import ray
     from ray.cluster_utils import Cluster
 
-    work = tempfile.mkdtemp(prefix="keel-ray-")
-    redis_port = free_port()
-    redis, url = start_redis(redis_port, work), f"redis://127.0.0.1:{redis_port}/0"
-    keels = [start_keel(binary, work, f"keel{i}", url) for i in range(3)]
-    addresses = [a for _, a in keels]
+    env = {"KEEL_CACHE__SHARED__URL": redis_url, "RUST_LOG": "warn",
+           # A loaded 2-core machine runs Ray, three Keels and Redis: a slow lookup must
+           # stay a lookup (a timeout would embed the text again, and be counted).
+           "KEEL_CACHE__SHARED__TIMEOUT_MS": "5000",
+           # Each Keel is one replica of a fleet on a shared machine: one model each.
+           "KEEL_EMBEDDER__CPU__WORKERS": "1"}
+    keels = [start_keel(env=env) for _ in range(3)]
     node_args = {"num_cpus": 2, "resources": {"keel": 1}, "object_store_memory": 256 * 2**20}
-    cluster = Cluster(initialize_head=True,
-                      head_node_args=dict(node_args, include_dashboard=False))
+    cluster = Cluster(initialize_head=True, head_node_args=dict(node_args, include_dashboard=False))
     try:
         for _ in range(2):
             cluster.add_node(**node_args)
         ray.init(address=cluster.address, logging_level="warning", log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-        check("the Ray cluster has three nodes", len(nodes) == 3, nodes)
-        node_addresses = dict(zip(nodes, addresses))
-
-        # 1. Every row once, `keel embed`'s vectors, each distinct text embedded once.
-        table, texts = dataset(binary, "ray", distinct=1500, rows=6000, seed=1)
-        src = os.path.join(work, "variants.parquet")
-        pq.write_table(table, src)
-        started = time.time()
-        run_pipeline(ray, src, os.path.join(work, "out1"), node_addresses)
-        elapsed = time.time() - started
-        out, vecs = read_output(os.path.join(work, "out1"))
-        check("every row comes back once, in Parquet",
-              out.column("id").to_pylist() == list(range(6000)), out.num_rows)
-        worst = min_cosine(binary, out, vecs, texts)
-        check("vectors equal keel embed's (cosine >= 0.99999)", worst >= 0.99999,
-              f"min cosine {worst:.7f}")
-        counts = embedded(addresses)
-        check("each distinct text was embedded once fleet-wide",
-              sum(counts.values()) == len(texts), f"{counts} for {len(texts)} distinct")
-        check("every replica took part", all(v > 0 for v in counts.values()), counts)
-        print(f"     6000 rows ({len(texts)} distinct) in {elapsed:.1f} s; embedded per replica: "
-              f"{list(counts.values())}")
-
-        # 2. One Keel killed mid-run: the pipeline completes, every row once.
-        table, texts = dataset(binary, "kill", distinct=3000, rows=6000, seed=2)
-        src = os.path.join(work, "variants2.parquet")
-        pq.write_table(table, src)
-        victim_proc, victim = keels[2]
-        killed = threading.Event()
-        done = threading.Event()
-
-        def killer():
-            # As soon as the victim has embedded rows of this run, and before the end.
-            base = KeelClient(victim, timeout=10).stats()["embedded_rows"]
-            while not done.is_set():
-                try:
-                    if KeelClient(victim, timeout=10).stats()["embedded_rows"] > base:
-                        victim_proc.kill()
-                        killed.set()
-                        return
-                except Exception:  # noqa: BLE001 - stats may fail under load; ask again
-                    pass
-                time.sleep(0.05)
-
-        t = threading.Thread(target=killer)
-        t.start()
-        run_pipeline(ray, src, os.path.join(work, "out2"), node_addresses)
-        done.set()
-        t.join()
-        check("one Keel was killed while the pipeline ran", killed.is_set())
-        out, vecs = read_output(os.path.join(work, "out2"))
-        check("with a Keel killed mid-run, every row comes back once",
-              out.column("id").to_pylist() == list(range(6000)), out.num_rows)
-        worst = min_cosine(binary, out, vecs, texts)
-        check("and every vector is keel embed's", worst >= 0.99999, f"min cosine {worst:.7f}")
+        assert len(nodes) == 3, nodes
+        yield ray, keels, dict(zip(nodes, (k.address for k in keels))), tmp_path_factory.mktemp("ray")
     finally:
         try:
             ray.shutdown()
         finally:
             cluster.shutdown()
-            for proc, _ in keels:
-                if proc.poll() is None:
-                    proc.terminate()
-                    proc.wait(timeout=30)
-            redis.kill()
-    if failures:
-        print(f"{len(failures)} failed: {failures}")
-        sys.exit(1)
-    print("all Ray checks passed")
 
 
-if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target/release/keel"))
+def test_every_row_once_with_keel_embeds_vector_and_each_text_embedded_once(fleet, keel_binary):
+    ray, keels, node_addresses, work = fleet
+    table, texts = dataset(keel_binary, "ray", distinct=1500, rows=6000, seed=1)
+    src = str(work / "variants.parquet")
+    pq.write_table(table, src)
+    started = time.time()
+    run_pipeline(ray, src, str(work / "out1"), node_addresses)
+    elapsed = time.time() - started
+    out, vecs = read_output(str(work / "out1"))
+    assert out.column("id").to_pylist() == list(range(6000)), out.num_rows
+    worst = min_cosine(keel_binary, out, vecs, texts)
+    assert worst >= 0.99999, f"min cosine {worst:.7f}"
+    counts = embedded([k.address for k in keels])
+    assert sum(counts.values()) == len(texts), f"{counts} for {len(texts)} distinct"
+    assert all(v > 0 for v in counts.values()), counts
+    print(f"6000 rows ({len(texts)} distinct) in {elapsed:.1f} s; embedded per replica: "
+          f"{list(counts.values())}")
+
+
+def test_a_keel_killed_mid_run_loses_no_row(fleet, keel_binary):
+    ray, keels, node_addresses, work = fleet
+    table, texts = dataset(keel_binary, "kill", distinct=3000, rows=6000, seed=2)
+    src = str(work / "variants2.parquet")
+    pq.write_table(table, src)
+    victim = keels[2]
+    killed, done = threading.Event(), threading.Event()
+
+    def killer():
+        # As soon as the victim has embedded rows of this run, and before the end.
+        base = KeelClient(victim.address, timeout=10).stats()["embedded_rows"]
+        while not done.is_set():
+            try:
+                if KeelClient(victim.address, timeout=10).stats()["embedded_rows"] > base:
+                    victim.proc.kill()
+                    killed.set()
+                    return
+            except Exception:  # noqa: BLE001 - stats may fail under load; ask again
+                pass
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    try:
+        run_pipeline(ray, src, str(work / "out2"), node_addresses)
+    finally:
+        done.set()
+        t.join()
+    assert killed.is_set(), "one Keel was killed while the pipeline ran"
+    out, vecs = read_output(str(work / "out2"))
+    assert out.column("id").to_pylist() == list(range(6000)), out.num_rows
+    worst = min_cosine(keel_binary, out, vecs, texts)
+    assert worst >= 0.99999, f"min cosine {worst:.7f}"
