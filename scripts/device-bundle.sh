@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Builds what scripts/device-check.sh carries to a GPU machine, into one folder
 # (default .device, git-ignored), at most 64 MiB: the release binary with the GPU backend
-# (stripped, xz-compressed), the model crate's test binary (the CPU kernel tests, for the
-# host's AMX), MiniLM with f16 weights (`keel convert`), 16 000 variant texts, the float64
-# reference of 20 texts, and Debian's Vulkan loader as .debs.
+# and a second one built with the `vulkan` feature (burn's SPIR-V path; both stripped,
+# xz-compressed), the model crate's test binary (the CPU kernel tests, for the host's AMX),
+# MiniLM with f16 weights (`keel convert`; the vocabulary rows no text of the check uses
+# zeroed, then xz-compressed), 16 000 variant texts, the float64 reference of 20 texts,
+# and Debian's Vulkan loader as .debs.
 #
-#   scripts/device-bundle.sh [DIR] [--uncompressed]   (--uncompressed: a plain binary,
-#                                                      for the dry run here)
+#   scripts/device-bundle.sh [DIR] [--uncompressed] [--no-vulkan]
+#     --uncompressed: plain binary and weights, for the dry run here
+#     --no-vulkan: skip the vulkan build (it compiles burn's GPU stack a second time)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -14,6 +17,19 @@ dir="${1:-.device}"
 mkdir -p "$dir"
 scripts/fetch-model.sh
 
+pack() { # pack BINARY NAME: stripped and xz-compressed into the bundle as NAME.xz
+    strip -o "$dir/$2.stripped" "$1"
+    xz -6 -T0 -c "$dir/$2.stripped" >"$dir/$2.xz"
+    rm -f "$dir/$2.stripped" "$dir/$2"
+}
+# The vulkan build first: it shares the target folder (its own artefacts beside the
+# default build's), and the default build after it leaves its binary in target/release.
+if [[ " $* " != *" --no-vulkan "* ]]; then
+    cargo build --release --features vulkan --bin keel
+    pack target/release/keel keel-vulkan
+else
+    rm -f "$dir/keel-vulkan.xz"
+fi
 # The same feature set as the tests' build (scripts/test.sh), so neither rebuilds burn.
 cargo build --release --features gpu --all-targets
 keel=target/release/keel
@@ -21,9 +37,7 @@ if [[ " $* " == *" --uncompressed "* ]]; then
     cp "$keel" "$dir/keel"
     rm -f "$dir/keel.xz"
 else
-    strip -o "$dir/keel.stripped" "$keel"
-    xz -6 -T0 -c "$dir/keel.stripped" >"$dir/keel.xz"
-    rm -f "$dir/keel.stripped" "$dir/keel"
+    pack "$keel" keel
 fi
 
 # The model crate's unit tests (the CPU kernels, AMX forms included), for the host's CPUs.
@@ -40,17 +54,28 @@ if [[ -n "$tests" ]]; then
     rm -f "$dir/model-tests"
 fi
 
-rm -rf "$dir/model"
-"$keel" convert models/all-MiniLM-L6-v2 "$dir/model" --precision f16
-# Only what the engine and sentence-transformers read.
-rm -f "$dir/model/README.md" "$dir/model/data_config.json"
-
-cp crates/model/tests/data/minilm-reference.jsonl "$dir/reference.jsonl"
 # Variant texts as Keel renders them from the sample VCF, repeated to 16 000 lines with
 # a distinct suffix so the cache cannot answer them.
 "$keel" texts data/test-haploidX.vcf 2>/dev/null \
     | awk '{ t[NR] = $0 } END { for (i = 0; i < 16000; i++) print t[i % NR + 1] " #" i }' \
     >"$dir/texts.txt"
+cp crates/model/tests/data/minilm-reference.jsonl "$dir/reference.jsonl"
+
+rm -rf "$dir/model"
+"$keel" convert models/all-MiniLM-L6-v2 "$dir/model" --precision f16
+# Only what the engine and sentence-transformers read.
+rm -f "$dir/model/README.md" "$dir/model/data_config.json"
+if [[ " $* " != *" --uncompressed "* ]]; then
+    # Rows of the vocabulary that no text of the check (nor the int8 calibration set)
+    # looks up are zeroed: the texts' vectors are the same, and the weights compress to half.
+    py="$root/.cache/venv/bin/python"
+    [[ -x "$py" ]] || python3 -m venv "$root/.cache/venv"
+    "$py" -c 'import tokenizers, numpy' 2>/dev/null \
+        || "$py" -m pip install --quiet tokenizers==0.22.2 numpy
+    "$py" scripts/tools/trim_vocab.py "$dir/model" "$dir/texts.txt" "$dir/reference.jsonl" \
+        --rust-strings crates/model/src/calibration.rs
+    xz -6 -T0 "$dir/model/model.safetensors"
+fi
 
 # Debian's Vulkan loader, for GPU machines whose image lacks it.
 mkdir -p "$dir/debs"

@@ -107,6 +107,17 @@ fn the_device_check_dry_run_writes_a_full_report() {
             );
         }
     }
+    // This build has no `vulkan` feature: the backend is refused with one line naming it.
+    let refusal = &report["vulkan_refusal"];
+    assert_ne!(refusal["exit"], 0, "{report}");
+    assert!(
+        refusal["message"]
+            .as_str()
+            .unwrap()
+            .contains("--features vulkan"),
+        "{report}"
+    );
+    assert_eq!(report["errors"], serde_json::json!({}), "{report}");
     let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
     assert!(
         md.contains("## Parity")

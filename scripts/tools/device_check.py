@@ -1,23 +1,31 @@
-"""The GPU check: parity, throughput and device memory of Keel on this machine's GPU, beside
-sentence-transformers on the same GPU in the same run; then the host's CPUs: the kernel
-tests (AMX where the host has it), every CPU precision against the float64 reference and
-beside ONNX Runtime, OpenVINO and sentence-transformers on all cores. Run through
-scripts/device-check.sh.
+"""The GPU check: parity, throughput and device memory of Keel on this machine's GPU, on both
+GPU paths (burn's WGSL `wgpu` and, where the bundle carries a `vulkan` build, burn's SPIR-V
+`vulkan` with cooperative matrices), beside sentence-transformers on the same GPU in the
+same run; then the host's CPUs: the kernel tests (AMX where the host has it), every CPU
+precision against the float64 reference, Keel and its CPU peers pinned to 2 cores (the
+developers' VMs) and Keel on all cores. Run through scripts/device-check.sh.
 
-usage: device_check.py BUNDLE OUT [--dry-run]
-  BUNDLE  a folder made by scripts/device-bundle.sh: keel (or keel.xz), model/ (MiniLM
-          with f16 weights), texts.txt (variant texts), reference.jsonl (20 texts with
-          their float64 vectors).
-  OUT     where report.md and report.json go.
+usage: device_check.py BUNDLE OUT [--dry-run] [--budget-s=SECONDS]
+  BUNDLE  a folder made by scripts/device-bundle.sh: keel (or keel.xz), optionally
+          keel-vulkan.xz, model/ (MiniLM with f16 weights; model.safetensors may be .xz),
+          texts.txt (variant texts), reference.jsonl (20 texts with their float64 vectors).
+  OUT     where report.md and report.json go (report.json is rewritten after every step,
+          so a run cut short still leaves what it measured).
   --dry-run  a few texts and one pass size, a software GPU adapter allowed: proves the
           script end to end on a machine without a GPU (Mesa's lavapipe).
+  --budget-s  seconds the whole check may take (default 520; a dry run 900): steps are
+          taken most important first, and a step that would not fit is skipped and listed.
 
-Standard library only; sentence-transformers and pyarrow are used when importable.
+Standard library only; sentence-transformers, torch and pyarrow are used when importable.
+A step that fails is recorded with its error and the next one runs.
 """
-import json, lzma, math, os, re, shutil, socket, subprocess, sys, tempfile, time
+import json, lzma, math, os, re, shutil, socket, subprocess, sys, tempfile, time, traceback
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 DRY = "--dry-run" in sys.argv
+BUDGET = next((float(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--budget-s=")),
+              900.0 if DRY else 520.0)
+T0 = time.monotonic()
 if len(args) != 2:
     sys.exit(__doc__)
 BUNDLE, OUT = (os.path.abspath(a) for a in args)
@@ -25,7 +33,8 @@ os.makedirs(OUT, exist_ok=True)
 WORK = tempfile.mkdtemp(prefix="keel-device-check-")
 MODEL = os.path.join(BUNDLE, "model")
 LOG = open(os.path.join(OUT, "log.txt"), "w")
-report = {"dry_run": DRY, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+report = {"dry_run": DRY, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_s": BUDGET,
+          "skipped": [], "errors": {}}
 
 
 def log(*parts):
@@ -35,19 +44,57 @@ def log(*parts):
     LOG.flush()
 
 
-def keel_binary():
-    plain = os.path.join(BUNDLE, "keel")
+def left():
+    return BUDGET - (time.monotonic() - T0)
+
+
+def save():
+    report["elapsed_s"] = round(time.monotonic() - T0, 1)
+    with open(os.path.join(OUT, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+
+
+def step(name, need_s, fn):
+    """Runs fn unless fewer than need_s seconds of the budget are left; a failure is
+    recorded, not raised."""
+    if left() < need_s:
+        report["skipped"].append(f"{name} ({left():.0f} s left, needs ~{need_s} s)")
+        log("skipped:", name)
+        save()
+        return
+    t = time.monotonic()
+    log(f"== {name} ({left():.0f} s left)")
+    try:
+        fn()
+    except Exception as e:  # one step's failure must not cost the others
+        report["errors"][name] = f"{type(e).__name__}: {e}"[-3000:]
+        LOG.write(traceback.format_exc())
+        log("failed:", name, str(e)[-500:])
+    report.setdefault("step_s", {})[name] = round(time.monotonic() - t, 1)
+    save()
+
+
+def unpack(name, out_dir=WORK, mode=0o755):
+    plain = os.path.join(BUNDLE, name)
     if os.path.exists(plain):
         return plain
-    packed = os.path.join(BUNDLE, "keel.xz")
-    out = os.path.join(WORK, "keel")
+    packed = plain + ".xz"
+    if not os.path.exists(packed):
+        return None
+    out = os.path.join(out_dir, name)
     with lzma.open(packed) as src, open(out, "wb") as dst:
         shutil.copyfileobj(src, dst)
-    os.chmod(out, 0o755)
+    os.chmod(out, mode)
     return out
 
 
-KEEL = keel_binary()
+KEEL = unpack("keel")
+VULKAN = unpack("keel-vulkan")
+# The model's weights travel xz-compressed (unused vocabulary rows zeroed): unpacked in place.
+WEIGHTS = os.path.join(MODEL, "model.safetensors")
+if not os.path.exists(WEIGHTS) and os.path.exists(WEIGHTS + ".xz"):
+    with lzma.open(WEIGHTS + ".xz") as src, open(WEIGHTS, "wb") as dst:
+        shutil.copyfileobj(src, dst)
 # Every run: the bundle's model; on a dry run, a software adapter is accepted.
 BASE_ENV = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
 BASE_ENV["KEEL_EMBEDDER__MODEL_DIR"] = MODEL
@@ -59,6 +106,7 @@ if DRY:
 
 texts_all = [l.rstrip("\n") for l in open(os.path.join(BUNDLE, "texts.txt")) if l.strip()]
 reference = [json.loads(l) for l in open(os.path.join(BUNDLE, "reference.jsonl"))]
+f64 = [r["embedding"] for r in reference]
 N = 24 if DRY else min(len(texts_all), 16000)
 texts = (texts_all * (N // max(len(texts_all), 1) + 1))[:N]
 texts_file = os.path.join(WORK, "texts.txt")
@@ -67,24 +115,35 @@ with open(texts_file, "w") as f:
 ref_file = os.path.join(WORK, "reference.txt")
 with open(ref_file, "w") as f:
     f.write("\n".join(r["text"] for r in reference) + "\n")
-BATCHES = [4] if DRY else [64, 256, 1024]
+cpu_texts = os.path.join(WORK, "cpu-texts.txt")
+with open(cpu_texts, "w") as f:
+    f.write("\n".join(texts[:24 if DRY else 2000]) + "\n")
+# Largest passes first: where a GPU path wins is decided there.
+BATCHES = [4] if DRY else [256, 1024, 64]
 PRECISIONS = ["f32"] if DRY else ["f32", "f16"]
+CPU_PRECISIONS = ["f32", "bf16", "int8"]
+CPU_BATCHES = [4] if DRY else [25, 64, 256]
+GPU_PATHS = [("wgpu", KEEL)] + ([("vulkan", VULKAN)] if VULKAN else [])
+TWO_CORES = ["taskset", "-c", "0,1"] if shutil.which("taskset") and (os.cpu_count() or 1) > 2 else []
 report["texts"] = N
+report["bundle"] = {"vulkan_build": bool(VULKAN)}
 
 
-def run(cmd, env=None, stdin=None, timeout=900):
+def run(cmd, env=None, stdin=None, timeout=None):
+    timeout = timeout or max(10.0, min(300.0, left() + 5))
     log("$", " ".join(cmd))
     p = subprocess.run(cmd, env=env or BASE_ENV, stdin=stdin, capture_output=True, timeout=timeout)
     err = p.stderr.decode(errors="replace")
-    LOG.write(err)
+    LOG.write(err[-20000:])
     if p.returncode != 0:
-        raise RuntimeError(f"{cmd[:2]} failed ({p.returncode}): {err[-2000:]}")
+        raise RuntimeError(f"{cmd[:4]} failed ({p.returncode}): {err[-2000:]}")
     return p.stdout, err
 
 
-def embed(path, backend, batch=None, precision="f32", fusion=True):
-    cmd = [KEEL, "embed", "--backend", backend, "--precision", precision]
-    env = dict(BASE_ENV)
+def embed(path, backend, batch=None, precision="f32", fusion=True, binary=None, prefix=(),
+          env_extra=None):
+    cmd = [*prefix, binary or KEEL, "embed", "--backend", backend, "--precision", precision]
+    env = dict(BASE_ENV, **(env_extra or {}))
     # Kernel fusion is one setting per process: off, every operation is its own kernel.
     env["KEEL_EMBEDDER__GPU__FUSION"] = "true" if fusion else "false"
     if DRY:
@@ -100,11 +159,12 @@ def embed(path, backend, batch=None, precision="f32", fusion=True):
     vectors = [json.loads(l)["embedding"] for l in out.decode().splitlines()]
     # texts/s from the count and the seconds: the printed rate is rounded to a whole
     # number, 0 for a first pass that compiles its kernels on a loaded software adapter.
-    m = re.search(r"(\d+) texts in ([\d.]+) s \([\d.]+ texts/s; start-up ([\d.]+) s", err)
+    m = re.search(r"(\d+) texts in ([\d.]+) s \([\d.]+ texts/s; start-up ([\d.]+) s; (\d+) workers on (.*?); \d+ passes", err)
     mem = re.search(r"device memory (\d+) MB in use, (\d+) MB reserved", err)
     return vectors, {
         "texts_per_s": round(int(m.group(1)) / max(float(m.group(2)), 1e-3), 3) if m else None,
         "startup_s": float(m.group(3)) if m else None,
+        "device": m.group(5) if m else None,
         "device_mb_in_use": int(mem.group(1)) if mem else None,
         "device_mb_reserved": int(mem.group(2)) if mem else None,
     }
@@ -123,78 +183,197 @@ def compare(got, want):
 
 
 # 1. The machine.
-try:
-    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
-                          "--format=csv,noheader"], capture_output=True, timeout=30)
-    report["gpu"] = smi.stdout.decode().strip() or None
-except (OSError, subprocess.TimeoutExpired):
-    report["gpu"] = None
-report["cpu"] = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                      if l.startswith("model name")), "?")
-report["cores"] = os.cpu_count()
+def machine():
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                              "--format=csv,noheader"], capture_output=True, timeout=30)
+        report["gpu"] = smi.stdout.decode().strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        report["gpu"] = None
+    info = open("/proc/cpuinfo").read()
+    report["cpu"] = next((l.split(":", 1)[1].strip() for l in info.splitlines()
+                          if l.startswith("model name")), "?")
+    flags = next((l for l in info.splitlines() if l.startswith("flags")), "")
+    report["cpu_amx"] = [f for f in ("amx_tile", "amx_bf16", "amx_int8") if f" {f}" in flags]
+    report["cores"] = os.cpu_count()
 
-# 2. Parity: the GPU against the CPU backend on the same (f16-stored) weights, and
-# both against the float64 reference of the f32 weights.
-cpu_ref, _ = embed(ref_file, "cpu")
-f64 = [r["embedding"] for r in reference]
-report["parity"] = {"cpu_vs_float64": compare(cpu_ref, f64)}
-for precision in PRECISIONS:
-    gpu_ref, info = embed(ref_file, "wgpu", precision=precision)
-    report["parity"][f"wgpu_{precision}_vs_cpu"] = compare(gpu_ref, cpu_ref)
-    report["parity"][f"wgpu_{precision}_vs_float64"] = compare(gpu_ref, f64)
-    report.setdefault("startup_s", {})[precision] = info["startup_s"]
-# burn's fusion has had wrong-result reports on Vulkan (burn #5257): both ways, compared.
-gpu_ref, _ = embed(ref_file, "wgpu", fusion=False)
-report["parity"]["wgpu_f32_no_fusion_vs_float64"] = compare(gpu_ref, f64)
-log("parity", json.dumps(report["parity"]))
 
-# 3. keel embed throughput (texts in, vectors out, tokenization included).
+step("machine", 0, machine)
+cpu = {"parity": {}, "keel_embed": [], "peers": [], "two_cores": {"keel": [], "peers": []}}
+report["cpu_host"] = cpu
+
+
+# 2. The CPU kernel tests on this host (AMX forms where it has tiles).
+def kernel_tests():
+    binary = unpack("model-tests")
+    if not binary:
+        cpu["kernel_tests"] = {"exit": None, "summary": "not in the bundle", "skipped": []}
+        return
+    p = subprocess.run([binary, "kernels::", "--nocapture", "--test-threads", "1"],
+                       capture_output=True, timeout=max(10, min(240, left())))
+    text = (p.stdout + p.stderr).decode(errors="replace")
+    LOG.write(text)
+    cpu["kernel_tests"] = {"exit": p.returncode,
+                           "summary": next((l for l in text.splitlines() if l.startswith("test result")), "?"),
+                           "skipped": sorted(set(l for l in text.splitlines() if l.startswith("SKIPPED"))),
+                           "failed": [l for l in text.splitlines() if l.startswith("test ") and l.endswith("FAILED")]}
+    log("kernel tests", json.dumps(cpu["kernel_tests"]))
+
+
+step("kernel tests", 30, kernel_tests)
+
+
+# 3. Parity: every CPU precision and every GPU path against the float64 reference of the
+# f32 weights; the GPU against the CPU on the same (f16-stored) weights.
+report["parity"] = {}
+cpu_ref = []
+
+
+def parity_cpu():
+    got, info = embed(ref_file, "cpu")
+    cpu_ref.extend(got)
+    report["parity"]["cpu_vs_float64"] = compare(got, f64)
+    cpu["kernels_f32"] = info["device"]
+    for precision in CPU_PRECISIONS:
+        got, info = embed(ref_file, "cpu", precision=precision)
+        cpu["parity"][f"cpu_{precision}_vs_float64"] = {**compare(got, f64), "device": info["device"]}
+
+
+def parity_gpu(backend, binary):
+    def go():
+        for precision in PRECISIONS:
+            got, info = embed(ref_file, backend, precision=precision, binary=binary)
+            report["parity"][f"{backend}_{precision}_vs_cpu"] = compare(got, cpu_ref)
+            report["parity"][f"{backend}_{precision}_vs_float64"] = compare(got, f64)
+            report.setdefault("startup_s", {})[f"{backend}_{precision}"] = info["startup_s"]
+            report.setdefault("adapters", {})[backend] = info["device"]
+        if backend == "wgpu":
+            # burn's fusion has had wrong-result reports on Vulkan (burn #5257): both ways.
+            got, _ = embed(ref_file, backend, fusion=False, binary=binary)
+            report["parity"]["wgpu_f32_no_fusion_vs_float64"] = compare(got, f64)
+        log("parity", json.dumps({k: v for k, v in report["parity"].items() if k.startswith(backend)}))
+    return go
+
+
+def vulkan_refusal():
+    # A binary without the vulkan feature (and, on a software adapter, a vulkan build)
+    # refuses the backend with one line: no crash.
+    p = subprocess.run([KEEL, "embed", "--backend", "vulkan"], env=BASE_ENV, input=b"x\n",
+                       capture_output=True, timeout=120)
+    err = p.stderr.decode(errors="replace").strip().splitlines()
+    report["vulkan_refusal"] = {"exit": p.returncode, "message": err[-1] if err else ""}
+
+
+step("parity cpu", 20, parity_cpu)
+for backend, binary in GPU_PATHS:
+    step(f"parity {backend}", 60, parity_gpu(backend, binary))
+if not VULKAN:
+    step("vulkan refusal", 10, vulkan_refusal)
+
+
+# 4. Throughput on the GPU: keel embed (texts in, vectors out, tokenization included) on
+# each path and precision, largest passes first; then sentence-transformers, same texts.
 report["keel_embed"] = []
-for precision in PRECISIONS:
-    for batch in BATCHES:
-        _, info = embed(texts_file, "wgpu", batch, precision)
-        row = {"precision": precision, "batch": batch, **info}
+
+
+def gpu_throughput(backend, binary, precision, batch, fusion=True):
+    def go():
+        _, info = embed(texts_file, backend, batch, precision, fusion=fusion, binary=binary)
+        row = {"backend": backend, "precision": precision, "batch": batch, **info}
+        if not fusion:
+            row["fusion"] = False
         report["keel_embed"].append(row)
         log("keel embed", json.dumps(row))
-# What fusion buys: f32 at the largest pass size without it.
-_, info = embed(texts_file, "wgpu", BATCHES[-1], "f32", fusion=False)
-row = {"precision": "f32", "batch": BATCHES[-1], "fusion": False, **info}
-report["keel_embed"].append(row)
-log("keel embed", json.dumps(row))
-if not DRY:
-    _, info = embed(texts_file, "cpu", 25)
-    report["keel_embed_cpu"] = {"batch": 25, **info}
+    return go
 
-# 4. sentence-transformers on the same GPU, same texts, same run.
+
 st = {"status": "not run"}
-try:
-    import torch
-    from sentence_transformers import SentenceTransformer
-    if not torch.cuda.is_available():
-        st["status"] = "not run: torch sees no CUDA device"
-    else:
-        st = {"status": "ran", "device": torch.cuda.get_device_name(0), "runs": []}
-        for precision in PRECISIONS:
-            m = SentenceTransformer(MODEL, device="cuda")
-            if precision == "f16":
-                m = m.half()
-            m.encode(texts[:512], batch_size=64)
-            for batch in BATCHES:
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                m.encode(texts, batch_size=batch, normalize_embeddings=True)
-                torch.cuda.synchronize()
-                st["runs"].append({"precision": precision, "batch": batch,
-                                   "texts_per_s": N / (time.perf_counter() - t)})
-                log("sentence-transformers", json.dumps(st["runs"][-1]))
-            del m
-            torch.cuda.empty_cache()
-except ImportError as e:
-    st["status"] = f"not run: {e}"
 report["sentence_transformers"] = st
 
 
-# 5. keel serve: warm-up, throughput through DoExchange (keel produce; pyarrow if present),
+def sentence_transformers_gpu():
+    try:
+        import torch
+        from sentence_transformers import SentenceTransformer
+    except ImportError as e:
+        st["status"] = f"not run: {e}"
+        return
+    if not torch.cuda.is_available():
+        st["status"] = "not run: torch sees no CUDA device"
+        return
+    st.update({"status": "ran", "device": torch.cuda.get_device_name(0), "runs": []})
+    for precision in PRECISIONS:
+        m = SentenceTransformer(MODEL, device="cuda")
+        if precision == "f16":
+            m = m.half()
+        m.encode(texts[:512], batch_size=64)
+        for batch in BATCHES:
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            m.encode(texts, batch_size=batch, normalize_embeddings=True)
+            torch.cuda.synchronize()
+            st["runs"].append({"precision": precision, "batch": batch,
+                               "texts_per_s": N / (time.perf_counter() - t)})
+            log("sentence-transformers", json.dumps(st["runs"][-1]))
+        del m
+        torch.cuda.empty_cache()
+
+
+for batch in BATCHES:
+    for precision in PRECISIONS:
+        for backend, binary in GPU_PATHS:
+            step(f"keel embed {backend} {precision} {batch}", 25,
+                 gpu_throughput(backend, binary, precision, batch))
+step("sentence-transformers cuda", 40, sentence_transformers_gpu)
+
+
+# 5. The host's CPUs pinned to 2 cores (the developers' VMs: same CPU model), Keel at every
+# precision beside sentence-transformers fp32 and bf16 (oneDNN, AMX) on the same cores.
+def two_cores_keel():
+    for precision in CPU_PRECISIONS:
+        for batch in CPU_BATCHES:
+            _, info = embed(cpu_texts, "cpu", batch, precision, prefix=TWO_CORES)
+            row = {"precision": precision, "batch": batch, "texts_per_s": info["texts_per_s"],
+                   "device": info["device"]}
+            cpu["two_cores"]["keel"].append(row)
+            log("keel embed (2 cores)", json.dumps(row))
+
+
+def peers(threads, prefix, into, scripts):
+    def go():
+        tools = os.path.dirname(os.path.abspath(__file__))
+        env = dict(os.environ, BENCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+        for script, extra in scripts:
+            if left() < 30:
+                report["skipped"].append(f"{script} {' '.join(extra)} on {threads} threads")
+                continue
+            cmd = [*prefix, sys.executable, os.path.join(tools, script), MODEL, cpu_texts, *extra,
+                   *map(str, CPU_BATCHES)]
+            log("$", " ".join(cmd))
+            p = subprocess.run(cmd, env=env, capture_output=True, timeout=max(10, min(300, left())))
+            LOG.write(p.stdout.decode(errors="replace") + p.stderr.decode(errors="replace")[-5000:])
+            for line in p.stdout.decode(errors="replace").splitlines():
+                if line.startswith(("onnxruntime", "openvino", "batch")):
+                    name = line.split(" batch")[0] if not line.startswith("batch") else \
+                        ("sentence-transformers bf16" if "--bf16" in extra else "sentence-transformers fp32")
+                    m = re.search(r"batch (\d+): ([\d.]+)", line)
+                    if m:
+                        into.append({"stack": name, "batch": int(m.group(1)),
+                                     "texts_per_s": float(m.group(2))})
+            if p.returncode != 0:
+                into.append({"stack": script + " " + " ".join(extra), "error": p.stderr.decode()[-500:]})
+        log("cpu peers", json.dumps(into))
+    return go
+
+
+ST_SCRIPTS = [("st_baseline.py", ["--bf16"]), ("st_baseline.py", [])]
+ORT_SCRIPTS = [("ort_baseline.py", [os.path.join(WORK, "ort")])]
+step("2 cores: keel embed", 40, two_cores_keel)
+if not DRY:
+    step("2 cores: sentence-transformers", 40, peers(2, TWO_CORES, cpu["two_cores"]["peers"], ST_SCRIPTS))
+
+
+# 6. keel serve: warm-up, throughput through DoExchange (keel produce; pyarrow if present),
 # device memory after warm-up, at peak, after a cleanup.
 def free_port():
     with socket.socket() as s:
@@ -207,172 +386,151 @@ def action(addr, name, body=""):
     return json.loads(out)
 
 
-port = free_port()
-addr = f"grpc://127.0.0.1:{port}"
-serve_env = dict(BASE_ENV, KEEL_SERVER__LISTEN=f"127.0.0.1:{port}", KEEL_EMBEDDER__BACKEND="wgpu",
-                 KEEL_CACHE__MAX_BYTES="0", KEEL_STORAGE__DATA_DIR=os.path.join(WORK, "data"),
-                 KEEL_METRICS__ENABLED="false", KEEL_HTTP__ENABLED="false")
-if not DRY:
-    serve_env["KEEL_EMBEDDER__GPU__MAX_BATCH_ROWS"] = "256"
-server_log = open(os.path.join(OUT, "serve.log"), "w")
-t0 = time.perf_counter()
-server = subprocess.Popen([KEEL, "serve"], env=serve_env, stderr=server_log)
-try:
-    action(addr, "health")
-    serve = {"ready_s": time.perf_counter() - t0}
-    after_warm = action(addr, "stats")["embedder"]
-    serve["warm_up_ms"] = after_warm.get("warm_up_ms")
-    serve["device_memory_after_warm_up"] = after_warm.get("device_memory")
-    _, err = run([KEEL, "produce", "--input", texts_file, "--to", addr, "--exchange",
-                  "--rows-per-batch", "2048"], env=BASE_ENV)
-    m = re.search(r"\(([\d.]+) rows/s\)", err)
-    serve["keel_produce_rows_per_s"] = float(m.group(1)) if m else None
+def keel_serve():
+    port = free_port()
+    addr = f"grpc://127.0.0.1:{port}"
+    serve_env = dict(BASE_ENV, KEEL_SERVER__LISTEN=f"127.0.0.1:{port}", KEEL_EMBEDDER__BACKEND="wgpu",
+                     KEEL_CACHE__MAX_BYTES="0", KEEL_STORAGE__DATA_DIR=os.path.join(WORK, "data"),
+                     KEEL_METRICS__ENABLED="false", KEEL_HTTP__ENABLED="false")
+    if not DRY:
+        serve_env["KEEL_EMBEDDER__GPU__MAX_BATCH_ROWS"] = "256"
+    server_log = open(os.path.join(OUT, "serve.log"), "w")
+    t0 = time.perf_counter()
+    server = subprocess.Popen([KEEL, "serve"], env=serve_env, stderr=server_log)
     try:
-        import pyarrow as pa
-        import pyarrow.flight as flight
-        client = flight.connect(addr)
-        table = pa.table({"text": texts})
-        t = time.perf_counter()
-        writer, reader = client.do_exchange(flight.FlightDescriptor.for_path("embed"))
-        writer.begin(table.schema)
-        rows = 0
+        action(addr, "health")
+        serve = {"ready_s": time.perf_counter() - t0}
+        report["keel_serve"] = serve
+        after_warm = action(addr, "stats")["embedder"]
+        serve["warm_up_ms"] = after_warm.get("warm_up_ms")
+        serve["device_memory_after_warm_up"] = after_warm.get("device_memory")
+        _, err = run([KEEL, "produce", "--input", texts_file, "--to", addr, "--exchange",
+                      "--rows-per-batch", "2048"], env=BASE_ENV)
+        m = re.search(r"\(([\d.]+) rows/s\)", err)
+        serve["keel_produce_rows_per_s"] = float(m.group(1)) if m else None
+        try:
+            import pyarrow as pa
+            import pyarrow.flight as flight
+            import threading
+            client = flight.connect(addr)
+            table = pa.table({"text": texts})
+            t = time.perf_counter()
+            writer, reader = client.do_exchange(flight.FlightDescriptor.for_path("embed"))
+            writer.begin(table.schema)
+            rows = [0]
 
-        import threading
+            def read():
+                for chunk in reader:
+                    rows[0] += chunk.data.num_rows
+            th = threading.Thread(target=read)
+            th.start()
+            for batch in table.to_batches(max_chunksize=2048):
+                writer.write_batch(batch)
+            writer.done_writing()
+            th.join()
+            writer.close()
+            serve["pyarrow_rows_per_s"] = rows[0] / (time.perf_counter() - t)
+        except ImportError as e:
+            serve["pyarrow_rows_per_s"] = f"not run: {e}"
+        peak = action(addr, "stats")["embedder"]
+        serve["device_memory_at_peak"] = peak.get("device_memory")
+        serve["cleanup"] = action(addr, "cleanup", '{"level": "full"}')
+        serve["device_memory_after_cleanup"] = action(addr, "stats")["embedder"].get("device_memory")
+        log("keel serve", json.dumps(serve))
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
-        def read():
-            global rows
-            for chunk in reader:
-                rows += chunk.data.num_rows
-        th = threading.Thread(target=read)
-        th.start()
-        for batch in table.to_batches(max_chunksize=2048):
-            writer.write_batch(batch)
-        writer.done_writing()
-        th.join()
-        writer.close()
-        serve["pyarrow_rows_per_s"] = rows / (time.perf_counter() - t)
-    except ImportError as e:
-        serve["pyarrow_rows_per_s"] = f"not run: {e}"
-    peak = action(addr, "stats")["embedder"]
-    serve["device_memory_at_peak"] = peak.get("device_memory")
-    serve["cleanup"] = action(addr, "cleanup", '{"level": "full"}')
-    serve["device_memory_after_cleanup"] = action(addr, "stats")["embedder"].get("device_memory")
-    report["keel_serve"] = serve
-    log("keel serve", json.dumps(serve))
-finally:
-    server.terminate()
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.kill()
 
-# 6. The host's CPUs (the GPU machine's 16-core Xeon, AMX): the kernel tests (AMX forms
-# included, where the bundle carries the model crate's test binary), parity of every CPU
-# precision with the float64 reference, keel embed on all cores at every precision on the
-# best kernels and capped at AVX-512, and the CPU peers (ONNX Runtime, OpenVINO,
-# sentence-transformers) on the same texts and threads, where importable.
-cpu = {"parity": {}, "keel_embed": [], "peers": []}
-tests = os.path.join(BUNDLE, "model-tests.xz")
-if os.path.exists(tests):
-    binary = os.path.join(WORK, "model-tests")
-    with lzma.open(tests) as src, open(binary, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    os.chmod(binary, 0o755)
-    p = subprocess.run([binary, "kernels::", "--nocapture", "--test-threads", "1"],
-                       capture_output=True, timeout=600)
-    text = (p.stdout + p.stderr).decode(errors="replace")
-    LOG.write(text)
-    cpu["kernel_tests"] = {"exit": p.returncode,
-                           "summary": next((l for l in text.splitlines() if l.startswith("test result")), "?"),
-                           "skipped": sorted(set(l for l in text.splitlines() if l.startswith("SKIPPED")))}
-    log("kernel tests", json.dumps(cpu["kernel_tests"]))
-CPU_PRECISIONS = ["f32", "bf16", "int8"]
-for precision in CPU_PRECISIONS:
-    got, _ = embed(ref_file, "cpu", precision=precision)
-    cpu["parity"][f"cpu_{precision}_vs_float64"] = compare(got, f64)
-cpu_texts = os.path.join(WORK, "cpu-texts.txt")
-with open(cpu_texts, "w") as f:
-    f.write("\n".join(texts[:24 if DRY else 4000]) + "\n")
-for kernels in ["best", "avx512"]:
-    for precision in CPU_PRECISIONS:
-        for batch in ([4] if DRY else [25, 64, 256]):
-            if kernels == "best":
-                _, info = embed(cpu_texts, "cpu", batch, precision)
-            else:
-                BASE_ENV["KEEL_CPU_KERNELS"] = kernels
-                try:
-                    _, info = embed(cpu_texts, "cpu", batch, precision)
-                finally:
-                    del BASE_ENV["KEEL_CPU_KERNELS"]
-            row = {"kernels": kernels, "precision": precision, "batch": batch,
-                   "texts_per_s": info["texts_per_s"]}
-            cpu["keel_embed"].append(row)
-            log("keel embed (cpu)", json.dumps(row))
+step("keel serve", 60, keel_serve)
+# What fusion buys: f32 at the largest pass size without it.
+step("keel embed wgpu f32 fusion off", 25, gpu_throughput("wgpu", KEEL, "f32", BATCHES[0], fusion=False))
+
+
+# 7. All the host's cores: Keel at every precision on the best kernels and capped at
+# AVX-512, then the peers on as many threads.
+def all_cores_keel():
+    for kernels in ["best", "avx512"]:
+        for precision in CPU_PRECISIONS:
+            for batch in ([4] if DRY else [64]):
+                env = {} if kernels == "best" else {"KEEL_CPU_KERNELS": kernels}
+                _, info = embed(cpu_texts, "cpu", batch, precision, env_extra=env)
+                row = {"kernels": kernels, "precision": precision, "batch": batch,
+                       "texts_per_s": info["texts_per_s"], "device": info["device"]}
+                cpu["keel_embed"].append(row)
+                log("keel embed (cpu)", json.dumps(row))
+
+
+step("all cores: keel embed", 40, all_cores_keel)
 if not DRY:
-    tools = os.path.join(os.path.dirname(os.path.abspath(__file__)))
-    peer_env = dict(os.environ, BENCH_THREADS=str(os.cpu_count()))
-    for script, extra in [("ort_baseline.py", [os.path.join(WORK, "ort")]), ("st_baseline.py", []),
-                          ("st_baseline.py", ["--bf16"])]:
-        cmd = [sys.executable, os.path.join(tools, script), MODEL, cpu_texts, *extra, "25", "64", "256"]
-        p = subprocess.run(cmd, env=peer_env, capture_output=True, timeout=1800)
-        LOG.write(p.stderr.decode(errors="replace"))
-        for line in p.stdout.decode(errors="replace").splitlines():
-            if line.startswith(("onnxruntime", "openvino", "batch")):
-                name = line.split(" batch")[0] if not line.startswith("batch") else \
-                    ("sentence-transformers bf16" if "--bf16" in extra else "sentence-transformers fp32")
-                m = re.search(r"batch (\d+): ([\d.]+)", line)
-                if m:
-                    cpu["peers"].append({"stack": name, "batch": int(m.group(1)),
-                                         "texts_per_s": float(m.group(2))})
-        if p.returncode != 0:
-            cpu["peers"].append({"stack": script + " " + " ".join(extra), "error": p.stderr.decode()[-500:]})
-    log("cpu peers", json.dumps(cpu["peers"]))
-report["cpu_host"] = cpu
+    step("all cores: peers", 60, peers(os.cpu_count(), [], cpu["peers"], ST_SCRIPTS))
+    step("2 cores: onnxruntime", 60, peers(2, TWO_CORES, cpu["two_cores"]["peers"], ORT_SCRIPTS))
 
 report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-with open(os.path.join(OUT, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
+save()
 
-# A readable summary.
+# A readable summary (every part optional: a step may have been skipped or failed).
+def peer_rows(rows):
+    out = []
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['stack']} | failed | |")
+        else:
+            out.append(f"| {r['stack']} | {r['batch']} | {r['texts_per_s']:.0f} |")
+    return out
+
+
 lines = [f"# Keel GPU check ({'dry run' if DRY else 'full'}), {report['started']}", "",
-         f"GPU: {report['gpu']}; CPU: {report['cpu']} ({report['cores']} cores); {N} texts.", "",
-         "## Parity", "", "| comparison | max abs diff | min cosine |", "|---|---|---|"]
+         f"GPU: {report.get('gpu')}; CPU: {report.get('cpu')} ({report.get('cores')} cores, "
+         f"AMX: {' '.join(report.get('cpu_amx', [])) or 'none'}); {N} texts; "
+         f"{report.get('elapsed_s')} s of a {BUDGET:.0f} s budget.", ""]
+for name, adapter in report.get("adapters", {}).items():
+    lines.append(f"- {name}: {adapter}")
+if "vulkan_refusal" in report:
+    r = report["vulkan_refusal"]
+    lines.append(f"- vulkan in this bundle's binary: refused (exit {r['exit']}): {r['message']}")
+lines += ["", "## Parity", "", "| comparison | max abs diff | min cosine |", "|---|---|---|"]
 for k, v in report["parity"].items():
     lines.append(f"| {k} | {v['max_abs_diff']:.2e} | {v['min_cosine']:.7f} |")
 lines += ["", "## Throughput (texts/s, tokenization included)", "",
-          "| engine | precision | batch | texts/s |", "|---|---|---|---|"]
+          "| engine | precision | batch | texts/s | start-up s |", "|---|---|---|---|---|"]
 for r in report["keel_embed"]:
-    engine = "keel embed (wgpu)" if r.get("fusion", True) else "keel embed (wgpu, fusion off)"
-    lines.append(f"| {engine} | {r['precision']} | {r['batch']} | {r['texts_per_s']} |")
-if "keel_embed_cpu" in report:
-    r = report["keel_embed_cpu"]
-    lines.append(f"| keel embed (cpu, {report['cores']} cores) | f32 | {r['batch']} | {r['texts_per_s']} |")
+    engine = f"keel embed ({r['backend']}" + (", fusion off)" if r.get("fusion") is False else ")")
+    lines.append(f"| {engine} | {r['precision']} | {r['batch']} | {r['texts_per_s']} | {r['startup_s']} |")
 for r in st.get("runs", []):
-    lines.append(f"| sentence-transformers (cuda) | {r['precision']} | {r['batch']} | {r['texts_per_s']:.0f} |")
+    lines.append(f"| sentence-transformers (cuda) | {r['precision']} | {r['batch']} | {r['texts_per_s']:.0f} | |")
 if st["status"] != "ran":
     lines.append(f"\nsentence-transformers: {st['status']}")
-s = report["keel_serve"]
-lines += ["", "## keel serve", "",
-          f"- ready (warm) after {s['ready_s']:.1f} s (warm-up {s['warm_up_ms']} ms)",
-          f"- keel produce DoExchange: {s['keel_produce_rows_per_s']} rows/s; pyarrow: {s['pyarrow_rows_per_s']}",
-          f"- device memory after warm-up {s['device_memory_after_warm_up']}, at peak {s['device_memory_at_peak']}, "
-          f"after a full cleanup {s['device_memory_after_cleanup']}"]
+s = report.get("keel_serve")
+if s:
+    lines += ["", "## keel serve", "",
+              f"- ready (warm) after {s['ready_s']:.1f} s (warm-up {s.get('warm_up_ms')} ms)",
+              f"- keel produce DoExchange: {s.get('keel_produce_rows_per_s')} rows/s; pyarrow: {s.get('pyarrow_rows_per_s')}",
+              f"- device memory after warm-up {s.get('device_memory_after_warm_up')}, at peak {s.get('device_memory_at_peak')}, "
+              f"after a full cleanup {s.get('device_memory_after_cleanup')}"]
 c = report["cpu_host"]
-lines += ["", f"## The host's CPUs ({report['cores']} cores)", ""]
+lines += ["", f"## The host's CPUs ({report.get('cores')} cores)", ""]
 if "kernel_tests" in c:
     k = c["kernel_tests"]
     lines.append(f"- kernel tests (AMX forms where the CPU has them): exit {k['exit']}, {k['summary']}; "
-                 f"skipped: {', '.join(k['skipped']) or 'none'}")
+                 f"skipped: {', '.join(k['skipped']) or 'none'}; failed: {', '.join(k.get('failed', [])) or 'none'}")
 for name, v in c["parity"].items():
-    lines.append(f"- {name}: max abs diff {v['max_abs_diff']:.2e}, min cosine {v['min_cosine']:.7f}")
-lines += ["", "| stack | batch | texts/s |", "|---|---|---|"]
+    lines.append(f"- {name}: max abs diff {v['max_abs_diff']:.2e}, min cosine {v['min_cosine']:.7f} ({v.get('device')})")
+lines += ["", "### Pinned to 2 cores", "", "| stack | batch | texts/s |", "|---|---|---|"]
+for r in c["two_cores"]["keel"]:
+    lines.append(f"| keel embed {r['precision']} ({r['device']}) | {r['batch']} | {r['texts_per_s']} |")
+lines += peer_rows(c["two_cores"]["peers"])
+lines += ["", "### All cores", "", "| stack | batch | texts/s |", "|---|---|---|"]
 for r in c["keel_embed"]:
     lines.append(f"| keel embed {r['precision']} ({r['kernels']} kernels) | {r['batch']} | {r['texts_per_s']} |")
-for r in c["peers"]:
-    if "error" in r:
-        lines.append(f"| {r['stack']} | failed | |")
-    else:
-        lines.append(f"| {r['stack']} | {r['batch']} | {r['texts_per_s']:.0f} |")
+lines += peer_rows(c["peers"])
+if report["skipped"]:
+    lines += ["", "Skipped (out of time): " + "; ".join(report["skipped"])]
+if report["errors"]:
+    lines += ["", "## Errors", ""] + [f"- {k}: {v[-400:]}" for k, v in report["errors"].items()]
 with open(os.path.join(OUT, "report.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
 log("\n".join(lines))

@@ -39,6 +39,7 @@ pub fn available(kind: Kind) -> bool {
             Kind::F32 => false,
         };
         tile && wanted
+            && x86::os_enables_tiles()
             && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
             && *GRANTED.get_or_init(|| {
@@ -204,6 +205,22 @@ mod x86 {
         // Leaf 7 reads as zeros where unsupported.
         let edx = __cpuid_count(7, 0).edx;
         (edx >> 24 & 1 == 1, edx >> 22 & 1 == 1, edx >> 25 & 1 == 1)
+    }
+
+    /// Whether the OS saves tile state (XCR0 bits 17 and 18: XTILECFG, XTILEDATA). A
+    /// kernel or sandbox that does not (an old kernel, some gVisor platforms) would let the
+    /// first tile instruction fault however `arch_prctl` answers.
+    pub(super) fn os_enables_tiles() -> bool {
+        // CPUID leaf 1, ECX bit 27: OSXSAVE (XGETBV may run).
+        if __cpuid_count(1, 0).ecx >> 27 & 1 == 0 {
+            return false;
+        }
+        let (eax, _edx): (u32, u32);
+        // SAFETY: XGETBV with ECX = 0 reads XCR0; OSXSAVE says the OS allows it.
+        unsafe {
+            asm!("xgetbv", in("ecx") 0u32, out("eax") eax, out("edx") _edx, options(nostack, nomem));
+        }
+        eax >> 17 & 0b11 == 0b11
     }
 
     /// `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`: without it the first tile
