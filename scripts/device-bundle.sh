@@ -4,8 +4,8 @@
 # and a second one built with the `vulkan` feature (burn's SPIR-V path; both stripped,
 # xz-compressed), the model crate's test binary (the CPU kernel tests, for the host's AMX),
 # MiniLM with f16 weights (`keel convert`; the vocabulary rows no text of the check uses
-# zeroed, then xz-compressed), 16 000 variant texts, the float64 reference of 20 texts,
-# and Debian's Vulkan loader as .debs.
+# zeroed, then xz-compressed) and Debian's Vulkan loader as .debs. The texts and the
+# float64 reference come from the repository, which travels with the bundle.
 #
 #   scripts/device-bundle.sh [DIR] [--uncompressed] [--no-vulkan]
 #     --uncompressed: plain binary and weights, for the dry run here
@@ -17,9 +17,9 @@ dir="${1:-.device}"
 mkdir -p "$dir"
 scripts/fetch-model.sh
 
-pack() { # pack BINARY NAME: stripped and xz-compressed into the bundle as NAME.xz
+pack() { # pack BINARY NAME: stripped and xz-compressed (x86 filter) into the bundle as NAME.xz
     strip -o "$dir/$2.stripped" "$1"
-    xz -6 -T0 -c "$dir/$2.stripped" >"$dir/$2.xz"
+    xz -T0 --x86 --lzma2=preset=9e -c "$dir/$2.stripped" >"$dir/$2.xz"
     rm -f "$dir/$2.stripped" "$dir/$2"
 }
 # The vulkan build first: it shares the target folder (its own artefacts beside the
@@ -48,18 +48,16 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "keel_model" and m.get("executable"):
         print(m["executable"])')
-if [[ -n "$tests" ]]; then
-    strip -o "$dir/model-tests" "$tests"
-    xz -6 -T0 -c "$dir/model-tests" >"$dir/model-tests.xz"
-    rm -f "$dir/model-tests"
-fi
+[[ -n "$tests" ]] && pack "$tests" model-tests
 
-# Variant texts as Keel renders them from the sample VCF, repeated to 16 000 lines with
-# a distinct suffix so the cache cannot answer them.
+# The check's texts (made there from the repository's sample VCF, as device_check.py
+# does: each rendered text repeated to 16 000 lines with a distinct suffix), here only
+# to know which vocabulary rows they use; the float64 reference is the repository's.
+texts="$(mktemp)"
+trap 'rm -f "$texts"' EXIT
 "$keel" texts data/test-haploidX.vcf 2>/dev/null \
-    | awk '{ t[NR] = $0 } END { for (i = 0; i < 16000; i++) print t[i % NR + 1] " #" i }' \
-    >"$dir/texts.txt"
-cp crates/model/tests/data/minilm-reference.jsonl "$dir/reference.jsonl"
+    | awk '{ t[NR] = $0 } END { for (i = 0; i < 16000; i++) print t[i % NR + 1] " #" i }' >"$texts"
+rm -f "$dir/texts.txt" "$dir/reference.jsonl"
 
 rm -rf "$dir/model"
 "$keel" convert models/all-MiniLM-L6-v2 "$dir/model" --precision f16
@@ -72,7 +70,7 @@ if [[ " $* " != *" --uncompressed "* ]]; then
     [[ -x "$py" ]] || python3 -m venv "$root/.cache/venv"
     "$py" -c 'import tokenizers, numpy' 2>/dev/null \
         || "$py" -m pip install --quiet tokenizers==0.22.2 numpy
-    "$py" scripts/tools/trim_vocab.py "$dir/model" "$dir/texts.txt" "$dir/reference.jsonl" \
+    "$py" scripts/tools/trim_vocab.py "$dir/model" "$texts" crates/model/tests/data/minilm-reference.jsonl \
         --rust-strings crates/model/src/calibration.rs
     xz -6 -T0 "$dir/model/model.safetensors"
 fi

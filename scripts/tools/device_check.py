@@ -8,7 +8,8 @@ developers' VMs) and Keel on all cores. Run through scripts/device-check.sh.
 usage: device_check.py BUNDLE OUT [--dry-run] [--budget-s=SECONDS]
   BUNDLE  a folder made by scripts/device-bundle.sh: keel (or keel.xz), optionally
           keel-vulkan.xz, model/ (MiniLM with f16 weights; model.safetensors may be .xz),
-          texts.txt (variant texts), reference.jsonl (20 texts with their float64 vectors).
+          optionally texts.txt (else made from data/test-haploidX.vcf) and reference.jsonl
+          (20 texts with their float64 vectors; else the repository's).
   OUT     where report.md and report.json go (report.json is rewritten after every step,
           so a run cut short still leaves what it measured).
   --dry-run  a few texts and one pass size, a software GPU adapter allowed: proves the
@@ -104,8 +105,26 @@ if DRY:
     BASE_ENV["KEEL_EMBEDDER__GPU__MAX_BATCH_ROWS"] = "4"
     BASE_ENV["KEEL_EMBEDDER__GPU__MAX_BATCH_TOKENS"] = "64"
 
-texts_all = [l.rstrip("\n") for l in open(os.path.join(BUNDLE, "texts.txt")) if l.strip()]
-reference = [json.loads(l) for l in open(os.path.join(BUNDLE, "reference.jsonl"))]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def bundled(name, fallback):
+    path = os.path.join(BUNDLE, name)
+    return path if os.path.exists(path) else os.path.join(ROOT, fallback)
+
+
+texts_path = os.path.join(BUNDLE, "texts.txt")
+if os.path.exists(texts_path):
+    texts_all = [l.rstrip("\n") for l in open(texts_path) if l.strip()]
+else:
+    # The variant texts of the repository's sample VCF, as Keel renders them, repeated to
+    # 16 000 with a distinct suffix so that no cache can answer them (device-bundle.sh
+    # zeroed the vocabulary rows these texts do not use).
+    rendered = subprocess.run([KEEL, "texts", os.path.join(ROOT, "data/test-haploidX.vcf")],
+                              capture_output=True, text=True, check=True).stdout.splitlines()
+    texts_all = [f"{rendered[i % len(rendered)]} #{i}" for i in range(16000)]
+reference = [json.loads(l) for l in open(bundled("reference.jsonl",
+                                                 "crates/model/tests/data/minilm-reference.jsonl"))]
 f64 = [r["embedding"] for r in reference]
 N = 24 if DRY else min(len(texts_all), 16000)
 texts = (texts_all * (N // max(len(texts_all), 1) + 1))[:N]
@@ -124,15 +143,21 @@ PRECISIONS = ["f32"] if DRY else ["f32", "f16"]
 CPU_PRECISIONS = ["f32", "bf16", "int8"]
 CPU_BATCHES = [4] if DRY else [25, 64, 256]
 GPU_PATHS = [("wgpu", KEEL)] + ([("vulkan", VULKAN)] if VULKAN else [])
-TWO_CORES = ["taskset", "-c", "0,1"] if shutil.which("taskset") and (os.cpu_count() or 1) > 2 else []
+
+
+def pin_two_cores():
+    """In the child before exec: cores 0 and 1 only (what `taskset -c 0,1` does)."""
+    if (os.cpu_count() or 1) > 2:
+        os.sched_setaffinity(0, {0, 1})
 report["texts"] = N
 report["bundle"] = {"vulkan_build": bool(VULKAN)}
 
 
-def run(cmd, env=None, stdin=None, timeout=None):
+def run(cmd, env=None, stdin=None, timeout=None, two_cores=False):
     timeout = timeout or max(10.0, min(300.0, left() + 5))
-    log("$", " ".join(cmd))
-    p = subprocess.run(cmd, env=env or BASE_ENV, stdin=stdin, capture_output=True, timeout=timeout)
+    log("$", " ".join(cmd), "(cores 0,1)" if two_cores else "")
+    p = subprocess.run(cmd, env=env or BASE_ENV, stdin=stdin, capture_output=True, timeout=timeout,
+                       preexec_fn=pin_two_cores if two_cores else None)
     err = p.stderr.decode(errors="replace")
     LOG.write(err[-20000:])
     if p.returncode != 0:
@@ -140,9 +165,9 @@ def run(cmd, env=None, stdin=None, timeout=None):
     return p.stdout, err
 
 
-def embed(path, backend, batch=None, precision="f32", fusion=True, binary=None, prefix=(),
+def embed(path, backend, batch=None, precision="f32", fusion=True, binary=None, two_cores=False,
           env_extra=None):
-    cmd = [*prefix, binary or KEEL, "embed", "--backend", backend, "--precision", precision]
+    cmd = [binary or KEEL, "embed", "--backend", backend, "--precision", precision]
     env = dict(BASE_ENV, **(env_extra or {}))
     # Kernel fusion is one setting per process: off, every operation is its own kernel.
     env["KEEL_EMBEDDER__GPU__FUSION"] = "true" if fusion else "false"
@@ -155,7 +180,7 @@ def embed(path, backend, batch=None, precision="f32", fusion=True, binary=None, 
         if not DRY:
             cmd += ["--gpu-batch-tokens", str(max(batch * 64, 4096))]
     with open(path, "rb") as f:
-        out, err = run(cmd, env=env, stdin=f)
+        out, err = run(cmd, env=env, stdin=f, two_cores=two_cores)
     vectors = [json.loads(l)["embedding"] for l in out.decode().splitlines()]
     # texts/s from the count and the seconds: the printed rate is rounded to a whole
     # number, 0 for a first pass that compiles its kernels on a loaded software adapter.
@@ -332,14 +357,15 @@ step("sentence-transformers cuda", 40, sentence_transformers_gpu)
 def two_cores_keel():
     for precision in CPU_PRECISIONS:
         for batch in CPU_BATCHES:
-            _, info = embed(cpu_texts, "cpu", batch, precision, prefix=TWO_CORES)
+            _, info = embed(cpu_texts, "cpu", batch, precision, two_cores=True,
+                            env_extra={"KEEL_EMBEDDER__CPU__WORKERS": "2"})
             row = {"precision": precision, "batch": batch, "texts_per_s": info["texts_per_s"],
                    "device": info["device"]}
             cpu["two_cores"]["keel"].append(row)
             log("keel embed (2 cores)", json.dumps(row))
 
 
-def peers(threads, prefix, into, scripts):
+def peers(threads, two_cores, into, scripts):
     def go():
         tools = os.path.dirname(os.path.abspath(__file__))
         env = dict(os.environ, BENCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
@@ -347,10 +373,11 @@ def peers(threads, prefix, into, scripts):
             if left() < 30:
                 report["skipped"].append(f"{script} {' '.join(extra)} on {threads} threads")
                 continue
-            cmd = [*prefix, sys.executable, os.path.join(tools, script), MODEL, cpu_texts, *extra,
+            cmd = [sys.executable, os.path.join(tools, script), MODEL, cpu_texts, *extra,
                    *map(str, CPU_BATCHES)]
-            log("$", " ".join(cmd))
-            p = subprocess.run(cmd, env=env, capture_output=True, timeout=max(10, min(300, left())))
+            log("$", " ".join(cmd), "(cores 0,1)" if two_cores else "")
+            p = subprocess.run(cmd, env=env, capture_output=True, timeout=max(10, min(300, left())),
+                               preexec_fn=pin_two_cores if two_cores else None)
             LOG.write(p.stdout.decode(errors="replace") + p.stderr.decode(errors="replace")[-5000:])
             for line in p.stdout.decode(errors="replace").splitlines():
                 if line.startswith(("onnxruntime", "openvino", "batch")):
@@ -370,7 +397,7 @@ ST_SCRIPTS = [("st_baseline.py", ["--bf16"]), ("st_baseline.py", [])]
 ORT_SCRIPTS = [("ort_baseline.py", [os.path.join(WORK, "ort")])]
 step("2 cores: keel embed", 40, two_cores_keel)
 if not DRY:
-    step("2 cores: sentence-transformers", 40, peers(2, TWO_CORES, cpu["two_cores"]["peers"], ST_SCRIPTS))
+    step("2 cores: sentence-transformers", 40, peers(2, True, cpu["two_cores"]["peers"], ST_SCRIPTS))
 
 
 # 6. keel serve: warm-up, throughput through DoExchange (keel produce; pyarrow if present),
@@ -466,8 +493,8 @@ def all_cores_keel():
 
 step("all cores: keel embed", 40, all_cores_keel)
 if not DRY:
-    step("all cores: peers", 60, peers(os.cpu_count(), [], cpu["peers"], ST_SCRIPTS))
-    step("2 cores: onnxruntime", 60, peers(2, TWO_CORES, cpu["two_cores"]["peers"], ORT_SCRIPTS))
+    step("all cores: peers", 60, peers(os.cpu_count(), False, cpu["peers"], ST_SCRIPTS))
+    step("2 cores: onnxruntime", 60, peers(2, True, cpu["two_cores"]["peers"], ORT_SCRIPTS))
 
 report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
 save()

@@ -258,6 +258,16 @@ mod gpu {
                 }
             },
         };
+        // A build with burn's SPIR-V compiler (feature `vulkan`) compiles `wgpu`'s kernels
+        // to SPIR-V too on Vulkan adapters, and those crash Mesa's software adapter.
+        if cfg!(feature = "vulkan") && chosen.0 == DeviceKind::Cpu {
+            return Err(ModelError::DeviceUnfit(format!(
+                "{}: a software adapter cannot run this binary's GPU kernels (it is built with the \
+                 `vulkan` feature, whose SPIR-V kernels crash software adapters); use a build \
+                 without it for software rendering",
+                chosen.1
+            )));
+        }
         tracing::info!(adapter = %chosen.1, fusion = options.fusion, "GPU adapter");
         set_fusion(options.fusion)?;
         if chosen.0 == DeviceKind::Cpu {
@@ -329,8 +339,7 @@ mod gpu {
 #[cfg(feature = "vulkan")]
 mod vulkan {
     use burn::tensor::{Device, DeviceKind};
-    use cubecl::Runtime;
-    use cubecl::wgpu::{WgpuBackend, WgpuDevice, WgpuDeviceKind, WgpuRuntime};
+    use cubecl::wgpu::{WgpuBackend, WgpuDevice, WgpuDeviceKind};
     use wgpu::{Backends, DeviceType, Instance, InstanceDescriptor};
 
     use super::{Backend, DeviceOptions, ModelDevice, Precision};
@@ -348,9 +357,21 @@ mod vulkan {
                 .collect();
         let describe = |a: &wgpu::AdapterInfo| format!("{}, {:?}, Vulkan", a.name, a.device_type);
         let chosen = [
-            (DeviceType::DiscreteGpu, DeviceKind::DiscreteGpu(0), WgpuDeviceKind::DiscreteGpu(0)),
-            (DeviceType::IntegratedGpu, DeviceKind::IntegratedGpu(0), WgpuDeviceKind::IntegratedGpu(0)),
-            (DeviceType::VirtualGpu, DeviceKind::VirtualGpu(0), WgpuDeviceKind::VirtualGpu(0)),
+            (
+                DeviceType::DiscreteGpu,
+                DeviceKind::DiscreteGpu(0),
+                WgpuDeviceKind::DiscreteGpu(0),
+            ),
+            (
+                DeviceType::IntegratedGpu,
+                DeviceKind::IntegratedGpu(0),
+                WgpuDeviceKind::IntegratedGpu(0),
+            ),
+            (
+                DeviceType::VirtualGpu,
+                DeviceKind::VirtualGpu(0),
+                WgpuDeviceKind::VirtualGpu(0),
+            ),
         ]
         .into_iter()
         .find_map(|(t, kind, wgpu_kind)| {
@@ -373,10 +394,12 @@ mod vulkan {
             )));
         };
         super::gpu::set_fusion(options.fusion)?;
-        let client = WgpuRuntime::client(&WgpuDevice {
+        // The compute client burn's device will use (one per device and graphics API).
+        let client = cubecl::Device::Wgpu(WgpuDevice {
             kind: wgpu_kind,
             backend: WgpuBackend::Vulkan,
-        });
+        })
+        .client();
         let compiler = client.name();
         if compiler != "wgpu<spirv>" {
             return Err(ModelError::DeviceUnfit(format!(

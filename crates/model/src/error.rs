@@ -44,7 +44,9 @@ pub enum ModelError {
     Precision(String),
     #[error("fusion: {0}")]
     Fusion(String),
-    #[error("backend {backend:?} is not compiled into this binary (build it with `cargo build --release --features {feature}`)")]
+    #[error(
+        "backend {backend:?} is not compiled into this binary (build it with `cargo build --release --features {feature}`)"
+    )]
     BackendUnavailable {
         backend: &'static str,
         feature: &'static str,
