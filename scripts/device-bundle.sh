@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds what scripts/device-check.sh carries to a GPU machine, into one folder
-# (default .device, git-ignored), at most 64 MiB: the release binary with the GPU backend
-# and a second one built with the `vulkan` feature (burn's SPIR-V path; both stripped,
-# xz-compressed), the model crate's test binary (the CPU kernel tests, for the host's AMX),
+# (default .device, git-ignored), about 50 MB (a device run carries at most 64 MiB with the
+# repository): the release binary with the GPU backend, a second one built with the
+# `vulkan` feature (burn's SPIR-V path) and the model crate's test binary (the CPU kernel
+# tests, for the host's AMX), stripped, in one xz stream (binaries.tar.xz),
 # MiniLM with f16 weights (`keel convert`; the vocabulary rows no text of the check uses
 # zeroed, then xz-compressed) and Debian's Vulkan loader as .debs. The texts and the
 # float64 reference come from the repository, which travels with the bundle.
@@ -17,29 +18,21 @@ dir="${1:-.device}"
 mkdir -p "$dir"
 scripts/fetch-model.sh
 
-pack() { # pack BINARY NAME: stripped and xz-compressed (x86 filter) into the bundle as NAME.xz
-    strip -o "$dir/$2.stripped" "$1"
-    xz -T0 --x86 --lzma2=preset=9e -c "$dir/$2.stripped" >"$dir/$2.xz"
-    rm -f "$dir/$2.stripped" "$dir/$2"
-}
+# The binaries go into one xz stream (x86 filter, a dictionary larger than a binary): the
+# two keel builds share most of their code, so the second costs a third of the first.
+stage="$(mktemp -d)"
+texts="$(mktemp)"
+trap 'rm -rf "$stage" "$texts"' EXIT
 # The vulkan build first: it shares the target folder (its own artefacts beside the
 # default build's), and the default build after it leaves its binary in target/release.
 if [[ " $* " != *" --no-vulkan "* ]]; then
     cargo build --release --features vulkan --bin keel
-    pack target/release/keel keel-vulkan
-else
-    rm -f "$dir/keel-vulkan.xz"
+    strip -o "$stage/keel-vulkan" target/release/keel
 fi
 # The same feature set as the tests' build (scripts/test.sh), so neither rebuilds burn.
 cargo build --release --features gpu --all-targets
 keel=target/release/keel
-if [[ " $* " == *" --uncompressed "* ]]; then
-    cp "$keel" "$dir/keel"
-    rm -f "$dir/keel.xz"
-else
-    pack "$keel" keel
-fi
-
+strip -o "$stage/keel" "$keel"
 # The model crate's unit tests (the CPU kernels, AMX forms included), for the host's CPUs.
 tests=$(cargo test --release --workspace --features gpu -p keel-model --lib --no-run \
     --message-format=json 2>/dev/null | python3 -c '
@@ -48,13 +41,17 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "keel_model" and m.get("executable"):
         print(m["executable"])')
-[[ -n "$tests" ]] && pack "$tests" model-tests
+[[ -n "$tests" ]] && strip -o "$stage/model-tests" "$tests"
+rm -f "$dir"/keel "$dir"/keel-vulkan "$dir"/model-tests "$dir"/*.xz "$dir/binaries.tar.xz"
+if [[ " $* " == *" --uncompressed "* ]]; then
+    cp "$stage"/* "$dir/"
+else
+    (cd "$stage" && tar cf - ./*) | xz -T1 --x86 --lzma2=preset=9e,dict=256MiB >"$dir/binaries.tar.xz"
+fi
 
 # The check's texts (made there from the repository's sample VCF, as device_check.py
 # does: each rendered text repeated to 16 000 lines with a distinct suffix), here only
 # to know which vocabulary rows they use; the float64 reference is the repository's.
-texts="$(mktemp)"
-trap 'rm -f "$texts"' EXIT
 "$keel" texts data/test-haploidX.vcf 2>/dev/null \
     | awk '{ t[NR] = $0 } END { for (i = 0; i < 16000; i++) print t[i % NR + 1] " #" i }' >"$texts"
 rm -f "$dir/texts.txt" "$dir/reference.jsonl"

@@ -6,8 +6,8 @@ precision against the float64 reference, Keel and its CPU peers pinned to 2 core
 developers' VMs) and Keel on all cores. Run through scripts/device-check.sh.
 
 usage: device_check.py BUNDLE OUT [--dry-run] [--budget-s=SECONDS]
-  BUNDLE  a folder made by scripts/device-bundle.sh: keel (or keel.xz), optionally
-          keel-vulkan.xz, model/ (MiniLM with f16 weights; model.safetensors may be .xz),
+  BUNDLE  a folder made by scripts/device-bundle.sh: binaries.tar.xz (keel, keel-vulkan,
+          model-tests) or those binaries plain, model/ (MiniLM with f16 weights; model.safetensors may be .xz),
           optionally texts.txt (else made from data/test-haploidX.vcf) and reference.jsonl
           (20 texts with their float64 vectors; else the repository's).
   OUT     where report.md and report.json go (report.json is rewritten after every step,
@@ -20,7 +20,7 @@ usage: device_check.py BUNDLE OUT [--dry-run] [--budget-s=SECONDS]
 Standard library only; sentence-transformers, torch and pyarrow are used when importable.
 A step that fails is recorded with its error and the next one runs.
 """
-import json, lzma, math, os, re, shutil, socket, subprocess, sys, tempfile, time, traceback
+import json, lzma, math, os, re, shutil, socket, subprocess, sys, tarfile, tempfile, time, traceback
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 DRY = "--dry-run" in sys.argv
@@ -75,17 +75,25 @@ def step(name, need_s, fn):
     save()
 
 
-def unpack(name, out_dir=WORK, mode=0o755):
-    plain = os.path.join(BUNDLE, name)
-    if os.path.exists(plain):
-        return plain
-    packed = plain + ".xz"
+# The binaries travel in one xz stream (device-bundle.sh); a dry run's bundle has them plain.
+if os.path.exists(os.path.join(BUNDLE, "binaries.tar.xz")):
+    with tarfile.open(os.path.join(BUNDLE, "binaries.tar.xz"), "r:xz") as tar:
+        tar.extractall(WORK, filter="data")
+
+
+def unpack(name):
+    """The bundle's binary `name` (plain, from binaries.tar.xz, or NAME.xz), or None."""
+    for path in (os.path.join(BUNDLE, name), os.path.join(WORK, name)):
+        if os.path.exists(path):
+            os.chmod(path, 0o755)
+            return path
+    packed = os.path.join(BUNDLE, name + ".xz")
     if not os.path.exists(packed):
         return None
-    out = os.path.join(out_dir, name)
+    out = os.path.join(WORK, name)
     with lzma.open(packed) as src, open(out, "wb") as dst:
         shutil.copyfileobj(src, dst)
-    os.chmod(out, mode)
+    os.chmod(out, 0o755)
     return out
 
 
