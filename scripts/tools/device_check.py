@@ -100,10 +100,14 @@ def unpack(name):
 KEEL = unpack("keel")
 VULKAN = unpack("keel-vulkan")
 # The model's weights travel xz-compressed (unused vocabulary rows zeroed): unpacked in place.
-WEIGHTS = os.path.join(MODEL, "model.safetensors")
-if not os.path.exists(WEIGHTS) and os.path.exists(WEIGHTS + ".xz"):
-    with lzma.open(WEIGHTS + ".xz") as src, open(WEIGHTS, "wb") as dst:
+# (Into a copy of the folder: the bundle stays as it came.)
+if not os.path.exists(os.path.join(MODEL, "model.safetensors")):
+    copy = os.path.join(WORK, "model")
+    shutil.copytree(MODEL, copy, ignore=shutil.ignore_patterns("*.xz"))
+    with lzma.open(os.path.join(MODEL, "model.safetensors.xz")) as src, \
+            open(os.path.join(copy, "model.safetensors"), "wb") as dst:
         shutil.copyfileobj(src, dst)
+    MODEL = copy
 # Every run: the bundle's model; on a dry run, a software adapter is accepted.
 BASE_ENV = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
 BASE_ENV["KEEL_EMBEDDER__MODEL_DIR"] = MODEL
