@@ -72,10 +72,12 @@ if [[ " $* " != *" --uncompressed "* ]]; then
     xz -6 -T0 "$dir/model/model.safetensors"
 fi
 
-# Debian's Vulkan loader, for GPU machines whose image lacks it.
+# Debian's Vulkan loader and GL dispatch libraries (the NVIDIA Vulkan ICD needs them), for
+# GPU machines whose image lacks them.
 mkdir -p "$dir/debs"
-if command -v apt-get >/dev/null 2>&1 && ! compgen -G "$dir/debs/libvulkan1_*.deb" >/dev/null; then
-    (cd "$dir/debs" && apt-get download libvulkan1 >/dev/null 2>&1) \
-        || echo "device-bundle: could not download libvulkan1 (the GPU machine must have the loader)" >&2
+if command -v apt-get >/dev/null 2>&1; then
+    (cd "$dir/debs" && apt-get download libvulkan1 libglvnd0 libegl1 libgl1 libglx0 libopengl0 \
+        libgles2 >/dev/null 2>&1) \
+        || echo "device-bundle: could not download the Vulkan loader (the GPU machine must have it)" >&2
 fi
 du -sh "$dir" "$dir"/* >&2

@@ -14,23 +14,34 @@ bundle="${1:?usage: device-check.sh BUNDLE OUT [--dry-run]}"
 out="${2:?usage: device-check.sh BUNDLE OUT [--dry-run]}"
 shift 2
 
-# The Vulkan loader: the bundle carries Debian's libvulkan1 as .debs for machines without it.
-# (Read whole, not piped into `grep -q`: under pipefail, grep's early exit would make
-# ldconfig die of SIGPIPE and the loader look missing.)
+# The Vulkan loader and the GL dispatch libraries the NVIDIA driver's Vulkan ICD loads
+# (libvulkan1, libglvnd0, libegl1, libgl1, libglx0, libopengl0, libgles2): the bundle
+# carries Debian's as .debs, unpacked where the machine's image lacks any of them.
+# (ldconfig's list is read whole, not piped into `grep -q`: under pipefail, grep's early
+# exit would make ldconfig die of SIGPIPE and the library look missing.)
 loaders="$(ldconfig -p 2>/dev/null || true)"
-if ! grep -q 'libvulkan\.so\.1' <<<"$loaders"; then
+missing=0
+for lib in libvulkan.so.1 libGLdispatch.so.0 libEGL.so.1 libGLX.so.0; do
+    grep -q "$lib" <<<"$loaders" || missing=1
+done
+if [[ $missing == 1 ]]; then
     if compgen -G "$bundle/debs/*.deb" >/dev/null; then
         for deb in "$bundle"/debs/*.deb; do dpkg -x "$deb" /; done
         ldconfig
-    else
+    elif ! grep -q 'libvulkan\.so\.1' <<<"$loaders"; then
         echo "device-check: no Vulkan loader (libvulkan.so.1) and no .debs in $bundle/debs" >&2
         exit 1
     fi
 fi
-# The NVIDIA driver's ICD where the container mounts it outside the usual paths.
+# The NVIDIA driver's ICD (and EGL vendor file) where the container mounts them outside
+# the usual paths.
 nvidia_icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 if [[ -z "${VK_DRIVER_FILES:-}" && -f "$nvidia_icd" ]]; then
     export VK_DRIVER_FILES="$nvidia_icd"
+fi
+nvidia_egl=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+if [[ -z "${__EGL_VENDOR_LIBRARY_FILENAMES:-}" && -f "$nvidia_egl" ]]; then
+    export __EGL_VENDOR_LIBRARY_FILENAMES="$nvidia_egl"
 fi
 export PYTHONUNBUFFERED=1
 exec python3 "$root/scripts/tools/device_check.py" "$bundle" "$out" "$@"

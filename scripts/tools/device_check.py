@@ -5,7 +5,7 @@ same run; then the host's CPUs: the kernel tests (AMX where the host has it), ev
 precision against the float64 reference, Keel and its CPU peers pinned to 2 cores (the
 developers' VMs) and Keel on all cores. Run through scripts/device-check.sh.
 
-usage: device_check.py BUNDLE OUT [--dry-run] [--budget-s=SECONDS]
+usage: device_check.py BUNDLE OUT [--dry-run] [--gpu-only] [--budget-s=SECONDS]
   BUNDLE  a folder made by scripts/device-bundle.sh: binaries.tar.xz (keel, keel-vulkan,
           model-tests) or those binaries plain, model/ (MiniLM with f16 weights; model.safetensors may be .xz),
           optionally texts.txt (else made from data/test-haploidX.vcf) and reference.jsonl
@@ -14,6 +14,7 @@ usage: device_check.py BUNDLE OUT [--dry-run] [--budget-s=SECONDS]
           so a run cut short still leaves what it measured).
   --dry-run  a few texts and one pass size, a software GPU adapter allowed: proves the
           script end to end on a machine without a GPU (Mesa's lavapipe).
+  --gpu-only  the GPU's steps only (parity, throughput, sentence-transformers, keel serve).
   --budget-s  seconds the whole check may take (default 520; a dry run 900): steps are
           taken most important first, and a step that would not fit is skipped and listed.
 
@@ -24,6 +25,8 @@ import json, lzma, math, os, re, shutil, socket, subprocess, sys, tarfile, tempf
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 DRY = "--dry-run" in sys.argv
+# Only the GPU's steps (and the CPU parity they compare against).
+GPU_ONLY = "--gpu-only" in sys.argv
 BUDGET = next((float(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--budget-s=")),
               900.0 if DRY else 520.0)
 T0 = time.monotonic()
@@ -55,9 +58,15 @@ def save():
         json.dump(report, f, indent=2)
 
 
+CPU_STEPS = ("kernel tests", "2 cores", "all cores")
+
+
 def step(name, need_s, fn):
     """Runs fn unless fewer than need_s seconds of the budget are left; a failure is
     recorded, not raised."""
+    if GPU_ONLY and name.startswith(CPU_STEPS):
+        report["skipped"].append(f"{name} (--gpu-only)")
+        return
     if left() < need_s:
         report["skipped"].append(f"{name} ({left():.0f} s left, needs ~{need_s} s)")
         log("skipped:", name)
@@ -279,14 +288,17 @@ def parity_cpu():
 def parity_gpu(backend, binary):
     def go():
         for precision in PRECISIONS:
-            got, info = embed(ref_file, backend, precision=precision, binary=binary)
+            # 20 texts: no warm-up of every pass shape (the throughput runs below do it).
+            got, info = embed(ref_file, backend, precision=precision, binary=binary,
+                              env_extra={"KEEL_EMBEDDER__GPU__WARM_UP": "false"})
             report["parity"][f"{backend}_{precision}_vs_cpu"] = compare(got, cpu_ref)
             report["parity"][f"{backend}_{precision}_vs_float64"] = compare(got, f64)
             report.setdefault("startup_s", {})[f"{backend}_{precision}"] = info["startup_s"]
             report.setdefault("adapters", {})[backend] = info["device"]
         if backend == "wgpu":
             # burn's fusion has had wrong-result reports on Vulkan (burn #5257): both ways.
-            got, _ = embed(ref_file, backend, fusion=False, binary=binary)
+            got, _ = embed(ref_file, backend, fusion=False, binary=binary,
+                           env_extra={"KEEL_EMBEDDER__GPU__WARM_UP": "false"})
             report["parity"]["wgpu_f32_no_fusion_vs_float64"] = compare(got, f64)
         log("parity", json.dumps({k: v for k, v in report["parity"].items() if k.startswith(backend)}))
     return go
@@ -437,7 +449,16 @@ def keel_serve():
     t0 = time.perf_counter()
     server = subprocess.Popen([KEEL, "serve"], env=serve_env, stderr=server_log)
     try:
-        action(addr, "health")
+        # Up once health answers; a server that exits (no adapter, say) ends the wait.
+        while True:
+            try:
+                run([KEEL, "action", "health", "--to", addr, "--body", "", "--wait", "5"])
+                break
+            except (RuntimeError, subprocess.TimeoutExpired):
+                if server.poll() is not None:
+                    raise RuntimeError(f"keel serve exited with {server.returncode} (see serve.log)")
+                if left() < 0:
+                    raise
         serve = {"ready_s": time.perf_counter() - t0}
         report["keel_serve"] = serve
         after_warm = action(addr, "stats")["embedder"]
