@@ -368,8 +368,9 @@ def sentence_transformers_gpu():
         torch.cuda.empty_cache()
 
 
+# f16 first: where the tensor cores (vulkan's cooperative matrices) can make a difference.
 for batch in BATCHES:
-    for precision in PRECISIONS:
+    for precision in sorted(PRECISIONS, key=lambda p: p != "f16"):
         for backend, binary in GPU_PATHS:
             step(f"keel embed {backend} {precision} {batch}", 25,
                  gpu_throughput(backend, binary, precision, batch))
