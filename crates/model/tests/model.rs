@@ -312,9 +312,36 @@ fn precisions_run_only_on_backends_with_their_kernels() {
         matches!(err, ModelError::Precision(_)) && err.to_string().contains("int8"),
         "{err}"
     );
+    let err = open(Backend::Vulkan, Precision::Bf16)
+        .err()
+        .expect("bf16 on vulkan");
+    assert!(matches!(err, ModelError::Precision(_)), "{err}");
+    assert!(Precision::F16.runs_on(Backend::Vulkan));
     assert_eq!("bf16".parse::<Precision>(), Ok(Precision::Bf16));
     assert_eq!("int8".parse::<Precision>(), Ok(Precision::Int8));
     assert!("fp8".parse::<Precision>().is_err());
+}
+
+/// `vulkan` in a build without the feature: one error naming the feature to build with,
+/// before any adapter is looked for (the test build has no `vulkan`: with it, cubecl would
+/// send the `wgpu` tests' kernels through SPIR-V, which crash the software adapter).
+#[cfg(not(feature = "vulkan"))]
+#[test]
+fn vulkan_without_its_feature_names_the_feature() {
+    let err = ModelDevice::open(
+        Backend::Vulkan,
+        DeviceOptions {
+            allow_software_gpu: true,
+            ..DeviceOptions::default()
+        },
+    )
+    .err()
+    .expect("no vulkan in this build");
+    assert!(
+        matches!(err, ModelError::BackendUnavailable { .. })
+            && err.to_string().contains("--features vulkan"),
+        "{err}"
+    );
 }
 
 #[test]

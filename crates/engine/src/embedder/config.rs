@@ -342,3 +342,31 @@ impl EmbedderConfig {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vulkan_runs_gpu_workers_only_and_keys_its_cache_apart() {
+        let mut c = EmbedderConfig {
+            backend: "vulkan".parse().unwrap(),
+            ..EmbedderConfig::default()
+        };
+        c.gpu.precision = Precision::F16;
+        let groups = c.groups();
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].backend, Backend::Vulkan);
+        assert!(c.uses_gpu() && !c.uses_cpu());
+        assert_eq!(c.precision_key(), "vulkan=F16");
+        c.validate().unwrap();
+        // The keys of the other backends are what they were (caches written before).
+        c.backend = Backends::Wgpu;
+        assert_eq!(c.precision_key(), "wgpu=F16");
+        c.backend = Backends::Both;
+        assert_eq!(c.precision_key(), "wgpu=F16,cpu=F32");
+        assert_eq!(c.groups()[0].backend, Backend::Wgpu);
+        let err = "cuda".parse::<Backends>().unwrap_err();
+        assert!(err.contains("vulkan"), "{err}");
+    }
+}
