@@ -16,25 +16,35 @@ use safetensors::{Dtype, SafeTensors};
 use crate::error::ModelError;
 
 /// How a converted copy stores its floating-point weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    serde::Deserialize,
+    serde::Serialize,
+    strum::EnumString,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(
+    serialize_all = "lowercase",
+    parse_err_ty = String,
+    parse_err_fn = unknown_stored_precision
+)]
 pub enum StoredPrecision {
     F32,
     F16,
     Bf16,
 }
 
-impl std::str::FromStr for StoredPrecision {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "f32" => Ok(Self::F32),
-            "f16" => Ok(Self::F16),
-            "bf16" => Ok(Self::Bf16),
-            other => Err(format!("unknown precision {other:?} (f32, f16 or bf16)")),
-        }
-    }
+fn unknown_stored_precision(other: &str) -> String {
+    use strum::VariantNames;
+    format!(
+        "unknown precision {other:?} ({})",
+        StoredPrecision::VARIANTS.join(", ")
+    )
 }
 
 /// Copies the model folder `src` to `dst` (created if missing; must not be `src`), with

@@ -12,8 +12,19 @@ use burn::tensor::Device;
 use crate::error::ModelError;
 
 /// Where the model runs. Chosen in configuration, resolved to a burn [`Device`] at run time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Deserialize,
+    serde::Serialize,
+    strum::IntoStaticStr,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "lowercase")]
 pub enum Backend {
     /// The host: Keel's own forward pass and kernels (AVX-512, AVX2 or portable, chosen
     /// at run time), multi-threaded through rayon.
@@ -30,17 +41,29 @@ pub enum Backend {
 
 impl Backend {
     pub fn name(self) -> &'static str {
-        match self {
-            Backend::Cpu => "cpu",
-            Backend::Wgpu => "wgpu",
-            Backend::Vulkan => "vulkan",
-        }
+        self.into()
     }
 }
 
 /// What the model's matrix products, attention and GELU compute in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Deserialize,
+    serde::Serialize,
+    strum::IntoStaticStr,
+    strum::EnumString,
+)]
 #[serde(rename_all = "snake_case")]
+#[strum(
+    serialize_all = "lowercase",
+    parse_err_ty = String,
+    parse_err_fn = unknown_precision
+)]
 pub enum Precision {
     /// 32-bit floats everywhere: within 1e-4 of the float64 reference.
     #[default]
@@ -68,29 +91,12 @@ impl Precision {
     }
 
     pub fn name(self) -> &'static str {
-        match self {
-            Precision::F32 => "f32",
-            Precision::F16 => "f16",
-            Precision::Bf16 => "bf16",
-            Precision::Int8 => "int8",
-        }
+        self.into()
     }
 }
 
-impl std::str::FromStr for Precision {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "f32" => Ok(Self::F32),
-            "f16" => Ok(Self::F16),
-            "bf16" => Ok(Self::Bf16),
-            "int8" => Ok(Self::Int8),
-            other => Err(format!(
-                "unknown precision {other:?} (f32; f16 on wgpu or vulkan; bf16 or int8 on cpu)"
-            )),
-        }
-    }
+fn unknown_precision(other: &str) -> String {
+    format!("unknown precision {other:?} (f32; f16 on wgpu or vulkan; bf16 or int8 on cpu)")
 }
 
 /// What a backend needs beyond its name.

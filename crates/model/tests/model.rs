@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 
 use keel_model::{
     Backend, BatchLimits, DeviceOptions, ModelDevice, ModelError, Precision, SentenceModel,
+    StoredPrecision,
 };
 
 /// This crate's folder (`crates/model`).
@@ -317,9 +318,37 @@ fn precisions_run_only_on_backends_with_their_kernels() {
         .expect("bf16 on vulkan");
     assert!(matches!(err, ModelError::Precision(_)), "{err}");
     assert!(Precision::F16.runs_on(Backend::Vulkan));
-    assert_eq!("bf16".parse::<Precision>(), Ok(Precision::Bf16));
-    assert_eq!("int8".parse::<Precision>(), Ok(Precision::Int8));
-    assert!("fp8".parse::<Precision>().is_err());
+    // One name per variant for configuration (serde), flags (FromStr) and reports (name).
+    for p in [
+        Precision::F32,
+        Precision::F16,
+        Precision::Bf16,
+        Precision::Int8,
+    ] {
+        assert_eq!(
+            serde_json::to_string(&p).unwrap(),
+            format!("\"{}\"", p.name())
+        );
+        assert_eq!(p.name().parse::<Precision>(), Ok(p));
+    }
+    for b in [Backend::Cpu, Backend::Wgpu, Backend::Vulkan] {
+        assert_eq!(
+            serde_json::to_string(&b).unwrap(),
+            format!("\"{}\"", b.name())
+        );
+    }
+    for s in [
+        StoredPrecision::F32,
+        StoredPrecision::F16,
+        StoredPrecision::Bf16,
+    ] {
+        let name = serde_json::to_string(&s).unwrap();
+        assert_eq!(name.trim_matches('"').parse::<StoredPrecision>(), Ok(s));
+    }
+    let err = "fp8".parse::<Precision>().unwrap_err();
+    assert!(err.contains("bf16 or int8 on cpu"), "{err}");
+    let err = "fp8".parse::<StoredPrecision>().unwrap_err();
+    assert!(err.contains("f32, f16, bf16"), "{err}");
 }
 
 /// `vulkan` in a build without the feature: one error naming the feature to build with,

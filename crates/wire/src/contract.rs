@@ -159,8 +159,9 @@ pub struct SearchResponse {
 }
 
 /// How an index's graph keeps its vectors (and so how it compares them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
 pub enum Quantization {
     F32,
     F16,
@@ -172,12 +173,7 @@ pub enum Quantization {
 
 impl Quantization {
     pub fn name(self) -> &'static str {
-        match self {
-            Self::F32 => "f32",
-            Self::F16 => "f16",
-            Self::Int8 => "int8",
-            Self::Binary => "binary",
-        }
+        self.into()
     }
 
     /// Bytes of one vector of `d` dimensions in the graph.

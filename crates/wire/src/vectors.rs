@@ -32,9 +32,24 @@ use crate::WireError;
 /// The name of the column of int8 vectors' scales.
 pub const SCALE_COLUMN: &str = "embedding_scale";
 
-/// The number type of a stream's (or a dataset's) vectors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+/// The number type of a stream's (or a dataset's) vectors. Its names (`f32`, `f16`,
+/// `int8`, `binary`) are serde's, `Display`'s and `FromStr`'s alike.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    Default,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
 pub enum VectorPrecision {
     #[default]
     F32,
@@ -45,24 +60,7 @@ pub enum VectorPrecision {
 
 impl VectorPrecision {
     pub fn name(self) -> &'static str {
-        match self {
-            Self::F32 => "f32",
-            Self::F16 => "f16",
-            Self::Int8 => "int8",
-            Self::Binary => "binary",
-        }
-    }
-
-    fn parse(name: &str) -> Option<Self> {
-        [Self::F32, Self::F16, Self::Int8, Self::Binary]
-            .into_iter()
-            .find(|p| p.name() == name)
-    }
-}
-
-impl std::fmt::Display for VectorPrecision {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+        self.into()
     }
 }
 
@@ -164,8 +162,9 @@ impl VectorFormat {
             other => return Err(format!("`embedding` is {other}")),
         };
         let precision = match (meta.get("keel.precision"), from_type) {
-            (Some(name), _) => VectorPrecision::parse(name)
-                .ok_or_else(|| format!("unknown keel.precision {name:?}"))?,
+            (Some(name), _) => name
+                .parse::<VectorPrecision>()
+                .map_err(|_| format!("unknown keel.precision {name:?}"))?,
             (None, Some((p, _))) => p,
             (None, None) => return Err("a binary `embedding` without keel.precision".into()),
         };
@@ -620,6 +619,10 @@ mod tests {
             VectorPrecision::Int8,
             VectorPrecision::Binary,
         ] {
+            // The wire's name (schema metadata, serde) and the parsed one agree.
+            let name = serde_json::to_string(&precision).unwrap();
+            assert_eq!(name, format!("\"{precision}\""));
+            assert_eq!(precision.name().parse::<VectorPrecision>(), Ok(precision));
             let format = VectorFormat {
                 precision,
                 dimensions: 10,

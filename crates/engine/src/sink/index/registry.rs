@@ -1,20 +1,5 @@
-//! Approximate nearest-neighbour indexes of stored datasets: USearch's HNSW graph over
-//! the dataset's vectors (f32, f16, int8 or binary, optionally through a PCA projection),
-//! with the candidates it finds rescored against the stored vectors.
-//!
-//! Files, beside the dataset's parts (`data_dir/NAME/`):
-//! - `index.json`: the manifest (parameters, rows covered, the graph file's name). It is
-//!   written last, by a rename: a crash leaves the previous index whole;
-//! - `index-GENERATION.usearch`: the graph and its vectors (keys = dataset row numbers);
-//! - `index.vectors`: every covered row's stored vector, packed at a fixed width (row `r`
-//!   at `r × width`), read by position to rescore candidates. On disk, not in memory.
-//!
-//! An index covers the dataset's first `rows` rows. Rows appended later (DoPut) are added
-//! by the indexer thread; until they are, a search scans them exactly, so a search never
-//! misses a stored row. Indexes are loaded on first use; their memory (USearch's own
-//! count) is reported, and all of them together stay under `storage.index.max_bytes`: a
-//! build that would pass it is refused, and an index that reaches it stops growing (its
-//! later rows are scanned exactly).
+//! Every dataset's index: loaded on first use, built on request, grown by the indexer
+//! thread as rows are appended, saved by generation with the manifest renamed last.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -24,285 +9,21 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use keel_wire::vectors::{VectorFormat, VectorPrecision, pack_signs, quantize_int8};
+use keel_wire::vectors::VectorFormat;
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
-use usearch::{Index, MetricKind, ScalarKind, b1x8};
+use usearch::Index;
 
-use super::config::{IndexConfig, Quantization};
-use super::reduce::Projection;
-use super::store::{DatasetStore, SinkError};
+use super::IndexOptions;
+use super::format::{
+    IndexReport, MANIFEST, Manifest, VECTORS, graph_options, invalid_data, per_row_bytes,
+};
+use super::graph::{DatasetIndex, threads};
+use crate::sink::config::IndexConfig;
+use crate::sink::reduce::Projection;
+use crate::sink::store::{DatasetStore, SinkError};
 
-const MANIFEST: &str = "index.json";
-const VECTORS: &str = "index.vectors";
 /// Rows read from the dataset per batch while building or growing.
 const READ_ROWS: usize = 8192;
-/// Searches that may run on one index at once beside its writers (USearch keeps one
-/// context per concurrent caller).
-const SEARCH_THREADS: usize = 16;
-
-/// How to build an index (the `index` action's options): part of the client contract.
-pub use keel_wire::contract::IndexOptions;
-
-/// What is kept about an index (`index.json`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Manifest {
-    pub quantization: Quantization,
-    pub projection: Option<String>,
-    pub connectivity: usize,
-    pub expansion_add: usize,
-    pub expansion_search: usize,
-    pub rescore: usize,
-    /// Dimensions of the graph's vectors.
-    pub dimensions: usize,
-    /// The dataset's vectors (the layout of `index.vectors`).
-    pub precision: VectorPrecision,
-    pub dataset_dimensions: usize,
-    /// Dataset rows the saved graph covers (null rows included: they have no key).
-    pub rows: u64,
-    /// The graph file, `index-GENERATION.usearch`.
-    pub graph: String,
-    pub build_seconds: f64,
-}
-
-/// What `stats`, `GetFlightInfo` and the `index` action say about an index.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct IndexReport {
-    pub dataset: String,
-    pub quantization: Quantization,
-    pub projection: Option<String>,
-    pub dimensions: usize,
-    pub connectivity: usize,
-    pub rescore: usize,
-    /// Dataset rows covered (later rows are scanned exactly until added).
-    pub rows: u64,
-    /// Vectors in the graph (rows less null ones).
-    pub vectors: u64,
-    /// Memory the graph and its vectors hold (USearch's count).
-    pub memory_bytes: u64,
-    /// Bytes per vector in the graph.
-    pub vector_bytes: usize,
-    /// Bytes per row of `index.vectors`, on disk.
-    pub rescore_bytes: usize,
-    pub build_seconds: f64,
-    /// Whether it stopped growing at `storage.index.max_bytes`.
-    pub full: bool,
-    /// Whether it is in memory now (loaded on first search).
-    pub loaded: bool,
-}
-
-/// One dataset's loaded index.
-pub struct DatasetIndex {
-    dataset: String,
-    dir: PathBuf,
-    manifest: Mutex<Manifest>,
-    graph: Index,
-    /// The dataset's vector format.
-    format: VectorFormat,
-    projection: Option<Projection>,
-    vectors: File,
-    /// Rows in the graph and in `index.vectors` (searches trust keys below it).
-    covered: AtomicU64,
-    /// Rows covered when the graph was last saved.
-    saved: AtomicU64,
-    full: AtomicBool,
-    /// Searches in the graph now (at most SEARCH_THREADS: USearch has a context each).
-    searching: (Mutex<usize>, Condvar),
-}
-
-/// A search's turn in the graph; the next waiting one goes on when it drops.
-struct Turn<'a>(&'a (Mutex<usize>, Condvar));
-
-impl<'a> Turn<'a> {
-    fn take(gate: &'a (Mutex<usize>, Condvar)) -> Self {
-        let mut busy = gate.0.lock().unwrap_or_else(|e| e.into_inner());
-        while *busy >= SEARCH_THREADS {
-            busy = gate.1.wait(busy).unwrap_or_else(|e| e.into_inner());
-        }
-        *busy += 1;
-        Self(gate)
-    }
-}
-
-impl Drop for Turn<'_> {
-    fn drop(&mut self) {
-        *self.0.0.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
-        self.0.1.notify_one();
-    }
-}
-
-/// A candidate: cosine (or its estimate) and dataset row.
-pub type Scored = (f32, u64);
-
-/// What a search of the graph found.
-#[derive(Debug)]
-pub struct IndexHits {
-    /// The best rows, best first (ties: lower row first).
-    pub best: Vec<Scored>,
-    /// Candidates the graph gave (and were rescored).
-    pub candidates: u64,
-    /// Rows the graph covered for this search; later rows need an exact scan.
-    pub covered: u64,
-}
-
-impl DatasetIndex {
-    pub fn covered(&self) -> u64 {
-        self.covered.load(Ordering::Acquire)
-    }
-
-    pub fn report(&self) -> IndexReport {
-        let m = self.manifest.lock().unwrap_or_else(|e| e.into_inner());
-        IndexReport {
-            dataset: self.dataset.clone(),
-            quantization: m.quantization,
-            projection: m.projection.clone(),
-            dimensions: m.dimensions,
-            connectivity: m.connectivity,
-            rescore: m.rescore,
-            rows: self.covered(),
-            vectors: self.graph.size() as u64,
-            memory_bytes: self.graph.memory_usage() as u64,
-            vector_bytes: m.quantization.vector_bytes(m.dimensions),
-            rescore_bytes: self.format.packed_bytes(),
-            build_seconds: m.build_seconds,
-            full: self.full.load(Ordering::Relaxed),
-            loaded: true,
-        }
-    }
-
-    fn options(m: &Manifest) -> usearch::IndexOptions {
-        usearch::IndexOptions {
-            dimensions: m.dimensions,
-            metric: if m.quantization == Quantization::Binary {
-                MetricKind::Hamming
-            } else {
-                MetricKind::Cos
-            },
-            quantization: match m.quantization {
-                Quantization::F32 => ScalarKind::F32,
-                Quantization::F16 => ScalarKind::F16,
-                Quantization::Int8 => ScalarKind::I8,
-                Quantization::Binary => ScalarKind::B1,
-            },
-            connectivity: m.connectivity,
-            expansion_add: m.expansion_add,
-            expansion_search: m.expansion_search,
-            multi: false,
-        }
-    }
-
-    /// A dataset vector (as decoded) in the graph's space: projected, or as it is.
-    fn to_graph(&self, v: &[f32]) -> Vec<f32> {
-        match &self.projection {
-            Some(p) => p.project(v),
-            None => v.to_vec(),
-        }
-    }
-
-    fn add(&self, key: u64, v: &[f32]) -> Result<(), String> {
-        let q = self.quantization();
-        let result = match q {
-            Quantization::F32 | Quantization::F16 => self.graph.add::<f32>(key, v),
-            Quantization::Int8 => self.graph.add::<i8>(key, &quantize_int8(v).0),
-            Quantization::Binary => {
-                let mut bits = vec![0u8; v.len().div_ceil(8)];
-                pack_signs(v, &mut bits);
-                self.graph.add::<b1x8>(key, b1x8::from_u8s(&bits))
-            }
-        };
-        result.map_err(|e| e.to_string())
-    }
-
-    fn quantization(&self) -> Quantization {
-        self.manifest
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .quantization
-    }
-
-    /// The graph's `count` nearest keys to `query` (already in the graph's space), with
-    /// their estimated cosines.
-    fn graph_search(&self, query: &[f32], count: usize) -> Result<Vec<Scored>, String> {
-        let d = query.len() as f32;
-        let q = self.quantization();
-        let matches = match q {
-            Quantization::F32 | Quantization::F16 => self.graph.search::<f32>(query, count),
-            Quantization::Int8 => self.graph.search::<i8>(&quantize_int8(query).0, count),
-            Quantization::Binary => {
-                let mut bits = vec![0u8; query.len().div_ceil(8)];
-                pack_signs(query, &mut bits);
-                self.graph.search::<b1x8>(b1x8::from_u8s(&bits), count)
-            }
-        }
-        .map_err(|e| e.to_string())?;
-        Ok(matches
-            .keys
-            .iter()
-            .zip(&matches.distances)
-            .map(|(&k, &dist)| {
-                let score = match q {
-                    // Hamming: the cosine of two ±1 vectors.
-                    Quantization::Binary => 1.0 - 2.0 * dist / d,
-                    _ => 1.0 - dist,
-                };
-                (score, k)
-            })
-            .collect())
-    }
-
-    /// The `k` best of the covered rows for `query` (the model's vector cut to the
-    /// dataset's dimensions): the graph's candidates (`expansion` wide, at least
-    /// `rescore` and `k` of them), rescored against the stored vectors when `rescore` > 0.
-    pub fn search(
-        &self,
-        query: &[f32],
-        k: usize,
-        rescore: Option<usize>,
-        expansion: Option<usize>,
-    ) -> Result<IndexHits, SinkError> {
-        let covered = self.covered();
-        let (rescore, default_expansion) = {
-            let m = self.manifest.lock().unwrap_or_else(|e| e.into_inner());
-            (rescore.unwrap_or(m.rescore), m.expansion_search)
-        };
-        let count = k.max(rescore);
-        let expansion = expansion.unwrap_or(default_expansion).max(count);
-        if self.graph.expansion_search() != expansion {
-            self.graph.change_expansion_search(expansion);
-        }
-        let graph_query = self.to_graph(query);
-        let turn = Turn::take(&self.searching);
-        let found = self.graph_search(&graph_query, count);
-        drop(turn);
-        let mut found = found.map_err(|e| {
-            SinkError::NotSearchable(format!("{}: index search: {e}", self.dataset))
-        })?;
-        // Keys being added right now are not yet covered: the exact tail scan has them.
-        found.retain(|&(_, row)| row < covered);
-        let candidates = found.len() as u64;
-        if rescore > 0 {
-            let width = self.format.packed_bytes();
-            let mut buf = vec![0u8; width];
-            for (score, row) in found.iter_mut() {
-                self.vectors
-                    .read_exact_at(&mut buf, *row * width as u64)
-                    .map_err(|source| SinkError::Io {
-                        path: self.dir.join(VECTORS),
-                        source,
-                    })?;
-                *score = self.format.packed_cosine(&buf, query);
-            }
-        }
-        found.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        found.truncate(k);
-        Ok(IndexHits {
-            best: found,
-            candidates,
-            covered,
-        })
-    }
-}
 
 /// Every dataset's index: loaded on first use, grown by an indexer thread as DoPut
 /// appends rows, saved every `save_every_rows` rows and at shutdown.
@@ -518,7 +239,7 @@ impl Indexes {
     /// Opens a saved index (the graph loaded into memory).
     fn open(&self, name: &str, manifest: Manifest) -> Result<DatasetIndex, SinkError> {
         let dir = self.dir(name);
-        let graph = Index::new(&DatasetIndex::options(&manifest))
+        let graph = Index::new(&graph_options(&manifest))
             .map_err(|e| SinkError::NotSearchable(format!("{name}: index: {e}")))?;
         let graph_path = dir.join(&manifest.graph);
         graph
@@ -624,7 +345,7 @@ impl Indexes {
             )));
         };
         let dir = self.dir(name);
-        let graph = Index::new(&DatasetIndex::options(&manifest))
+        let graph = Index::new(&graph_options(&manifest))
             .map_err(|e| SinkError::NotSearchable(format!("{name}: index: {e}")))?;
         graph
             .reserve_capacity_and_threads(info.rows as usize, threads())
@@ -840,23 +561,6 @@ impl Indexes {
     }
 }
 
-/// Memory one row takes in a graph, about: its vector, its level-0 links, bookkeeping.
-fn per_row_bytes(m: &Manifest) -> u64 {
-    (m.quantization.vector_bytes(m.dimensions) + 2 * m.connectivity * 4 + 48) as u64
-}
-
-/// Concurrent callers a graph is ready for: the build's threads and searches.
-fn threads() -> usize {
-    rayon::current_num_threads() + SEARCH_THREADS
-}
-
-fn invalid_data(path: &Path, e: impl std::fmt::Display) -> SinkError {
-    SinkError::Io {
-        path: path.to_path_buf(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -867,6 +571,7 @@ mod tests {
     use keel_wire::vectors::{VectorFormat, VectorPrecision};
 
     use super::*;
+    use crate::sink::config::Quantization;
     use crate::sink::search::{SearchMode, SearchOptions, nearest};
 
     const D: usize = 48;
