@@ -42,9 +42,11 @@ class LocalKeel:
         self.tls_root_certs = open(tls_cert, "rb").read() if tls_cert else None
         self.address = (f"grpc+tls://localhost:{self.port}" if tls_cert
                         else f"grpc://127.0.0.1:{self.port}")
-        #: The HTTP front (OpenAI's embeddings API), on a free port of its own.
+        #: The HTTP front (OpenAI's embeddings API), on a free port of its own (https://
+        #: with `tls_cert`, as Flight).
         self.http_port = free_port()
-        self.http_address = f"http://127.0.0.1:{self.http_port}"
+        self.http_address = (f"https://localhost:{self.http_port}" if tls_cert
+                             else f"http://127.0.0.1:{self.http_port}")
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="keel-local-")
         full_env = dict(os.environ)
         full_env.update({"KEEL_SERVER__LISTEN": f"127.0.0.1:{self.port}",

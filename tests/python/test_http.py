@@ -90,3 +90,25 @@ def test_a_wrong_model_raises_not_found_naming_the_served_one(client):
 
 def test_models_list_names_the_served_model(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_the_front_serves_https_with_flights_certificate(start_keel, tmp_path):
+    """With server.tls set, the front speaks TLS with the same certificate; a client that
+    trusts it gets the same vectors, and plain HTTP is not answered."""
+    import subprocess
+    import httpx
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
+    keel = start_keel(tls_cert=str(cert), tls_key=str(key))
+    assert keel.http_address.startswith("https://")
+    with httpx.Client(verify=str(cert), timeout=60) as http:
+        client = openai.OpenAI(base_url=keel.http_address + "/v1", api_key="unused", http_client=http)
+        got = client.embeddings.create(model=MODEL, input=TEXTS[:2])
+        assert [len(d.embedding) for d in got.data] == [384, 384]
+        assert http.get(keel.http_address + "/health").status_code == 200
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{keel.http_port}/health", timeout=5)
+

@@ -196,18 +196,10 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
 }
 
 impl Running {
-    /// Also serves the HTTP front (OpenAI's embeddings API, TEI's `/embed`) on `listener`.
-    /// Not with `server.tls` (the front has no TLS of its own yet): a warning says so.
+    /// Also serves the HTTP front (OpenAI's embeddings API, TEI's `/embed`) on `listener`,
+    /// over TLS with Flight's certificate where `server.tls` is set.
     pub fn with_http(mut self, listener: tokio::net::TcpListener) -> Self {
-        let tls = &self.engine.settings.server.tls;
-        if tls.cert.is_some() {
-            tracing::warn!(
-                "the HTTP front is not served: server.tls is set and the front has no TLS of \
-                 its own yet (put a TLS proxy before it, or set http.enabled: false)"
-            );
-        } else {
-            self.http = Some(listener);
-        }
+        self.http = Some(listener);
         self
     }
 

@@ -122,6 +122,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let config = state.settings.http.clone();
+    let tls = state.settings.server.tls.clone();
     let model_dir = state.settings.embedder.model_dir.clone();
     let spec = ModelSpec::from_dir(&model_dir)?;
     let tokenizer = state.pipeline.embedder().tokenizer().clone();
@@ -154,9 +155,97 @@ pub async fn serve(
             )
         })
         .with_state(front);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => serve_tls(listener, app, tls_config(cert, key)?, shutdown).await,
+        _ => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await?;
+            Ok(())
+        }
+    }
+}
+
+/// rustls' server configuration from PEM files (Flight's `server.tls`), HTTP/1.1 only.
+fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<Arc<tokio_rustls::rustls::ServerConfig>> {
+    use anyhow::Context;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("server.tls.cert: {}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("server.tls.key: {}", key.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("server.tls: the certificate or key is not usable")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The front over TLS: each accepted connection is handshaken (10 s at most) and served
+/// by hyper on its own task; on `shutdown` no connection is accepted and open ones finish
+/// the request they are on (30 s at most).
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    config: Arc<tokio_rustls::rustls::ServerConfig>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::debug!(error = %e, "HTTP front: accept failed");
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, http, app, watcher) = (
+            acceptor.clone(),
+            http.clone(),
+            app.clone(),
+            graceful.watcher(),
+        );
+        tokio::spawn(async move {
+            let Ok(Ok(stream)) =
+                tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+            else {
+                tracing::debug!(%peer, "HTTP front: TLS handshake failed or timed out");
+                return;
+            };
+            let connection =
+                http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+            if let Err(e) = watcher.watch(connection).await {
+                tracing::debug!(%peer, error = %e, "HTTP front: connection ended");
+            }
+        });
+    }
+    if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP front: connections still open 30 s after shutdown; dropped");
+    }
     Ok(())
 }
 
