@@ -328,3 +328,54 @@ async fn the_http_front_checks_flights_bearer_tokens() {
     .unwrap();
     server.stop().await;
 }
+
+/// `POST /v1/search` is the `search` action over HTTP: the stored rows nearest a text, and
+/// Flight's statuses as HTTP's (400 a bad body or k, 404 an unknown dataset).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_over_http_finds_what_the_action_finds() {
+    use futures::TryStreamExt;
+    let server = TestServer::start(|_| {}).await;
+    let mut client = server.client().await;
+    let texts = [
+        "BRCA1 chr17:43045712 G>A missense_variant",
+        "TP53 chr17:7674220 C>T stop_gained",
+        "CFTR chr7:117559590 ATCT>A inframe_deletion",
+    ];
+    let rows: Vec<Option<&str>> = texts.iter().map(|t| Some(*t)).collect();
+    let descriptor =
+        arrow_flight::FlightDescriptor::new_path(vec!["datasets".into(), "genes".into()]);
+    let put = arrow_flight::encode::FlightDataEncoderBuilder::new()
+        .with_flight_descriptor(Some(descriptor))
+        .build(futures::stream::iter([Ok(text_batch(&rows))]));
+    let acks: Vec<_> = client
+        .do_put(put)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(!acks.is_empty());
+    let addr = server.http_addr;
+    let body = json!({"dataset": "genes", "text": "TP53 stop_gained", "k": 2});
+    let via_action = crate::common::action(&mut client, "search", &body.to_string()).await;
+    let (status, found) = tokio::task::spawn_blocking(move || post(addr, "/v1/search", None, body))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["results"][0]["text"], texts[1], "{found}");
+    assert_eq!(found["results"], via_action["results"]);
+    let cases = [
+        (json!({"dataset": "genes"}), 400),
+        (json!({"dataset": "genes", "text": "x", "k": 0}), 400),
+        (json!({"dataset": "nowhere", "text": "x", "k": 1}), 404),
+    ];
+    for (body, expected) in cases {
+        let (status, answer) =
+            tokio::task::spawn_blocking(move || post(addr, "/v1/search", None, body))
+                .await
+                .unwrap();
+        assert_eq!(status, expected, "{answer}");
+        assert!(answer["error"]["message"].is_string(), "{answer}");
+    }
+    server.stop().await;
+}

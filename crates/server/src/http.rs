@@ -1,5 +1,6 @@
 //! The HTTP front: OpenAI's embeddings API (`POST /v1/embeddings`, `GET /v1/models`) and
-//! Text Embeddings Inference's `POST /embed`, beside `GET /health` and `GET /info`, on the
+//! Text Embeddings Inference's `POST /embed`, the `search` action as `POST /v1/search`,
+//! beside `GET /health` and `GET /info`, on the
 //! same engine as Flight: the same cache keys, embedder queue (a request of few rows takes
 //! the fast lane), in-flight bound and bearer tokens (`auth`).
 //!
@@ -145,13 +146,14 @@ pub async fn serve(
         .route("/embeddings", post(embeddings))
         .route("/embed", post(tei_embed))
         .route("/v1/models", get(models))
+        .route("/v1/search", post(search))
         .route("/health", get(health))
         .route("/info", get(info))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
-                "no such route; try POST /v1/embeddings, POST /embed, GET /v1/models, \
-                 GET /health or GET /info",
+                "no such route; try POST /v1/embeddings, POST /embed, POST /v1/search, \
+                 GET /v1/models, GET /health or GET /info",
             )
         })
         .with_state(front);
@@ -247,6 +249,66 @@ async fn serve_tls(
         tracing::warn!("HTTP front: connections still open 30 s after shutdown; dropped");
     }
     Ok(())
+}
+
+/// `POST /v1/search`: the `search` action over HTTP, its JSON in and out
+/// (`{"dataset", "text", "k", "mode", "rescore", "expansion"}`, docs/FLIGHT.md), the
+/// query embedded through the same cache and queue; Flight's statuses become HTTP's.
+async fn search(State(front): State<Arc<Front>>, request: Request) -> Response {
+    let started = Instant::now();
+    let result = async {
+        front.authorize(request.headers())?;
+        let body = front.body(request).await?;
+        let max_k = front.state.settings.server.search_max_k;
+        let action =
+            crate::flight::actions::Action::parse("search", &body, max_k).map_err(from_status)?;
+        let work = action.run(&front.state);
+        let timeout = Duration::from_millis(front.config.queue_timeout_ms);
+        match tokio::time::timeout(timeout, work).await {
+            Ok(answer) => answer.map_err(from_status),
+            Err(_) => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the engine is saturated: no answer within http.queue_timeout_ms ({} ms); \
+                     retry later",
+                    front.config.queue_timeout_ms
+                ),
+            )),
+        }
+    }
+    .await;
+    match result {
+        Ok(json) => {
+            record("/v1/search", started, 1);
+            (
+                StatusCode::OK,
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                json,
+            )
+                .into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A Flight status as the HTTP error that means the same.
+fn from_status(status: tonic::Status) -> ApiError {
+    use tonic::Code;
+    let http = match status.code() {
+        Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
+            StatusCode::BAD_REQUEST
+        }
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::ResourceExhausted | Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError::new(http, status.message().to_string())
 }
 
 /// Records a request's route, latency and inputs.
