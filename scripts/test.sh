@@ -49,9 +49,9 @@ fi
 # package (python/), grpcio's health checker, Ray Data (the fleet test) and OpenAI's own
 # Python client (the HTTP front's test), under pytest.
 venv="${KEEL_TEST_VENV:-$root/.cache/venv}"
-if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import pyarrow.flight, numpy, grpc_health, ray.data, openai, pytest" 2>/dev/null; then
+if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import pyarrow.flight, numpy, grpc_health, ray.data, openai, httpx, pytest" 2>/dev/null; then
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "pyarrow>=20" numpy grpcio-health-checking "ray[data]>=2.9" "openai==3.60.0" "pytest>=8"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "pyarrow>=20" numpy grpcio-health-checking "ray[data]>=2.9" "openai==3.60.0" httpx "pytest>=8"
 fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --force-reinstall ./python
 # The integration tests built target/release/keel already (with the test build's feature
