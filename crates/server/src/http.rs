@@ -290,7 +290,10 @@ async fn search(State(front): State<Arc<Front>>, request: Request) -> Response {
             )
                 .into_response()
         }
-        Err(e) => e.into_response(),
+        Err(e) => {
+            record("/v1/search", started, 0);
+            e.into_response()
+        }
     }
 }
 
