@@ -45,13 +45,24 @@ if ! command -v openssl >/dev/null 2>&1; then
     command -v openssl >/dev/null 2>&1 || { echo "test: openssl is needed (apt-get install openssl)" >&2; exit 1; }
 fi
 
+# The Spark test runs pyspark, which runs the machine's Java (17 or newer).
+if ! command -v java >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+        (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless) >/dev/null 2>&1 \
+            || sudo -n apt-get install -y -qq openjdk-17-jre-headless >/dev/null 2>&1 || true
+    fi
+    command -v java >/dev/null 2>&1 \
+        || { echo "test: Java 17+ is needed (apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
+fi
+
 # pyarrow, the client Keel's users have, in a venv of its own, with Keel's own client
-# package (python/), grpcio's health checker, Ray Data (the fleet test) and OpenAI's own
-# Python client (the HTTP front's test), under pytest.
+# package (python/), grpcio's health checker, Ray Data (the fleet test), OpenAI's own Python
+# client and LangChain's (the HTTP front's tests) and pyspark (the Spark test), under pytest.
 venv="${KEEL_TEST_VENV:-$root/.cache/venv}"
-if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import pyarrow.flight, numpy, grpc_health, ray.data, openai, httpx, pytest" 2>/dev/null; then
+if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import pyarrow.flight, numpy, grpc_health, ray.data, openai, httpx, langchain_openai, pyspark, pytest" 2>/dev/null; then
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "pyarrow>=20" numpy grpcio-health-checking "ray[data]>=2.9" "openai==3.60.0" httpx "pytest>=8"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "pyarrow>=20" numpy grpcio-health-checking "ray[data]>=2.9" "openai==3.60.0" httpx \
+        "langchain-openai==1.8.1" "pyspark==4.0.1" "pytest>=8"
 fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --force-reinstall ./python
 # The integration tests built target/release/keel already (with the test build's feature

@@ -1,6 +1,7 @@
 """A Keel client over Arrow Flight, with pyarrow only."""
 from __future__ import annotations
 
+import collections
 import json
 import os
 import threading
@@ -220,6 +221,117 @@ class KeelClient:
                 raise KeelError(str(e), _code(e), address) from e
         raise KeelError(f"no Keel server answered ({', '.join(self.addresses)}): {last}",
                         _code(last) if last else "Unavailable", "")
+
+    def embed_stream(
+        self,
+        batches: Iterable[pa.RecordBatch],
+        *,
+        text_column: Optional[str] = None,
+        template: Optional[str] = None,
+        first: int = 0,
+    ) -> Iterator[pa.RecordBatch]:
+        """Embeds a stream of record batches through ONE DoExchange, yielding the answer's
+        batches (every row with its `embedding`, in order) as the server sends them.
+
+        Memory: the rows sent and not yet answered (Keel bounds those), never the whole
+        stream. If the server goes away, only those rows (then the rest of the stream) go
+        to the next address (`addresses[first]` first), so every row comes back exactly
+        once. Closing the generator early cancels the exchange.
+        """
+        command = self._command(text_column, template)
+        source = iter(batches)
+        head = next(source, None)
+        if head is None:
+            return
+        # Input batches sent (or being sent) whose rows are not yet answered, oldest first.
+        pending: "collections.deque[pa.RecordBatch]" = collections.deque([head])
+        tries = len(self.addresses) * (self.retries + 1)
+        last: Optional[BaseException] = None
+        for k in range(tries):
+            address = self.addresses[(first + k) % len(self.addresses)]
+            try:
+                yield from self._exchange_stream(address, head.schema, pending, source, command)
+                return
+            except _RETRYABLE as e:
+                last = e
+                self._forget(address)
+            except (flight.FlightError, pa.ArrowException) as e:
+                raise KeelError(str(e), _code(e), address) from e
+        raise KeelError(f"no Keel server answered ({', '.join(self.addresses)}): {last}",
+                        _code(last) if last else "Unavailable", "")
+
+    def _exchange_stream(self, address: str, schema: pa.Schema,
+                         pending: "collections.deque[pa.RecordBatch]",
+                         source: Iterator[pa.RecordBatch],
+                         command: EmbedCommand) -> Iterator[pa.RecordBatch]:
+        """One DoExchange of `pending`, then of what `source` still holds (each batch
+        joins `pending` before it is written), on a writer thread; answered rows leave
+        `pending` as they are read here."""
+        client = self._client(address)
+        writer, reader = client.do_exchange(embed_descriptor(command), options=self._options)
+        lock = threading.Lock()
+        failure: List[BaseException] = []
+        source_failure: List[BaseException] = []
+
+        def write() -> None:
+            try:
+                writer.begin(schema)
+                with lock:
+                    resend = list(pending)
+                for b in resend:
+                    writer.write_batch(b)
+                while True:
+                    try:
+                        b = next(source, None)
+                    except BaseException as e:  # noqa: BLE001 - the caller's data failed
+                        source_failure.append(e)
+                        break
+                    if b is None:
+                        break
+                    with lock:
+                        pending.append(b)
+                    writer.write_batch(b)
+                writer.done_writing()
+            except BaseException as e:  # noqa: BLE001 - the reader has the server's reason
+                failure.append(e)
+
+        t = threading.Thread(target=write, daemon=True)
+        t.start()
+        finished = False
+        try:
+            for chunk in reader:
+                out = chunk.data
+                n = out.num_rows
+                with lock:
+                    while n > 0 and pending:
+                        b = pending[0]
+                        if b.num_rows <= n:
+                            n -= b.num_rows
+                            pending.popleft()
+                        else:
+                            pending[0] = b.slice(n)
+                            n = 0
+                    while pending and pending[0].num_rows == 0:
+                        pending.popleft()
+                if out.num_rows:
+                    yield out
+            finished = True
+        finally:
+            if not finished:
+                reader.cancel()
+            t.join()
+            try:
+                writer.close()
+            except (flight.FlightError, pa.ArrowException):
+                pass
+        if source_failure:
+            raise source_failure[0]
+        if failure:
+            raise failure[0]
+        left = sum(b.num_rows for b in pending)
+        if left:
+            raise KeelError(f"{address} ended the exchange with {left} rows unanswered",
+                            "Internal", address)
 
     def embed(
         self,

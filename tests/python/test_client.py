@@ -117,6 +117,32 @@ def test_grpc_health_says_serving(servers):
     assert status == {"": "SERVING", "arrow.flight.protocol.FlightService": "SERVING"}, status
 
 
+def test_a_stream_outlives_its_server_and_answers_every_row_once(start_keel, servers, client):
+    doomed = start_keel()
+    fleet = KeelClient([doomed.address, servers[0].address], timeout=120)
+    rows = 4000
+
+    def source():
+        for i in range(0, rows, 100):
+            if i == 1500:  # mid-stream: 1 500 rows sent, some of them answered
+                doomed.proc.kill()
+                doomed.proc.wait()
+            ids = list(range(i, i + 100))
+            yield pa.record_batch({"id": ids, "text": [f"stream row {j} GENE{j % 29}" for j in ids]})
+
+    out = pa.Table.from_batches(list(fleet.embed_stream(source())))
+    assert out.column("id").to_pylist() == list(range(rows))
+    assert out.column("text").to_pylist()[1499:1502] == [f"stream row {j} GENE{j % 29}" for j in (1499, 1500, 1501)]
+    first = out.slice(1495, 10).select(["id", "text"])
+    assert np.allclose(vectors(out.slice(1495, 10)), vectors(client.embed(first)), atol=1e-6)
+
+    # A consumer that stops early cancels the exchange; the client stays usable.
+    stream = client.embed_stream(iter(TABLE.to_batches(max_chunksize=50)))
+    assert next(stream).num_rows > 0
+    stream.close()
+    assert client.embed(TABLE.slice(0, 3)).num_rows == 3
+
+
 def test_two_servers_share_a_table_and_one_killed_mid_run_loses_nothing(servers, client, embedded):
     a, b = servers
     fleet = KeelClient([a.address, b.address], timeout=120, batch_rows=100)

@@ -1,6 +1,7 @@
 """Keel's HTTP front with the real `openai` Python package (OpenAI's own client), the way
 a retrieval app or notebook would call it, against DoExchange's vectors."""
 import base64
+import ssl
 
 import numpy as np
 import openai
@@ -104,7 +105,7 @@ def test_the_front_serves_https_with_flights_certificate(start_keel, tmp_path):
                     "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
     keel = start_keel(tls_cert=str(cert), tls_key=str(key))
     assert keel.http_address.startswith("https://")
-    with httpx.Client(verify=str(cert), timeout=60) as http:
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(cert)), timeout=60) as http:
         client = openai.OpenAI(base_url=keel.http_address + "/v1", api_key="unused", http_client=http)
         got = client.embeddings.create(model=MODEL, input=TEXTS[:2])
         assert [len(d.embedding) for d in got.data] == [384, 384]
@@ -112,3 +113,17 @@ def test_the_front_serves_https_with_flights_certificate(start_keel, tmp_path):
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{keel.http_port}/health", timeout=5)
 
+
+
+def test_langchains_openai_embeddings_against_keel(keel, reference):
+    """LangChain's `OpenAIEmbeddings` pointed at Keel (base URL, key, model), as docs/HTTP.md
+    shows: documents and a query get DoExchange's vectors."""
+    from langchain_openai import OpenAIEmbeddings
+
+    embeddings = OpenAIEmbeddings(model=MODEL, base_url=keel.http_address + "/v1", api_key=TOKEN,
+                                  check_embedding_ctx_length=False)
+    documents = embeddings.embed_documents(TEXTS)
+    assert len(documents) == len(TEXTS)
+    assert cosines(documents, reference).min() >= 0.99999
+    query = embeddings.embed_query(TEXTS[1])
+    assert cosines([query], reference[1:2]).min() >= 0.99999
