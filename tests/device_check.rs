@@ -117,6 +117,12 @@ fn the_device_check_dry_run_writes_a_full_report() {
             .contains("--features vulkan"),
         "{report}"
     );
+    // What `backend: auto` picks there, with its reason.
+    let auto = report["auto"]["keel"].as_str().unwrap();
+    assert!(
+        auto.contains("auto picks") && auto.contains("not vulkan"),
+        "{report}"
+    );
     assert_eq!(report["errors"], serde_json::json!({}), "{report}");
     let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
     assert!(

@@ -423,3 +423,85 @@ fn fusion_is_one_setting_per_process() {
         Ok(_) => panic!("fusion off accepted in a process where it is on"),
     }
 }
+
+/// `backend: auto` on this machine: with a hardware GPU it picks a GPU backend; on a
+/// software adapter only (lavapipe in CI) it picks `wgpu` where `gpu.allow_software` says
+/// so and `cpu` otherwise, and says why in one line either way.
+#[test]
+fn auto_picks_the_gpu_backend_the_machine_offers_and_says_why() {
+    use keel_engine::embedder::config::EmbedderConfig;
+    let hardware = ModelDevice::open(Backend::Wgpu, DeviceOptions::default()).is_ok();
+    let resolve = |allow_software: bool| {
+        let mut c = EmbedderConfig {
+            backend: Backends::Auto,
+            ..EmbedderConfig::default()
+        };
+        c.gpu.allow_software = allow_software;
+        let choice = c.resolve_backend();
+        assert_eq!(choice.configured, Backends::Auto);
+        assert_eq!(c.backend, choice.picked, "the config holds what was picked");
+        assert!(c.groups().iter().all(|g| g.workers > 0));
+        choice
+    };
+    let strict = resolve(false);
+    let lenient = resolve(true);
+    if hardware {
+        assert_ne!(strict.picked, Backends::Cpu, "{}", strict.why);
+        return;
+    }
+    assert_eq!(strict.picked, Backends::Cpu, "{}", strict.why);
+    assert!(
+        strict.why.contains("allow_software") && strict.why.contains("not vulkan"),
+        "{}",
+        strict.why
+    );
+    if cfg!(feature = "vulkan") {
+        // A vulkan build refuses software adapters for wgpu too (its SPIR-V kernels crash them).
+        assert_eq!(lenient.picked, Backends::Cpu, "{}", lenient.why);
+    } else {
+        assert_eq!(lenient.picked, Backends::Wgpu, "{}", lenient.why);
+        assert!(
+            lenient.why.contains(", Cpu,"),
+            "the software adapter named: {}",
+            lenient.why
+        );
+    }
+    // Any other value is kept as configured.
+    let mut c = EmbedderConfig::default();
+    let kept = c.resolve_backend();
+    assert_eq!(
+        (kept.picked, kept.why.as_str()),
+        (Backends::Cpu, "configured")
+    );
+}
+
+/// `keel serve` with `backend: auto` runs what was picked and says so in `stats`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_auto_reports_what_it_picked_and_why() {
+    let hardware = ModelDevice::open(Backend::Wgpu, DeviceOptions::default()).is_ok();
+    let server = TestServer::start(|s| s.embedder.backend = Backends::Auto).await;
+    let mut client = server.client().await;
+    let stats = action(&mut client, "stats", "").await;
+    let (backend, why) = (
+        &stats["embedder"]["backend"],
+        &stats["embedder"]["backend_why"],
+    );
+    if !hardware {
+        assert_eq!(backend, "cpu", "{stats}");
+        assert!(why.as_str().unwrap().contains("not wgpu"), "{why}");
+        assert!(
+            stats["embedder"]["device"]
+                .as_str()
+                .unwrap()
+                .starts_with("host")
+        );
+    } else {
+        assert_ne!(backend, "cpu", "{stats}");
+    }
+    assert_eq!(
+        server.settings.embedder.backend,
+        Backends::Auto,
+        "as configured"
+    );
+    server.stop().await;
+}

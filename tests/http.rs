@@ -11,7 +11,7 @@ use base64::Engine as _;
 use keel_server::config::{AuthMode, Secret};
 use serde_json::{Value, json};
 
-use crate::common::{TestServer, embed_path, exchange, repo_root, text_batch};
+use crate::common::{TestServer, action, embed_path, exchange, repo_root, text_batch};
 
 /// One request on its own connection: (status, body as JSON or a string).
 fn call(
@@ -377,5 +377,140 @@ async fn search_over_http_finds_what_the_action_finds() {
         assert_eq!(status, expected, "{answer}");
         assert!(answer["error"]["message"].is_string(), "{answer}");
     }
+    server.stop().await;
+}
+
+/// The front and Flight are one engine: a text embedded over HTTP is a cache hit for a
+/// later HTTP request and for a DoExchange, and a text a DoExchange embedded is a hit
+/// over HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_and_flight_share_one_cache() {
+    let server = TestServer::start(|_| {}).await;
+    let addr = server.http_addr;
+    let mut client = server.client().await;
+    let hits = |s: &Value| s["cache"]["hits"].as_u64().unwrap();
+    let first = "LDLR chr19:11113380 G>A missense_variant (shared cache)";
+    let body = json!({"model": "all-MiniLM-L6-v2", "input": first});
+    let (status, _) = tokio::task::spawn_blocking({
+        let body = body.clone();
+        move || post(addr, "/v1/embeddings", None, body)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let before = hits(&action(&mut client, "stats", "").await);
+    let (status, _) = tokio::task::spawn_blocking(move || post(addr, "/v1/embeddings", None, body))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let after_http = hits(&action(&mut client, "stats", "").await);
+    assert_eq!(after_http, before + 1, "the second HTTP request hit");
+    exchange(&mut client, embed_path(), vec![text_batch(&[Some(first)])])
+        .await
+        .unwrap();
+    let after_flight = hits(&action(&mut client, "stats", "").await);
+    assert_eq!(after_flight, after_http + 1, "DoExchange hit HTTP's vector");
+
+    let second = "APOE chr19:44908684 T>C missense_variant (shared cache)";
+    exchange(&mut client, embed_path(), vec![text_batch(&[Some(second)])])
+        .await
+        .unwrap();
+    let before = hits(&action(&mut client, "stats", "").await);
+    let (status, _) = tokio::task::spawn_blocking(move || {
+        post(addr, "/embed", None, json!({"inputs": [second]}))
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let after = hits(&action(&mut client, "stats", "").await);
+    assert_eq!(after, before + 1, "TEI's /embed hit DoExchange's vector");
+    server.stop().await;
+}
+
+/// Clients that leave mid-body, 200 requests at once, and an engine saturated past
+/// `http.queue_timeout_ms`: every answer is a status (never a hung connection), a
+/// saturated one is 503 with `Retry-After`, and the server is healthy after all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_front_survives_departures_crowds_and_saturation() {
+    let server = TestServer::start(|s| s.http.queue_timeout_ms = 60_000).await;
+    let addr = server.http_addr;
+    tokio::task::spawn_blocking(move || {
+        // 20 clients announce 1 MB and leave after 10 KB.
+        for _ in 0..20 {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            let head = "POST /v1/embeddings HTTP/1.1\r\nHost: keel\r\n\
+                        Content-Type: application/json\r\nContent-Length: 1048576\r\n\r\n";
+            s.write_all(head.as_bytes()).unwrap();
+            s.write_all(&[b' '; 10 * 1024]).unwrap();
+            drop(s);
+        }
+        // 200 requests at once, 40 distinct texts among them.
+        let threads: Vec<_> = (0..200)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    post(
+                        addr,
+                        "/v1/embeddings",
+                        None,
+                        json!({"model": "all-MiniLM-L6-v2",
+                               "input": format!("GENE{} crowd request missense_variant", i % 40)}),
+                    )
+                })
+            })
+            .collect();
+        let mut statuses = std::collections::BTreeMap::new();
+        for t in threads {
+            let (status, body) = t.join().unwrap();
+            if status == 200 {
+                assert_eq!(body["data"][0]["embedding"].as_array().unwrap().len(), 384);
+            }
+            *statuses.entry(status).or_insert(0) += 1;
+        }
+        assert_eq!(
+            statuses.get(&200),
+            Some(&200),
+            "every request answered: {statuses:?}"
+        );
+        let (status, _) = call(addr, "GET", "/health", None, b"");
+        assert_eq!(status, 200, "healthy after the crowd");
+    })
+    .await
+    .unwrap();
+    let stats = action(&mut server.client().await, "stats", "").await;
+    assert_eq!(
+        stats["in_flight_rows"], 0,
+        "nothing left in flight: {stats}"
+    );
+    server.stop().await;
+
+    // An engine that cannot answer within 1 ms: 503, Retry-After, OpenAI's shape.
+    let server = TestServer::start(|s| s.http.queue_timeout_ms = 1).await;
+    let addr = server.http_addr;
+    tokio::task::spawn_blocking(move || {
+        let texts: Vec<String> = (0..64)
+            .map(|i| format!("saturated {i} BRCA2 chr13:32316461 A>G"))
+            .collect();
+        let body = json!({"model": "all-MiniLM-L6-v2", "input": texts}).to_string();
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        let head = format!(
+            "POST /v1/embeddings HTTP/1.1\r\nHost: keel\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(body.as_bytes()).unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        assert!(raw.starts_with("HTTP/1.1 503"), "{raw}");
+        assert!(
+            raw.to_ascii_lowercase().contains("\r\nretry-after: 1\r\n"),
+            "{raw}"
+        );
+        assert!(raw.contains("http.queue_timeout_ms"), "{raw}");
+        let (status, _) = call(addr, "GET", "/health", None, b"");
+        assert_eq!(status, 200);
+    })
+    .await
+    .unwrap();
     server.stop().await;
 }

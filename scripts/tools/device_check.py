@@ -313,6 +313,20 @@ def vulkan_refusal():
     report["vulkan_refusal"] = {"exit": p.returncode, "message": err[-1] if err else ""}
 
 
+def auto_choice():
+    # What `backend: auto` picks on this machine, in each binary (keel validate opens no model).
+    report["auto"] = {}
+    for name, binary in (("keel", KEEL), ("keel-vulkan", VULKAN)):
+        if not binary:
+            continue
+        p = subprocess.run([binary, "validate"], env=dict(BASE_ENV, KEEL_EMBEDDER__BACKEND="auto"),
+                           capture_output=True, timeout=120)
+        line = [l for l in p.stdout.decode(errors="replace").splitlines() if "auto picks" in l]
+        report["auto"][name] = line[0] if line else f"exit {p.returncode}: {p.stderr.decode(errors='replace')[-300:]}"
+        log("auto", name, report["auto"][name])
+
+
+step("auto", 5, auto_choice)
 step("parity cpu", 20, parity_cpu)
 for backend, binary in GPU_PATHS:
     step(f"parity {backend}", 60, parity_gpu(backend, binary))
@@ -553,6 +567,8 @@ for name, adapter in report.get("adapters", {}).items():
 if "vulkan_refusal" in report:
     r = report["vulkan_refusal"]
     lines.append(f"- vulkan in this bundle's binary: refused (exit {r['exit']}): {r['message']}")
+for name, line in report.get("auto", {}).items():
+    lines.append(f"- backend auto ({name}): {line}")
 lines += ["", "## Parity", "", "| comparison | max abs diff | min cosine |", "|---|---|---|"]
 for k, v in report["parity"].items():
     lines.append(f"| {k} | {v['max_abs_diff']:.2e} | {v['min_cosine']:.7f} |")

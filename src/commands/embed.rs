@@ -29,7 +29,7 @@ pub struct EmbedArgs {
     /// Model folder (overrides embedder.model_dir).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Where the model runs: cpu, wgpu, vulkan or both (overrides embedder.backend).
+    /// Where the model runs: cpu, wgpu, vulkan, both or auto (overrides embedder.backend).
     #[arg(long)]
     backend: Option<Backends>,
     /// Most texts in one forward pass (overrides embedder.cpu.max_batch_rows and
@@ -57,6 +57,10 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
     let e = &mut settings.embedder;
     if let Some(backend) = args.backend {
         e.backend = backend;
+    }
+    let choice = e.resolve_backend();
+    if choice.configured == Backends::Auto {
+        tracing::info!(picked = choice.picked.name(), why = %choice.why, "backend: auto");
     }
     if let Some(batch) = args.batch {
         e.cpu.max_batch_rows = batch;

@@ -13,11 +13,20 @@ pub struct ValidateArgs {
 }
 
 pub fn run(args: ValidateArgs) -> anyhow::Result<()> {
-    let settings = Settings::load(args.config.config.as_deref())?;
+    let mut settings = Settings::load(args.config.config.as_deref())?;
     if args.print {
         println!("{}", serde_json::to_string_pretty(&settings)?);
     }
     eprintln!("keel validate: configuration is valid");
+    // What `backend: auto` picks on this machine (it opens no model).
+    let choice = settings.embedder.resolve_backend();
+    if choice.configured == keel_engine::embedder::config::Backends::Auto {
+        println!(
+            "embedder.backend: auto picks {} on this machine: {}",
+            choice.picked.name(),
+            choice.why
+        );
+    }
     // With the model at hand, the peak its memory can reach (docs/OPERATIONS.md): what a
     // container's memory limit is sized from.
     let dir = &settings.embedder.model_dir;

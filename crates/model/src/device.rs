@@ -179,6 +179,45 @@ impl ModelDevice {
     }
 }
 
+/// What `backend: auto` picked on this machine, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutoBackend {
+    pub backend: Backend,
+    /// One line: the adapter chosen and what it offers, or why each faster backend was
+    /// passed over.
+    pub why: String,
+}
+
+/// The backend this machine and build run the model best on: `vulkan` where a hardware
+/// GPU's Vulkan driver compiles burn's SPIR-V and offers cooperative matrices (tensor
+/// cores) and the binary has the backend (feature `vulkan`); else `wgpu` on a hardware GPU,
+/// or on a software adapter when `allow_software` (tests); else `cpu`. It looks at the
+/// adapters and, for `vulkan`, opens the device to read its features; it runs no kernel.
+pub fn choose_backend(allow_software: bool) -> AutoBackend {
+    let vulkan = match vulkan::probe() {
+        Ok(adapter) => {
+            return AutoBackend {
+                backend: Backend::Vulkan,
+                why: format!("{adapter}: cooperative matrices (tensor cores)"),
+            };
+        }
+        Err(why) => why,
+    };
+    let wgpu = match gpu::probe(allow_software) {
+        Ok(adapter) => {
+            return AutoBackend {
+                backend: Backend::Wgpu,
+                why: format!("{adapter}; not vulkan: {vulkan}"),
+            };
+        }
+        Err(why) => why,
+    };
+    AutoBackend {
+        backend: Backend::Cpu,
+        why: format!("not vulkan: {vulkan}; not wgpu: {wgpu}"),
+    }
+}
+
 /// `host (f32, avx512 kernels)`, `host (int8, avx2 kernels)`, ... (bf16 on AVX-512 names
 /// its form: `avx512 vdpbf16ps` or `avx512 widened-fma`): which kernels run.
 fn host_adapter(precision: Precision) -> String {
@@ -221,7 +260,37 @@ mod gpu {
     /// Picks a hardware adapter (discrete, then integrated, then virtual), or a software
     /// one when allowed; burn's `DeviceKind` indexes adapters of one type in the order
     /// wgpu enumerates them, which is the order used here.
+    /// The adapter `wgpu` would run on, for `backend: auto`: `Err` says why none.
+    pub(super) fn probe(allow_software: bool) -> Result<String, String> {
+        pick(allow_software)
+            .map(|(_, adapter)| adapter)
+            .map_err(|e| e.to_string())
+    }
+
     pub(super) fn open(options: DeviceOptions) -> Result<ModelDevice, ModelError> {
+        let chosen = pick(options.allow_software_gpu)?;
+        tracing::info!(adapter = %chosen.1, fusion = options.fusion, "GPU adapter");
+        set_fusion(options.fusion)?;
+        if chosen.0 == DeviceKind::Cpu {
+            tune_lightly();
+        }
+        let device = Device::wgpu(chosen.0);
+        if options.precision == Precision::F16 && !device.supports_dtype(burn::tensor::DType::F16) {
+            return Err(ModelError::Precision(format!(
+                "the adapter {} cannot compute in f16 (no shader-f16 support); use precision: f32",
+                chosen.1
+            )));
+        }
+        Ok(ModelDevice {
+            backend: Backend::Wgpu,
+            device,
+            adapter: chosen.1,
+            precision: options.precision,
+        })
+    }
+
+    /// burn's device kind and the adapter's description, for the adapter `wgpu` runs on.
+    fn pick(allow_software: bool) -> Result<(DeviceKind, String), ModelError> {
         let backends = Backends::VULKAN | Backends::METAL | Backends::DX12;
         let instance = Instance::new(InstanceDescriptor {
             backends,
@@ -254,12 +323,12 @@ mod gpu {
         let chosen = match chosen {
             Some(c) => c,
             None => match pick(DeviceType::Cpu) {
-                Some((_, a)) if options.allow_software_gpu => (DeviceKind::Cpu, describe(a)),
+                Some((_, a)) if allow_software => (DeviceKind::Cpu, describe(a)),
                 _ => {
                     let found: Vec<String> = adapters.iter().map(describe).collect();
                     return Err(ModelError::NoGpu {
                         found,
-                        software_allowed: options.allow_software_gpu,
+                        software_allowed: allow_software,
                     });
                 }
             },
@@ -274,24 +343,7 @@ mod gpu {
                 chosen.1
             )));
         }
-        tracing::info!(adapter = %chosen.1, fusion = options.fusion, "GPU adapter");
-        set_fusion(options.fusion)?;
-        if chosen.0 == DeviceKind::Cpu {
-            tune_lightly();
-        }
-        let device = Device::wgpu(chosen.0);
-        if options.precision == Precision::F16 && !device.supports_dtype(burn::tensor::DType::F16) {
-            return Err(ModelError::Precision(format!(
-                "the adapter {} cannot compute in f16 (no shader-f16 support); use precision: f32",
-                chosen.1
-            )));
-        }
-        Ok(ModelDevice {
-            backend: Backend::Wgpu,
-            device,
-            adapter: chosen.1,
-            precision: options.precision,
-        })
+        Ok(chosen)
     }
 
     /// burn fuses chains of element-wise operations (and matmul epilogues) into single
@@ -351,7 +403,70 @@ mod vulkan {
     use super::{Backend, DeviceOptions, ModelDevice, Precision};
     use crate::error::ModelError;
 
+    /// The adapter `vulkan` would run on with cooperative matrices, for `backend: auto`:
+    /// `Err` says why not.
+    pub(super) fn probe() -> Result<String, String> {
+        let (_, wgpu_kind, adapter) = pick().map_err(|e| e.to_string())?;
+        let (compiler, tensor_cores) = inspect(wgpu_kind);
+        if compiler != "wgpu<spirv>" {
+            return Err(format!(
+                "{adapter}: the driver lacks the features burn's SPIR-V compiler needs"
+            ));
+        }
+        if !tensor_cores {
+            return Err(format!("{adapter}: no cooperative matrices"));
+        }
+        Ok(format!("{adapter}, SPIR-V"))
+    }
+
+    /// The compute client burn's device will use (one per device and graphics API): its
+    /// compiler's name and whether it offers cooperative-matrix matmuls.
+    fn inspect(wgpu_kind: WgpuDeviceKind) -> (String, bool) {
+        let client = cubecl::Device::Wgpu(WgpuDevice {
+            kind: wgpu_kind,
+            backend: WgpuBackend::Vulkan,
+        })
+        .client();
+        let tensor_cores = !client.properties().features.matmul.cmma.is_empty();
+        (client.name().to_string(), tensor_cores)
+    }
+
     pub(super) fn open(options: DeviceOptions) -> Result<ModelDevice, ModelError> {
+        let (kind, wgpu_kind, adapter) = pick()?;
+        super::gpu::set_fusion(options.fusion)?;
+        let (compiler, tensor_cores) = inspect(wgpu_kind);
+        if compiler != "wgpu<spirv>" {
+            return Err(ModelError::DeviceUnfit(format!(
+                "{adapter}: the Vulkan driver lacks the features burn's SPIR-V compiler needs \
+                 (the runtime fell back to {compiler}); use backend: wgpu"
+            )));
+        }
+        let device = Device::vulkan(kind);
+        if options.precision == Precision::F16 && !device.supports_dtype(burn::tensor::DType::F16) {
+            return Err(ModelError::Precision(format!(
+                "the adapter {adapter} cannot compute in f16; use precision: f32"
+            )));
+        }
+        let adapter = format!(
+            "{adapter}, SPIR-V, {}",
+            if tensor_cores {
+                "cooperative matrices"
+            } else {
+                "no cooperative matrices"
+            }
+        );
+        tracing::info!(%adapter, fusion = options.fusion, "GPU adapter (vulkan)");
+        Ok(ModelDevice {
+            backend: Backend::Vulkan,
+            device,
+            adapter,
+            precision: options.precision,
+        })
+    }
+
+    /// The hardware Vulkan adapter (discrete, then integrated, then virtual): burn's and
+    /// cubecl's device kinds and its description.
+    fn pick() -> Result<(DeviceKind, WgpuDeviceKind, String), ModelError> {
         let instance = Instance::new(InstanceDescriptor {
             backends: Backends::VULKAN,
             ..InstanceDescriptor::new_without_display_handle()
@@ -399,42 +514,7 @@ mod vulkan {
                 }
             )));
         };
-        super::gpu::set_fusion(options.fusion)?;
-        // The compute client burn's device will use (one per device and graphics API).
-        let client = cubecl::Device::Wgpu(WgpuDevice {
-            kind: wgpu_kind,
-            backend: WgpuBackend::Vulkan,
-        })
-        .client();
-        let compiler = client.name();
-        if compiler != "wgpu<spirv>" {
-            return Err(ModelError::DeviceUnfit(format!(
-                "{adapter}: the Vulkan driver lacks the features burn's SPIR-V compiler needs \
-                 (the runtime fell back to {compiler}); use backend: wgpu"
-            )));
-        }
-        let tensor_cores = !client.properties().features.matmul.cmma.is_empty();
-        let device = Device::vulkan(kind);
-        if options.precision == Precision::F16 && !device.supports_dtype(burn::tensor::DType::F16) {
-            return Err(ModelError::Precision(format!(
-                "the adapter {adapter} cannot compute in f16; use precision: f32"
-            )));
-        }
-        let adapter = format!(
-            "{adapter}, SPIR-V, {}",
-            if tensor_cores {
-                "cooperative matrices"
-            } else {
-                "no cooperative matrices"
-            }
-        );
-        tracing::info!(%adapter, fusion = options.fusion, "GPU adapter (vulkan)");
-        Ok(ModelDevice {
-            backend: Backend::Vulkan,
-            device,
-            adapter,
-            precision: options.precision,
-        })
+        Ok((kind, wgpu_kind, adapter))
     }
 }
 
@@ -442,6 +522,10 @@ mod vulkan {
 mod vulkan {
     use super::{DeviceOptions, ModelDevice};
     use crate::error::ModelError;
+
+    pub(super) fn probe() -> Result<String, String> {
+        Err("this binary is built without it (cargo feature `vulkan`)".into())
+    }
 
     pub(super) fn open(_: DeviceOptions) -> Result<ModelDevice, ModelError> {
         Err(ModelError::BackendUnavailable {
@@ -455,6 +539,10 @@ mod vulkan {
 mod gpu {
     use super::{DeviceOptions, ModelDevice};
     use crate::error::ModelError;
+
+    pub(super) fn probe(_: bool) -> Result<String, String> {
+        Err("this binary is built without GPU backends (cargo feature `gpu`)".into())
+    }
 
     pub(super) fn open(_: DeviceOptions) -> Result<ModelDevice, ModelError> {
         Err(ModelError::BackendUnavailable {

@@ -29,7 +29,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 pub use batching::{BatchLimits, LENGTH_BUCKETS, length_bucket, plan};
 pub use bert::{LayerPrecision, LinearRole, TokenBatch};
 pub use convert::{StoredPrecision, convert_model};
-pub use device::{Backend, DeviceMemory, DeviceOptions, ModelDevice, Precision};
+pub use device::{
+    AutoBackend, Backend, DeviceMemory, DeviceOptions, ModelDevice, Precision, choose_backend,
+};
 pub use error::ModelError;
 pub use spec::{ModelSpec, Pooling};
 pub use tokenize::TextTokenizer;

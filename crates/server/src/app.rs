@@ -68,11 +68,22 @@ fn redacted(url: &str) -> String {
 }
 
 /// Loads the model and starts the actors, the embedder threads and the sink.
-pub fn start(settings: Settings) -> anyhow::Result<Running> {
+pub fn start(mut settings: Settings) -> anyhow::Result<Running> {
     // Before any worker records a histogram.
     crate::metrics::install();
     // Secrets first: a misconfigured auth section fails before the model loads.
     let auth = Arc::new(Auth::from_config(&settings.auth)?);
+    // `backend: auto` becomes what this machine offers before anything reads the backend
+    // (worker groups, cache keys).
+    let backend = settings.embedder.resolve_backend();
+    tracing::info!(
+        configured = backend.configured.name(),
+        picked = backend.picked.name(),
+        why = %backend.why,
+        "embedder backend"
+    );
+    crate::metrics::backend(&backend);
+    settings.validate()?;
     let groups = settings.embedder.load_models().with_context(|| {
         format!(
             "loading the model from {}",
@@ -182,7 +193,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         .with_shared_cache(shared),
     );
     let engine = Arc::new(ServerState::new(
-        settings, pipeline, cache, supervisor, datasets,
+        settings, backend, pipeline, cache, supervisor, datasets,
     ));
     Ok(Running {
         engine,

@@ -194,6 +194,17 @@ const FIGURES: &[Figure] = &[
     gauge("keel_index_memory_bytes", Unit::Bytes, "Memory the loaded dataset indexes hold (storage.index.max_bytes bounds it).", |s| Some(s.indexes.iter().map(|i| i.memory_bytes).sum::<u64>() as f64)),
 ];
 
+/// `keel_embedder_backend_info{configured, picked} 1`: the backend that runs, and what
+/// was configured (`auto` picks at start-up; `stats.embedder.backend_why` says why).
+pub fn backend(choice: &keel_engine::embedder::config::BackendChoice) {
+    gauge!(
+        "keel_embedder_backend_info",
+        "configured" => choice.configured.name(),
+        "picked" => choice.picked.name()
+    )
+    .set(1.0);
+}
+
 /// Every metric's unit and help text, once.
 fn describe() {
     for f in FIGURES {
@@ -204,6 +215,11 @@ fn describe() {
     }
     // Labelled figures and histograms (recorded where the work happens).
     describe_counter!("keel_cleanups_total", Unit::Count, "Cleanups by level.");
+    describe_gauge!(
+        "keel_embedder_backend_info",
+        Unit::Count,
+        "1, labelled with the embedder backend configured and the one that runs (auto picks)."
+    );
     describe_gauge!(
         "keel_index_rows",
         Unit::Count,

@@ -10,6 +10,8 @@ use std::time::Instant;
 use actix::Addr;
 use keel_engine::cache::actor::CacheActor;
 use keel_engine::cache::messages::GetCacheStats;
+use keel_engine::embedder::config::BackendChoice;
+use keel_engine::embedder::workers::EmbedderStats;
 use keel_engine::ingest::pipeline::{IngestCounters, Pipeline};
 use keel_engine::sink::datasets::Datasets;
 use keel_engine::sink::reduce::Projection;
@@ -70,7 +72,10 @@ impl Shape {
 
 /// Everything a Flight handler needs; shared by all streams.
 pub struct ServerState {
+    /// The settings it runs with (`embedder.backend` resolved: never `auto`).
     pub settings: Settings,
+    /// The embedder's backend as configured, as picked, and why.
+    pub backend: BackendChoice,
     pub pipeline: Arc<Pipeline>,
     pub cache: Option<Addr<CacheActor>>,
     pub supervisor: Addr<SupervisorActor>,
@@ -83,6 +88,7 @@ pub struct ServerState {
 impl ServerState {
     pub fn new(
         settings: Settings,
+        backend: BackendChoice,
         pipeline: Arc<Pipeline>,
         cache: Option<Addr<CacheActor>>,
         supervisor: Addr<SupervisorActor>,
@@ -91,6 +97,7 @@ impl ServerState {
         Self {
             streams: Arc::new(Semaphore::new(settings.server.max_streams)),
             settings,
+            backend,
             pipeline,
             cache,
             supervisor,
@@ -234,7 +241,11 @@ impl ServerState {
                 shared: self.pipeline.shared_cache().map(|s| s.stats()),
                 ..cache.into()
             },
-            embedder: self.pipeline.embedder().stats(),
+            embedder: EmbedderStats {
+                backend: self.backend.picked.name().to_string(),
+                backend_why: self.backend.why.clone(),
+                ..self.pipeline.embedder().stats()
+            },
             cleanups: CleanupStats::from_report(&memory),
             indexes: self.datasets.indexes().reports(),
         })

@@ -27,6 +27,25 @@ pub enum Backends {
     Vulkan,
     /// GPU workers (wgpu) and CPU workers side by side, on one queue.
     Both,
+    /// Picked at start-up from what the machine and the binary offer: `vulkan` where a
+    /// hardware GPU has cooperative matrices (tensor cores) and the binary the `vulkan`
+    /// feature, else `wgpu` on a hardware GPU (or a software one with
+    /// `gpu.allow_software`), else `cpu`. `stats`, `/metrics`, the log and `keel validate`
+    /// say what was picked and why.
+    Auto,
+}
+
+impl Backends {
+    /// The configuration's spelling: `cpu`, `wgpu`, `vulkan`, `both`, `auto`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu",
+            Self::Wgpu => "wgpu",
+            Self::Vulkan => "vulkan",
+            Self::Both => "both",
+            Self::Auto => "auto",
+        }
+    }
 }
 
 impl std::str::FromStr for Backends {
@@ -38,8 +57,9 @@ impl std::str::FromStr for Backends {
             "wgpu" => Ok(Self::Wgpu),
             "vulkan" => Ok(Self::Vulkan),
             "both" => Ok(Self::Both),
+            "auto" => Ok(Self::Auto),
             other => Err(format!(
-                "unknown backend {other:?} (cpu, wgpu, vulkan or both)"
+                "unknown backend {other:?} (cpu, wgpu, vulkan, both or auto)"
             )),
         }
     }
@@ -52,7 +72,7 @@ pub struct EmbedderConfig {
     /// A sentence-transformers model folder (config.json, model.safetensors, tokenizer.json,
     /// modules.json, 1_Pooling/). `scripts/fetch-model.sh` fills the default one.
     pub model_dir: PathBuf,
-    /// `cpu`, `wgpu` or `both`.
+    /// `cpu`, `wgpu`, `vulkan`, `both` or `auto`.
     pub backend: Backends,
     /// The CPU workers (`backend: cpu` or `both`).
     pub cpu: CpuConfig,
@@ -161,6 +181,18 @@ pub struct InvalidEmbedderConfig {
     pub why: String,
 }
 
+/// The backend the embedder runs on, as configured and as resolved on this machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendChoice {
+    /// `embedder.backend` as configured (`auto`, `cpu`, ...).
+    pub configured: Backends,
+    /// What runs: the configured backend, or what `auto` picked.
+    pub picked: Backends,
+    /// Why (`auto`: the adapter and what it offers, or why each faster backend was passed
+    /// over); "configured" otherwise.
+    pub why: String,
+}
+
 /// One kind of worker the embedder starts: on which device, how many, how passes are
 /// sized.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,6 +215,31 @@ fn cores() -> usize {
 }
 
 impl EmbedderConfig {
+    /// Replaces `auto` by the backend this machine and binary run the model best on
+    /// ([`keel_model::choose_backend`]); any other value is kept. Call it before the
+    /// worker groups, cache keys or precisions are read.
+    pub fn resolve_backend(&mut self) -> BackendChoice {
+        let configured = self.backend;
+        if configured != Backends::Auto {
+            return BackendChoice {
+                configured,
+                picked: configured,
+                why: "configured".into(),
+            };
+        }
+        let auto = keel_model::choose_backend(self.gpu.allow_software);
+        self.backend = match auto.backend {
+            Backend::Cpu => Backends::Cpu,
+            Backend::Wgpu => Backends::Wgpu,
+            Backend::Vulkan => Backends::Vulkan,
+        };
+        BackendChoice {
+            configured,
+            picked: self.backend,
+            why: auto.why,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), InvalidEmbedderConfig> {
         let bad = |key, why: &str| {
             Err(InvalidEmbedderConfig {
@@ -258,14 +315,21 @@ impl EmbedderConfig {
         parts.join(",")
     }
 
-    /// Whether a worker group runs on the GPU.
+    /// Whether a worker group runs on the GPU (`auto` unresolved: not known, so no).
     pub fn uses_gpu(&self) -> bool {
-        self.backend != Backends::Cpu
+        matches!(
+            self.backend,
+            Backends::Wgpu | Backends::Vulkan | Backends::Both
+        )
     }
 
-    /// Whether a worker group runs on the host's cores.
+    /// Whether a worker group runs on the host's cores (`auto` unresolved: yes, its
+    /// fallback).
     pub fn uses_cpu(&self) -> bool {
-        matches!(self.backend, Backends::Cpu | Backends::Both)
+        matches!(
+            self.backend,
+            Backends::Cpu | Backends::Both | Backends::Auto
+        )
     }
 
     /// The GPU workers' backend: `vulkan` where asked for, else `wgpu`.
@@ -277,8 +341,10 @@ impl EmbedderConfig {
         }
     }
 
-    /// The worker groups to start, GPU first.
+    /// The worker groups to start, GPU first. `auto` must be resolved first
+    /// ([`Self::resolve_backend`]); unresolved, it starts the CPU workers.
     pub fn groups(&self) -> Vec<WorkerGroup> {
+        debug_assert!(self.backend != Backends::Auto, "resolve_backend() first");
         let mut groups = Vec::new();
         if self.uses_gpu() {
             let g = &self.gpu;

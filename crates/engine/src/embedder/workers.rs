@@ -187,6 +187,14 @@ pub struct EmbedderStats {
     pub queued_jobs: usize,
     /// The devices the model runs on: `host`, the GPU adapter, or both (`; `-separated).
     pub device: String,
+    /// The backend that runs (`cpu`, `wgpu`, `vulkan`, `both`); with `backend: auto`,
+    /// what it picked.
+    #[serde(default)]
+    pub backend: String,
+    /// Why that backend: "configured", or what `backend: auto` found (the adapter and
+    /// what it offers, or why each faster backend was passed over).
+    #[serde(default)]
+    pub backend_why: String,
     /// The device memory pool (GPU backends); `None` on the host.
     pub device_memory: Option<DeviceMemory>,
     /// Whether a GPU worker is still compiling its kernels (start-up warm-up).
@@ -370,6 +378,12 @@ impl EmbedderHandle {
                 .collect::<Vec<_>>()
                 .join("; "),
             device_memory: self.devices.iter().find_map(ModelDevice::memory),
+            backend: {
+                let mut names: Vec<&str> = self.devices.iter().map(|d| d.backend.name()).collect();
+                names.dedup();
+                names.join("+")
+            },
+            backend_why: String::new(),
             warming: c.warming.count() > 0,
             warm_up_passes: c.warm_up_passes.load(Ordering::Relaxed),
             warm_up_ms: c.warm_up_micros.load(Ordering::Relaxed) / 1000,
