@@ -103,3 +103,63 @@ fn a_fast_lane_job_overtakes_queued_bulk_jobs() {
     assert_eq!(handle.stats().fast_jobs, 1);
     workers.shutdown(std::time::Duration::from_secs(5));
 }
+
+/// A query waits at most for the pass in progress, never for a whole batch: a batch
+/// answers its jobs when its last pass is done, so a fast job the worker finds waiting
+/// when it takes its next batch gets a batch of its own. Counted in rows, not time: with
+/// one worker and passes of 64 rows under a deep bulk queue, at most one pass of bulk rows
+/// is computed between a query's arrival and its answer (a batch is 4 passes, 256 rows).
+#[test]
+fn a_query_waits_for_the_pass_in_progress_not_the_batch() {
+    let mut cfg = EmbedderConfig {
+        model_dir: repo_root().join("models/all-MiniLM-L6-v2"),
+        ..Default::default()
+    };
+    cfg.cpu.workers = 1;
+    cfg.cpu.max_batch_rows = 64;
+    cfg.cpu.max_batch_tokens = 64 * 64;
+    let workers = EmbedderWorkers::start(cfg.load_models().unwrap(), 256).unwrap();
+    let handle = workers.handle();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let worst = runtime.block_on(async {
+        let mut bulk = Vec::new();
+        for j in 0..160 {
+            let handle = handle.clone();
+            let texts: Vec<String> = (0..25)
+                .map(|i| format!("bulk job {j} row {i}: GENE{} missense_variant", i % 17))
+                .collect();
+            bulk.push(tokio::spawn(async move {
+                handle.embed_in(Lane::Bulk, texts).await.unwrap();
+            }));
+        }
+        while handle.stats().passes == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let mut worst = 0;
+        for q in 0..24 {
+            let before = handle.stats().rows;
+            handle
+                .embed_in(Lane::Fast, vec![format!("query {q}: TP53 stop_gained")])
+                .await
+                .unwrap();
+            let during = handle.stats().rows - before - 1;
+            worst = worst.max(during);
+            // Arrive at another point of the next pass.
+            tokio::time::sleep(std::time::Duration::from_millis(7 * (q % 5))).await;
+        }
+        for b in bulk {
+            b.await.unwrap();
+        }
+        worst
+    });
+    assert!(
+        worst <= 64,
+        "a query waited while {worst} bulk rows were computed (a pass is 64 rows)"
+    );
+    assert_eq!(handle.stats().fast_jobs, 24);
+    workers.shutdown(std::time::Duration::from_secs(5));
+}

@@ -626,12 +626,17 @@ fn take_jobs(shared: &Shared, limits: BatchLimits) -> Option<Vec<Job>> {
     } = &shared.mailbox;
     // The fast lane first; then whichever queue has work (a disconnected queue reads as
     // closing). Closing: finish what is queued, then stop.
-    let either = || fast.try_recv().or_else(|_| queue.try_recv()).ok();
-    let first = match fast.try_recv() {
-        Ok(queued) => queued,
+    let either = || {
+        fast.try_recv()
+            .map(|q| (q, Lane::Fast))
+            .or_else(|_| queue.try_recv().map(|q| (q, Lane::Bulk)))
+            .ok()
+    };
+    let (first, lane) = match fast.try_recv() {
+        Ok(queued) => (queued, Lane::Fast),
         Err(_) => select! {
-            recv(fast) -> queued => queued.ok().or_else(either),
-            recv(queue) -> queued => queued.ok().or_else(either),
+            recv(fast) -> queued => queued.ok().map(|q| (q, Lane::Fast)).or_else(either),
+            recv(queue) -> queued => queued.ok().map(|q| (q, Lane::Bulk)).or_else(either),
             recv(closing) -> _ => either(),
         }?,
     };
@@ -645,10 +650,15 @@ fn take_jobs(shared: &Shared, limits: BatchLimits) -> Option<Vec<Job>> {
         rows += queued.job.texts.len();
         jobs.push(queued.job);
     }
+    // A batch of fast jobs is theirs alone: a batch answers its jobs when its last pass
+    // is done, so bulk rows beside them would hold the queries for the whole batch.
     // A fair share of what is queued, so that a deep queue (`keel embed` sends a whole
     // chunk at once) is split between the workers rather than left to the first one
     // while the others idle at the end.
-    let share = queue.len().div_ceil(shared.workers.max(1));
+    let share = match lane {
+        Lane::Fast => 0,
+        Lane::Bulk => queue.len().div_ceil(shared.workers.max(1)),
+    };
     while rows < limits.max_rows * DRAIN_PASSES && jobs.len() <= share {
         let Ok(queued) = queue.try_recv() else {
             break;
