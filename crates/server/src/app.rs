@@ -76,12 +76,13 @@ pub fn start(mut settings: Settings) -> anyhow::Result<Running> {
     // `backend: auto` becomes what this machine offers before anything reads the backend
     // (worker groups, cache keys).
     let backend = settings.embedder.resolve_backend();
-    tracing::info!(
-        configured = backend.configured.name(),
-        picked = backend.picked.name(),
-        why = %backend.why,
-        "embedder backend"
-    );
+    if backend.configured != backend.picked {
+        tracing::info!(
+            picked = backend.picked.name(),
+            why = %backend.why,
+            "embedder backend: auto"
+        );
+    }
     crate::metrics::backend(&backend);
     settings.validate()?;
     let groups = settings.embedder.load_models().with_context(|| {
