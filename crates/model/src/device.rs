@@ -218,14 +218,21 @@ pub fn choose_backend(allow_software: bool) -> AutoBackend {
     }
 }
 
-/// `host (f32, avx512 kernels)`, `host (int8, avx2 kernels)`, ... (bf16 on AVX-512 names
-/// its form: `avx512 vdpbf16ps` or `avx512 widened-fma`): which kernels run.
+/// `host (f32, avx512 kernels)`, `host (int8, avx2 kernels)`, `host (f32, amx bf16x3
+/// kernels)`, ... (bf16 on AVX-512 names its form: `avx512 vdpbf16ps` or `avx512
+/// widened-fma`): which kernels run.
 fn host_adapter(precision: Precision) -> String {
     use crate::kernels::{Isa, Kind};
     let kind = match precision {
         Precision::Int8 => Kind::Int8,
         Precision::Bf16 => Kind::Bf16,
         Precision::F32 | Precision::F16 => Kind::F32,
+    };
+    // `f32` on AMX CPUs runs bf16×3 on the bf16 tiles.
+    let (kind, scheme) = if kind == Kind::F32 && crate::kernels::bf16x3::f32_on_tiles() {
+        (Kind::Bf16, " bf16x3")
+    } else {
+        (kind, "")
     };
     let isa = match Isa::detect(kind) {
         Isa::Avx512 if kind == Kind::Bf16 => match crate::kernels::bf16::Avx512Form::detect() {
@@ -237,7 +244,7 @@ fn host_adapter(precision: Precision) -> String {
         Isa::Avx2 => "avx2",
         Isa::Portable => "portable",
     };
-    format!("host ({}, {isa} kernels)", precision.name())
+    format!("host ({}, {isa}{scheme} kernels)", precision.name())
 }
 
 /// Device memory held by the backend's pool.

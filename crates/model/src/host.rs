@@ -30,6 +30,7 @@ use super::bert::{LayerPrecision, LinearRole, TokenBatch, WordTable, outlier_cha
 use super::device::Precision;
 use super::gelu;
 use super::kernels::bf16::Bf16Linear;
+use super::kernels::bf16x3::{Bf16x3Linear, f32_on_tiles};
 use super::kernels::f32::F32Linear;
 use super::kernels::int8::Int8Linear;
 use super::kernels::{ROWS_PER_TASK, Scratch};
@@ -85,6 +86,8 @@ macro_rules! widest {
 /// A Linear layer on one of the host kernels.
 pub enum HostLinear {
     F32(F32Linear),
+    /// f32 accuracy on the bf16 kernels (AMX CPUs).
+    Bf16x3(Bf16x3Linear),
     Bf16(Bf16Linear),
     Int8(Int8Linear),
 }
@@ -98,13 +101,23 @@ impl HostLinear {
                 weight, bias, k, n, outliers,
             )),
             Precision::Bf16 => Self::Bf16(Bf16Linear::round(weight, bias, k, n)),
-            Precision::F32 | Precision::F16 => Self::F32(F32Linear::pack(weight, bias, k, n)),
+            Precision::F32 | Precision::F16 if f32_on_tiles() => {
+                Self::Bf16x3(Bf16x3Linear::split(weight, bias, k, n))
+            }
+            Precision::F32 | Precision::F16 => Self::exact_f32(w),
         }
+    }
+
+    /// `w` on the f32 FMA kernels, whatever `precision: f32` runs elsewhere: what int8
+    /// calibration measures and quantizes from.
+    fn exact_f32(w: &LinearWeights) -> Self {
+        Self::F32(F32Linear::pack(&w.weight, &w.bias, w.inputs, w.outputs))
     }
 
     fn inputs(&self) -> usize {
         match self {
             Self::F32(l) => l.inputs(),
+            Self::Bf16x3(l) => l.inputs(),
             Self::Bf16(l) => l.inputs(),
             Self::Int8(l) => l.inputs(),
         }
@@ -113,6 +126,7 @@ impl HostLinear {
     fn outputs(&self) -> usize {
         match self {
             Self::F32(l) => l.outputs(),
+            Self::Bf16x3(l) => l.outputs(),
             Self::Bf16(l) => l.outputs(),
             Self::Int8(l) => l.outputs(),
         }
@@ -121,6 +135,7 @@ impl HostLinear {
     fn bytes(&self) -> usize {
         match self {
             Self::F32(l) => l.bytes(),
+            Self::Bf16x3(l) => l.bytes(),
             Self::Bf16(l) => l.bytes(),
             Self::Int8(l) => l.bytes(),
         }
@@ -130,6 +145,7 @@ impl HostLinear {
     fn block(&self, x: &[f32], out: &mut [f32], scratch: &mut Scratch) {
         match self {
             Self::F32(l) => l.block(x, out, scratch),
+            Self::Bf16x3(l) => l.block(x, out, scratch),
             Self::Bf16(l) => l.block(x, out, scratch),
             Self::Int8(l) => l.block(x, out, scratch),
         }
@@ -522,14 +538,13 @@ impl HostEncoder {
         let mut blocks = Vec::with_capacity(spec.num_layers);
         for l in 0..spec.num_layers {
             let w = weights.block(&spec, l)?;
-            // int8 layers load in f32 until calibration has run.
+            // int8 layers load in exact f32 until calibration has run.
             let layer = |w: &LinearWeights, role| {
-                let p = if int8(l, role) {
-                    Precision::F32
+                if int8(l, role) {
+                    HostLinear::exact_f32(w)
                 } else {
-                    of(l, role)
-                };
-                HostLinear::new(w, p, &[])
+                    HostLinear::new(w, of(l, role), &[])
+                }
             };
             blocks.push(Block {
                 qkv: layer(&w.qkv, LinearRole::Qkv),

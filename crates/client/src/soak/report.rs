@@ -113,8 +113,18 @@ pub fn memory_bound(settings: &Settings, model_bytes: u64, spec: &ModelSpec) -> 
         };
     }
     let row = 512 + 4 * hidden;
+    // f32 as bf16×3 (AMX CPUs) holds its Linear weights as three bf16 copies: 6 bytes a
+    // weight where f32 holds 4.
+    let cpu_f32 = settings.embedder.uses_cpu()
+        && settings.embedder.cpu.precision == keel_model::Precision::F32;
+    let split_weights = if cpu_f32 && keel_model::kernels::bf16x3::f32_on_tiles() {
+        2 * spec.num_layers as u64 * (4 * hidden * hidden + 2 * hidden * intermediate)
+    } else {
+        0
+    };
     // At load the weight file, read whole, and the tensors made from it coexist.
     2 * model_bytes
+        + split_weights
         + 64 * 1024 * 1024
         + settings.cache.max_bytes
         + (settings.ingest.max_in_flight_rows

@@ -10,8 +10,11 @@
 //!   time, exact int32 accumulation: AVX-512 VNNI (`vpdpbusd`), AVX2
 //!   (`vpmaddubsw`/`vpmaddwd`), or portable Rust;
 //! - [`bf16`]: weights rounded to bf16 at load, activations per pass, f32 accumulation:
-//!   AVX-512 BF16 (`vdpbf16ps`) or AVX-512 FMA on weights widened in registers, whichever
-//!   this CPU runs faster, or portable Rust.
+//!   AMX tiles (`tdpbf16ps`), AVX-512 BF16 (`vdpbf16ps`) or AVX-512 FMA on weights widened
+//!   in registers, whichever this CPU runs faster, or portable Rust;
+//! - [`bf16x3`]: f32 accuracy on those bf16 kernels (each operand split into two bf16
+//!   parts, three products), what `precision: f32` runs on AMX CPUs;
+//! - [`f32`]: 512-bit or 256-bit FMA, or portable Rust.
 //!
 //! The instruction set is chosen at run time ([`Isa::detect`]), so one binary runs on any
 //! x86-64 (and, through the portable kernels, anywhere). Every kernel is unit-tested
@@ -19,6 +22,7 @@
 
 pub mod amx;
 pub mod bf16;
+pub mod bf16x3;
 pub mod f32;
 pub mod int8;
 
@@ -180,6 +184,8 @@ pub(crate) fn round_even(x: f32) -> f32 {
 #[derive(Default)]
 pub struct Scratch {
     f32s: Vec<f32>,
+    /// bf16×3's split activation rows (held apart while the bf16 kernel uses the rest).
+    pub(crate) split: Vec<f32>,
     u16s: Vec<u16>,
     bytes: Vec<u8>,
     rows: Vec<int8::RowQuant>,
@@ -219,6 +225,7 @@ impl Scratch {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.f32s.capacity() * 4
+            + self.split.capacity() * 4
             + self.u16s.capacity() * 2
             + self.bytes.capacity()
             + self.rows.capacity() * 8
