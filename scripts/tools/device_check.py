@@ -402,6 +402,13 @@ def two_cores_keel():
                    "device": info["device"]}
             cpu["two_cores"]["keel"].append(row)
             log("keel embed (2 cores)", json.dumps(row))
+    # f32 on the FMA kernels beside f32's default (bf16x3 on the tiles where AMX runs).
+    _, info = embed(cpu_texts, "cpu", 64, "f32", two_cores=True,
+                    env_extra={"KEEL_EMBEDDER__CPU__WORKERS": "2", "KEEL_CPU_F32": "fma"})
+    row = {"precision": "f32 (KEEL_CPU_F32=fma)", "batch": 64, "texts_per_s": info["texts_per_s"],
+           "device": info["device"]}
+    cpu["two_cores"]["keel"].append(row)
+    log("keel embed (2 cores)", json.dumps(row))
 
 
 def peers(threads, two_cores, into, scripts):
