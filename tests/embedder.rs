@@ -50,24 +50,35 @@ fn workers_return_vectors_in_input_order_from_many_small_passes() {
     workers.shutdown(std::time::Duration::from_secs(5));
 }
 
-/// A query on the fast lane does not wait behind the bulk jobs queued before it: with one
-/// worker and 24 bulk jobs of 64 texts queued first, the query is answered at the next
-/// pass boundary, before most of them (without the fast lane it would come last).
-#[test]
-fn a_fast_lane_job_overtakes_queued_bulk_jobs() {
+/// One CPU worker on MiniLM with passes of up to 64 rows (`edit` changes the rest), a
+/// queue of `queue_jobs` places, and a runtime to send it jobs from.
+fn one_worker(
+    edit: impl FnOnce(&mut EmbedderConfig),
+    queue_jobs: usize,
+) -> (EmbedderWorkers, tokio::runtime::Runtime) {
     let mut cfg = EmbedderConfig {
         model_dir: repo_root().join("models/all-MiniLM-L6-v2"),
         ..Default::default()
     };
     cfg.cpu.workers = 1;
     cfg.cpu.max_batch_rows = 64;
-    let workers = EmbedderWorkers::start(cfg.load_models().unwrap(), 64).unwrap();
-    let handle = workers.handle();
+    edit(&mut cfg);
+    let workers = EmbedderWorkers::start(cfg.load_models().unwrap(), queue_jobs).unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
+    (workers, runtime)
+}
+
+/// A query on the fast lane does not wait behind the bulk jobs queued before it: with one
+/// worker and 24 bulk jobs of 64 texts queued first, the query is answered at the next
+/// pass boundary, before most of them (without the fast lane it would come last).
+#[test]
+fn a_fast_lane_job_overtakes_queued_bulk_jobs() {
+    let (workers, runtime) = one_worker(|_| {}, 64);
+    let handle = workers.handle();
     let bulk_done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (bulk_jobs, answered_after) = runtime.block_on(async {
         let mut bulk = Vec::new();
@@ -111,20 +122,8 @@ fn a_fast_lane_job_overtakes_queued_bulk_jobs() {
 /// is computed between a query's arrival and its answer (a batch is 4 passes, 256 rows).
 #[test]
 fn a_query_waits_for_the_pass_in_progress_not_the_batch() {
-    let mut cfg = EmbedderConfig {
-        model_dir: repo_root().join("models/all-MiniLM-L6-v2"),
-        ..Default::default()
-    };
-    cfg.cpu.workers = 1;
-    cfg.cpu.max_batch_rows = 64;
-    cfg.cpu.max_batch_tokens = 64 * 64;
-    let workers = EmbedderWorkers::start(cfg.load_models().unwrap(), 256).unwrap();
+    let (workers, runtime) = one_worker(|c| c.cpu.max_batch_tokens = 64 * 64, 256);
     let handle = workers.handle();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
     let worst = runtime.block_on(async {
         let mut bulk = Vec::new();
         for j in 0..160 {

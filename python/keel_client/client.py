@@ -171,56 +171,14 @@ class KeelClient:
 
     # -- embedding ------------------------------------------------------------------
 
-    def _exchange(self, address: str, batches: List[pa.RecordBatch],
-                  command: EmbedCommand) -> pa.Table:
-        """One DoExchange: writes on this thread, reads on another (Keel's backpressure
-        reaches a writer that does not read as a stall)."""
-        client = self._client(address)
-        writer, reader = client.do_exchange(embed_descriptor(command), options=self._options)
-        out: List[pa.RecordBatch] = []
-        failure: List[BaseException] = []
-
-        def read() -> None:
-            try:
-                for chunk in reader:
-                    out.append(chunk.data)
-            except BaseException as e:  # noqa: BLE001 - handed to the writer's thread
-                failure.append(e)
-
-        t = threading.Thread(target=read, daemon=True)
-        t.start()
-        try:
-            writer.begin(batches[0].schema)
-            for b in batches:
-                writer.write_batch(b)
-            writer.done_writing()
-        except BaseException as e:  # noqa: BLE001 - the reader has the server's reason
-            t.join()
-            raise failure[0] if failure else e
-        t.join()
-        writer.close()
-        if failure:
-            raise failure[0]
-        if not out:
-            return pa.Table.from_batches([], schema=reader.schema)
-        return pa.Table.from_batches(out)
-
     def _embed_slice(self, batches: List[pa.RecordBatch], command: EmbedCommand,
                      first: int) -> pa.Table:
-        """A slice to addresses[first], then the next ones while the server is gone."""
-        tries = len(self.addresses) * (self.retries + 1)
-        last: Optional[BaseException] = None
-        for k in range(tries):
-            address = self.addresses[(first + k) % len(self.addresses)]
-            try:
-                return self._exchange(address, batches, command)
-            except _RETRYABLE as e:
-                last = e
-                self._forget(address)
-            except (flight.FlightError, pa.ArrowException) as e:
-                raise KeelError(str(e), _code(e), address) from e
-        raise KeelError(f"no Keel server answered ({', '.join(self.addresses)}): {last}",
-                        _code(last) if last else "Unavailable", "")
+        """A slice through `_stream` (addresses[first] first), as one table."""
+        schema: List[pa.Schema] = []
+        out = list(self._stream(iter(batches), command, first, schema))
+        if not out:
+            return pa.Table.from_batches([], schema=schema[0])
+        return pa.Table.from_batches(out)
 
     def embed_stream(
         self,
@@ -238,8 +196,12 @@ class KeelClient:
         to the next address (`addresses[first]` first), so every row comes back exactly
         once. Closing the generator early cancels the exchange.
         """
-        command = self._command(text_column, template)
-        source = iter(batches)
+        yield from self._stream(iter(batches), self._command(text_column, template), first)
+
+    def _stream(self, source: Iterator[pa.RecordBatch], command: EmbedCommand, first: int,
+                answer_schema: Optional[List[pa.Schema]] = None) -> Iterator[pa.RecordBatch]:
+        """`embed_stream` with its command made; the answer's schema goes into
+        `answer_schema` once the exchange ends (an empty answer still has one)."""
         head = next(source, None)
         if head is None:
             return
@@ -250,7 +212,8 @@ class KeelClient:
         for k in range(tries):
             address = self.addresses[(first + k) % len(self.addresses)]
             try:
-                yield from self._exchange_stream(address, head.schema, pending, source, command)
+                yield from self._exchange_stream(address, head.schema, pending, source, command,
+                                                 answer_schema)
                 return
             except _RETRYABLE as e:
                 last = e
@@ -263,7 +226,8 @@ class KeelClient:
     def _exchange_stream(self, address: str, schema: pa.Schema,
                          pending: "collections.deque[pa.RecordBatch]",
                          source: Iterator[pa.RecordBatch],
-                         command: EmbedCommand) -> Iterator[pa.RecordBatch]:
+                         command: EmbedCommand,
+                         answer_schema: Optional[List[pa.Schema]] = None) -> Iterator[pa.RecordBatch]:
         """One DoExchange of `pending`, then of what `source` still holds (each batch
         joins `pending` before it is written), on a writer thread; answered rows leave
         `pending` as they are read here."""
@@ -316,6 +280,8 @@ class KeelClient:
                 if out.num_rows:
                     yield out
             finished = True
+            if answer_schema is not None:
+                answer_schema.append(reader.schema)
         finally:
             if not finished:
                 reader.cancel()
