@@ -83,6 +83,10 @@ macro_rules! widest {
     };
 }
 
+mod attention;
+
+use attention::{attend, attention_buffer};
+
 /// A Linear layer on one of the host kernels.
 pub enum HostLinear {
     F32(F32Linear),
@@ -297,105 +301,6 @@ fn lanes_max(x: &[f32]) -> f32 {
     lanes
         .into_iter()
         .fold(max, |m, v| if v > m { v } else { m })
-}
-
-/// Lanes of one vector of attention scores (a 512-bit register of f32).
-const LANES: usize = 16;
-/// Queries scored together, sharing each load of the keys.
-const QUERIES: usize = 4;
-
-/// Buffer values [`attend`] needs for a row of `len` tokens with heads of `dh` values:
-/// scores of [`QUERIES`] queries and one head's keys, transposed, both padded to whole
-/// vectors.
-fn attention_buffer(len: usize, dh: usize) -> usize {
-    len.next_multiple_of(LANES) * (QUERIES + dh)
-}
-
-widest! {
-    /// Self-attention of one row of `len` tokens, every head: `qkv` is the row's fused QKV
-    /// output (`len × 3·h`: Q, K, V side by side, each `heads × dh`), `ctx` its context
-    /// rows (`len × h`). Per head, the keys are transposed into `buffer` (`dh × lp`, `lp`
-    /// = `len` rounded up to whole vectors, zeros past `len`), so that the scores of
-    /// [`QUERIES`] queries are `dh` broadcast multiply-adds per vector of keys, each key
-    /// vector loaded once for all of them; padded scores are masked to −∞ before the
-    /// softmax, whose exponentials and sums run on whole vectors too.
-    fn attend(qkv: &[f32], ctx: &mut [f32], h: usize, heads: usize, buffer: &mut [f32]) {
-        let len = ctx.len() / h;
-        let dh = h / heads;
-        let lp = len.next_multiple_of(LANES);
-        let scale = 1.0 / (dh as f32).sqrt();
-        let (scores, keys) = buffer[..attention_buffer(len, dh)].split_at_mut(QUERIES * lp);
-        for head in 0..heads {
-            let (q0, k0, v0) = (head * dh, h + head * dh, 2 * h + head * dh);
-            for (d, keys) in keys.chunks_exact_mut(lp).enumerate() {
-                for (k, row) in keys.iter_mut().zip(qkv.chunks_exact(3 * h)) {
-                    *k = row[k0 + d];
-                }
-                keys[len..].fill(0.0);
-            }
-            for first in (0..len).step_by(QUERIES) {
-                let count = (len - first).min(QUERIES);
-                // Scores: per vector of keys, QUERIES accumulators over the head's dh values.
-                for c in 0..lp / LANES {
-                    let mut acc = [[0.0f32; LANES]; QUERIES];
-                    for d in 0..dh {
-                        let k: &[f32; LANES] = keys[d * lp + c * LANES..][..LANES]
-                            .try_into()
-                            .expect("a whole vector");
-                        for (r, acc) in acc.iter_mut().enumerate() {
-                            let q = qkv[(first + r.min(count - 1)) * 3 * h + q0 + d] * scale;
-                            for (a, &k) in acc.iter_mut().zip(k) {
-                                *a += q * k;
-                            }
-                        }
-                    }
-                    for (r, acc) in acc.iter().enumerate() {
-                        scores[r * lp + c * LANES..][..LANES].copy_from_slice(acc);
-                    }
-                }
-                for r in 0..count {
-                    let s = &mut scores[r * lp..(r + 1) * lp];
-                    s[len..].fill(f32::NEG_INFINITY);
-                    let max = lanes_max(s);
-                    for v in s.iter_mut() {
-                        *v = exp_neg(*v - max);
-                    }
-                    let inv = 1.0 / lanes_sum(s, |v| v);
-                    let i = first + r;
-                    let out = &mut ctx[i * h + q0..i * h + q0 + dh];
-                    // ·V a vector of the head's values at a time, summed in registers.
-                    let mut start = 0;
-                    while start < dh {
-                        let width = (dh - start).min(LANES);
-                        let mut acc = [0.0f32; LANES];
-                        let rows = s.iter().zip(qkv.chunks_exact(3 * h));
-                        if width == LANES {
-                            // A whole vector: fixed width, so `acc` stays in a register.
-                            for (&p, row) in rows {
-                                let v: &[f32; LANES] = row[v0 + start..][..LANES]
-                                    .try_into()
-                                    .expect("a whole vector");
-                                for (a, &v) in acc.iter_mut().zip(v) {
-                                    *a += p * v;
-                                }
-                            }
-                        } else {
-                            for (&p, row) in rows {
-                                let v = &row[v0 + start..v0 + start + width];
-                                for (a, &v) in acc.iter_mut().zip(v) {
-                                    *a += p * v;
-                                }
-                            }
-                        }
-                        for (o, a) in out[start..start + width].iter_mut().zip(acc) {
-                            *o = a * inv;
-                        }
-                        start += width;
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// Runs `f(row, qkv rows, ctx rows)` for every row of a ragged pass (`starts[r]..starts[r
