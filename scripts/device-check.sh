@@ -7,11 +7,17 @@
 #   there:  scripts/device-check.sh .device OUT        # parity, throughput, device memory
 #   here, without a GPU (Mesa's lavapipe):  scripts/device-check.sh .device OUT --dry-run
 #
+# A device run carries at most 64 MiB: the bundle (~50 MB) and OpenVINO do not fit together.
+# Two runs on one warm machine then: the GPU's steps keeping a plain copy of the bundle,
+# then the host's CPU steps with a CPU-only OpenVINO (scripts/tools/pare_openvino.sh):
+#   there:  scripts/device-check.sh .device OUT/gpu --gpu-only --keep=/tmp/keel-keep
+#   there:  PYTHONPATH=<openvino> scripts/device-check.sh /tmp/keel-keep OUT/cpu --cpu-only
+#
 # Writes OUT/report.md, OUT/report.json, OUT/log.txt and OUT/serve.log.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bundle="${1:?usage: device-check.sh BUNDLE OUT [--dry-run]}"
-out="${2:?usage: device-check.sh BUNDLE OUT [--dry-run]}"
+bundle="${1:?usage: device-check.sh BUNDLE OUT [--dry-run] [--gpu-only|--cpu-only] [--keep=DIR] [--budget-s=S]}"
+out="${2:?usage: device-check.sh BUNDLE OUT [--dry-run] [--gpu-only|--cpu-only] [--keep=DIR] [--budget-s=S]}"
 shift 2
 
 # The Vulkan loader and the GL dispatch libraries the NVIDIA driver's Vulkan ICD loads

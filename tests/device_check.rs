@@ -8,6 +8,7 @@ use crate::common::*;
 fn the_device_check_dry_run_writes_a_full_report() {
     let bundle = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
+    let keep = tempfile::tempdir().unwrap();
     let b = bundle.path();
     std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_keel"), b.join("keel")).unwrap();
     let tiny = tiny_bert();
@@ -48,6 +49,7 @@ fn the_device_check_dry_run_writes_a_full_report() {
         .arg(b)
         .arg(out.path())
         .arg("--dry-run")
+        .arg(format!("--keep={}", keep.path().display()))
         .status()
         .unwrap();
     let log = std::fs::read_to_string(out.path().join("log.txt")).unwrap_or_default();
@@ -124,6 +126,10 @@ fn the_device_check_dry_run_writes_a_full_report() {
         "{report}"
     );
     assert_eq!(report["errors"], serde_json::json!({}), "{report}");
+    // The CPUs the 2-core figures were pinned to, and a plain bundle kept for a second run.
+    assert_eq!(report["two_cores"]["cpus"].as_array().unwrap().len(), 2, "{report}");
+    assert!(keep.path().join("keel").is_file(), "{report}");
+    assert!(keep.path().join("model/config.json").is_file(), "{report}");
     let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
     assert!(
         md.contains("## Parity")

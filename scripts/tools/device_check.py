@@ -5,7 +5,7 @@ same run; then the host's CPUs: the kernel tests (AMX where the host has it), ev
 precision against the float64 reference, Keel and its CPU peers pinned to 2 cores (the
 developers' VMs) and Keel on all cores. Run through scripts/device-check.sh.
 
-usage: device_check.py BUNDLE OUT [--dry-run] [--gpu-only] [--budget-s=SECONDS]
+usage: device_check.py BUNDLE OUT [--dry-run] [--gpu-only|--cpu-only] [--keep=DIR] [--budget-s=SECONDS]
   BUNDLE  a folder made by scripts/device-bundle.sh: binaries.tar.xz (keel, keel-vulkan,
           model-tests) or those binaries plain, model/ (MiniLM with f16 weights; model.safetensors may be .xz),
           optionally texts.txt (else made from data/test-haploidX.vcf) and reference.jsonl
@@ -15,6 +15,12 @@ usage: device_check.py BUNDLE OUT [--dry-run] [--gpu-only] [--budget-s=SECONDS]
   --dry-run  a few texts and one pass size, a software GPU adapter allowed: proves the
           script end to end on a machine without a GPU (Mesa's lavapipe).
   --gpu-only  the GPU's steps only (parity, throughput, sentence-transformers, keel serve).
+  --cpu-only  the host's steps only (kernel tests, CPU parity, Keel and its CPU peers on 2
+          cores and on all cores). OpenVINO's rows need `openvino` importable (PYTHONPATH:
+          scripts/tools/pare_openvino.sh makes a CPU-only copy small enough to carry).
+  --keep=DIR  copy the unpacked binaries and model to DIR first: a plain bundle a second
+          run on the same machine can use (`--cpu-only` with OpenVINO, say) without
+          carrying the bundle again.
   --budget-s  seconds the whole check may take (default 520; a dry run 900): steps are
           taken most important first, and a step that would not fit is skipped and listed.
 
@@ -27,6 +33,8 @@ args = [a for a in sys.argv[1:] if not a.startswith("--")]
 DRY = "--dry-run" in sys.argv
 # Only the GPU's steps (and the CPU parity they compare against).
 GPU_ONLY = "--gpu-only" in sys.argv
+CPU_ONLY = "--cpu-only" in sys.argv
+KEEP = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--keep=")), None)
 BUDGET = next((float(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--budget-s=")),
               900.0 if DRY else 520.0)
 T0 = time.monotonic()
@@ -58,14 +66,17 @@ def save():
         json.dump(report, f, indent=2)
 
 
-CPU_STEPS = ("kernel tests", "2 cores", "all cores")
+CPU_STEPS = ("machine", "kernel tests", "parity cpu", "2 cores", "all cores")
 
 
 def step(name, need_s, fn):
     """Runs fn unless fewer than need_s seconds of the budget are left; a failure is
     recorded, not raised."""
-    if GPU_ONLY and name.startswith(CPU_STEPS):
+    if GPU_ONLY and name.startswith(("kernel tests", "2 cores", "all cores")):
         report["skipped"].append(f"{name} (--gpu-only)")
+        return
+    if CPU_ONLY and not name.startswith(CPU_STEPS):
+        report["skipped"].append(f"{name} (--cpu-only)")
         return
     if left() < need_s:
         report["skipped"].append(f"{name} ({left():.0f} s left, needs ~{need_s} s)")
@@ -117,6 +128,15 @@ if not os.path.exists(os.path.join(MODEL, "model.safetensors")):
             open(os.path.join(copy, "model.safetensors"), "wb") as dst:
         shutil.copyfileobj(src, dst)
     MODEL = copy
+if KEEP:
+    os.makedirs(KEEP, exist_ok=True)
+    for name in ("keel", "keel-vulkan", "model-tests"):
+        path = unpack(name)
+        if path and os.path.dirname(os.path.abspath(path)) != os.path.abspath(KEEP):
+            shutil.copy2(path, os.path.join(KEEP, name))
+    if os.path.abspath(MODEL) != os.path.abspath(os.path.join(KEEP, "model")):
+        shutil.rmtree(os.path.join(KEEP, "model"), ignore_errors=True)
+        shutil.copytree(MODEL, os.path.join(KEEP, "model"), ignore=shutil.ignore_patterns("*.xz"))
 # Every run: the bundle's model; on a dry run, a software adapter is accepted.
 BASE_ENV = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
 BASE_ENV["KEEL_EMBEDDER__MODEL_DIR"] = MODEL
@@ -149,9 +169,11 @@ reference = [json.loads(l) for l in open(bundled("reference.jsonl",
 f64 = [r["embedding"] for r in reference]
 N = 24 if DRY else min(len(texts_all), 16000)
 texts = (texts_all * (N // max(len(texts_all), 1) + 1))[:N]
+# The GPU's throughput runs embed the reference texts first, then the N texts: each run
+# also gives its path's parity (no separate process that compiles its kernels anew).
 texts_file = os.path.join(WORK, "texts.txt")
 with open(texts_file, "w") as f:
-    f.write("\n".join(texts) + "\n")
+    f.write("\n".join([r["text"] for r in reference] + texts) + "\n")
 ref_file = os.path.join(WORK, "reference.txt")
 with open(ref_file, "w") as f:
     f.write("\n".join(r["text"] for r in reference) + "\n")
@@ -166,17 +188,38 @@ CPU_BATCHES = [4] if DRY else [25, 64, 256]
 GPU_PATHS = [("wgpu", KEEL)] + ([("vulkan", VULKAN)] if VULKAN else [])
 
 
+def two_cpus():
+    """Two logical CPUs on distinct physical cores of one package (a core's two
+    hyperthreads share its FMA ports and its AMX tile unit: the 2-core VMs these figures
+    stand for have two whole cores), with what the kernel says about them."""
+    def topology(cpu, name):
+        try:
+            return open(f"/sys/devices/system/cpu/cpu{cpu}/topology/{name}").read().strip()
+        except OSError:
+            return None
+    cpus = sorted(os.sched_getaffinity(0))
+    first = cpus[0]
+    key = lambda c: (topology(c, "physical_package_id"), topology(c, "core_id"))
+    other = next((c for c in cpus[1:] if key(c)[0] == key(first)[0] and key(c) != key(first)
+                  and key(c)[1] is not None), cpus[1] if len(cpus) > 1 else first)
+    return [first, other], {"cpus": [first, other], "core_ids": [key(first)[1], key(other)[1]],
+                            "siblings_of_first": topology(first, "thread_siblings_list")}
+
+
+TWO_CPUS, report["two_cores"] = two_cpus()
+
+
 def pin_two_cores():
-    """In the child before exec: cores 0 and 1 only (what `taskset -c 0,1` does)."""
+    """In the child before exec: the two CPUs of two_cpus() (what `taskset -c A,B` does)."""
     if (os.cpu_count() or 1) > 2:
-        os.sched_setaffinity(0, {0, 1})
+        os.sched_setaffinity(0, set(TWO_CPUS))
 report["texts"] = N
 report["bundle"] = {"vulkan_build": bool(VULKAN)}
 
 
 def run(cmd, env=None, stdin=None, timeout=None, two_cores=False):
     timeout = timeout or max(10.0, min(300.0, left() + 5))
-    log("$", " ".join(cmd), "(cores 0,1)" if two_cores else "")
+    log("$", " ".join(cmd), f"(cpus {TWO_CPUS[0]},{TWO_CPUS[1]})" if two_cores else "")
     p = subprocess.run(cmd, env=env or BASE_ENV, stdin=stdin, capture_output=True, timeout=timeout,
                        preexec_fn=pin_two_cores if two_cores else None)
     err = p.stderr.decode(errors="replace")
@@ -244,7 +287,6 @@ def machine():
     report["cores"] = os.cpu_count()
 
 
-step("machine", 0, machine)
 cpu = {"parity": {}, "keel_embed": [], "peers": [], "two_cores": {"keel": [], "peers": []}}
 report["cpu_host"] = cpu
 
@@ -255,7 +297,7 @@ def kernel_tests():
     if not binary:
         cpu["kernel_tests"] = {"exit": None, "summary": "not in the bundle", "skipped": []}
         return
-    p = subprocess.run([binary, "kernels::", "--nocapture", "--test-threads", "1"],
+    p = subprocess.run([binary, "kernels::", "attention", "--nocapture", "--test-threads", "1"],
                        capture_output=True, timeout=max(10, min(240, left())))
     text = (p.stdout + p.stderr).decode(errors="replace")
     LOG.write(text)
@@ -266,7 +308,6 @@ def kernel_tests():
     log("kernel tests", json.dumps(cpu["kernel_tests"]))
 
 
-step("kernel tests", 30, kernel_tests)
 
 
 # 3. Parity: every CPU precision and every GPU path against the float64 reference of the
@@ -276,32 +317,17 @@ cpu_ref = []
 
 
 def parity_cpu():
-    got, info = embed(ref_file, "cpu")
+    # The GPU's reference: f32 on the FMA kernels, whatever f32 runs on by default.
+    got, info = embed(ref_file, "cpu", env_extra={"KEEL_CPU_F32": "fma"})
     cpu_ref.extend(got)
     report["parity"]["cpu_vs_float64"] = compare(got, f64)
     cpu["kernels_f32"] = info["device"]
     for precision in CPU_PRECISIONS:
         got, info = embed(ref_file, "cpu", precision=precision)
         cpu["parity"][f"cpu_{precision}_vs_float64"] = {**compare(got, f64), "device": info["device"]}
-
-
-def parity_gpu(backend, binary):
-    def go():
-        for precision in PRECISIONS:
-            # 20 texts: no warm-up of every pass shape (the throughput runs below do it).
-            got, info = embed(ref_file, backend, precision=precision, binary=binary,
-                              env_extra={"KEEL_EMBEDDER__GPU__WARM_UP": "false"})
-            report["parity"][f"{backend}_{precision}_vs_cpu"] = compare(got, cpu_ref)
-            report["parity"][f"{backend}_{precision}_vs_float64"] = compare(got, f64)
-            report.setdefault("startup_s", {})[f"{backend}_{precision}"] = info["startup_s"]
-            report.setdefault("adapters", {})[backend] = info["device"]
-        if backend == "wgpu":
-            # burn's fusion has had wrong-result reports on Vulkan (burn #5257): both ways.
-            got, _ = embed(ref_file, backend, fusion=False, binary=binary,
-                           env_extra={"KEEL_EMBEDDER__GPU__WARM_UP": "false"})
-            report["parity"]["wgpu_f32_no_fusion_vs_float64"] = compare(got, f64)
-        log("parity", json.dumps({k: v for k, v in report["parity"].items() if k.startswith(backend)}))
-    return go
+    if "bf16x3" in (cpu["parity"]["cpu_f32_vs_float64"]["device"] or ""):
+        cpu["parity"]["cpu_f32_fma_vs_float64"] = {**report["parity"]["cpu_vs_float64"],
+                                                   "device": info["device"]}
 
 
 def vulkan_refusal():
@@ -326,12 +352,6 @@ def auto_choice():
         log("auto", name, report["auto"][name])
 
 
-step("auto", 5, auto_choice)
-step("parity cpu", 20, parity_cpu)
-for backend, binary in GPU_PATHS:
-    step(f"parity {backend}", 60, parity_gpu(backend, binary))
-if not VULKAN:
-    step("vulkan refusal", 10, vulkan_refusal)
 
 
 # 4. Throughput on the GPU: keel embed (texts in, vectors out, tokenization included) on
@@ -341,12 +361,26 @@ report["keel_embed"] = []
 
 def gpu_throughput(backend, binary, precision, batch, fusion=True):
     def go():
-        _, info = embed(texts_file, backend, batch, precision, fusion=fusion, binary=binary)
+        got, info = embed(texts_file, backend, batch, precision, fusion=fusion, binary=binary)
         row = {"backend": backend, "precision": precision, "batch": batch, **info}
         if not fusion:
             row["fusion"] = False
         report["keel_embed"].append(row)
-        log("keel embed", json.dumps(row))
+        report.setdefault("adapters", {})[backend] = info["device"]
+        # The first len(f64) vectors are the reference texts': this path's parity, the
+        # worst over its runs.
+        name = f"{backend}_{precision}" + ("" if fusion else "_no_fusion")
+        got = got[:len(f64)]
+        for against, want in (("float64", f64), ("cpu", cpu_ref)):
+            if not want:
+                continue
+            c, key = compare(got, want), f"{name}_vs_{against}"
+            old = report["parity"].get(key)
+            if old:
+                c = {"max_abs_diff": max(old["max_abs_diff"], c["max_abs_diff"]),
+                     "min_cosine": min(old["min_cosine"], c["min_cosine"])}
+            report["parity"][key] = c
+        log("keel embed", json.dumps(row), "parity", json.dumps(report["parity"].get(f"{name}_vs_float64")))
     return go
 
 
@@ -366,9 +400,9 @@ def sentence_transformers_gpu():
         return
     st.update({"status": "ran", "device": torch.cuda.get_device_name(0), "runs": []})
     for precision in PRECISIONS:
+        # The bundle's weights are stored in f16: f32 runs them widened, as Keel's f32 does.
         m = SentenceTransformer(MODEL, device="cuda")
-        if precision == "f16":
-            m = m.half()
+        m = m.half() if precision == "f16" else m.float()
         m.encode(texts[:512], batch_size=64)
         for batch in BATCHES:
             torch.cuda.synchronize()
@@ -382,13 +416,13 @@ def sentence_transformers_gpu():
         torch.cuda.empty_cache()
 
 
-# f16 first: where the tensor cores (vulkan's cooperative matrices) can make a difference.
-for batch in BATCHES:
-    for precision in sorted(PRECISIONS, key=lambda p: p != "f16"):
-        for backend, binary in GPU_PATHS:
-            step(f"keel embed {backend} {precision} {batch}", 25,
-                 gpu_throughput(backend, binary, precision, batch))
-step("sentence-transformers cuda", 40, sentence_transformers_gpu)
+# What decides first: f16 (where vulkan's cooperative matrices can use the tensor cores)
+# at 256 rows per pass on both paths, sentence-transformers beside them, then f16 at
+# 1 024 and f32 at 256; the other sizes last. (Each keel embed compiles and tunes its
+# kernels for every pass shape first: ~50 s on an H200, reported as start-up.)
+GPU_RUNS = [(p, b) for p, b in [("f16", 256), ("f16", 1024), ("f32", 256), ("f32", 1024),
+                                  ("f16", 64), ("f32", 64)]
+            if p in PRECISIONS and b in BATCHES] if not DRY else [(p, b) for b in BATCHES for p in PRECISIONS]
 
 
 # 5. The host's CPUs pinned to 2 cores (the developers' VMs: same CPU model), Keel at every
@@ -421,7 +455,7 @@ def peers(threads, two_cores, into, scripts):
                 continue
             cmd = [sys.executable, os.path.join(tools, script), MODEL, cpu_texts, *extra,
                    *map(str, CPU_BATCHES)]
-            log("$", " ".join(cmd), "(cores 0,1)" if two_cores else "")
+            log("$", " ".join(cmd), f"(cpus {TWO_CPUS[0]},{TWO_CPUS[1]})" if two_cores else "")
             p = subprocess.run(cmd, env=env, capture_output=True, timeout=max(10, min(300, left())),
                                preexec_fn=pin_two_cores if two_cores else None)
             LOG.write(p.stdout.decode(errors="replace") + p.stderr.decode(errors="replace")[-5000:])
@@ -441,9 +475,6 @@ def peers(threads, two_cores, into, scripts):
 
 ST_SCRIPTS = [("st_baseline.py", ["--bf16"]), ("st_baseline.py", [])]
 ORT_SCRIPTS = [("ort_baseline.py", [os.path.join(WORK, "ort")])]
-step("2 cores: keel embed", 40, two_cores_keel)
-if not DRY:
-    step("2 cores: sentence-transformers", 40, peers(2, True, cpu["two_cores"]["peers"], ST_SCRIPTS))
 
 
 # 6. keel serve: warm-up, throughput through DoExchange (keel produce; pyarrow if present),
@@ -527,9 +558,7 @@ def keel_serve():
             server.kill()
 
 
-step("keel serve", 60, keel_serve)
 # What fusion buys: f32 at the largest pass size without it.
-step("keel embed wgpu f32 fusion off", 25, gpu_throughput("wgpu", KEEL, "f32", BATCHES[0], fusion=False))
 
 
 # 7. All the host's cores: Keel at every precision on the best kernels and capped at
@@ -546,10 +575,40 @@ def all_cores_keel():
                 log("keel embed (cpu)", json.dumps(row))
 
 
+
+# The plan, most important first (a step that would not fit the budget is skipped and
+# listed): the machine; the GPU's deciding runs (f16 at 256 rows per pass on both paths,
+# sentence-transformers beside them, f16 at 1 024, f32 at 256), keel serve; then the
+# host's CPUs (kernel tests, parity, Keel and its peers on 2 cores: OpenVINO and ONNX
+# Runtime, sentence-transformers); then the rest of both.
+step("machine", 0, machine)
+step("auto", 5, auto_choice)
+step("parity cpu", 20, parity_cpu)
+if not VULKAN:
+    step("vulkan refusal", 10, vulkan_refusal)
+
+
+def gpu_runs(runs):
+    for precision, batch in runs:
+        for backend, binary in GPU_PATHS:
+            step(f"keel embed {backend} {precision} {batch}", 25,
+                 gpu_throughput(backend, binary, precision, batch))
+
+
+gpu_runs(GPU_RUNS[:1])
+step("sentence-transformers cuda", 40, sentence_transformers_gpu)
+gpu_runs(GPU_RUNS[1:3])
+step("keel serve", 60, keel_serve)
+step("kernel tests", 30, kernel_tests)
+step("2 cores: keel embed", 40, two_cores_keel)
+if not DRY:
+    step("2 cores: onnxruntime and openvino", 60, peers(2, True, cpu["two_cores"]["peers"], ORT_SCRIPTS))
+    step("2 cores: sentence-transformers", 40, peers(2, True, cpu["two_cores"]["peers"], ST_SCRIPTS))
+gpu_runs(GPU_RUNS[3:])
+step("keel embed wgpu f32 fusion off", 25, gpu_throughput("wgpu", KEEL, "f32", BATCHES[0], fusion=False))
 step("all cores: keel embed", 40, all_cores_keel)
 if not DRY:
     step("all cores: peers", 60, peers(os.cpu_count(), False, cpu["peers"], ST_SCRIPTS))
-    step("2 cores: onnxruntime", 60, peers(2, True, cpu["two_cores"]["peers"], ORT_SCRIPTS))
 
 report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
 save()

@@ -30,7 +30,8 @@ def export(model_dir, path):
     class Encoder(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.bert = AutoModel.from_pretrained(model_dir).eval()
+            # f32 whatever the weights are stored in (a converted f16 folder, say).
+            self.bert = AutoModel.from_pretrained(model_dir).float().eval()
 
         def forward(self, input_ids, attention_mask, token_type_ids):
             return self.bert(input_ids=input_ids, attention_mask=attention_mask,
