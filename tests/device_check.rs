@@ -127,7 +127,11 @@ fn the_device_check_dry_run_writes_a_full_report() {
     );
     assert_eq!(report["errors"], serde_json::json!({}), "{report}");
     // The CPUs the 2-core figures were pinned to, and a plain bundle kept for a second run.
-    assert_eq!(report["two_cores"]["cpus"].as_array().unwrap().len(), 2, "{report}");
+    assert_eq!(
+        report["two_cores"]["cpus"].as_array().unwrap().len(),
+        2,
+        "{report}"
+    );
     assert!(keep.path().join("keel").is_file(), "{report}");
     assert!(keep.path().join("model/config.json").is_file(), "{report}");
     let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();

@@ -260,3 +260,49 @@ fn memory_less_the_cache_stays_level_as_the_cache_fills() {
         "memory less the cache moved by {worst} bytes as it filled"
     );
 }
+
+/// `keel embed` over 10 240 distinct texts (five chunks of 2 048): what the program holds
+/// between chunks (jemalloc's allocated bytes, printed on its summary line) stays where
+/// the first chunk left it: once warm, a pass allocates only the vectors it returns.
+#[test]
+fn keel_embed_holds_a_flat_heap_over_many_texts() {
+    let texts: String = (0..10_240)
+        .map(|i| {
+            format!(
+                "BRCA{} chr17:{} C>T missense_variant #{i}\n",
+                i % 3,
+                43_000_000 + i
+            )
+        })
+        .collect();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["embed", "--precision", "int8", "--model"])
+        .arg(repo_root().join("models/all-MiniLM-L6-v2"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        stdin.write_all(texts.as_bytes()).unwrap();
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let line = err.lines().rfind(|l| l.starts_with("keel embed:")).unwrap();
+    let mb = |label: &str| -> f64 {
+        let end = line
+            .find(&format!(" MB {label}"))
+            .unwrap_or_else(|| panic!("{line}"));
+        line[..end].rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let (first, last, most) = (mb("first"), mb("last"), mb("most"));
+    assert!(line.contains("10240 texts"), "{line}");
+    assert!(
+        most <= first + 1.0 && last <= first + 1.0,
+        "the heap grew over the run: {line}"
+    );
+}

@@ -140,6 +140,8 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
     let mut lines = stdin.split(b'\n');
     let mut chunk: Vec<String> = Vec::with_capacity(CHUNK_LINES);
     let mut line_no = 0usize;
+    // jemalloc's allocated bytes after the first chunk, after the last, and the most.
+    let mut heap: (Option<u64>, u64, u64) = (None, 0, 0);
     loop {
         chunk.clear();
         for line in lines.by_ref() {
@@ -170,6 +172,12 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
             out.write_all(b"\n")?;
         }
         texts_done += texts.len();
+        // What the program holds between chunks: flat once warm (a pass allocates only
+        // the vectors it returns, freed with the chunk).
+        let held = keel_engine::memory::allocator::stats().allocated;
+        heap.0.get_or_insert(held);
+        heap.1 = held;
+        heap.2 = heap.2.max(held);
     }
     out.flush().context("writing stdout")?;
     let stats = handle.stats();
@@ -187,8 +195,18 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
             )
         })
         .unwrap_or_default();
+    let mb = |b: u64| b as f64 / 1e6;
+    let heap = match heap {
+        (Some(first), last, most) if texts_done > CHUNK_LINES => format!(
+            "; heap after each {CHUNK_LINES} texts: {:.1} MB first, {:.1} MB last, {:.1} MB most",
+            mb(first),
+            mb(last),
+            mb(most)
+        ),
+        _ => String::new(),
+    };
     eprintln!(
-        "keel embed: {texts_done} texts in {secs:.2} s ({:.0} texts/s; start-up {:.2} s; {workers} workers on {}; {} passes; weights {weight_mb:.1} MB; RSS {} MB{device_memory})",
+        "keel embed: {texts_done} texts in {secs:.2} s ({:.0} texts/s; start-up {:.2} s; {workers} workers on {}; {} passes; weights {weight_mb:.1} MB; RSS {} MB{device_memory}{heap})",
         if secs > 0.0 {
             texts_done as f64 / secs
         } else {
