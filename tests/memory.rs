@@ -263,13 +263,16 @@ fn memory_less_the_cache_stays_level_as_the_cache_fills() {
 
 /// `keel embed` over 10 240 distinct texts (five chunks of 2 048): what the program holds
 /// between chunks (jemalloc's allocated bytes, printed on its summary line) stays where
-/// the first chunk left it: once warm, a pass allocates only the vectors it returns.
+/// the first chunk left it (within 4 MB): once warm, a pass allocates only the vectors it
+/// returns.
 #[test]
 fn keel_embed_holds_a_flat_heap_over_many_texts() {
     let texts: String = (0..10_240)
+        // One length for all (a longer pass shape first met late would grow the threads'
+        // kernel buffers once: warm-up, not a leak).
         .map(|i| {
             format!(
-                "BRCA{} chr17:{} C>T missense_variant #{i}\n",
+                "BRCA{} chr17:{} C>T missense_variant #{i:05}\n",
                 i % 3,
                 43_000_000 + i
             )
@@ -301,8 +304,10 @@ fn keel_embed_holds_a_flat_heap_over_many_texts() {
     };
     let (first, last, most) = (mb("first"), mb("last"), mb("most"));
     assert!(line.contains("10240 texts"), "{line}");
+    // A pass that kept its activations (MBs each, ~30 passes a chunk) would add tens of
+    // MB; the allowance is for threads' caches and buffers met under a loaded machine.
     assert!(
-        most <= first + 1.0 && last <= first + 1.0,
+        most <= first + 4.0 && last <= first + 4.0,
         "the heap grew over the run: {line}"
     );
 }
