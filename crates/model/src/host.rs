@@ -12,8 +12,10 @@
 //!   largest pass seen and are reused: once warm, a pass allocates nothing but its output;
 //! - hands those buffers to the kernels directly (`&[f32]` in, `&mut [f32]` out), in
 //!   blocks of [`ROWS_PER_TASK`] rows, and finishes each block while it is in cache:
-//!   bias (in the kernel), GELU after the up-projection, residual + LayerNorm after the
-//!   attention output and the down-projection;
+//!   bias (in the kernel), residual + LayerNorm after the attention output, and the whole
+//!   feed-forward (up-projection, GELU, down-projection, residual + LayerNorm) one block
+//!   at a time, its activations in a buffer of each thread's (no `tokens × intermediate`
+//!   array between the two projections: on large passes that array outgrew the caches);
 //! - computes attention per (row, head) in one pass: QKᵀ, softmax and ·V for each query
 //!   in a few cache lines, reading Q, K and V in place in the fused QKV output.
 //!
@@ -47,6 +49,9 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
     /// Each thread's attention buffers (one query's scores, one head's keys transposed).
     static ATTENTION: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Each thread's feed-forward activations for one block of rows
+    /// (`ROWS_PER_TASK × intermediate`).
+    static FEED_FORWARD: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Compiles `$body` for AVX-512, for AVX2 + FMA and for the baseline, and runs the best
@@ -356,6 +361,25 @@ struct Block {
 }
 
 impl Block {
+    /// `x = LayerNorm(x + down(GELU(up(x))))` for one block of rows, its activations in
+    /// this thread's buffer.
+    fn feed_forward(&self, x: &mut [f32], y: &mut [f32]) {
+        let tokens = x.len() / self.up.inputs();
+        FEED_FORWARD.with_borrow_mut(|act| {
+            let width = self.up.outputs();
+            if act.len() < ROWS_PER_TASK * width {
+                act.resize(ROWS_PER_TASK * width, 0.0);
+            }
+            let act = &mut act[..tokens * width];
+            SCRATCH.with_borrow_mut(|scratch| {
+                self.up.block(x, act, scratch);
+                gelu::gelu_slice(act);
+                self.down.block(act, y, scratch);
+            });
+            self.out_norm.residual(y, x);
+        });
+    }
+
     fn linear_mut(&mut self, role: LinearRole) -> &mut HostLinear {
         match role {
             LinearRole::Qkv => &mut self.qkv,
@@ -377,16 +401,20 @@ pub struct Workspace {
     ctx: Vec<f32>,
     /// A Linear layer's output before its residual, `tokens × hidden`.
     y: Vec<f32>,
-    /// The feed-forward's GELU output, `tokens × intermediate`.
+    /// The feed-forward's GELU output, `tokens × intermediate`, for calibration (which
+    /// observes every layer's whole input); a pass runs the feed-forward a block of rows
+    /// at a time in each thread's own buffer.
     act: Vec<f32>,
     /// Where each row's tokens start, and the end.
     starts: Vec<usize>,
 }
 
 impl Workspace {
-    /// Grows the buffers to hold a pass of `tokens` tokens in `rows` rows.
-    fn reserve(&mut self, spec: &ModelSpec, rows: usize, tokens: usize) {
-        let (h, i) = (spec.hidden_size, spec.intermediate_size);
+    /// Grows the buffers to hold a pass of `tokens` tokens in `rows` rows (`whole_ffn`:
+    /// the feed-forward's activations for every token too).
+    fn reserve(&mut self, spec: &ModelSpec, rows: usize, tokens: usize, whole_ffn: bool) {
+        let h = spec.hidden_size;
+        let i = if whole_ffn { spec.intermediate_size } else { 0 };
         for (buffer, width) in [
             (&mut self.x, h),
             (&mut self.qkv, 3 * h),
@@ -525,14 +553,14 @@ impl HostEncoder {
     /// Grows `ws` for passes of up to `rows` rows and `tokens` tokens, so that the first
     /// passes do not allocate either.
     pub fn reserve(&self, ws: &mut Workspace, rows: usize, tokens: usize) {
-        ws.reserve(&self.spec, rows, tokens);
+        ws.reserve(&self.spec, rows, tokens, false);
     }
 
     /// Pooled, not yet normalised sentence vectors of a batch, `rows × hidden`, into
     /// `out` (cleared first). Every id must be below `vocab_size` and every row non-empty
     /// and at most `max_position_embeddings` long (the tokenizer guarantees all three).
     pub fn forward(&self, batch: &TokenBatch<'_>, ws: &mut Workspace, out: &mut Vec<f32>) {
-        self.forward_observed(batch, ws, out, |_, _, _| {});
+        self.forward_observed(batch, ws, out, None::<fn(usize, LinearRole, &[f32])>);
     }
 
     /// For each block and Linear layer, the largest magnitude each input channel reached
@@ -546,32 +574,41 @@ impl HostEncoder {
                 rows: &rows,
                 pad_to: 0,
             };
-            self.forward_observed(&batch, &mut ws, &mut out, |layer, role, x| {
-                if maxima.len() <= layer {
-                    maxima.resize_with(layer + 1, Default::default);
-                }
-                let kept = &mut maxima[layer][role.index()];
-                let width = x.len() / ids.len();
-                if kept.is_empty() {
-                    kept.resize(width, 0.0);
-                }
-                for row in x.chunks_exact(width) {
-                    for (k, v) in kept.iter_mut().zip(row) {
-                        *k = k.max(v.abs());
+            self.forward_observed(
+                &batch,
+                &mut ws,
+                &mut out,
+                Some(|layer: usize, role: LinearRole, x: &[f32]| {
+                    if maxima.len() <= layer {
+                        maxima.resize_with(layer + 1, Default::default);
                     }
-                }
-            });
+                    let kept = &mut maxima[layer][role.index()];
+                    let width = x.len() / ids.len();
+                    if kept.is_empty() {
+                        kept.resize(width, 0.0);
+                    }
+                    for row in x.chunks_exact(width) {
+                        for (k, v) in kept.iter_mut().zip(row) {
+                            *k = k.max(v.abs());
+                        }
+                    }
+                }),
+            );
         }
         maxima
     }
 
     /// [`Self::forward`], showing `observe` each Linear layer's input (`tokens × in`).
+    /// Without an observer the feed-forward runs a block of rows at a time, up-projection,
+    /// GELU, down-projection and residual + LayerNorm while the block's activations are in
+    /// cache (a row's result does not depend on the rows beside it, so both ways compute
+    /// the same vectors).
     fn forward_observed(
         &self,
         batch: &TokenBatch<'_>,
         ws: &mut Workspace,
         out: &mut Vec<f32>,
-        mut observe: impl FnMut(usize, LinearRole, &[f32]),
+        mut observe: Option<impl FnMut(usize, LinearRole, &[f32])>,
     ) {
         let spec = &*self.spec;
         let (h, heads, inter) = (spec.hidden_size, spec.num_heads, spec.intermediate_size);
@@ -586,7 +623,7 @@ impl HostEncoder {
             .iter()
             .map(|r| r.len().min(spec.max_position_embeddings))
             .sum();
-        ws.reserve(spec, batch.rows.len(), tokens);
+        ws.reserve(spec, batch.rows.len(), tokens, observe.is_some());
         ws.starts.clear();
         ws.starts.push(0);
         for r in batch.rows {
@@ -601,12 +638,11 @@ impl HostEncoder {
             act,
             starts,
         } = ws;
-        let (x, qkv, ctx, y, act) = (
+        let (x, qkv, ctx, y) = (
             &mut x[..tokens * h],
             &mut qkv[..tokens * 3 * h],
             &mut ctx[..tokens * h],
             &mut y[..tokens * h],
-            &mut act[..tokens * inter],
         );
 
         // Embeddings: word + position (+ type 0) rows, then LayerNorm.
@@ -624,6 +660,12 @@ impl HostEncoder {
             .for_each(|rows| self.embed_norm.rows(rows));
 
         let buffer = attention_buffer(longest, h / heads);
+        let whole_ffn = observe.is_some();
+        let mut observe = |l: usize, role: LinearRole, x: &[f32]| {
+            if let Some(observe) = observe.as_mut() {
+                observe(l, role, x);
+            }
+        };
         for (l, block) in self.blocks.iter().enumerate() {
             observe(l, LinearRole::Qkv, x);
             block.qkv.forward(x, qkv, |_| {});
@@ -638,11 +680,18 @@ impl HostEncoder {
             observe(l, LinearRole::AttnOut, ctx);
             block.attn_out.forward(ctx, y, |_| {});
             residual_norm(&block.attn_norm, y, x);
-            observe(l, LinearRole::Up, x);
-            block.up.forward(x, act, gelu::gelu_slice);
-            observe(l, LinearRole::Down, act);
-            block.down.forward(act, y, |_| {});
-            residual_norm(&block.out_norm, y, x);
+            if whole_ffn {
+                let act = &mut act[..tokens * inter];
+                observe(l, LinearRole::Up, x);
+                block.up.forward(x, act, gelu::gelu_slice);
+                observe(l, LinearRole::Down, act);
+                block.down.forward(act, y, |_| {});
+                residual_norm(&block.out_norm, y, x);
+            } else {
+                x.par_chunks_mut(ROWS_PER_TASK * h)
+                    .zip(y.par_chunks_mut(ROWS_PER_TASK * h))
+                    .for_each(|(x, y)| block.feed_forward(x, y));
+            }
         }
 
         out.resize(batch.rows.len() * h, 0.0);
