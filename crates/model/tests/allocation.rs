@@ -1,11 +1,14 @@
 //! Once warm, a CPU pass allocates nothing but the vectors it returns: its activations
-//! live in the replica's workspace, the kernels' packing buffers in each thread's scratch.
+//! live in the replica's workspace and in each thread's buffers (a block's feed-forward,
+//! the kernels' packing).
 //! Counted with a global allocator that counts (this test binary only).
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+mod common;
+
+use common::model_dir;
 use keel_model::{Backend, BatchLimits, DeviceOptions, ModelDevice, Precision, SentenceModel};
 
 struct Counting;
@@ -34,14 +37,6 @@ unsafe impl GlobalAlloc for Counting {
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
-
-fn model_dir() -> PathBuf {
-    std::env::var_os("KEEL_TEST_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/all-MiniLM-L6-v2")
-        })
-}
 
 #[test]
 fn a_warm_pass_allocates_only_its_output() {

@@ -4,55 +4,33 @@
 //! is what `f32` runs; elsewhere `KEEL_CPU_F32=bf16x3` asks for it, as here. A test binary
 //! of its own: the choice is read once per process.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use keel_model::{Backend, BatchLimits, SentenceModel};
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
-    let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    dot / (n(a) * n(b))
-}
+use common::*;
 
 #[test]
 fn f32_as_bf16x3_is_within_the_bounds_of_exact_f32() {
     // SAFETY: this binary's only test sets the variable before any thread reads it.
     unsafe { std::env::set_var("KEEL_CPU_F32", "bf16x3") };
-    let dir = std::env::var_os("KEEL_TEST_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("models/all-MiniLM-L6-v2"));
+    let dir = model_dir();
     let model = SentenceModel::load(&dir, Backend::Cpu).expect("model loads");
     let adapter = &model.device().adapter;
     assert!(
         adapter.contains("f32") && adapter.contains("bf16x3"),
         "{adapter}"
     );
-    let reference =
-        std::fs::read_to_string(repo_root().join("crates/model/tests/data/minilm-reference.jsonl"))
-            .unwrap();
-    let refs: Vec<(String, Vec<f32>)> = reference
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let e = v["embedding"].as_array().unwrap();
-            (
-                v["text"].as_str().unwrap().to_string(),
-                e.iter().map(|x| x.as_f64().unwrap() as f32).collect(),
-            )
-        })
-        .collect();
-    let texts: Vec<&str> = refs.iter().map(|r| r.0.as_str()).collect();
+    let refs = reference();
+    let texts: Vec<&str> = refs.iter().map(|r| r.text.as_str()).collect();
     let limits = BatchLimits {
         max_rows: 64,
         max_tokens: 16_384,
     };
     let got = model.embed(&texts, limits).unwrap();
     let (mut worst_cos, mut worst_diff) = (1.0f64, 0.0f32);
-    for ((text, want), v) in refs.iter().zip(got.chunks_exact(model.dim())) {
+    for (r, v) in refs.iter().zip(got.chunks_exact(model.dim())) {
+        let (text, want) = (&r.text, &r.embedding);
         let diff = v
             .iter()
             .zip(want)

@@ -6,28 +6,16 @@
 //!
 //! Needs the model: `scripts/fetch-model.sh` (the README's test command runs it).
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::sync::OnceLock;
+
+use common::*;
 
 use keel_model::{
     Backend, BatchLimits, DeviceOptions, ModelDevice, ModelError, Precision, SentenceModel,
     StoredPrecision,
 };
-
-/// This crate's folder (`crates/model`).
-fn crate_dir() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn repo_root() -> PathBuf {
-    crate_dir().join("../..")
-}
-
-fn model_dir() -> PathBuf {
-    std::env::var_os("KEEL_TEST_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("models/all-MiniLM-L6-v2"))
-}
 
 fn model() -> &'static SentenceModel {
     static MODEL: OnceLock<SentenceModel> = OnceLock::new();
@@ -40,37 +28,6 @@ fn model() -> &'static SentenceModel {
         );
         SentenceModel::load(&dir, Backend::Cpu).expect("model loads")
     })
-}
-
-struct Reference {
-    text: String,
-    embedding: Vec<f32>,
-}
-
-fn reference() -> Vec<Reference> {
-    let path = crate_dir().join("tests/data/minilm-reference.jsonl");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    text.lines()
-        .map(|line| {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            Reference {
-                text: v["text"].as_str().unwrap().to_string(),
-                embedding: v["embedding"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_f64().unwrap() as f32)
-                    .collect(),
-            }
-        })
-        .collect()
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
-    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    dot / (na * nb)
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

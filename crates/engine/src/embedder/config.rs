@@ -92,7 +92,9 @@ pub struct CpuConfig {
     /// Most rows in one forward pass.
     pub max_batch_rows: usize,
     /// Most padded tokens (rows × longest row) in one forward pass. Bounds the memory of a
-    /// pass: activations are about `max_batch_tokens × 4 × intermediate_size` bytes. Passes
+    /// pass: activations are about `max_batch_tokens × 4 × 6 × hidden_size` bytes (the
+    /// residual stream, Q·K·V, context and a layer's output; the feed-forward runs a block
+    /// of 64 tokens at a time in each thread's buffer). Passes
     /// of ~512–1 024 tokens keep their activations in the core's caches; larger passes were
     /// slower per text in every precision (docs/BENCHMARKS.md, "Pass shape").
     pub max_batch_tokens: usize,
