@@ -57,6 +57,21 @@ pub fn available(kind: Kind) -> bool {
     }
 }
 
+/// Whether layers may be put on the AMX kernels for `kind`: where [`available`], and in the
+/// crate's tests on any CPU with AVX-512 F and BW (on the software model where the CPU has
+/// no tiles: the code around the tile products is compiled for AVX-512, which every CPU
+/// with AMX has).
+pub(crate) fn runs(kind: Kind) -> bool {
+    #[cfg(all(test, target_arch = "x86_64"))]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512bw") {
+            return true;
+        }
+    }
+    available(kind)
+}
+
 /// The two tile products a kernel runs.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Product {
@@ -66,20 +81,113 @@ pub(crate) enum Product {
     Int8,
 }
 
-/// `c = a · b` for a block of rows, 32 rows × 32 columns at a time, calling `store` with
-/// each 32 × 32 block of sums.
+#[cfg(target_arch = "x86_64")]
+/// The tile operations the kernels use. [`Hardware`] runs them on this CPU's tiles; the
+/// crate's tests run the same kernels on `Emulated` tiles (a software model of the
+/// instructions) where the CPU has none, so that the kernels' addressing, padding, side
+/// products and epilogues are tested on every CPU: only the instructions themselves, one
+/// `asm!` each, need AMX hardware to be tested.
+///
+/// # Safety
+/// Every method but `configure` needs a `configure` before it on the same thread; the
+/// loads read 16 rows of 64 bytes from each pointer (`stride` apart for A, contiguous for
+/// B), the store writes 4 KiB.
+pub(crate) trait Tiles {
+    unsafe fn configure(&mut self);
+    unsafe fn release(&mut self);
+    unsafe fn zero_accumulators(&mut self);
+    unsafe fn load_a(&mut self, a0: *const u8, a1: *const u8, stride: usize);
+    unsafe fn load_b(&mut self, b0: *const u8, b1: *const u8);
+    unsafe fn dot(&mut self, product: Product);
+    unsafe fn store_accumulators(&mut self, out: *mut u8);
+}
+
+/// This CPU's tiles ([`available`]).
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct Hardware;
+
+#[cfg(target_arch = "x86_64")]
+impl Tiles for Hardware {
+    #[inline(always)]
+    unsafe fn configure(&mut self) {
+        // SAFETY (each method): the caller vouches for the CPU and the pointers.
+        unsafe { x86::configure() }
+    }
+    #[inline(always)]
+    unsafe fn release(&mut self) {
+        unsafe { x86::release() }
+    }
+    #[inline(always)]
+    unsafe fn zero_accumulators(&mut self) {
+        unsafe { x86::zero_accumulators() }
+    }
+    #[inline(always)]
+    unsafe fn load_a(&mut self, a0: *const u8, a1: *const u8, stride: usize) {
+        unsafe { x86::load_a(a0, a1, stride) }
+    }
+    #[inline(always)]
+    unsafe fn load_b(&mut self, b0: *const u8, b1: *const u8) {
+        unsafe { x86::load_b(b0, b1) }
+    }
+    #[inline(always)]
+    unsafe fn dot(&mut self, product: Product) {
+        match product {
+            Product::Bf16 => unsafe { x86::dot_bf16() },
+            Product::Int8 => unsafe { x86::dot_int8() },
+        }
+    }
+    #[inline(always)]
+    unsafe fn store_accumulators(&mut self, out: *mut u8) {
+        unsafe { x86::store_accumulators(out) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+/// A second product per block of sums, kept apart from the main one: bf16 pairs summed in
+/// f32 (the int8 kernels' outlier channels as bf16×3, beside their integer sums).
+pub(crate) struct Side<'a> {
+    /// `rows_padded` rows of `steps × 64` bytes, one after the other.
+    pub a: &'a [u8],
+    /// Per panel of 16 columns, `steps` tiles of 16 rows × 64 bytes, panels one after the
+    /// other.
+    pub b: &'a [u8],
+    pub steps: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+/// The sums of one block of 32 rows × 32 columns: `[2 row halves][2 panels][16 rows][16
+/// columns]`, the main product's as f32 or i32 bits, the side product's as f32 (zeros
+/// without one).
+#[repr(C, align(64))]
+pub(crate) struct Sums {
+    pub main: [u32; 1024],
+    pub side: [f32; 1024],
+}
+
+/// `c = a · b` (and the `side` product) for a block of rows, 32 rows × 32 columns at a
+/// time, calling `store` with each 32 × 32 block of sums.
 ///
 /// - `a`: `rows_padded` rows (a multiple of [`TILE_ROWS`], zeros past the real rows),
 ///   `a_stride` bytes apart, each `steps` × 64 bytes of packed activations;
 /// - `b`: the layer's packed panels, `panel_bytes` apart, each `steps` × 16 rows of 64 bytes;
 /// - `store(row, pair, sums)`: sums of rows `row..row + 32` × panel pair `pair`'s 32
-///   columns, as `[2 row halves][2 panels][16 rows][16 columns]` f32 or i32 bits.
+///   columns ([`Sums`]).
+///
+/// The panel pairs are the outer loop: a pair's weights (`steps` KiB: 24 KiB for 384
+/// inputs in bf16) are read from memory once and stay in the core's caches for every block
+/// of rows, while the activations (a block of rows: 128 × 384 bf16 is 96 KiB) stay in its
+/// L2 for every pair. The other order read the whole layer's weights once per 32 rows,
+/// and at a tile unit's rate that traffic, not the products, set the pace.
+///
+/// On the CPU's tiles ([`Hardware`]); in the crate's tests on a CPU without them, on the
+/// software model.
 ///
 /// # Safety
 /// The CPU must run the AMX instructions of `product` ([`available`]) and the process must
 /// hold tile state; `a` and `b` must hold what is described above.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 pub(crate) unsafe fn multiply(
     product: Product,
     a: &[u8],
@@ -89,37 +197,125 @@ pub(crate) unsafe fn multiply(
     panel_bytes: usize,
     pairs: usize,
     steps: usize,
-    mut store: impl FnMut(usize, usize, &[u32; 1024]),
+    side: Option<Side<'_>>,
+    store: impl FnMut(usize, usize, &Sums),
 ) {
-    assert_eq!(rows_padded % TILE_ROWS, 0);
-    assert!(a_stride >= steps * 64 && a.len() >= (rows_padded - 1) * a_stride + steps * 64);
-    assert!(pairs == 0 || b.len() >= (2 * pairs - 1) * panel_bytes + steps * TILE_GROUPS * 64);
-    let mut sums = [0u32; 1024];
-    // SAFETY: the caller vouches for the instructions; every tile read stays inside `a`
-    // and `b` (checked above), every store inside `sums`.
+    #[cfg(test)]
+    {
+        let kind = match product {
+            Product::Bf16 => Kind::Bf16,
+            Product::Int8 => Kind::Int8,
+        };
+        if !available(kind) {
+            let mut tiles = tests::Emulated::default();
+            // SAFETY: the software model runs on any CPU; the bounds are checked below.
+            return unsafe {
+                multiply_on(
+                    &mut tiles,
+                    product,
+                    a,
+                    a_stride,
+                    rows_padded,
+                    b,
+                    panel_bytes,
+                    pairs,
+                    steps,
+                    side,
+                    store,
+                )
+            };
+        }
+    }
+    // SAFETY: as the caller vouches.
     unsafe {
-        x86::configure();
-        for row in (0..rows_padded).step_by(TILE_ROWS) {
-            let a0 = a.as_ptr().add(row * a_stride);
-            let a1 = a0.add(16 * a_stride);
-            for pair in 0..pairs {
-                let b0 = b.as_ptr().add(2 * pair * panel_bytes);
-                let b1 = b0.add(panel_bytes);
-                x86::zero_accumulators();
+        multiply_on(
+            &mut Hardware,
+            product,
+            a,
+            a_stride,
+            rows_padded,
+            b,
+            panel_bytes,
+            pairs,
+            steps,
+            side,
+            store,
+        )
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+/// [`multiply`] on the given tiles.
+///
+/// # Safety
+/// As for [`multiply`], for the CPU running `tiles`' instructions.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn multiply_on<T: Tiles>(
+    tiles: &mut T,
+    product: Product,
+    a: &[u8],
+    a_stride: usize,
+    rows_padded: usize,
+    b: &[u8],
+    panel_bytes: usize,
+    pairs: usize,
+    steps: usize,
+    side: Option<Side<'_>>,
+    mut store: impl FnMut(usize, usize, &Sums),
+) {
+    const TILE: usize = TILE_GROUPS * 64;
+    assert_eq!(rows_padded % TILE_ROWS, 0);
+    assert!(
+        rows_padded == 0
+            || a_stride >= steps * 64 && a.len() >= (rows_padded - 1) * a_stride + steps * 64
+    );
+    assert!(pairs == 0 || b.len() >= (2 * pairs - 1) * panel_bytes + steps * TILE);
+    if let Some(side) = &side {
+        assert!(side.a.len() >= rows_padded * side.steps * 64);
+        assert!(side.b.len() >= 2 * pairs * side.steps * TILE);
+    }
+    let mut sums = Sums {
+        main: [0; 1024],
+        side: [0.0; 1024],
+    };
+    // SAFETY: the caller vouches for the instructions; every tile read stays inside `a`,
+    // `b` and the side's operands (checked above), every store inside `sums`.
+    unsafe {
+        tiles.configure();
+        for pair in 0..pairs {
+            let b0 = b.as_ptr().add(2 * pair * panel_bytes);
+            let b1 = b0.add(panel_bytes);
+            for row in (0..rows_padded).step_by(TILE_ROWS) {
+                let a0 = a.as_ptr().add(row * a_stride);
+                let a1 = a0.add(16 * a_stride);
+                tiles.zero_accumulators();
                 for step in 0..steps {
-                    let (ka, kb) = (step * 64, step * TILE_GROUPS * 64);
-                    x86::load_a(a0.add(ka), a1.add(ka), a_stride);
-                    x86::load_b(b0.add(kb), b1.add(kb));
-                    match product {
-                        Product::Bf16 => x86::dot_bf16(),
-                        Product::Int8 => x86::dot_int8(),
-                    }
+                    let (ka, kb) = (step * 64, step * TILE);
+                    tiles.load_a(a0.add(ka), a1.add(ka), a_stride);
+                    tiles.load_b(b0.add(kb), b1.add(kb));
+                    tiles.dot(product);
                 }
-                x86::store_accumulators(sums.as_mut_ptr().cast());
+                tiles.store_accumulators(sums.main.as_mut_ptr().cast());
+                if let Some(side) = &side {
+                    let stride = side.steps * 64;
+                    let a0 = side.a.as_ptr().add(row * stride);
+                    let a1 = a0.add(16 * stride);
+                    let b0 = side.b.as_ptr().add(2 * pair * side.steps * TILE);
+                    let b1 = b0.add(side.steps * TILE);
+                    tiles.zero_accumulators();
+                    for step in 0..side.steps {
+                        let (ka, kb) = (step * 64, step * TILE);
+                        tiles.load_a(a0.add(ka), a1.add(ka), stride);
+                        tiles.load_b(b0.add(kb), b1.add(kb));
+                        tiles.dot(Product::Bf16);
+                    }
+                    tiles.store_accumulators(sums.side.as_mut_ptr().cast());
+                }
                 store(row, pair, &sums);
             }
         }
-        x86::release();
+        tiles.release();
     }
 }
 
@@ -165,32 +361,33 @@ pub fn peak_macs_per_second(kind: Kind, steps: usize) -> Option<f64> {
     }
 }
 
-/// The real rows and columns of one 32 × 32 block of sums from [`multiply`]: calls
-/// `f(row, j0, sums)` for each row below `rows` and each of the pair's two panels that
-/// starts below `outputs`, with that row's sums of the panel's columns below `outputs`.
 #[cfg(target_arch = "x86_64")]
+/// The real rows and columns of one 32 × 32 block of [`Sums`]: calls `f(row, j0, at,
+/// valid)` for each row below `rows` and each of the pair's two panels that starts below
+/// `outputs`: that row's sums of the panel's first `valid` columns (those below `outputs`,
+/// from column `j0`) are `sums.main[at..at + valid]` (and `sums.side[at..at + valid]`).
+#[inline(always)]
 pub(crate) fn each_row(
-    sums: &[u32; 1024],
     row0: usize,
     pair: usize,
     rows: usize,
     outputs: usize,
-    mut f: impl FnMut(usize, usize, &[u32]),
+    mut f: impl FnMut(usize, usize, usize, usize),
 ) {
     const PANEL: usize = super::PANEL;
-    for (tile, sums) in sums.chunks_exact(256).enumerate() {
+    for tile in 0..4 {
         let (half, panel) = (tile / 2, tile % 2);
         let j0 = (2 * pair + panel) * PANEL;
         if j0 >= outputs {
             continue;
         }
         let valid = (outputs - j0).min(PANEL);
-        for (r, sums) in sums.chunks_exact(PANEL).enumerate() {
+        for r in 0..16 {
             let row = row0 + half * 16 + r;
             if row >= rows {
                 break;
             }
-            f(row, j0, &sums[..valid]);
+            f(row, j0, tile * 256 + r * PANEL, valid);
         }
     }
 }
@@ -360,5 +557,163 @@ mod x86 {
                 options(nostack)
             )
         };
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A software model of the eight tile registers (16 rows × 64 bytes each, the one
+    /// configuration the kernels use) and of the instructions on them, as Intel's
+    /// reference describes them: `tdpbf16ps` adds each pair's two exact products to the
+    /// f32 sum one after the other, `tdpbusd` sums unsigned × signed bytes in wrapping i32.
+    pub(crate) struct Emulated {
+        tmm: [[[u8; 64]; 16]; 8],
+    }
+
+    impl Default for Emulated {
+        fn default() -> Self {
+            Self {
+                tmm: [[[0; 64]; 16]; 8],
+            }
+        }
+    }
+
+    impl Emulated {
+        /// `tileloadd`: 16 rows of 64 bytes, `stride` apart.
+        unsafe fn load(&mut self, t: usize, base: *const u8, stride: usize) {
+            for r in 0..16 {
+                // SAFETY: (caller) 16 rows of 64 bytes, `stride` apart.
+                let row = unsafe { std::slice::from_raw_parts(base.add(r * stride), 64) };
+                self.tmm[t][r].copy_from_slice(row);
+            }
+        }
+        fn bf16_at(tile: &[[u8; 64]; 16], row: usize, i: usize) -> f32 {
+            let bits = u16::from_le_bytes([tile[row][2 * i], tile[row][2 * i + 1]]);
+            f32::from_bits((bits as u32) << 16)
+        }
+    }
+
+    impl Tiles for Emulated {
+        unsafe fn configure(&mut self) {}
+        unsafe fn release(&mut self) {
+            *self = Self::default();
+        }
+        unsafe fn zero_accumulators(&mut self) {
+            self.tmm[..4].iter_mut().for_each(|t| *t = [[0; 64]; 16]);
+        }
+        unsafe fn load_a(&mut self, a0: *const u8, a1: *const u8, stride: usize) {
+            // SAFETY (both): as the caller vouches.
+            unsafe {
+                self.load(4, a0, stride);
+                self.load(5, a1, stride);
+            }
+        }
+        unsafe fn load_b(&mut self, b0: *const u8, b1: *const u8) {
+            unsafe {
+                self.load(6, b0, 64);
+                self.load(7, b1, 64);
+            }
+        }
+        unsafe fn dot(&mut self, product: Product) {
+            for (c, a, b) in [(0, 4, 6), (1, 4, 7), (2, 5, 6), (3, 5, 7)] {
+                let (ta, tb) = (self.tmm[a], self.tmm[b]);
+                let tc = &mut self.tmm[c];
+                for m in 0..16 {
+                    for n in 0..16 {
+                        let cell = &mut tc[m][4 * n..4 * n + 4];
+                        match product {
+                            Product::Bf16 => {
+                                let mut acc = f32::from_le_bytes(cell.try_into().unwrap());
+                                for k in 0..16 {
+                                    acc +=
+                                        Self::bf16_at(&ta, m, 2 * k) * Self::bf16_at(&tb, k, 2 * n);
+                                    acc += Self::bf16_at(&ta, m, 2 * k + 1)
+                                        * Self::bf16_at(&tb, k, 2 * n + 1);
+                                }
+                                cell.copy_from_slice(&acc.to_le_bytes());
+                            }
+                            Product::Int8 => {
+                                let mut acc = i32::from_le_bytes(cell.try_into().unwrap());
+                                for k in 0..16 {
+                                    for i in 0..4 {
+                                        let u = ta[m][4 * k + i] as i32;
+                                        let s = tb[k][4 * n + i] as i8 as i32;
+                                        acc = acc.wrapping_add(u * s);
+                                    }
+                                }
+                                cell.copy_from_slice(&acc.to_le_bytes());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        unsafe fn store_accumulators(&mut self, out: *mut u8) {
+            for (t, tile) in self.tmm[..4].iter().enumerate() {
+                for (r, row) in tile.iter().enumerate() {
+                    // SAFETY: (caller) 4 KiB writable at `out`.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(t * 1024 + r * 64), 64)
+                    };
+                }
+            }
+        }
+    }
+
+    /// The software tiles against products written out by hand: two row halves, two
+    /// panels, two steps, for both instructions; rows and columns past the layer's are
+    /// left to the caller (`each_row`).
+    #[test]
+    fn the_software_tiles_multiply_as_the_instructions_are_defined() {
+        let (rows, steps, pairs) = (32, 2, 2);
+        // int8: a[r][k] = (r + 3k) % 7 (unsigned), w[k][j] = (k % 5) - (j % 3) (signed).
+        let k_len = steps * 64;
+        let a: Vec<u8> = (0..rows * k_len)
+            .map(|i| ((i / k_len + 3 * (i % k_len)) % 7) as u8)
+            .collect();
+        let w = |k: usize, j: usize| (k % 5) as i32 - (j % 3) as i32;
+        let panel_bytes = steps * 1024;
+        let mut b = vec![0u8; 2 * pairs * panel_bytes];
+        for j in 0..2 * pairs * 16 {
+            for k in 0..k_len {
+                let at = (j / 16) * panel_bytes + (k / 4) * 64 + (j % 16) * 4 + k % 4;
+                b[at] = w(k, j) as i8 as u8;
+            }
+        }
+        let mut seen = 0;
+        // SAFETY: the software model; the operands hold what `multiply` reads.
+        unsafe {
+            multiply_on(
+                &mut Emulated::default(),
+                Product::Int8,
+                &a,
+                k_len,
+                rows,
+                &b,
+                panel_bytes,
+                pairs,
+                steps,
+                None,
+                |row0, pair, sums| {
+                    each_row(row0, pair, rows, 2 * pairs * 16, |row, j0, at, valid| {
+                        for c in 0..valid {
+                            let want: i32 = (0..k_len)
+                                .map(|k| a[row * k_len + k] as i32 * w(k, j0 + c))
+                                .sum();
+                            assert_eq!(
+                                sums.main[at + c] as i32,
+                                want,
+                                "row {row} column {}",
+                                j0 + c
+                            );
+                            seen += 1;
+                        }
+                    })
+                },
+            )
+        };
+        assert_eq!(seen, rows * 2 * pairs * 16);
     }
 }

@@ -197,7 +197,7 @@ impl Bf16Linear {
     /// If this CPU cannot run `isa`'s bf16 kernels.
     pub fn with_isa(mut self, isa: Isa) -> Self {
         assert!(
-            isa.runs(Kind::Bf16) || (isa == Isa::Amx && amx::available(Kind::Bf16)),
+            isa.runs(Kind::Bf16) || (isa == Isa::Amx && amx::runs(Kind::Bf16)),
             "this CPU cannot run {isa:?} bf16 kernels"
         );
         self.isa = isa;
@@ -280,24 +280,13 @@ impl Bf16Linear {
             unsafe { x86::block_widened(self, a, rows, out) };
             return;
         }
-        // AMX reads whole tiles of 32 rows: the rows past the block are zeros.
-        let padded = if self.isa == Isa::Amx {
-            rows.next_multiple_of(TILE_ROWS)
-        } else {
-            rows
-        };
-        let a = scratch.u16s(padded * stride);
-        for r in 0..rows {
-            let (row, pad) = a[r * stride..(r + 1) * stride].split_at_mut(k);
-            for (b, &v) in row.iter_mut().zip(&x[r * k..(r + 1) * k]) {
-                *b = to_bf16(v);
-            }
-            pad.fill(0);
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Amx {
+            return self.block_amx(x, out, scratch);
         }
-        a[rows * stride..].fill(0);
+        let a = scratch.u16s(rows * stride);
+        self.round_rows(x, a);
         match self.isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Amx => self.block_amx(a, rows, out),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
             Isa::Avx512 => unsafe { x86::block_dot(self, a, rows, out) },
@@ -305,25 +294,62 @@ impl Bf16Linear {
         }
     }
 
-    /// The AMX kernel on rows rounded to bf16 (`a`: padded to whole tiles of rows).
+    /// Rounds the rows of `x` to bf16 into `a` (`groups × 2` values a row; zeros past the
+    /// inputs, and in the rows of `a` past those of `x`).
+    #[inline(always)]
+    fn round_rows(&self, x: &[f32], a: &mut [u16]) {
+        let (k, stride) = (self.inputs, self.groups * GROUP);
+        let rows = x.len() / k;
+        for (row, x) in a.chunks_exact_mut(stride).zip(x.chunks_exact(k)) {
+            let (row, pad) = row.split_at_mut(k);
+            for (b, &v) in row.iter_mut().zip(x) {
+                *b = to_bf16(v);
+            }
+            pad.fill(0);
+        }
+        a[rows * stride..].fill(0);
+    }
+
+    /// The AMX kernel: the rows rounded to bf16, padded to whole tiles of 32 rows (zeros).
     #[cfg(target_arch = "x86_64")]
-    fn block_amx(&self, a: &[u16], rows: usize, out: &mut [f32]) {
+    fn block_amx(&self, x: &[f32], out: &mut [f32], scratch: &mut Scratch) {
+        // SAFETY: a CPU with AMX has AVX-512 F and BW (`amx::available` checks both); the
+        // crate's tests put layers on the software tiles only where the CPU has them too
+        // (`testable`).
+        unsafe { self.block_amx_on_tiles(x, out, scratch) }
+    }
+
+    /// Compiled for AVX-512 (closures inherit it): what runs around the tile products
+    /// runs 16 lanes wide. On the CPU's tiles, or in the crate's tests on the software
+    /// model where it has none ([`amx::multiply`]).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and BW.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn block_amx_on_tiles(&self, x: &[f32], out: &mut [f32], scratch: &mut Scratch) {
         let (n, stride) = (self.outputs, self.groups * GROUP);
+        let rows = x.len() / self.inputs;
+        let a = scratch.u16s(rows.next_multiple_of(TILE_ROWS) * stride);
+        self.round_rows(x, a);
         let bytes = |v: &[u16]| {
             // SAFETY: any u16 is two plain bytes; the length is doubled accordingly.
             unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len() * 2) }
         };
-        let store = |row0: usize, pair: usize, sums: &[u32; 1024]| {
-            amx::each_row(sums, row0, pair, rows, n, |row, j0, sums| {
-                let out = &mut out[row * n + j0..row * n + j0 + sums.len()];
-                for ((o, &s), &b) in out.iter_mut().zip(sums).zip(&self.bias[j0..]) {
+        let store = |row0: usize, pair: usize, sums: &amx::Sums| {
+            amx::each_row(row0, pair, rows, n, |row, j0, at, valid| {
+                let out = &mut out[row * n + j0..][..valid];
+                let sums = &sums.main[at..][..valid];
+                let bias = &self.bias[j0..][..valid];
+                for ((o, &s), &b) in out.iter_mut().zip(sums).zip(bias) {
                     *o = f32::from_bits(s) + b;
                 }
             })
         };
         // SAFETY: only `pack` (for tests) or `with_isa`/`detect` (verified) choose AMX on
-        // a CPU that runs it; `a` holds `padded` rows of `stride` values, `packed` whole
-        // panels of `groups` (a multiple of 16) groups.
+        // a CPU that runs it (the tests elsewhere run the software model); `a` holds whole
+        // tiles of rows of `stride` values, `packed` whole panels of `groups` (a multiple
+        // of 16) groups.
         unsafe {
             amx::multiply(
                 amx::Product::Bf16,
@@ -334,6 +360,7 @@ impl Bf16Linear {
                 self.groups * GROUP_VALUES * 2,
                 n.div_ceil(2 * PANEL),
                 self.groups / TILE_GROUPS,
+                None,
                 store,
             )
         };

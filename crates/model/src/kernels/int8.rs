@@ -31,6 +31,7 @@
 use rayon::prelude::*;
 
 use super::amx::{self, TILE_GROUPS, TILE_ROWS};
+use super::bf16::{from_bf16, to_bf16};
 use super::{Isa, Kind, PANEL, ROWS_PER_TASK, Scratch, round_even};
 
 /// Inputs per packed group: the four bytes one 32-bit lane of `vpdpbusd` sums.
@@ -63,6 +64,9 @@ pub struct Int8Linear {
     outliers: Vec<usize>,
     /// Their weights, `outliers × outputs`, row-major.
     outlier_rows: Vec<f32>,
+    /// On AMX, the same weights as bf16×3 tiles for the side product ([`tile_outliers`]);
+    /// empty elsewhere.
+    tile_outliers: Vec<u16>,
     isa: Isa,
 }
 
@@ -151,10 +155,26 @@ impl Int8Linear {
             scales,
             col_sums,
             bias: padded_bias,
+            tile_outliers: Vec::new(),
             outliers,
             outlier_rows,
             isa,
         }
+        .with_tile_outliers()
+    }
+
+    /// Builds [`Self::tile_outliers`] where the kernels are AMX and the layer has outlier
+    /// channels.
+    fn with_tile_outliers(mut self) -> Self {
+        if self.isa == Isa::Amx && !self.outliers.is_empty() && self.tile_outliers.is_empty() {
+            self.tile_outliers = tile_outliers(
+                self.outliers.len(),
+                self.outputs,
+                self.panels,
+                &self.outlier_rows,
+            );
+        }
+        self
     }
 
     /// Where weight `(i, j)` lives in `packed`.
@@ -168,11 +188,11 @@ impl Int8Linear {
     /// If this CPU cannot run `isa`'s int8 kernels.
     pub fn with_isa(mut self, isa: Isa) -> Self {
         assert!(
-            isa.runs(Kind::Int8) || (isa == Isa::Amx && amx::available(Kind::Int8)),
+            isa.runs(Kind::Int8) || (isa == Isa::Amx && amx::runs(Kind::Int8)),
             "this CPU cannot run {isa:?} int8 kernels"
         );
         self.isa = isa;
-        self
+        self.with_tile_outliers()
     }
 
     pub fn isa(&self) -> Isa {
@@ -193,13 +213,14 @@ impl Int8Linear {
     }
 
     /// Bytes held: packed weights, the per-column scales, sums and biases, and the f32
-    /// rows of the outlier channels.
+    /// rows of the outlier channels (and their bf16×3 tiles on AMX).
     pub fn bytes(&self) -> usize {
         self.packed.len()
             + self.scales.len() * 4
             + self.col_sums.len() * 4
             + self.bias.len() * 4
             + self.outlier_rows.len() * 4
+            + self.tile_outliers.len() * 2
             + self.outliers.len() * size_of::<usize>()
     }
 
@@ -233,19 +254,40 @@ impl Int8Linear {
         let rows = x.len() / k;
         assert_eq!(x.len(), rows * k, "x is rows × inputs");
         assert_eq!(out.len(), rows * n, "out is rows × outputs");
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Amx {
+            return self.block_amx(x, out, scratch);
+        }
         let stride = self.groups * GROUP;
-        // A row without its outlier channels (they are zero in the int8 product).
-        let rest_len = if self.outliers.is_empty() { 0 } else { k };
-        // AMX reads whole tiles of 32 rows: the rows past the block are zeros.
-        let padded = if self.isa == Isa::Amx {
-            rows.next_multiple_of(TILE_ROWS)
+        let (q, rows_q, rest, _) = scratch.quantized(rows * stride, rows, self.rest_len(), 0);
+        self.quantize_rows(x, q, rows_q, rest);
+        self.block_quantized(q, rows_q, out);
+        for (x, out) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
+            for (&i, w) in self.outliers.iter().zip(self.outlier_rows.chunks_exact(n)) {
+                axpy(x[i], w, out);
+            }
+        }
+    }
+
+    /// The length of the buffer a row is copied into without its outlier channels.
+    fn rest_len(&self) -> usize {
+        if self.outliers.is_empty() {
+            0
         } else {
-            rows
-        };
-        let (q, rows_q, rest) = scratch.quantized(padded * stride, rows, rest_len);
-        q[rows * stride..].fill(0);
-        for r in 0..rows {
-            let row = &x[r * k..(r + 1) * k];
+            self.inputs
+        }
+    }
+
+    /// Quantizes the rows of `x` into `q` (`groups × 4` bytes a row), the outlier
+    /// channels left out (zeros, through `rest`: a row's copy).
+    #[inline(always)]
+    fn quantize_rows(&self, x: &[f32], q: &mut [u8], rows_q: &mut [RowQuant], rest: &mut [f32]) {
+        let stride = self.groups * GROUP;
+        for ((row, q), row_q) in x
+            .chunks_exact(self.inputs)
+            .zip(q.chunks_exact_mut(stride))
+            .zip(rows_q)
+        {
             let row = if self.outliers.is_empty() {
                 row
             } else {
@@ -255,21 +297,13 @@ impl Int8Linear {
                 }
                 &*rest
             };
-            rows_q[r] = quantize_row(row, &mut q[r * stride..(r + 1) * stride]);
-        }
-        self.block_quantized(q, rows_q, out);
-        for (x, out) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
-            for (&i, w) in self.outliers.iter().zip(self.outlier_rows.chunks_exact(n)) {
-                axpy(x[i], w, out);
-            }
+            *row_q = quantize_row(row, q);
         }
     }
 
     /// One block of quantized rows (`groups × 4` bytes each) into `out`.
     fn block_quantized(&self, q: &[u8], rows: &[RowQuant], out: &mut [f32]) {
         match self.isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Amx => self.block_amx(q, rows, out),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `with_isa` and `Isa::detect` only choose kernels this CPU runs.
             Isa::Avx512 => unsafe { x86::block_avx512(self, q, rows, out) },
@@ -280,23 +314,79 @@ impl Int8Linear {
         }
     }
 
-    /// The AMX kernel on quantized rows (`q`: padded to whole tiles of rows).
+    /// The AMX kernel: the integer product on `tdpbusd` and, beside it, the outlier
+    /// channels as a bf16×3 side product on `tdpbf16ps` (each value split into bf16 high
+    /// and low parts, `hi·hi + lo·hi + hi·lo` summed in f32: within ~2⁻¹⁶ of the f32
+    /// product, a thousandth of the int8 product's own error). On the tiles, 8 outlier
+    /// channels cost one tile step per block where the int8 product of 384 inputs takes
+    /// six; as f32 vector products beside the tiles they cost more than the int8 product.
     #[cfg(target_arch = "x86_64")]
-    fn block_amx(&self, q: &[u8], rows_q: &[RowQuant], out: &mut [f32]) {
-        let (n, stride, rows) = (self.outputs, self.groups * GROUP, rows_q.len());
-        let store = |row0: usize, pair: usize, sums: &[u32; 1024]| {
-            amx::each_row(sums, row0, pair, rows, n, |row, j0, sums| {
+    fn block_amx(&self, x: &[f32], out: &mut [f32], scratch: &mut Scratch) {
+        // SAFETY: a CPU with AMX has AVX-512 F and BW (`amx::available` checks both); the
+        // crate's tests put layers on the software tiles only where the CPU has them too
+        // (`testable`).
+        unsafe { self.block_amx_on_tiles(x, out, scratch) }
+    }
+
+    /// Compiled for AVX-512 (closures inherit it): what runs around the tile products
+    /// runs 16 lanes wide. On the CPU's tiles, or in the crate's tests on the software
+    /// model where it has none ([`amx::multiply`]).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and BW.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn block_amx_on_tiles(&self, x: &[f32], out: &mut [f32], scratch: &mut Scratch) {
+        let (k, n, stride) = (self.inputs, self.outputs, self.groups * GROUP);
+        let rows = x.len() / k;
+        // Whole tiles of 32 rows: the rows past the block are zeros.
+        let padded = rows.next_multiple_of(TILE_ROWS);
+        let side_steps = (3 * self.outliers.len()).div_ceil(TILE_GROUPS * 2);
+        let side_width = side_steps * TILE_GROUPS * 2;
+        let (q, rows_q, rest, side_a) =
+            scratch.quantized(padded * stride, rows, self.rest_len(), padded * side_width);
+        self.quantize_rows(x, q, rows_q, rest);
+        q[rows * stride..].fill(0);
+        // Each row's outlier values as (hi, lo, hi), facing the weights' (hi, hi, lo).
+        if side_steps > 0 {
+            for (row, side) in x.chunks_exact(k).zip(side_a.chunks_exact_mut(side_width)) {
+                let (used, pad) = side.split_at_mut(3 * self.outliers.len());
+                for (&i, v) in self.outliers.iter().zip(used.chunks_exact_mut(3)) {
+                    let (hi, lo) = split_bf16(row[i]);
+                    v.copy_from_slice(&[hi, lo, hi]);
+                }
+                pad.fill(0);
+            }
+            side_a[rows * side_width..].fill(0);
+        }
+        let rows_q = &*rows_q;
+        let store = |row0: usize, pair: usize, sums: &amx::Sums| {
+            amx::each_row(row0, pair, rows, n, |row, j0, at, valid| {
                 let RowQuant { step: t, zero } = rows_q[row];
-                for (c, &s) in sums.iter().enumerate() {
-                    let j = j0 + c;
-                    let sum = s as i32 - zero * self.col_sums[j];
-                    out[row * n + j] = sum as f32 * (self.scales[j] * t) + self.bias[j];
+                let out = &mut out[row * n + j0..][..valid];
+                let (main, side) = (&sums.main[at..][..valid], &sums.side[at..][..valid]);
+                let scales = &self.scales[j0..][..valid];
+                let col_sums = &self.col_sums[j0..][..valid];
+                let bias = &self.bias[j0..][..valid];
+                for c in 0..valid {
+                    let sum = main[c] as i32 - zero * col_sums[c];
+                    out[c] = sum as f32 * (scales[c] * t) + bias[c] + side[c];
                 }
             })
         };
+        let bytes = |v: &[u16]| {
+            // SAFETY: any u16 is two plain bytes; the length is doubled accordingly.
+            unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len() * 2) }
+        };
+        let side = (side_steps > 0).then(|| amx::Side {
+            a: bytes(side_a),
+            b: bytes(&self.tile_outliers),
+            steps: side_steps,
+        });
         // SAFETY: only `with_isa` (where the CPU has AMX) or `detect` (verified) choose
-        // AMX; `q` holds whole tiles of rows of `stride` bytes, `packed` whole panels of
-        // `groups` (a multiple of 16) groups.
+        // AMX (the tests elsewhere run the software model); `q` holds whole tiles of rows
+        // of `stride` bytes, `packed` whole panels of `groups` (a multiple of 16) groups,
+        // the side operands `side_steps` tile steps a row and a panel.
         unsafe {
             let packed =
                 std::slice::from_raw_parts(self.packed.as_ptr().cast::<u8>(), self.packed.len());
@@ -304,11 +394,12 @@ impl Int8Linear {
                 amx::Product::Int8,
                 q,
                 stride,
-                q.len() / stride,
+                padded,
                 packed,
                 self.groups * GROUP_BYTES,
                 n.div_ceil(2 * PANEL),
                 self.groups / TILE_GROUPS,
+                side,
                 store,
             )
         };
@@ -341,6 +432,37 @@ impl Int8Linear {
             }
         }
     }
+}
+
+/// `v` as a bf16 high part and a bf16 low part (`v − hi`, rounded): `hi + lo` is within
+/// 2⁻¹⁸ of `v`.
+#[inline(always)]
+fn split_bf16(v: f32) -> (u16, u16) {
+    let hi = to_bf16(v);
+    (hi, to_bf16(v - from_bf16(hi)))
+}
+
+/// The outlier channels' weights (`outlier_rows`: `outliers × outputs`) as the AMX side
+/// product reads them: per panel of 16 columns, tile steps of 16 rows × 64 bytes, each
+/// row a pair of bf16 inputs for the 16 columns; channel `o` is inputs `3o`, `3o + 1` and
+/// `3o + 2`: `(hi(w), hi(w), lo(w))`, facing the activations' `(hi(x), lo(x), hi(x))`.
+fn tile_outliers(outliers: usize, outputs: usize, panels: usize, outlier_rows: &[f32]) -> Vec<u16> {
+    const PAIR_ROW: usize = PANEL * 2;
+    let steps = (3 * outliers).div_ceil(TILE_GROUPS * 2);
+    let mut b = vec![0u16; panels * steps * TILE_GROUPS * PAIR_ROW];
+    for (o, w) in outlier_rows.chunks_exact(outputs).enumerate() {
+        for (j, &w) in w.iter().enumerate() {
+            let (hi, lo) = split_bf16(w);
+            for (t, v) in [hi, hi, lo].into_iter().enumerate() {
+                let input = 3 * o + t;
+                let at = ((j / PANEL) * steps * TILE_GROUPS + input / 2) * PAIR_ROW
+                    + (j % PANEL) * 2
+                    + input % 2;
+                b[at] = v;
+            }
+        }
+    }
+    b
 }
 
 /// `out += a · w`: one outlier channel's f32 products, vectorised for the widest
@@ -716,7 +838,8 @@ mod x86 {
 }
 
 /// Whether the AMX kernel computes a small layer (odd rows, outlier channels, a padded
-/// step) exactly as the portable kernel does: both sum the same integers. Only where
+/// step) as the portable kernel does: both sum the same integers; the outlier channels
+/// differ by bf16×3's rounding (within 2⁻¹⁶ of each product). Only where
 /// [`amx::available`].
 pub(crate) fn amx_agrees_with_portable() -> bool {
     let c = super::check_layer();
@@ -727,7 +850,10 @@ pub(crate) fn amx_agrees_with_portable() -> bool {
         layer.block(&c.x, &mut out, &mut Scratch::default());
         out
     };
-    run(Isa::Amx) == run(Isa::Portable)
+    let (amx, portable) = (run(Isa::Amx), run(Isa::Portable));
+    amx.iter()
+        .zip(&portable)
+        .all(|(a, p)| (a - p).abs() <= 1e-4 * (1.0 + p.abs()))
 }
 
 #[cfg(test)]
@@ -808,8 +934,25 @@ mod tests {
             let mut out = vec![f32::NAN; rows * n];
             layer.forward(x, rows, &mut out);
             for (idx, (got, want)) in out.iter().zip(&expected).enumerate() {
+                // AMX sums the outlier channels as bf16×3 (within 2⁻¹⁶ of each product):
+                // allowed 2⁻¹⁵ of their magnitude; every other form sums them in f32.
+                let (r, j) = (idx / n, idx % n);
+                let outliers: f64 = layer
+                    .outliers
+                    .iter()
+                    .enumerate()
+                    .map(|(o, &i)| {
+                        (x[r * k + i] as f64 * layer.outlier_rows[o * n + j] as f64).abs()
+                    })
+                    .sum();
+                let bound = 1e-6 * largest
+                    + if isa == Isa::Amx {
+                        outliers / 32768.0
+                    } else {
+                        0.0
+                    };
                 assert!(
-                    (*got as f64 - want).abs() <= 1e-6 * largest,
+                    (*got as f64 - want).abs() <= bound,
                     "{isa:?} {rows}×{k}×{n}: element {idx} is {got}, expected {want}"
                 );
             }
@@ -906,8 +1049,8 @@ mod tests {
         let mut noise = Noise(11);
         let mut x = noise.vec(rows * k, 1.0);
         for r in 0..rows {
-            x[r * k + 5] = 40.0 - 3.0 * r as f32; // large, either sign
-            x[r * k + 70] = 30.0;
+            x[r * k + 5] = 40.1 - 3.07 * r as f32; // large, either sign, not bf16 values
+            x[r * k + 70] = 30.0 + 0.0123 * r as f32;
         }
         let w = noise.vec(k * n, 0.1);
         let b = noise.vec(n, 0.5);
@@ -919,8 +1062,11 @@ mod tests {
         let without = Int8Linear::quantize(&w, &b, k, n);
         assert_eq!(
             with.bytes(),
-            without.bytes() + 2 * n * 4 + 2 * size_of::<usize>()
+            without.bytes() + 2 * n * 4 + with.tile_outliers.len() * 2 + 2 * size_of::<usize>()
         );
+        // On AMX the side product's tiles: one step (6 of its 32 inputs used) per panel.
+        let on_tiles = with.with_isa(Isa::Amx);
+        assert_eq!(on_tiles.tile_outliers.len(), 4 * 16 * 32);
         let zero_bias = vec![0.0f32; n];
         let with = Int8Linear::quantize_with_outliers(&w, &zero_bias, k, n, &[5, 70]);
         let without = Int8Linear::quantize(&w, &zero_bias, k, n);

@@ -208,17 +208,20 @@ impl Scratch {
         prefix(&mut self.u16s, len)
     }
 
-    /// Bytes, per-row `(step, zero)` pairs and f32 values at once (the int8 kernels).
+    /// Bytes, per-row `(step, zero)` pairs, f32 values and u16 values at once (the int8
+    /// kernels).
     pub(crate) fn quantized(
         &mut self,
         bytes: usize,
         rows: usize,
         f32s: usize,
-    ) -> (&mut [u8], &mut [int8::RowQuant], &mut [f32]) {
+        u16s: usize,
+    ) -> (&mut [u8], &mut [int8::RowQuant], &mut [f32], &mut [u16]) {
         (
             prefix(&mut self.bytes, bytes),
             prefix(&mut self.rows, rows),
             prefix(&mut self.f32s, f32s),
+            prefix(&mut self.u16s, u16s),
         )
     }
 
@@ -236,13 +239,19 @@ impl Scratch {
 /// (tests skip them by name, never silently).
 #[cfg(test)]
 pub(crate) fn testable(kind: Kind, family: &str) -> Vec<Isa> {
-    // AMX is tested wherever the CPU and OS offer it, verified or not: a kernel that
-    // computes wrongly must fail here, not be skipped.
+    // AMX is tested everywhere: on the CPU's tiles where it has them (verified or not: a
+    // kernel that computes wrongly must fail here, not be skipped), else on the software
+    // model of the tiles (the kernels' addressing and epilogues; not the instructions).
     let all = [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Amx];
     let (runs, skipped): (Vec<Isa>, Vec<Isa>) = all.into_iter().partition(|&isa| match isa {
-        Isa::Amx => amx::available(kind),
+        Isa::Amx => kind != Kind::F32 && amx::runs(kind),
         _ => isa.runs(kind),
     });
+    if runs.contains(&Isa::Amx) && !amx::available(kind) {
+        eprintln!(
+            "EMULATED {family} kernels [Amx]: this CPU has no AMX tiles; on the software model"
+        );
+    }
     // Forms that do not exist are not skipped: bf16 has no AVX2 form, f32 no AMX form.
     let skipped: Vec<Isa> = skipped
         .into_iter()
@@ -280,6 +289,73 @@ pub(crate) mod tests {
         }
         for x in [0.5f32, 1.5, 2.5, -0.5, -1.5, 126.5, -127.49] {
             assert_eq!(round_even(x), x.round_ties_even(), "{x}");
+        }
+    }
+
+    /// The kernels' rate on one thread for MiniLM's four Linear shapes at 64, 128 and 256
+    /// rows, every form this CPU runs natively (never the software tiles), in multiply-adds
+    /// per second: one `RATE` line each (precision, kernels, rows, inputs × outputs, best
+    /// of five blocks). A benchmark, not a test: ignored in test runs;
+    /// `scripts/device-check.sh` runs it on the GPU machines' hosts (AMX), and
+    ///
+    ///     cargo test --release -p keel-model --lib layer_rates -- --ignored --nocapture
+    ///
+    /// anywhere.
+    #[test]
+    #[ignore = "a benchmark: run it with --ignored"]
+    fn layer_rates() {
+        use std::time::Instant;
+        let native = |kind: Kind| {
+            [Isa::Avx2, Isa::Avx512, Isa::Amx]
+                .into_iter()
+                .filter(move |&isa| match isa {
+                    Isa::Amx => amx::available(kind),
+                    _ => isa.runs(kind),
+                })
+        };
+        let mut seed = 5;
+        for (k, n) in [(384, 1152), (384, 384), (384, 1536), (1536, 384)] {
+            let w = noise(&mut seed, k * n, 0.1);
+            let b = noise(&mut seed, n, 0.1);
+            let outliers: Vec<usize> = (0..8).map(|i| i * 37 % k).collect();
+            type Block = Box<dyn Fn(&[f32], &mut [f32], &mut Scratch)>;
+            let mut layers: Vec<(&str, Isa, Block)> = Vec::new();
+            for isa in native(Kind::F32) {
+                let l = f32::F32Linear::pack(&w, &b, k, n).with_isa(isa);
+                layers.push(("f32", isa, Box::new(move |x, o, s| l.block(x, o, s))));
+            }
+            for isa in native(Kind::Bf16) {
+                let l = bf16::Bf16Linear::round(&w, &b, k, n).with_isa(isa);
+                layers.push(("bf16", isa, Box::new(move |x, o, s| l.block(x, o, s))));
+                let l = bf16x3::Bf16x3Linear::split(&w, &b, k, n).with_isa(isa);
+                layers.push((
+                    "f32 as bf16x3",
+                    isa,
+                    Box::new(move |x, o, s| l.block(x, o, s)),
+                ));
+            }
+            for isa in native(Kind::Int8) {
+                let l =
+                    int8::Int8Linear::quantize_with_outliers(&w, &b, k, n, &outliers).with_isa(isa);
+                layers.push(("int8", isa, Box::new(move |x, o, s| l.block(x, o, s))));
+            }
+            for rows in [64, 128, 256] {
+                let x = noise(&mut seed, rows * k, 1.0);
+                let mut out = vec![0.0f32; rows * n];
+                for (precision, isa, block) in &layers {
+                    let mut scratch = Scratch::default();
+                    block(&x, &mut out, &mut scratch);
+                    let best = (0..5)
+                        .map(|_| {
+                            let t = Instant::now();
+                            block(&x, &mut out, &mut scratch);
+                            t.elapsed().as_secs_f64()
+                        })
+                        .fold(f64::INFINITY, f64::min);
+                    let gmacs = (rows * k * n) as f64 / best / 1e9;
+                    println!("RATE {precision} | {isa:?} | {rows} | {k}x{n} | {gmacs:.1}");
+                }
+            }
         }
     }
 
