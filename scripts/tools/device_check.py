@@ -309,6 +309,31 @@ def kernel_tests():
 
 
 
+# The kernels' rates on one core for MiniLM's Linear shapes at 64 / 128 / 256 rows (every
+# form the CPU runs; on AMX hosts the tile kernels beside AVX-512): what share of the tile
+# unit's peak a layer gets, and whether 128 rows per task beat 64 there.
+def kernel_rates():
+    binary = unpack("model-tests")
+    if not binary:
+        cpu["kernel_rates"] = {"error": "not in the bundle"}
+        return
+    pin = lambda: os.sched_setaffinity(0, {TWO_CPUS[0]})
+    p = subprocess.run([binary, "kernels::tests::layer_rates", "--exact", "--ignored", "--nocapture",
+                        "--test-threads", "1"], capture_output=True, timeout=max(10, min(120, left())),
+                       preexec_fn=pin)
+    text = (p.stdout + p.stderr).decode(errors="replace")
+    LOG.write(text)
+    rows = []
+    for line in text.splitlines():
+        # (the first may share its line with the harness's "test ... " under --nocapture)
+        if "RATE " in line:
+            fields = line[line.index("RATE ") + 5:].split("|")
+            precision, isa, n, shape, gmacs = [f.strip() for f in fields]
+            rows.append({"precision": precision, "kernels": isa, "rows": int(n), "shape": shape,
+                         "gmac_s": float(gmacs)})
+    cpu["kernel_rates"] = {"exit": p.returncode, "rows": rows}
+    log("kernel rates", f"{len(rows)} rows, exit {p.returncode}")
+
 
 # 3. Parity: every CPU precision and every GPU path against the float64 reference of the
 # f32 weights; the GPU against the CPU on the same (f16-stored) weights.
@@ -600,6 +625,7 @@ step("sentence-transformers cuda", 40, sentence_transformers_gpu)
 gpu_runs(GPU_RUNS[1:3])
 step("keel serve", 60, keel_serve)
 step("kernel tests", 30, kernel_tests)
+step("kernel rates", 20, kernel_rates)
 step("2 cores: keel embed", 40, two_cores_keel)
 if not DRY:
     step("2 cores: onnxruntime and openvino", 60, peers(2, True, cpu["two_cores"]["peers"], ORT_SCRIPTS))
@@ -662,6 +688,17 @@ if "kernel_tests" in c:
                  f"skipped: {', '.join(k['skipped']) or 'none'}; failed: {', '.join(k.get('failed', [])) or 'none'}")
 for name, v in c["parity"].items():
     lines.append(f"- {name}: max abs diff {v['max_abs_diff']:.2e}, min cosine {v['min_cosine']:.7f} ({v.get('device')})")
+rates = c.get("kernel_rates", {}).get("rows", [])
+if rates:
+    sizes = sorted({r["rows"] for r in rates})
+    lines += ["", "### Kernel rates, one core (GMAC/s; `layer_rates`)", "",
+              "| precision | kernels | layer | " + " | ".join(f"{n} rows" for n in sizes) + " |",
+              "|---|---|---|" + "---|" * len(sizes)]
+    seen = {}
+    for r in rates:
+        seen.setdefault((r["precision"], r["kernels"], r["shape"]), {})[r["rows"]] = r["gmac_s"]
+    for (precision, isa, shape), by in seen.items():
+        lines.append(f"| {precision} | {isa} | {shape} | " + " | ".join(f"{by.get(n, '')}" for n in sizes) + " |")
 lines += ["", "### Pinned to 2 cores", "", "| stack | batch | texts/s |", "|---|---|---|"]
 for r in c["two_cores"]["keel"]:
     lines.append(f"| keel embed {r['precision']} ({r['device']}) | {r['batch']} | {r['texts_per_s']} |")
