@@ -220,7 +220,7 @@ pub fn choose_backend(allow_software: bool) -> AutoBackend {
 
 /// `host (f32, avx512 kernels)`, `host (int8, avx2 kernels)`, `host (f32, amx bf16x3
 /// kernels)`, ... (bf16 on AVX-512 names its form: `avx512 vdpbf16ps` or `avx512
-/// widened-fma`): which kernels run.
+/// widened-fma`; on AVX2 `avx2 widened-fma`): which kernels run.
 fn host_adapter(precision: Precision) -> String {
     use crate::kernels::{Isa, Kind};
     let kind = match precision {
@@ -240,6 +240,7 @@ fn host_adapter(precision: Precision) -> String {
             crate::kernels::bf16::Avx512Form::Widened => "avx512 widened-fma",
         },
         Isa::Amx => "amx",
+        Isa::Avx2 if kind == Kind::Bf16 => "avx2 widened-fma",
         Isa::Avx512 => "avx512",
         Isa::Avx2 => "avx2",
         Isa::Portable => "portable",

@@ -209,10 +209,19 @@ fn reduced_precisions_stay_within_their_bounds_on_the_reference_texts() {
             "{name}: min cosine to f32 {worst_f32}: is it computing in {name} at all?"
         );
         let weights = model.weight_bytes();
-        assert!(
-            weights <= most_weight_bytes && weights < f32_model.weight_bytes() / 2 + 25_000_000,
-            "{name}: {weights} bytes of weights"
-        );
+        if model.device().adapter.contains("avx2 widened-fma") {
+            // bf16 on AVX2 keeps its (bf16) weights widened to f32 for the FMA kernels
+            // (and its padded biases twice).
+            assert!(
+                weights <= f32_model.weight_bytes() + 1_000_000,
+                "{name}: {weights} bytes of weights"
+            );
+        } else {
+            assert!(
+                weights <= most_weight_bytes && weights < f32_model.weight_bytes() / 2 + 25_000_000,
+                "{name}: {weights} bytes of weights"
+            );
+        }
         // A text's vector does not depend on what else shares its pass, beyond rounding:
         // burn's f32 attention differs by ~1e-7 with the pass's shape, and such a
         // difference may move a value across a bf16/int8 rounding boundary.

@@ -5,10 +5,13 @@
 //! value overflows; each operand carries a relative rounding error of at most 2⁻⁹. Weights
 //! are rounded once at load (round to nearest even) and packed in panels of 16 columns
 //! and pairs of inputs (the operand order of `vdpbf16ps`); activations are rounded per
-//! pass. Kernels over the same packing: AVX-512 in one of two forms ([`Avx512Form`]:
-//! `vdpbf16ps`, 8 rows × 32 columns per tile, or the weights widened to f32 in registers
-//! and 512-bit FMA, 12 rows × 32 columns), or portable Rust. Every form multiplies the same
-//! bf16 values exactly and sums in f32: they differ only in the order of the sums.
+//! pass. Kernels over the same packing: AMX tiles (`tdpbf16ps`), AVX-512 in one of two
+//! forms ([`Avx512Form`]: `vdpbf16ps`, 8 rows × 32 columns per tile, or the weights widened
+//! to f32 in registers and 512-bit FMA, 12 rows × 32 columns), or portable Rust. AVX2 has no
+//! bf16 arithmetic: there the weights are kept widened to f32 (the same values, twice the
+//! bytes) and the f32 FMA kernel multiplies them by the activations rounded to bf16, at
+//! f32's speed (the portable loops ran 7× slower). Every form multiplies the same bf16
+//! values exactly and sums in f32: they differ only in the order of the sums.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -16,6 +19,7 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 
 use super::amx::{self, TILE_GROUPS, TILE_ROWS};
+use super::f32::F32Linear;
 use super::{Isa, Kind, PANEL, ROWS_PER_TASK, Scratch};
 
 /// How the AVX-512 kernels multiply.
@@ -133,8 +137,11 @@ pub struct Bf16Linear {
     groups: usize,
     /// Panels of 16 columns, an even number (tiles take two).
     panels: usize,
-    /// `panels × groups × 16 × 2`.
+    /// `panels × groups × 16 × 2` (empty on AVX2: `widened` holds the weights).
     packed: Vec<u16>,
+    /// On AVX2 (no bf16 arithmetic), the same bf16 weights as f32 for the f32 FMA
+    /// kernels: they multiply the bf16-rounded activations exactly, as every form does.
+    widened: Option<F32Linear>,
     /// Per column, padded to `panels × 16` with zeros.
     bias: Vec<f32>,
     isa: Isa,
@@ -175,16 +182,47 @@ impl Bf16Linear {
         }
         let mut padded_bias = vec![0.0f32; panels * PANEL];
         padded_bias[..outputs].copy_from_slice(bias);
-        Self {
+        let layer = Self {
             inputs,
             outputs,
             groups,
             panels,
             packed,
+            widened: None,
             bias: padded_bias,
-            isa,
+            isa: Isa::Portable,
             form,
+        };
+        layer.on(isa)
+    }
+
+    /// The layer on `isa`'s kernels, its weights moved between the bf16 packing and the
+    /// AVX2 form's f32 (both hold the same bf16 values exactly).
+    fn on(mut self, isa: Isa) -> Self {
+        let (k, n) = (self.inputs, self.outputs);
+        if isa == Isa::Avx2 && self.widened.is_none() {
+            let mut w = vec![0.0f32; k * n];
+            for i in 0..k {
+                for j in 0..n {
+                    w[i * n + j] = from_bf16(self.packed[Self::index(self.groups, i, j)]);
+                }
+            }
+            let layer = F32Linear::pack(&w, &self.bias[..n], k, n).with_isa(Isa::Avx2);
+            self.widened = Some(layer);
+            self.packed = Vec::new();
+        } else if isa != Isa::Avx2
+            && let Some(widened) = self.widened.take()
+        {
+            let (w, _) = widened.unpacked();
+            self.packed = vec![0u16; self.panels * self.groups * GROUP_VALUES];
+            for i in 0..k {
+                for j in 0..n {
+                    self.packed[Self::index(self.groups, i, j)] = to_bf16(w[i * n + j]);
+                }
+            }
         }
+        self.isa = isa;
+        self
     }
 
     fn index(groups: usize, i: usize, j: usize) -> usize {
@@ -195,13 +233,12 @@ impl Bf16Linear {
     ///
     /// # Panics
     /// If this CPU cannot run `isa`'s bf16 kernels.
-    pub fn with_isa(mut self, isa: Isa) -> Self {
+    pub fn with_isa(self, isa: Isa) -> Self {
         assert!(
             isa.runs(Kind::Bf16) || (isa == Isa::Amx && amx::runs(Kind::Bf16)),
             "this CPU cannot run {isa:?} bf16 kernels"
         );
-        self.isa = isa;
-        self
+        self.on(isa)
     }
 
     /// The same layer on the other AVX-512 form.
@@ -233,7 +270,9 @@ impl Bf16Linear {
 
     /// Bytes held: packed weights and the bias.
     pub fn bytes(&self) -> usize {
-        self.packed.len() * 2 + self.bias.len() * 4
+        self.packed.len() * 2
+            + self.bias.len() * 4
+            + self.widened.as_ref().map_or(0, F32Linear::bytes)
     }
 
     /// `out = x · W + b` for `rows` rows, in parallel on the current rayon pool.
@@ -283,6 +322,16 @@ impl Bf16Linear {
         #[cfg(target_arch = "x86_64")]
         if self.isa == Isa::Amx {
             return self.block_amx(x, out, scratch);
+        }
+        if let Some(widened) = &self.widened {
+            // AVX2: the rows rounded to bf16 (held apart while the f32 kernel packs them
+            // into the other buffers), then the f32 kernel over the widened weights.
+            let mut rounded = std::mem::take(&mut scratch.rounded);
+            rounded.clear();
+            rounded.extend(x.iter().map(|&v| from_bf16(to_bf16(v))));
+            widened.block(&rounded, out, scratch);
+            scratch.rounded = rounded;
+            return;
         }
         let a = scratch.u16s(rows * stride);
         self.round_rows(x, a);
@@ -642,7 +691,10 @@ mod tests {
             for j in 0..n {
                 let mut sum = layer.bias[j] as f64;
                 for i in 0..k {
-                    let w = from_bf16(layer.packed[Bf16Linear::index(layer.groups, i, j)]);
+                    let w = match &layer.widened {
+                        Some(widened) => widened.weight(i, j),
+                        None => from_bf16(layer.packed[Bf16Linear::index(layer.groups, i, j)]),
+                    };
                     sum += from_bf16(to_bf16(x[r * k + i])) as f64 * w as f64;
                 }
                 out[r * n + j] = sum;
@@ -655,11 +707,12 @@ mod tests {
         isas.contains(&isa)
     }
 
-    /// Every kernel this CPU runs: portable, each AVX-512 form, AMX.
+    /// Every kernel this CPU runs: portable, AVX2, each AVX-512 form, AMX.
     fn kernels() -> Vec<(Isa, Avx512Form)> {
         let isas = crate::kernels::testable(Kind::Bf16, "bf16");
         let kernels: Vec<(Isa, Avx512Form)> = [
             (Isa::Portable, Avx512Form::Widened),
+            (Isa::Avx2, Avx512Form::Widened),
             (Isa::Avx512, Avx512Form::DotProduct),
             (Isa::Avx512, Avx512Form::Widened),
             (Isa::Amx, Avx512Form::Widened),

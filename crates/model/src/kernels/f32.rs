@@ -236,7 +236,7 @@ mod x86 {
     /// The CPU must have AVX2 and FMA; `a` holds `ceil(rows / MR)` packed tiles.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn block_avx2(layer: &F32Linear, a: &[f32], rows: usize, out: &mut [f32]) {
-        const { assert!(MR % MR_AVX2 == 0) };
+        const { assert!(MR.is_multiple_of(MR_AVX2)) };
         let k = layer.inputs;
         assert!(a.len() >= rows.div_ceil(MR) * k * MR);
         assert!(out.len() >= rows * layer.outputs);

@@ -61,11 +61,13 @@ impl Isa {
                 None
             }
         });
-        let best = [Isa::Amx, Isa::Avx512, Isa::Avx2]
+        // The best form at or below the cap that this CPU runs for `kind` (bf16 has no
+        // AVX2 form: capped at `avx2`, it runs the portable kernels, and says so).
+        [Isa::Amx, Isa::Avx512, Isa::Avx2]
             .into_iter()
+            .filter(|&isa| cap.is_none_or(|cap| isa <= cap))
             .find(|isa| isa.runs(kind))
-            .unwrap_or(Isa::Portable);
-        cap.map_or(best, |cap| cap.min(best))
+            .unwrap_or(Isa::Portable)
     }
 
     /// Whether this CPU runs `kind`'s kernels for this instruction set.
@@ -78,8 +80,9 @@ impl Isa {
                 (Isa::Avx2, Kind::F32) => has!("avx2") && has!("fma"),
                 (Isa::Avx512, Kind::F32) => has!("avx512f"),
                 (Isa::Avx2, Kind::Int8) => has!("avx2") && has!("fma"),
-                // The bf16 kernels have no AVX2 form: AVX2 has no bf16 arithmetic.
-                (Isa::Avx2, Kind::Bf16) => false,
+                // AVX2 has no bf16 arithmetic: its bf16 form is the f32 FMA kernel over
+                // the bf16 values (bf16::Bf16Linear).
+                (Isa::Avx2, Kind::Bf16) => has!("avx2") && has!("fma"),
                 (Isa::Avx512, Kind::Int8) => {
                     has!("avx512f") && has!("avx512bw") && has!("avx512vnni")
                 }
@@ -186,6 +189,9 @@ pub struct Scratch {
     f32s: Vec<f32>,
     /// bf16×3's split activation rows (held apart while the bf16 kernel uses the rest).
     pub(crate) split: Vec<f32>,
+    /// bf16's rounded activation rows on AVX2 (held apart while the f32 kernel uses the
+    /// rest).
+    pub(crate) rounded: Vec<f32>,
     u16s: Vec<u16>,
     bytes: Vec<u8>,
     rows: Vec<int8::RowQuant>,
@@ -229,6 +235,7 @@ impl Scratch {
     pub fn bytes(&self) -> usize {
         self.f32s.capacity() * 4
             + self.split.capacity() * 4
+            + self.rounded.capacity() * 4
             + self.u16s.capacity() * 2
             + self.bytes.capacity()
             + self.rows.capacity() * 8
@@ -252,12 +259,10 @@ pub(crate) fn testable(kind: Kind, family: &str) -> Vec<Isa> {
             "EMULATED {family} kernels [Amx]: this CPU has no AMX tiles; on the software model"
         );
     }
-    // Forms that do not exist are not skipped: bf16 has no AVX2 form, f32 no AMX form.
+    // Forms that do not exist are not skipped: f32 has no AMX form.
     let skipped: Vec<Isa> = skipped
         .into_iter()
-        .filter(|&isa| {
-            !(isa == Isa::Avx2 && kind == Kind::Bf16 || isa == Isa::Amx && kind == Kind::F32)
-        })
+        .filter(|&isa| !(isa == Isa::Amx && kind == Kind::F32))
         .collect();
     if !skipped.is_empty() {
         eprintln!("SKIPPED {family} kernels {skipped:?}: this CPU cannot run them");
@@ -363,7 +368,8 @@ pub(crate) mod tests {
     fn the_portable_kernels_run_everywhere() {
         assert!(Isa::Portable.runs(Kind::Int8));
         assert!(Isa::Portable.runs(Kind::Bf16));
-        assert!(!Isa::Avx2.runs(Kind::Bf16));
+        // bf16's AVX2 form is the f32 FMA kernel over the bf16 values.
+        assert_eq!(Isa::Avx2.runs(Kind::Bf16), Isa::Avx2.runs(Kind::F32));
         let isa = Isa::detect(Kind::Int8);
         assert!(isa.runs(Kind::Int8));
     }
