@@ -1,7 +1,7 @@
 //! Peak multiply-accumulate rate of one core for the instructions the CPU kernels use:
 //! 12 independent chains of each, so that throughput, not latency, is measured.
 //!
-//!     cargo run --release --features gpu --example isa_peak
+//!     cargo run --release -p keel-model --example isa_peak
 //!
 //! f32 FMA (the f32 kernels), int8 `vpdpbusd` and bf16 `vdpbf16ps` (the AVX-512 int8 and
 //! bf16 kernels), and the AMX tile products `tdpbusd` and `tdpbf16ps` (the AMX kernels;

@@ -1,6 +1,6 @@
 //! How far each reduced precision moves the sentence vectors, overall and layer by layer.
 //!
-//!     cargo run --release --features gpu --example precision_probe -- MODEL_DIR TEXTS_FILE [layers]
+//!     cargo run --release -p keel-model --features gpu --example precision_probe -- MODEL_DIR TEXTS_FILE [layers]
 //!
 //! Embeds every line of TEXTS_FILE in f32, bf16 and int8 on the CPU and prints the min and
 //! mean cosine of each to f32. With `layers`, also each Linear layer alone in int8 (every

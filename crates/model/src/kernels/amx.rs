@@ -14,8 +14,15 @@
 //! a process tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)`);
 //! [`available`] asks once and says no where the CPU or the kernel refuses. Before the
 //! kernels are chosen, [`super::amx_verified`] runs them once on a small layer against the
-//! portable kernels (exactly equal for int8's integer sums, within f32 rounding for bf16): a CPU or
-//! kernel that computes them wrongly is never used, and says so in the log.
+//! portable kernels (within f32 rounding of the sums, and of bf16×3 for int8's outlier
+//! channels): a CPU or kernel that computes them wrongly is never used, and says so in the
+//! log.
+//!
+//! The crate's tests run these kernels on every CPU with AVX-512: where the CPU has no
+//! tiles, [`multiply`] runs them on a software model of the tile instructions
+//! (`tests::Emulated`), so their addressing, padding, side products and epilogues are
+//! tested everywhere; only the eight instructions' `asm!` need an AMX CPU (the GPU
+//! machines' hosts run the same tests on their tiles: `scripts/device-check.sh`).
 
 use std::sync::OnceLock;
 
