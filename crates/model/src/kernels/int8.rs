@@ -19,9 +19,11 @@
 //! weights are kept in f32 and their products computed in f32 beside the int8 product,
 //! and the int8 rows are quantized without them (`y = int8(x without S) + x_S · W_S + b`).
 //!
-//! Three kernels compute the same integer sums:
+//! Three kernels compute the same integer sums (and a fourth, AMX, in [`super::amx`]):
 //! - **AVX-512 VNNI**: `vpdpbusd` multiplies unsigned by signed bytes: `u · w` directly;
-//!   8 rows × 32 columns per tile, 16 accumulators in registers;
+//!   8 rows × 32 columns per tile, 16 accumulators in registers; the outlier channels are
+//!   added by FMA while a tile's sums are in registers (the other kernels add them after,
+//!   one pass over the outputs per channel);
 //! - **AVX2**: `vpmaddubsw` would saturate its 16-bit pair sums on `u · w`, so it
 //!   multiplies `|u − 128|` by `sign(u − 128) · w` instead (pair sums at most
 //!   2 · 128 · 127 < 2¹⁵), then `vpmaddwd` by ones, and adds `128 · Σ_i w[i,j]` back:
@@ -261,6 +263,12 @@ impl Int8Linear {
         let stride = self.groups * GROUP;
         let (q, rows_q, rest, _) = scratch.quantized(rows * stride, rows, self.rest_len(), 0);
         self.quantize_rows(x, q, rows_q, rest);
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx512 {
+            // SAFETY: `with_isa` and `Isa::detect` only choose kernels this CPU runs. The
+            // kernel adds the outlier channels while each tile's sums are in registers.
+            return unsafe { x86::block_avx512(self, q, rows_q, x, out) };
+        }
         self.block_quantized(q, rows_q, out);
         for (x, out) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
             for (&i, w) in self.outliers.iter().zip(self.outlier_rows.chunks_exact(n)) {
@@ -301,14 +309,12 @@ impl Int8Linear {
         }
     }
 
-    /// One block of quantized rows (`groups × 4` bytes each) into `out`.
+    /// One block of quantized rows (`groups × 4` bytes each) into `out`, without the
+    /// outlier channels (AVX2 and portable kernels).
     fn block_quantized(&self, q: &[u8], rows: &[RowQuant], out: &mut [f32]) {
         match self.isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `with_isa` and `Isa::detect` only choose kernels this CPU runs.
-            Isa::Avx512 => unsafe { x86::block_avx512(self, q, rows, out) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
             Isa::Avx2 => unsafe { x86::block_avx2(self, q, rows, out) },
             _ => self.block_portable(q, rows, out),
         }
@@ -644,10 +650,12 @@ mod x86 {
         layer: &Int8Linear,
         q: &[u8],
         rows_q: &[RowQuant],
+        x: &[f32],
         out: &mut [f32],
     ) {
         let rows = rows_q.len();
         let stride = layer.groups * GROUP;
+        assert!(x.len() >= rows * layer.inputs);
         for pair in 0..layer.panels / 2 {
             let j0 = pair * 2 * PANEL;
             if j0 >= layer.outputs {
@@ -660,14 +668,14 @@ mod x86 {
                 // SAFETY: same features as this function; bounds checked in the tile.
                 unsafe {
                     match take {
-                        8 => tile_avx512::<8>(layer, a, s, pair, out, o),
-                        7 => tile_avx512::<7>(layer, a, s, pair, out, o),
-                        6 => tile_avx512::<6>(layer, a, s, pair, out, o),
-                        5 => tile_avx512::<5>(layer, a, s, pair, out, o),
-                        4 => tile_avx512::<4>(layer, a, s, pair, out, o),
-                        3 => tile_avx512::<3>(layer, a, s, pair, out, o),
-                        2 => tile_avx512::<2>(layer, a, s, pair, out, o),
-                        _ => tile_avx512::<1>(layer, a, s, pair, out, o),
+                        8 => tile_avx512::<8>(layer, a, s, x, pair, out, o),
+                        7 => tile_avx512::<7>(layer, a, s, x, pair, out, o),
+                        6 => tile_avx512::<6>(layer, a, s, x, pair, out, o),
+                        5 => tile_avx512::<5>(layer, a, s, x, pair, out, o),
+                        4 => tile_avx512::<4>(layer, a, s, x, pair, out, o),
+                        3 => tile_avx512::<3>(layer, a, s, x, pair, out, o),
+                        2 => tile_avx512::<2>(layer, a, s, x, pair, out, o),
+                        _ => tile_avx512::<1>(layer, a, s, x, pair, out, o),
                     }
                 }
                 r += take;
@@ -676,20 +684,27 @@ mod x86 {
     }
 
     /// `R` rows (from `a`, `groups × 4` bytes apart) × the 32 columns of panel pair `pair`,
-    /// written to `out` rows `first..first + R`.
+    /// written to `out` rows `first..first + R`, with the outlier channels of `x`'s rows
+    /// `first..first + R` added (f32 FMA) while the sums are in registers: one pass over
+    /// the outputs instead of one per channel.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn tile_avx512<const R: usize>(
         layer: &Int8Linear,
         a: &[u8],
         rows_q: &[RowQuant],
+        x: &[f32],
         pair: usize,
         out: &mut [f32],
         first: usize,
     ) {
-        let (groups, n) = (layer.groups, layer.outputs);
+        let (groups, n, k) = (layer.groups, layer.outputs, layer.inputs);
         let stride = groups * GROUP;
         assert!(a.len() >= (R - 1) * stride + stride && rows_q.len() == R);
-        assert!(out.len() >= (first + R) * n);
+        assert!(out.len() >= (first + R) * n && x.len() >= (first + R) * k);
+        // Outlier channels are below `inputs` (checked at quantization), their weight rows
+        // `outputs` long.
+        debug_assert!(layer.outlier_rows.len() == layer.outliers.len() * n);
         let w0 =
             &layer.packed[2 * pair * groups * GROUP_BYTES..(2 * pair + 2) * groups * GROUP_BYTES];
         let mut acc0 = [_mm512_setzero_si512(); R];
@@ -720,13 +735,26 @@ mod x86 {
                 let sums = _mm512_loadu_si512(layer.col_sums.as_ptr().add(j).cast());
                 let scales = _mm512_loadu_ps(layer.scales.as_ptr().add(j));
                 let bias = _mm512_loadu_ps(layer.bias.as_ptr().add(j));
+                // (Loops over `R` only, fully unrolled, so that `acc` and `y` stay in
+                // registers; the channels' loop is outside them.)
+                let mut y = [_mm512_setzero_ps(); R];
                 for r in 0..R {
                     let RowQuant { step, zero } = rows_q[r];
                     let offset = _mm512_mullo_epi32(sums, _mm512_set1_epi32(zero));
                     let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], offset));
                     let s = _mm512_mul_ps(scales, _mm512_set1_ps(step));
-                    let y = _mm512_fmadd_ps(v, s, bias);
-                    _mm512_mask_storeu_ps(out.as_mut_ptr().add((first + r) * n + j), mask, y);
+                    y[r] = _mm512_fmadd_ps(v, s, bias);
+                }
+                let rows = x.as_ptr().add(first * k);
+                for (o, &i) in layer.outliers.iter().enumerate() {
+                    let w = _mm512_maskz_loadu_ps(mask, layer.outlier_rows.as_ptr().add(o * n + j));
+                    for r in 0..R {
+                        let xr = _mm512_set1_ps(*rows.add(r * k + i));
+                        y[r] = _mm512_fmadd_ps(xr, w, y[r]);
+                    }
+                }
+                for r in 0..R {
+                    _mm512_mask_storeu_ps(out.as_mut_ptr().add((first + r) * n + j), mask, y[r]);
                 }
             }
         }
