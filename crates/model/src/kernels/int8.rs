@@ -748,13 +748,13 @@ mod x86 {
                 let rows = x.as_ptr().add(first * k);
                 for (o, &i) in layer.outliers.iter().enumerate() {
                     let w = _mm512_maskz_loadu_ps(mask, layer.outlier_rows.as_ptr().add(o * n + j));
-                    for r in 0..R {
+                    for (r, y) in y.iter_mut().enumerate() {
                         let xr = _mm512_set1_ps(*rows.add(r * k + i));
-                        y[r] = _mm512_fmadd_ps(xr, w, y[r]);
+                        *y = _mm512_fmadd_ps(xr, w, *y);
                     }
                 }
-                for r in 0..R {
-                    _mm512_mask_storeu_ps(out.as_mut_ptr().add((first + r) * n + j), mask, y[r]);
+                for (r, &y) in y.iter().enumerate() {
+                    _mm512_mask_storeu_ps(out.as_mut_ptr().add((first + r) * n + j), mask, y);
                 }
             }
         }
