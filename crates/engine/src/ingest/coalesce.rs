@@ -75,17 +75,24 @@ impl InFlightTexts {
 }
 
 impl Claim<'_> {
-    /// Hands each claimed key's vector to whoever waits for it, and releases the claims.
+    /// Hands each claimed key's vector to whoever waits for it, and releases every claim:
+    /// a claimed key not among `vectors` is released as a dropped claim is (its waiters
+    /// compute it themselves), never left claimed with its waiters waiting for ever.
     pub fn publish<'v>(mut self, vectors: impl IntoIterator<Item = &'v (u128, Arc<[f32]>)>) {
         let mut pending = self.owner.pending.lock().unwrap_or_else(|e| e.into_inner());
         for (k, v) in vectors {
+            if !self.keys.contains(k) {
+                continue;
+            }
             if let Some(waiters) = pending.remove(k) {
                 for w in waiters {
                     let _ = w.send(v.clone());
                 }
             }
         }
-        self.keys.clear();
+        for k in self.keys.drain(..) {
+            pending.remove(&k);
+        }
     }
 }
 
@@ -130,6 +137,36 @@ mod tests {
             rx.await.is_err(),
             "a dropped claim closes its waiters' channels"
         );
+        assert!(texts.is_empty());
+    }
+
+    /// A claimant that publishes fewer vectors than it claimed (it found some in the cache
+    /// on its second look) releases the rest: their waiters hear at once and compute them,
+    /// and the next caller may claim them.
+    #[tokio::test]
+    async fn publishing_releases_every_claimed_key() {
+        let texts = InFlightTexts::default();
+        let first = texts.claim(&[1, 2]);
+        let second = texts.claim(&[2]);
+        let v: Arc<[f32]> = Arc::from(vec![0.25f32; 4]);
+        // A vector for a key it never claimed is not handed out as if it were.
+        let other = texts.claim(&[9]);
+        first.claim.publish(&[(1, v.clone()), (9, v.clone())]);
+        let (_, rx) = second.theirs.into_iter().next().unwrap();
+        let waited = tokio::time::timeout(std::time::Duration::from_secs(5), rx)
+            .await
+            .expect("a waiter on an unpublished claim must not wait for ever");
+        assert!(
+            waited.is_err(),
+            "released, not answered: it computes the text"
+        );
+        assert_eq!(texts.claim(&[2]).mine, vec![0], "key 2 is free again");
+        assert_eq!(
+            texts.len(),
+            1,
+            "only key 9, still claimed by its own caller"
+        );
+        drop(other.claim);
         assert!(texts.is_empty());
     }
 }

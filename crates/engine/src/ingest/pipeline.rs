@@ -396,6 +396,9 @@ impl Pipeline {
                 claim,
             } = self.computing.claim(&keys);
             let mut mine: Vec<&Unique> = mine.into_iter().map(|i| misses[i]).collect();
+            // Claimed keys found on the second look: published with the computed ones, so
+            // that whoever waits on them here gets them too.
+            let mut found_again = Vec::new();
             // A claimant puts its vectors in the first level before it releases them, so
             // a key claimed here may have landed since this op's lookup: look again.
             if let (Some(cache), false) = (&self.cache, mine.is_empty()) {
@@ -416,6 +419,7 @@ impl Pipeline {
                             self.counters
                                 .coalesced_rows
                                 .fetch_add(u.2.len() as u64, Ordering::Relaxed);
+                            found_again.push((u.0, v));
                         }
                         None => still.push(u),
                     }
@@ -434,7 +438,7 @@ impl Pipeline {
             }
             inserts.append(&mut promoted);
             self.insert_l1(inserts.clone()).await?;
-            claim.publish(&inserts);
+            claim.publish(inserts.iter().chain(&found_again));
             let mut fallback = Vec::new();
             for (i, rx) in theirs {
                 let u = misses[i];
