@@ -79,9 +79,11 @@ impl Claim<'_> {
     /// a claimed key not among `vectors` is released as a dropped claim is (its waiters
     /// compute it themselves), never left claimed with its waiters waiting for ever.
     pub fn publish<'v>(mut self, vectors: impl IntoIterator<Item = &'v (u128, Arc<[f32]>)>) {
+        // Sorted before the lock is taken: each published key is found in O(log n).
+        self.keys.sort_unstable();
         let mut pending = self.owner.pending.lock().unwrap_or_else(|e| e.into_inner());
         for (k, v) in vectors {
-            if !self.keys.contains(k) {
+            if self.keys.binary_search(k).is_err() {
                 continue;
             }
             if let Some(waiters) = pending.remove(k) {

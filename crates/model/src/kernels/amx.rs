@@ -33,8 +33,9 @@ pub(crate) const TILE_GROUPS: usize = 16;
 /// Rows of activations per kernel step: two A tiles of 16.
 pub(crate) const TILE_ROWS: usize = 32;
 
-/// Whether this CPU has AMX tiles for `kind` (bf16 or int8) and Linux granted this
-/// process tile state. Asked once per process.
+/// Whether this CPU has AMX tiles for `kind` (bf16; int8, which also needs AMX-BF16 for
+/// its outlier channels) and Linux granted this process tile state. Asked once per
+/// process.
 pub fn available(kind: Kind) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -42,7 +43,9 @@ pub fn available(kind: Kind) -> bool {
         let (tile, bf16, int8) = x86::cpu_has();
         let wanted = match kind {
             Kind::Bf16 => bf16,
-            Kind::Int8 => int8,
+            // int8 layers also run their outlier channels on the bf16 tiles (a side
+            // product of `tdpbf16ps`): a CPU with AMX-INT8 but not AMX-BF16 is refused.
+            Kind::Int8 => int8 && bf16,
             Kind::F32 => false,
         };
         tile && wanted

@@ -865,23 +865,34 @@ mod x86 {
     }
 }
 
-/// Whether the AMX kernel computes a small layer (odd rows, outlier channels, a padded
-/// step) as the portable kernel does: both sum the same integers; the outlier channels
-/// differ by bf16×3's rounding (within 2⁻¹⁶ of each product). Only where
-/// [`amx::available`].
+/// Whether the AMX kernel computes a small layer (odd rows, a padded step) as the
+/// portable kernel does: without outlier channels exactly (both sum the same integers:
+/// this checks `tdpbusd` and its addressing), and with two within bf16×3's rounding of
+/// their products (2⁻¹⁵ of `Σ|x·w|` over the channels: this checks the side product,
+/// whose faults, such as a lost low part, move an output by 2⁻⁹ of it). Only where
+/// [`amx::available`] (and in the crate's tests on the software tiles).
 pub(crate) fn amx_agrees_with_portable() -> bool {
     let c = super::check_layer();
-    let run = |isa| {
+    let run = |isa, outliers: &[usize]| {
         let layer =
-            Int8Linear::quantize_for(&c.weight, &c.bias, c.inputs, c.outputs, &[3, 41], isa);
+            Int8Linear::quantize_for(&c.weight, &c.bias, c.inputs, c.outputs, outliers, isa);
         let mut out = vec![f32::NAN; c.rows * c.outputs];
         layer.block(&c.x, &mut out, &mut Scratch::default());
         out
     };
-    let (amx, portable) = (run(Isa::Amx), run(Isa::Portable));
-    amx.iter()
-        .zip(&portable)
-        .all(|(a, p)| (a - p).abs() <= 1e-4 * (1.0 + p.abs()))
+    if run(Isa::Amx, &[]) != run(Isa::Portable, &[]) {
+        return false;
+    }
+    let outliers = [3, 41];
+    let (amx, portable) = (run(Isa::Amx, &outliers), run(Isa::Portable, &outliers));
+    amx.iter().zip(&portable).enumerate().all(|(idx, (a, p))| {
+        let (r, j) = (idx / c.outputs, idx % c.outputs);
+        let magnitude: f32 = outliers
+            .iter()
+            .map(|&i| (c.x[r * c.inputs + i] * c.weight[i * c.outputs + j]).abs())
+            .sum();
+        (a - p).abs() <= magnitude / 32768.0 + 1e-6 * (1.0 + p.abs())
+    })
 }
 
 #[cfg(test)]
@@ -1093,8 +1104,10 @@ mod tests {
             without.bytes() + 2 * n * 4 + with.tile_outliers.len() * 2 + 2 * size_of::<usize>()
         );
         // On AMX the side product's tiles: one step (6 of its 32 inputs used) per panel.
-        let on_tiles = with.with_isa(Isa::Amx);
-        assert_eq!(on_tiles.tile_outliers.len(), 4 * 16 * 32);
+        assert_eq!(
+            tile_outliers(2, n, with.panels, &with.outlier_rows).len(),
+            4 * 16 * 32
+        );
         let zero_bias = vec![0.0f32; n];
         let with = Int8Linear::quantize_with_outliers(&w, &zero_bias, k, n, &[5, 70]);
         let without = Int8Linear::quantize(&w, &zero_bias, k, n);
@@ -1106,6 +1119,17 @@ mod tests {
             e_with * 4.0 < e_without,
             "outliers in f32: error {e_with}, all in int8: {e_without}"
         );
+    }
+
+    /// The check run before the AMX kernels are chosen passes for a correct kernel (here
+    /// on the CPU's tiles or, without them, the software model).
+    #[test]
+    fn the_amx_start_up_check_passes_a_correct_kernel() {
+        if !isas().contains(&Isa::Amx) {
+            return;
+        }
+        assert!(amx_agrees_with_portable());
+        assert!(crate::kernels::bf16::amx_agrees_with_portable());
     }
 
     #[test]
