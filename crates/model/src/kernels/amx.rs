@@ -210,6 +210,24 @@ pub(crate) unsafe fn multiply(
     side: Option<Side<'_>>,
     store: impl FnMut(usize, usize, &Sums),
 ) {
+    // The same call on either kind of tiles.
+    macro_rules! on {
+        ($tiles:expr) => {
+            multiply_on(
+                $tiles,
+                product,
+                a,
+                a_stride,
+                rows_padded,
+                b,
+                panel_bytes,
+                pairs,
+                steps,
+                side,
+                store,
+            )
+        };
+    }
     #[cfg(test)]
     {
         let kind = match product {
@@ -217,41 +235,12 @@ pub(crate) unsafe fn multiply(
             Product::Int8 => Kind::Int8,
         };
         if !available(kind) {
-            let mut tiles = tests::Emulated::default();
-            // SAFETY: the software model runs on any CPU; the bounds are checked below.
-            return unsafe {
-                multiply_on(
-                    &mut tiles,
-                    product,
-                    a,
-                    a_stride,
-                    rows_padded,
-                    b,
-                    panel_bytes,
-                    pairs,
-                    steps,
-                    side,
-                    store,
-                )
-            };
+            // SAFETY: the software model runs on any CPU; `multiply_on` checks the bounds.
+            return unsafe { on!(&mut tests::Emulated::default()) };
         }
     }
     // SAFETY: as the caller vouches.
-    unsafe {
-        multiply_on(
-            &mut Hardware,
-            product,
-            a,
-            a_stride,
-            rows_padded,
-            b,
-            panel_bytes,
-            pairs,
-            steps,
-            side,
-            store,
-        )
-    }
+    unsafe { on!(&mut Hardware) }
 }
 
 #[cfg(target_arch = "x86_64")]
