@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use super::amx::{self, TILE_GROUPS, TILE_ROWS};
 use super::f32::F32Linear;
-use super::{Isa, Kind, PANEL, ROWS_PER_TASK, Scratch};
+use super::{Aligned, Isa, Kind, PANEL, ROWS_PER_TASK, Scratch};
 
 /// How the AVX-512 kernels multiply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -116,17 +116,24 @@ const GROUP_VALUES: usize = PANEL * GROUP;
 #[inline(always)]
 pub fn to_bf16(x: f32) -> u16 {
     let bits = x.to_bits();
-    if x.is_nan() {
-        return ((bits >> 16) | 0x40) as u16;
-    }
-    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1));
-    (rounded >> 16) as u16
+    // Both results, then a select: no branch, so loops over it vectorise.
+    let quiet = ((bits >> 16) | 0x40) as u16;
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    if x.is_nan() { quiet } else { rounded }
 }
 
 /// bf16 → f32 (exact).
 #[inline(always)]
 pub fn from_bf16(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
+}
+
+/// The activation rows a block multiplies: rounded to bf16, or split into bf16×3's
+/// parts (`bf16x3`).
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    Rounded(&'a [f32]),
+    Split(&'a [f32]),
 }
 
 /// A Linear layer's weights in bf16, packed for the kernels, with the layer's f32 bias.
@@ -138,7 +145,7 @@ pub struct Bf16Linear {
     /// Panels of 16 columns, an even number (tiles take two).
     panels: usize,
     /// `panels × groups × 16 × 2` (empty on AVX2: `widened` holds the weights).
-    packed: Vec<u16>,
+    packed: Aligned<u16>,
     /// On AVX2 (no bf16 arithmetic), the same bf16 weights as f32 for the f32 FMA
     /// kernels: they multiply the bf16-rounded activations exactly, as every form does.
     widened: Option<F32Linear>,
@@ -174,7 +181,7 @@ impl Bf16Linear {
         assert!(inputs > 0 && outputs > 0, "an empty layer");
         let groups = inputs.div_ceil(GROUP).next_multiple_of(TILE_GROUPS);
         let panels = outputs.div_ceil(2 * PANEL) * 2;
-        let mut packed = vec![0u16; panels * groups * GROUP_VALUES];
+        let mut packed = Aligned::filled(0u16, panels * groups * GROUP_VALUES);
         for i in 0..inputs {
             for j in 0..outputs {
                 packed[Self::index(groups, i, j)] = to_bf16(weight[i * outputs + j]);
@@ -209,12 +216,12 @@ impl Bf16Linear {
             }
             let layer = F32Linear::pack(&w, &self.bias[..n], k, n).with_isa(Isa::Avx2);
             self.widened = Some(layer);
-            self.packed = Vec::new();
+            self.packed = Aligned::default();
         } else if isa != Isa::Avx2
             && let Some(widened) = self.widened.take()
         {
             let (w, _) = widened.unpacked();
-            self.packed = vec![0u16; self.panels * self.groups * GROUP_VALUES];
+            self.packed = Aligned::filled(0u16, self.panels * self.groups * GROUP_VALUES);
             for i in 0..k {
                 for j in 0..n {
                     self.packed[Self::index(self.groups, i, j)] = to_bf16(w[i * n + j]);
@@ -365,7 +372,16 @@ impl Bf16Linear {
         // SAFETY: a CPU with AMX has AVX-512 F and BW (`amx::available` checks both); the
         // crate's tests put layers on the software tiles only where the CPU has them too
         // (`testable`).
-        unsafe { self.block_amx_on_tiles(x, out, scratch) }
+        unsafe { self.block_amx_on_tiles(Rows::Rounded(x), out, scratch) }
+    }
+
+    /// The AMX kernel on the rows of `x` (`rows × inputs / 3`) split into bf16×3's parts
+    /// `[hi(x), hi(x), lo(x)]` (this layer's inputs), straight into the tile rows.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) fn block_amx_split(&self, x: &[f32], out: &mut [f32], scratch: &mut Scratch) {
+        debug_assert_eq!(self.isa, Isa::Amx);
+        // SAFETY: as in `block_amx`.
+        unsafe { self.block_amx_on_tiles(Rows::Split(x), out, scratch) }
     }
 
     /// Compiled for AVX-512 (closures inherit it): what runs around the tile products
@@ -376,11 +392,29 @@ impl Bf16Linear {
     /// The CPU must have AVX-512 F and BW.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn block_amx_on_tiles(&self, x: &[f32], out: &mut [f32], scratch: &mut Scratch) {
+    unsafe fn block_amx_on_tiles(&self, x: Rows<'_>, out: &mut [f32], scratch: &mut Scratch) {
         let (n, stride) = (self.outputs, self.groups * GROUP);
-        let rows = x.len() / self.inputs;
+        let rows = match x {
+            Rows::Rounded(x) => x.len() / self.inputs,
+            Rows::Split(x) => x.len() * 3 / self.inputs,
+        };
         let a = scratch.u16s(rows.next_multiple_of(TILE_ROWS) * stride);
-        self.round_rows(x, a);
+        match x {
+            Rows::Rounded(x) => self.round_rows(x, a),
+            Rows::Split(x) => {
+                let k = self.inputs / 3;
+                for (row, x) in a.chunks_exact_mut(stride).zip(x.chunks_exact(k)) {
+                    let (hi, rest) = row.split_at_mut(k);
+                    let (hi2, rest) = rest.split_at_mut(k);
+                    let (lo, pad) = rest.split_at_mut(k);
+                    // SAFETY: this function runs with AVX-512 F and BW.
+                    unsafe { x86::split_row(x, hi, lo) };
+                    hi2.copy_from_slice(hi);
+                    pad.fill(0);
+                }
+                a[rows * stride..].fill(0);
+            }
+        }
         let bytes = |v: &[u16]| {
             // SAFETY: any u16 is two plain bytes; the length is doubled accordingly.
             unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len() * 2) }
@@ -444,6 +478,50 @@ impl Bf16Linear {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    /// `to_bf16` of 16 lanes, bit for bit (round to nearest even, NaN quieted).
+    #[inline(always)]
+    unsafe fn round16(v: __m512) -> __m256i {
+        // SAFETY (all below): the caller runs with AVX-512 F and BW.
+        unsafe {
+            let bits = _mm512_castps_si512(v);
+            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+            let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
+                bits,
+                _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)),
+            ));
+            let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40));
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+            _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet))
+        }
+    }
+
+    /// bf16×3's parts of one row: `hi = to_bf16(x)`, `lo = to_bf16(x − hi)`, 16 lanes at a
+    /// time (the same values as the scalar code).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and BW.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn split_row(x: &[f32], hi: &mut [u16], lo: &mut [u16]) {
+        let n = x.len().min(hi.len()).min(lo.len());
+        let whole = n - n % 16;
+        // SAFETY: every access below is inside the first `whole` values of the slices.
+        unsafe {
+            for i in (0..whole).step_by(16) {
+                let v = _mm512_loadu_ps(x.as_ptr().add(i));
+                let h = round16(v);
+                let wide = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h));
+                let l = round16(_mm512_sub_ps(v, _mm512_castsi512_ps(wide)));
+                _mm256_storeu_si256(hi.as_mut_ptr().add(i).cast(), h);
+                _mm256_storeu_si256(lo.as_mut_ptr().add(i).cast(), l);
+            }
+        }
+        for i in whole..n {
+            let h = super::to_bf16(x[i]);
+            hi[i] = h;
+            lo[i] = super::to_bf16(x[i] - super::from_bf16(h));
+        }
+    }
 
     use super::{Bf16Linear, GROUP, GROUP_VALUES, PANEL};
 
@@ -661,6 +739,34 @@ pub(crate) fn amx_agrees_with_portable() -> bool {
 mod tests {
     use super::*;
     use crate::kernels::tests::noise;
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_vector_split_gives_the_scalar_parts_bit_for_bit() {
+        if !(std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw"))
+        {
+            eprintln!("SKIPPED the AVX-512 split: this CPU has no AVX-512 F/BW");
+            return;
+        }
+        let mut x: Vec<f32> = (0..70).map(|i| (i as f32 - 35.0) * 0.123_456_7).collect();
+        x[3] = f32::NAN;
+        x[4] = f32::INFINITY;
+        x[5] = -0.0;
+        x[6] = 1.0e-40; // subnormal
+        x[7] = f32::MAX;
+        x[8] = 1.0 + 3.0 * f32::EPSILON; // below bf16's precision
+        x[9] = f32::from_bits(0x3f80_8000); // a tie: rounds to even
+        x[68] = f32::from_bits(0x3f81_8000); // a tie in the scalar tail: rounds up
+        let (mut hi, mut lo) = (vec![0u16; 70], vec![0u16; 70]);
+        // SAFETY: checked above.
+        unsafe { x86::split_row(&x, &mut hi, &mut lo) };
+        for (i, &v) in x.iter().enumerate() {
+            let h = to_bf16(v);
+            assert_eq!(hi[i], h, "hi of x[{i}] = {v}");
+            assert_eq!(lo[i], to_bf16(v - from_bf16(h)), "lo of x[{i}] = {v}");
+        }
+    }
 
     #[test]
     fn rounding_is_to_nearest_even() {

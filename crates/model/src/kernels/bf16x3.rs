@@ -100,12 +100,15 @@ impl Bf16x3Linear {
     pub fn block(&self, x: &[f32], out: &mut [f32], scratch: &mut Scratch) {
         let k = self.inputs;
         let rows = x.len() / k;
+        // On AMX the parts go straight into the tiles' bf16 rows.
+        #[cfg(target_arch = "x86_64")]
+        if self.stacked.isa() == Isa::Amx {
+            return self.stacked.block_amx_split(x, out, scratch);
+        }
         // The split rows live in a buffer of their own while the bf16 kernel uses the
         // others; it goes back to `scratch` after, so a warm block allocates nothing.
         let mut wide = std::mem::take(&mut scratch.split);
-        if wide.len() < rows * 3 * k {
-            wide.resize(rows * 3 * k, 0.0);
-        }
+        wide.grow(rows * 3 * k, 0.0);
         for (row, wide) in x.chunks_exact(k).zip(wide.chunks_exact_mut(3 * k)) {
             let (hi, rest) = wide.split_at_mut(k);
             let (hi2, lo) = rest.split_at_mut(k);

@@ -17,7 +17,7 @@
 //! Every kernel sums each output's `inputs` products in input order, one f32 FMA (or
 //! multiply-add) at a time, so a row's result never depends on the rows beside it.
 
-use super::{Isa, Kind, PANEL, Scratch};
+use super::{Aligned, Isa, Kind, PANEL, Scratch};
 
 /// Rows per tile of the packed activations (the AVX-512 kernel's register block).
 pub(crate) const MR: usize = 12;
@@ -29,7 +29,7 @@ pub struct F32Linear {
     /// Panels of 16 columns, an even number (the AVX-512 tiles take two).
     panels: usize,
     /// `panels × inputs × 16`.
-    packed: Vec<f32>,
+    packed: Aligned<f32>,
     /// Per column, padded to `panels × 16` with zeros.
     bias: Vec<f32>,
     isa: Isa,
@@ -43,7 +43,7 @@ impl F32Linear {
         assert_eq!(bias.len(), outputs, "one bias per output");
         assert!(inputs > 0 && outputs > 0, "an empty layer");
         let panels = outputs.div_ceil(2 * PANEL) * 2;
-        let mut packed = vec![0.0f32; panels * inputs * PANEL];
+        let mut packed = Aligned::filled(0.0f32, panels * inputs * PANEL);
         for i in 0..inputs {
             for j in 0..outputs {
                 packed[((j / PANEL) * inputs + i) * PANEL + j % PANEL] = weight[i * outputs + j];

@@ -34,7 +34,7 @@ use rayon::prelude::*;
 
 use super::amx::{self, TILE_GROUPS, TILE_ROWS};
 use super::bf16::{from_bf16, to_bf16};
-use super::{Isa, Kind, PANEL, ROWS_PER_TASK, Scratch, round_even};
+use super::{Aligned, Isa, Kind, PANEL, ROWS_PER_TASK, Scratch, round_even};
 
 /// Inputs per packed group: the four bytes one 32-bit lane of `vpdpbusd` sums.
 const GROUP: usize = 4;
@@ -56,7 +56,7 @@ pub struct Int8Linear {
     /// Panels of 16 columns, an even number (tiles take two).
     panels: usize,
     /// `panels × groups × 16 × 4`: panel-major, then group, then column, then input.
-    packed: Vec<i8>,
+    packed: Aligned<i8>,
     /// Per column (padded to `panels × 16` with zeros): scale, `Σ_i w[i,j]`, bias.
     scales: Vec<f32>,
     col_sums: Vec<i32>,
@@ -68,7 +68,7 @@ pub struct Int8Linear {
     outlier_rows: Vec<f32>,
     /// On AMX, the same weights as bf16×3 tiles for the side product ([`tile_outliers`]);
     /// empty elsewhere.
-    tile_outliers: Vec<u16>,
+    tile_outliers: Aligned<u16>,
     isa: Isa,
 }
 
@@ -131,7 +131,7 @@ impl Int8Linear {
         let groups = inputs.div_ceil(GROUP).next_multiple_of(TILE_GROUPS);
         let panels = outputs.div_ceil(2 * PANEL) * 2;
         let width = panels * PANEL;
-        let mut packed = vec![0i8; panels * groups * GROUP_BYTES];
+        let mut packed = Aligned::filled(0i8, panels * groups * GROUP_BYTES);
         let mut scales = vec![0.0f32; width];
         let mut col_sums = vec![0i32; width];
         let mut padded_bias = vec![0.0f32; width];
@@ -157,7 +157,7 @@ impl Int8Linear {
             scales,
             col_sums,
             bias: padded_bias,
-            tile_outliers: Vec::new(),
+            tile_outliers: Aligned::default(),
             outliers,
             outlier_rows,
             isa,
@@ -452,10 +452,15 @@ fn split_bf16(v: f32) -> (u16, u16) {
 /// product reads them: per panel of 16 columns, tile steps of 16 rows × 64 bytes, each
 /// row a pair of bf16 inputs for the 16 columns; channel `o` is inputs `3o`, `3o + 1` and
 /// `3o + 2`: `(hi(w), hi(w), lo(w))`, facing the activations' `(hi(x), lo(x), hi(x))`.
-fn tile_outliers(outliers: usize, outputs: usize, panels: usize, outlier_rows: &[f32]) -> Vec<u16> {
+fn tile_outliers(
+    outliers: usize,
+    outputs: usize,
+    panels: usize,
+    outlier_rows: &[f32],
+) -> Aligned<u16> {
     const PAIR_ROW: usize = PANEL * 2;
     let steps = (3 * outliers).div_ceil(TILE_GROUPS * 2);
-    let mut b = vec![0u16; panels * steps * TILE_GROUPS * PAIR_ROW];
+    let mut b = Aligned::filled(0u16, panels * steps * TILE_GROUPS * PAIR_ROW);
     for (o, w) in outlier_rows.chunks_exact(outputs).enumerate() {
         for (j, &w) in w.iter().enumerate() {
             let (hi, lo) = split_bf16(w);
