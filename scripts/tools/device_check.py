@@ -352,7 +352,7 @@ def parity_cpu():
         cpu["parity"][f"cpu_{precision}_vs_float64"] = {**compare(got, f64), "device": info["device"]}
     if "bf16x3" in (cpu["parity"]["cpu_f32_vs_float64"]["device"] or ""):
         cpu["parity"]["cpu_f32_fma_vs_float64"] = {**report["parity"]["cpu_vs_float64"],
-                                                   "device": info["device"]}
+                                                   "device": cpu["kernels_f32"]}
 
 
 def vulkan_refusal():
