@@ -43,7 +43,7 @@ mod amx {
     /// The CPU must run AMX-BF16 and the process hold tile state; `a` and `b` as above.
     pub unsafe fn layer(form: Form, a: &[u8], rows: usize, k: usize, b: &[u8], n: usize) {
         let (steps, stride, pairs) = (k / 32, 2 * k, n / 32);
-        assert!(a.len() >= rows * stride && b.len() >= k * n * 2 && rows % 32 == 0);
+        assert!(a.len() >= rows * stride && b.len() >= k * n * 2 && rows.is_multiple_of(32));
         let mut out = vec![0u8; 4096];
         let cfg = config();
         // SAFETY (every access below): inside `a` and `b` (checked above) and `out`.
