@@ -87,13 +87,20 @@ pub(crate) fn runs(kind: Kind) -> bool {
     available(kind)
 }
 
-/// The two tile products a kernel runs.
+/// The tile products a kernel runs.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Product {
     /// `tdpbf16ps`: bf16 pairs, f32 sums.
     Bf16,
     /// `tdpbusd`: unsigned × signed byte quads, i32 sums.
     Int8,
+    /// bf16×3 (exact f32 on bf16 tiles, `super::bf16x3`): per step, `tdpbf16ps` of the
+    /// three significant products `lo(x)·hi(W) + hi(x)·hi(W) + hi(x)·lo(W)`. The A
+    /// pointers of a step address `hi(x)`, `lo(x)` lies `a_lo` bytes further; the B
+    /// pointers address `hi(W)`'s tiles, `lo(W)`'s lie `b_lo` bytes further. Each part is
+    /// loaded once and used twice: 8 tile loads for 12 products, where the three products
+    /// as one bf16 layer over three times the inputs load 12.
+    Bf16x3 { a_lo: usize, b_lo: usize },
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -113,7 +120,8 @@ pub(crate) trait Tiles {
     unsafe fn zero_accumulators(&mut self);
     /// One step of the inputs: loads two tiles of activations (`a0`, `a1`: 16 rows each,
     /// `stride` apart) and two of weights (`b0`, `b1`: one panel each) and adds their
-    /// four products to the accumulators.
+    /// four products to the accumulators (for [`Product::Bf16x3`], the twelve products of
+    /// both parts of each).
     unsafe fn step(
         &mut self,
         product: Product,
@@ -154,6 +162,15 @@ impl Tiles for Hardware {
         match product {
             Product::Bf16 => unsafe { x86::step_bf16(a, stride, b) },
             Product::Int8 => unsafe { x86::step_int8(a, stride, b) },
+            Product::Bf16x3 { a_lo, b_lo } => unsafe {
+                x86::step_bf16x3(
+                    a,
+                    (a.0.add(a_lo), a.1.add(a_lo)),
+                    stride,
+                    b,
+                    (b.0.add(b_lo), b.1.add(b_lo)),
+                )
+            },
         }
     }
     #[inline(always)]
@@ -188,8 +205,10 @@ pub(crate) struct Sums {
 /// time, calling `store` with each 32 × 32 block of sums.
 ///
 /// - `a`: `rows_padded` rows (a multiple of [`TILE_ROWS`], zeros past the real rows),
-///   `a_stride` bytes apart, each `steps` × 64 bytes of packed activations;
-/// - `b`: the layer's packed panels, `panel_bytes` apart, each `steps` × 16 rows of 64 bytes;
+///   `a_stride` bytes apart, each `steps` × 64 bytes of packed activations (for
+///   [`Product::Bf16x3`], `hi(x)`'s and, `a_lo` bytes on, `lo(x)`'s);
+/// - `b`: the layer's packed panels, `panel_bytes` apart, each `steps` × 16 rows of 64 bytes
+///   (for [`Product::Bf16x3`], `hi(W)`'s and, `b_lo` bytes on, `lo(W)`'s);
 /// - `store(row, pair, sums)`: sums of rows `row..row + 32` × panel pair `pair`'s 32
 ///   columns ([`Sums`]).
 ///
@@ -241,7 +260,7 @@ pub(crate) unsafe fn multiply(
     #[cfg(test)]
     {
         let kind = match product {
-            Product::Bf16 => Kind::Bf16,
+            Product::Bf16 | Product::Bf16x3 { .. } => Kind::Bf16,
             Product::Int8 => Kind::Int8,
         };
         if !available(kind) {
@@ -274,20 +293,34 @@ unsafe fn multiply_on<T: Tiles>(
     mut store: impl FnMut(usize, usize, &Sums),
 ) {
     const TILE: usize = TILE_GROUPS * 64;
+    // The bytes a step reads past its A and B pointers.
+    let (a_span, b_span) = match product {
+        Product::Bf16x3 { a_lo, b_lo } => {
+            assert!(
+                a_lo >= steps * 64 && b_lo >= steps * TILE,
+                "the parts overlap"
+            );
+            (a_lo + steps * 64, b_lo + steps * TILE)
+        }
+        _ => (steps * 64, steps * TILE),
+    };
     assert_eq!(rows_padded % TILE_ROWS, 0);
     assert!(
-        rows_padded == 0
-            || a_stride >= steps * 64 && a.len() >= (rows_padded - 1) * a_stride + steps * 64
+        rows_padded == 0 || a_stride >= a_span && a.len() >= (rows_padded - 1) * a_stride + a_span
     );
-    assert!(pairs == 0 || b.len() >= (2 * pairs - 1) * panel_bytes + steps * TILE);
+    assert!(pairs == 0 || panel_bytes >= b_span && b.len() >= 2 * pairs * panel_bytes);
     if let Some(side) = &side {
         assert!(side.a.len() >= rows_padded * side.steps * 64);
         assert!(side.b.len() >= 2 * pairs * side.steps * TILE);
     }
-    let mut sums = Sums {
+    // Two blocks of sums: a block's epilogue (`store`) runs while the tile unit computes
+    // the next block's products (it is issued after them and does not wait on them).
+    let mut sums = [0, 1].map(|_| Sums {
         main: [0; 1024],
         side: [0.0; 1024],
-    };
+    });
+    let mut pending: Option<(usize, usize)> = None;
+    let mut at = 0;
     // SAFETY: the caller vouches for the instructions; every tile read stays inside `a`,
     // `b` and the side's operands (checked above), every store inside `sums`.
     unsafe {
@@ -300,7 +333,7 @@ unsafe fn multiply_on<T: Tiles>(
             // computes: a layer's weights come from L3 or memory (a pass reads every
             // layer's), and a tile load waiting on them stalls the tile unit.
             let next = (pair + 1 < pairs)
-                .then(|| Prefetch::new(b1.add(panel_bytes), 2 * steps * TILE, blocks * steps));
+                .then(|| Prefetch::new(b1.add(panel_bytes), panel_bytes + b_span, blocks * steps));
             for (block, row) in (0..rows_padded).step_by(TILE_ROWS).enumerate() {
                 let a0 = a.as_ptr().add(row * a_stride);
                 let a1 = a0.add(16 * a_stride);
@@ -317,6 +350,10 @@ unsafe fn multiply_on<T: Tiles>(
                         (b0.add(kb), b1.add(kb)),
                     );
                 }
+                if let Some((row, pair)) = pending.take() {
+                    store(row, pair, &sums[1 - at]);
+                }
+                let sums = &mut sums[at];
                 tiles.store_accumulators(sums.main.as_mut_ptr().cast());
                 if let Some(side) = &side {
                     let stride = side.steps * 64;
@@ -336,8 +373,12 @@ unsafe fn multiply_on<T: Tiles>(
                     }
                     tiles.store_accumulators(sums.side.as_mut_ptr().cast());
                 }
-                store(row, pair, &sums);
+                pending = Some((row, pair));
+                at = 1 - at;
             }
+        }
+        if let Some((row, pair)) = pending {
+            store(row, pair, &sums[1 - at]);
         }
         tiles.release();
     }
@@ -400,8 +441,8 @@ pub fn peak_macs_per_second(kind: Kind, steps: usize) -> Option<f64> {
             let t = std::time::Instant::now();
             for _ in 0..steps {
                 match product {
-                    Product::Bf16 => x86::dot_bf16(),
                     Product::Int8 => x86::dot_int8(),
+                    _ => x86::dot_bf16(),
                 }
             }
             let seconds = t.elapsed().as_secs_f64();
@@ -633,6 +674,57 @@ mod x86 {
     step!(step_bf16, "tdpbf16ps");
     step!(step_int8, "tdpbusd");
 
+    /// One bf16×3 step: `lo(x)·hi(W)`, then `hi(x)·hi(W)` with the weights kept, then
+    /// `hi(x)·lo(W)` with the activations kept: every part loaded once, 8 loads for 12
+    /// products. Each accumulator is three products apart from its next use, at least,
+    /// so the tile unit never waits on its own sums.
+    #[inline(always)]
+    pub(super) unsafe fn step_bf16x3(
+        a_hi: (*const u8, *const u8),
+        a_lo: (*const u8, *const u8),
+        stride: usize,
+        b_hi: (*const u8, *const u8),
+        b_lo: (*const u8, *const u8),
+    ) {
+        // SAFETY: (caller) 16 rows of 64 bytes from each pointer, `stride` apart for A,
+        // contiguous for B; the process holds tile state.
+        unsafe {
+            asm!(
+                "tileloadd tmm4, [{al0} + {s}*1]",
+                "tileloadd tmm6, [{bh0} + {t}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{bh1} + {t}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{al1} + {s}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "tileloadd tmm4, [{ah0} + {s}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{ah1} + {s}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "tileloadd tmm6, [{bl0} + {t}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tileloadd tmm7, [{bl1} + {t}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                ah0 = in(reg) a_hi.0,
+                ah1 = in(reg) a_hi.1,
+                al0 = in(reg) a_lo.0,
+                al1 = in(reg) a_lo.1,
+                s = in(reg) stride,
+                bh0 = in(reg) b_hi.0,
+                bh1 = in(reg) b_hi.1,
+                bl0 = in(reg) b_lo.0,
+                bl1 = in(reg) b_lo.1,
+                t = in(reg) 64usize,
+                options(nostack, readonly)
+            )
+        };
+    }
+
     /// Stores the accumulators as `[tmm0, tmm1, tmm2, tmm3]`, each 16 rows × 64 bytes.
     #[inline(always)]
     pub(super) unsafe fn store_accumulators(out: *mut u8) {
@@ -703,6 +795,21 @@ pub(crate) mod tests {
         ) {
             // SAFETY: as the caller vouches.
             unsafe {
+                if let Product::Bf16x3 { a_lo, b_lo } = product {
+                    // The hardware's order: lo(x)·hi(W), hi(x)·hi(W), hi(x)·lo(W).
+                    self.load(4, a.0.add(a_lo), stride);
+                    self.load(5, a.1.add(a_lo), stride);
+                    self.load(6, b.0, 64);
+                    self.load(7, b.1, 64);
+                    self.dot(Product::Bf16);
+                    self.load(4, a.0, stride);
+                    self.load(5, a.1, stride);
+                    self.dot(Product::Bf16);
+                    self.load(6, b.0.add(b_lo), 64);
+                    self.load(7, b.1.add(b_lo), 64);
+                    self.dot(Product::Bf16);
+                    return;
+                }
                 self.load(4, a.0, stride);
                 self.load(5, a.1, stride);
                 self.load(6, b.0, 64);
@@ -732,7 +839,7 @@ pub(crate) mod tests {
                     for n in 0..16 {
                         let cell = &mut tc[m][4 * n..4 * n + 4];
                         match product {
-                            Product::Bf16 => {
+                            Product::Bf16 | Product::Bf16x3 { .. } => {
                                 let mut acc = f32::from_le_bytes(cell.try_into().unwrap());
                                 for k in 0..16 {
                                     acc +=
@@ -813,5 +920,107 @@ pub(crate) mod tests {
             )
         };
         assert_eq!(seen, rows * 2 * pairs * 16);
+    }
+
+    /// bf16×3's step on the software tiles, and on this CPU's where it has them: each
+    /// output is `lo(x)·hi(W) + hi(x)·hi(W) + hi(x)·lo(W)` over the padded inputs, with
+    /// `lo(x)·lo(W)` left out. Small integers (exact in bf16, every sum exact in f32), so
+    /// every order of the sums gives the same bits; a step that read a part from the wrong
+    /// place, or multiplied the wrong pair, gives other numbers.
+    #[test]
+    fn the_bf16x3_step_multiplies_the_three_products_of_its_parts() {
+        let (rows, steps, pairs) = (64, 3, 2);
+        let k = steps * 32;
+        let bf16 = |v: i32| ((v as f32).to_bits() >> 16) as u16;
+        let x_hi = |r: usize, i: usize| ((r * 3 + i * 5) % 9) as i32 - 4;
+        let x_lo = |r: usize, i: usize| ((r + 2 * i) % 5) as i32 - 2;
+        let w_hi = |i: usize, j: usize| ((i * 7 + j) % 11) as i32 - 5;
+        let w_lo = |i: usize, j: usize| ((i + 3 * j) % 7) as i32 - 3;
+        // A rows: [hi(x), lo(x)], `k` bf16 values each (a_lo = 2k bytes on).
+        let a_lo = 2 * k;
+        let mut a = vec![0u8; rows * 2 * a_lo];
+        for r in 0..rows {
+            for i in 0..k {
+                let at = r * 2 * a_lo + 2 * i;
+                a[at..at + 2].copy_from_slice(&bf16(x_hi(r, i)).to_le_bytes());
+                a[at + a_lo..at + a_lo + 2].copy_from_slice(&bf16(x_lo(r, i)).to_le_bytes());
+            }
+        }
+        // B panels of 16 columns: `steps` tiles of hi(W), then `steps` of lo(W); a tile
+        // row is a pair of inputs for each of the 16 columns.
+        let b_lo = steps * 1024;
+        let panel_bytes = 2 * b_lo;
+        let mut b = vec![0u8; 2 * pairs * panel_bytes];
+        for j in 0..2 * pairs * 16 {
+            for i in 0..k {
+                let at = (j / 16) * panel_bytes + (i / 2) * 64 + (j % 16) * 4 + (i % 2) * 2;
+                b[at..at + 2].copy_from_slice(&bf16(w_hi(i, j)).to_le_bytes());
+                b[at + b_lo..at + b_lo + 2].copy_from_slice(&bf16(w_lo(i, j)).to_le_bytes());
+            }
+        }
+        type Store<'a> = &'a mut dyn FnMut(usize, usize, &Sums);
+        let run = |tiles: &mut dyn FnMut(Store<'_>)| {
+            let mut got = vec![f32::NAN; rows * 2 * pairs * 16];
+            tiles(&mut |row0, pair, sums| {
+                each_row(row0, pair, rows, 2 * pairs * 16, |row, j0, at, valid| {
+                    for c in 0..valid {
+                        got[row * 2 * pairs * 16 + j0 + c] = f32::from_bits(sums.main[at + c]);
+                    }
+                })
+            });
+            got
+        };
+        let product = Product::Bf16x3 { a_lo, b_lo };
+        // SAFETY (both): the operands hold what `multiply_on` reads for this product.
+        let emulated = run(&mut |store| unsafe {
+            multiply_on(
+                &mut Emulated::default(),
+                product,
+                &a,
+                2 * a_lo,
+                rows,
+                &b,
+                panel_bytes,
+                pairs,
+                steps,
+                None,
+                store,
+            )
+        });
+        for r in 0..rows {
+            for j in 0..2 * pairs * 16 {
+                let want: i32 = (0..k)
+                    .map(|i| x_lo(r, i) * w_hi(i, j) + x_hi(r, i) * (w_hi(i, j) + w_lo(i, j)))
+                    .sum();
+                assert_eq!(
+                    emulated[r * 2 * pairs * 16 + j],
+                    want as f32,
+                    "row {r} column {j}"
+                );
+            }
+        }
+        if available(Kind::Bf16) {
+            let hardware = run(&mut |store| unsafe {
+                multiply_on(
+                    &mut Hardware,
+                    product,
+                    &a,
+                    2 * a_lo,
+                    rows,
+                    &b,
+                    panel_bytes,
+                    pairs,
+                    steps,
+                    None,
+                    store,
+                )
+            });
+            assert_eq!(
+                hardware, emulated,
+                "this CPU's tiles against the software model"
+            );
+        } else {
+            eprintln!("skipped: the bf16x3 step on hardware tiles (no AMX-BF16 here)");
+        }
     }
 }

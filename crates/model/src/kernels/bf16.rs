@@ -129,11 +129,12 @@ pub fn from_bf16(b: u16) -> f32 {
 }
 
 /// The activation rows a block multiplies: rounded to bf16, or split into bf16×3's
-/// parts (`bf16x3`).
+/// parts (`bf16x3`: rows of `inputs` values, for a layer stacked as `[hi(W); lo(W)]`, each
+/// part padded to a whole tile step).
 #[derive(Clone, Copy)]
 enum Rows<'a> {
     Rounded(&'a [f32]),
-    Split(&'a [f32]),
+    Split { x: &'a [f32], inputs: usize },
 }
 
 /// A Linear layer's weights in bf16, packed for the kernels, with the layer's f32 bias.
@@ -159,7 +160,17 @@ pub struct Bf16Linear {
 impl Bf16Linear {
     /// Rounds `weight` (`inputs × outputs`, row-major) to bf16 and keeps `bias`.
     pub fn round(weight: &[f32], bias: &[f32], inputs: usize, outputs: usize) -> Self {
-        let isa = Isa::detect(Kind::Bf16);
+        Self::round_on(weight, bias, inputs, outputs, Isa::detect(Kind::Bf16))
+    }
+
+    /// [`Self::round`] onto `isa`'s kernels (which this CPU must run; unchecked).
+    pub(super) fn round_on(
+        weight: &[f32],
+        bias: &[f32],
+        inputs: usize,
+        outputs: usize,
+        isa: Isa,
+    ) -> Self {
         let form = if isa == Isa::Avx512 {
             Avx512Form::detect()
         } else {
@@ -208,13 +219,8 @@ impl Bf16Linear {
     fn on(mut self, isa: Isa) -> Self {
         let (k, n) = (self.inputs, self.outputs);
         if isa == Isa::Avx2 && self.widened.is_none() {
-            let mut w = vec![0.0f32; k * n];
-            for i in 0..k {
-                for j in 0..n {
-                    w[i * n + j] = from_bf16(self.packed[Self::index(self.groups, i, j)]);
-                }
-            }
-            let layer = F32Linear::pack(&w, &self.bias[..n], k, n).with_isa(Isa::Avx2);
+            let (w, bias) = self.unpacked();
+            let layer = F32Linear::pack(&w, &bias, k, n).with_isa(Isa::Avx2);
             self.widened = Some(layer);
             self.packed = Aligned::default();
         } else if isa != Isa::Avx2
@@ -230,6 +236,22 @@ impl Bf16Linear {
         }
         self.isa = isa;
         self
+    }
+
+    /// The weights (`inputs × outputs`, row-major, bf16 values as f32) and the bias, as
+    /// packed: on any kernels, `round` of them gives this layer back.
+    pub fn unpacked(&self) -> (Vec<f32>, Vec<f32>) {
+        if let Some(widened) = &self.widened {
+            return widened.unpacked();
+        }
+        let (k, n) = (self.inputs, self.outputs);
+        let mut w = vec![0.0f32; k * n];
+        for i in 0..k {
+            for j in 0..n {
+                w[i * n + j] = from_bf16(self.packed[Self::index(self.groups, i, j)]);
+            }
+        }
+        (w, self.bias[..n].to_vec())
     }
 
     fn index(groups: usize, i: usize, j: usize) -> usize {
@@ -375,13 +397,25 @@ impl Bf16Linear {
         unsafe { self.block_amx_on_tiles(Rows::Rounded(x), out, scratch) }
     }
 
-    /// The AMX kernel on the rows of `x` (`rows × inputs / 3`) split into bf16×3's parts
-    /// `[hi(x), hi(x), lo(x)]` (this layer's inputs), straight into the tile rows.
+    /// bf16×3 on the AMX kernel: this layer is `[hi(W); lo(W)]`, each part padded to a
+    /// whole tile step (`inputs / 2` rows, a multiple of 32), and the rows of `x` (`rows ×
+    /// inputs`, `inputs ≤ self.inputs / 2`) are split into `[hi(x), lo(x)]` straight into
+    /// the tile rows, padded alike; each step multiplies the three significant products
+    /// ([`amx::Product::Bf16x3`]).
     #[cfg(target_arch = "x86_64")]
-    pub(super) fn block_amx_split(&self, x: &[f32], out: &mut [f32], scratch: &mut Scratch) {
+    pub(super) fn block_amx_split(
+        &self,
+        x: &[f32],
+        inputs: usize,
+        out: &mut [f32],
+        scratch: &mut Scratch,
+    ) {
         debug_assert_eq!(self.isa, Isa::Amx);
+        debug_assert!(
+            self.inputs.is_multiple_of(2 * TILE_GROUPS * GROUP) && inputs <= self.inputs / 2
+        );
         // SAFETY: as in `block_amx`.
-        unsafe { self.block_amx_on_tiles(Rows::Split(x), out, scratch) }
+        unsafe { self.block_amx_on_tiles(Rows::Split { x, inputs }, out, scratch) }
     }
 
     /// Compiled for AVX-512 (closures inherit it): what runs around the tile products
@@ -396,25 +430,33 @@ impl Bf16Linear {
         let (n, stride) = (self.outputs, self.groups * GROUP);
         let rows = match x {
             Rows::Rounded(x) => x.len() / self.inputs,
-            Rows::Split(x) => x.len() * 3 / self.inputs,
+            Rows::Split { x, inputs } => x.len() / inputs,
         };
         let a = scratch.u16s(rows.next_multiple_of(TILE_ROWS) * stride);
-        match x {
-            Rows::Rounded(x) => self.round_rows(x, a),
-            Rows::Split(x) => {
-                let k = self.inputs / 3;
-                for (row, x) in a.chunks_exact_mut(stride).zip(x.chunks_exact(k)) {
-                    let (hi, rest) = row.split_at_mut(k);
-                    let (hi2, rest) = rest.split_at_mut(k);
-                    let (lo, pad) = rest.split_at_mut(k);
+        // The product, and the packed inputs a step of it covers.
+        let (product, steps) = match x {
+            Rows::Rounded(x) => {
+                self.round_rows(x, a);
+                (amx::Product::Bf16, self.groups / TILE_GROUPS)
+            }
+            Rows::Split { x, inputs } => {
+                let half = stride / 2;
+                for (row, x) in a.chunks_exact_mut(stride).zip(x.chunks_exact(inputs)) {
+                    let (hi, lo) = row.split_at_mut(half);
                     // SAFETY: this function runs with AVX-512 F and BW.
-                    unsafe { x86::split_row(x, hi, lo) };
-                    hi2.copy_from_slice(hi);
-                    pad.fill(0);
+                    unsafe { x86::split_row(x, &mut hi[..inputs], &mut lo[..inputs]) };
+                    hi[inputs..].fill(0);
+                    lo[inputs..].fill(0);
                 }
                 a[rows * stride..].fill(0);
+                let steps = self.groups / TILE_GROUPS / 2;
+                let lo = amx::Product::Bf16x3 {
+                    a_lo: half * 2,
+                    b_lo: steps * TILE_GROUPS * GROUP_VALUES * 2,
+                };
+                (lo, steps)
             }
-        }
+        };
         let bytes = |v: &[u16]| {
             // SAFETY: any u16 is two plain bytes; the length is doubled accordingly.
             unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), v.len() * 2) }
@@ -435,14 +477,14 @@ impl Bf16Linear {
         // of 16) groups.
         unsafe {
             amx::multiply(
-                amx::Product::Bf16,
+                product,
                 bytes(a),
                 stride * 2,
                 a.len() / stride,
                 bytes(&self.packed),
                 self.groups * GROUP_VALUES * 2,
                 n.div_ceil(2 * PANEL),
-                self.groups / TILE_GROUPS,
+                steps,
                 None,
                 store,
             )

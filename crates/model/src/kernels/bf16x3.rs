@@ -6,12 +6,15 @@
 //!
 //! `x · W ≈ hi(x)·hi(W) + hi(x)·lo(W) + lo(x)·hi(W)`,
 //!
-//! all summed in f32 by the bf16 kernels. Here the three products are ONE bf16 layer over
-//! three times the inputs: the weights stacked as `[hi(W); lo(W); hi(W)]` at load, each
-//! activation row laid out as `[hi(x), hi(x), lo(x)]` per block. Every bf16 kernel form
-//! (AMX `tdpbf16ps`, AVX-512 `vdpbf16ps` or widened FMA, portable) runs it unchanged, so
-//! the scheme inherits their tests; each product term is exact and only the f32 sums
-//! round, so the result stays within ~2⁻¹⁶ of f32's instead of bf16's 2⁻⁸.
+//! all summed in f32 by the bf16 kernels. On AMX tiles the layer holds `[hi(W); lo(W)]`
+//! (each part padded to a whole tile step) and each step of the tile kernel loads the two
+//! parts of its activations and weights once and multiplies the three products from them
+//! ([`super::amx::Product::Bf16x3`]: 8 tile loads for 12 products). On the other bf16
+//! kernels (AVX-512 `vdpbf16ps` or widened FMA, portable; for tests and measurements) the
+//! three products are ONE bf16 layer over three times the inputs: the weights stacked as
+//! `[hi(W); lo(W); hi(W)]`, each activation row laid out as `[hi(x), hi(x), lo(x)]`. Each
+//! product term is exact and only the f32 sums round, so the result stays within ~2⁻¹⁶ of
+//! f32's instead of bf16's 2⁻⁸.
 //!
 //! It pays where bf16 multiplies far faster than f32: AMX tiles run bf16 at ~14× a core's
 //! 512-bit f32 FMA, so three bf16 products still beat one f32 product. Without tiles the
@@ -49,9 +52,15 @@ fn split(v: f32) -> (f32, f32) {
 
 /// A Linear layer computed as bf16×3: f32 accuracy on the bf16 kernels.
 pub struct Bf16x3Linear {
-    /// `3 × inputs` inputs: rows `[hi(W); lo(W); hi(W)]`.
+    /// On AMX, `2 × padded` inputs: rows `[hi(W); lo(W)]`, each part `padded` rows (zeros
+    /// past `inputs`); on the other kernels, `3 × inputs`: rows `[hi(W); lo(W); hi(W)]`.
     stacked: Bf16Linear,
     inputs: usize,
+}
+
+/// The rows of one part of the weights on AMX: a whole tile step of inputs.
+fn padded(inputs: usize) -> usize {
+    inputs.next_multiple_of(2 * super::amx::TILE_GROUPS)
 }
 
 impl Bf16x3Linear {
@@ -59,13 +68,35 @@ impl Bf16x3Linear {
     /// kernels [`Bf16Linear::round`] picks.
     pub fn split(weight: &[f32], bias: &[f32], inputs: usize, outputs: usize) -> Self {
         assert_eq!(weight.len(), inputs * outputs, "weight is inputs × outputs");
-        let mut stacked = Vec::with_capacity(3 * weight.len());
         let (hi, lo): (Vec<f32>, Vec<f32>) = weight.iter().map(|&w| split(w)).unzip();
-        stacked.extend_from_slice(&hi);
-        stacked.extend_from_slice(&lo);
-        stacked.extend_from_slice(&hi);
+        Self::stack(&hi, &lo, bias, inputs, outputs, Isa::detect(Kind::Bf16))
+    }
+
+    /// The parts stacked for `isa`'s kernels (`hi`, `lo`: `inputs × outputs`).
+    fn stack(
+        hi: &[f32],
+        lo: &[f32],
+        bias: &[f32],
+        inputs: usize,
+        outputs: usize,
+        isa: Isa,
+    ) -> Self {
+        let mut stacked;
+        let rows = if isa == Isa::Amx {
+            let part = padded(inputs) * outputs;
+            stacked = vec![0.0f32; 2 * part];
+            stacked[..hi.len()].copy_from_slice(hi);
+            stacked[part..part + lo.len()].copy_from_slice(lo);
+            2 * padded(inputs)
+        } else {
+            stacked = Vec::with_capacity(3 * hi.len());
+            stacked.extend_from_slice(hi);
+            stacked.extend_from_slice(lo);
+            stacked.extend_from_slice(hi);
+            3 * inputs
+        };
         Self {
-            stacked: Bf16Linear::round(&stacked, bias, 3 * inputs, outputs),
+            stacked: Bf16Linear::round_on(&stacked, bias, rows, outputs, isa),
             inputs,
         }
     }
@@ -74,9 +105,23 @@ impl Bf16x3Linear {
     ///
     /// # Panics
     /// If this CPU cannot run `isa`'s bf16 kernels.
-    pub fn with_isa(mut self, isa: Isa) -> Self {
-        self.stacked = self.stacked.with_isa(isa);
-        self
+    pub fn with_isa(self, isa: Isa) -> Self {
+        assert!(
+            isa.runs(Kind::Bf16) || (isa == Isa::Amx && super::amx::runs(Kind::Bf16)),
+            "this CPU cannot run {isa:?} bf16 kernels"
+        );
+        let on_tiles = |isa| isa == Isa::Amx;
+        if on_tiles(isa) == on_tiles(self.isa()) {
+            return Self {
+                stacked: self.stacked.with_isa(isa),
+                inputs: self.inputs,
+            };
+        }
+        // The other stacking: the parts back from the packed values (exact).
+        let (k, n) = (self.inputs, self.outputs());
+        let (w, bias) = self.stacked.unpacked();
+        let lo_row = if on_tiles(self.isa()) { padded(k) } else { k };
+        Self::stack(&w[..k * n], &w[lo_row * n..][..k * n], &bias, k, n, isa)
     }
 
     pub fn isa(&self) -> Isa {
@@ -91,7 +136,8 @@ impl Bf16x3Linear {
         self.stacked.outputs()
     }
 
-    /// Bytes held: two bf16 copies of `hi(W)` and one of `lo(W)`, and the bias.
+    /// Bytes held: `hi(W)` and `lo(W)` in bf16 (on AMX; elsewhere a second copy of
+    /// `hi(W)`), and the bias.
     pub fn bytes(&self) -> usize {
         self.stacked.bytes()
     }
@@ -103,7 +149,7 @@ impl Bf16x3Linear {
         // On AMX the parts go straight into the tiles' bf16 rows.
         #[cfg(target_arch = "x86_64")]
         if self.stacked.isa() == Isa::Amx {
-            return self.stacked.block_amx_split(x, out, scratch);
+            return self.stacked.block_amx_split(x, k, out, scratch);
         }
         // The split rows live in a buffer of their own while the bf16 kernel uses the
         // others; it goes back to `scratch` after, so a warm block allocates nothing.
@@ -122,6 +168,23 @@ impl Bf16x3Linear {
         self.stacked.block(&wide[..rows * 3 * k], out, scratch);
         scratch.split = wide;
     }
+}
+
+/// Whether bf16×3 on the AMX kernel computes a small layer (odd rows, padded parts) as on
+/// the portable kernel, within f32 rounding of the sums. Only where [`super::amx::available`].
+pub(crate) fn amx_agrees_with_portable() -> bool {
+    let c = super::check_layer();
+    let (hi, lo): (Vec<f32>, Vec<f32>) = c.weight.iter().map(|&w| split(w)).unzip();
+    let run = |isa| {
+        let layer = Bf16x3Linear::stack(&hi, &lo, &c.bias, c.inputs, c.outputs, isa);
+        let mut out = vec![f32::NAN; c.rows * c.outputs];
+        layer.block(&c.x, &mut out, &mut Scratch::default());
+        out
+    };
+    let (amx, portable) = (run(Isa::Amx), run(Isa::Portable));
+    amx.iter()
+        .zip(&portable)
+        .all(|(a, p)| (a - p).abs() <= 1e-5 * (1.0 + p.abs()))
 }
 
 #[cfg(test)]

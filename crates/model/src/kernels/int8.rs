@@ -1135,6 +1135,7 @@ mod tests {
         }
         assert!(amx_agrees_with_portable());
         assert!(crate::kernels::bf16::amx_agrees_with_portable());
+        assert!(crate::kernels::bf16x3::amx_agrees_with_portable());
     }
 
     #[test]
