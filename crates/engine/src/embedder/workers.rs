@@ -654,10 +654,13 @@ fn take_jobs(shared: &Shared, limits: BatchLimits) -> Option<Vec<Job>> {
     // is done, so bulk rows beside them would hold the queries for the whole batch.
     // A fair share of what is queued, so that a deep queue (`keel embed` sends a whole
     // chunk at once) is split between the workers rather than left to the first one
-    // while the others idle at the end.
+    // while the others idle at the end: half of an equal split, so that the batches
+    // shrink as the queue does (guided scheduling) and the last ones, which may leave a
+    // worker waiting for another, are small. An equal split let the first worker take
+    // half of a chunk of long texts while the other finished the short half early.
     let share = match lane {
         Lane::Fast => 0,
-        Lane::Bulk => queue.len().div_ceil(shared.workers.max(1)),
+        Lane::Bulk => queue.len().div_ceil(2 * shared.workers.max(1)),
     };
     while rows < limits.max_rows * DRAIN_PASSES && jobs.len() <= share {
         let Ok(queued) = queue.try_recv() else {
