@@ -971,22 +971,28 @@ pub(crate) mod tests {
             got
         };
         let product = Product::Bf16x3 { a_lo, b_lo };
-        // SAFETY (both): the operands hold what `multiply_on` reads for this product.
-        let emulated = run(&mut |store| unsafe {
-            multiply_on(
-                &mut Emulated::default(),
-                product,
-                &a,
-                2 * a_lo,
-                rows,
-                &b,
-                panel_bytes,
-                pairs,
-                steps,
-                None,
-                store,
-            )
-        });
+        // The same call on either kind of tiles.
+        macro_rules! on {
+            ($tiles:expr) => {
+                // SAFETY: the operands hold what `multiply_on` reads for this product.
+                run(&mut |store| unsafe {
+                    multiply_on(
+                        $tiles,
+                        product,
+                        &a,
+                        2 * a_lo,
+                        rows,
+                        &b,
+                        panel_bytes,
+                        pairs,
+                        steps,
+                        None,
+                        store,
+                    )
+                })
+            };
+        }
+        let emulated = on!(&mut Emulated::default());
         for r in 0..rows {
             for j in 0..2 * pairs * 16 {
                 let want: i32 = (0..k)
@@ -1000,21 +1006,7 @@ pub(crate) mod tests {
             }
         }
         if available(Kind::Bf16) {
-            let hardware = run(&mut |store| unsafe {
-                multiply_on(
-                    &mut Hardware,
-                    product,
-                    &a,
-                    2 * a_lo,
-                    rows,
-                    &b,
-                    panel_bytes,
-                    pairs,
-                    steps,
-                    None,
-                    store,
-                )
-            });
+            let hardware = on!(&mut Hardware);
             assert_eq!(
                 hardware, emulated,
                 "this CPU's tiles against the software model"

@@ -758,23 +758,11 @@ mod x86 {
 /// kernel does, within f32 rounding of the sums. Only where [`amx::available`].
 pub(crate) fn amx_agrees_with_portable() -> bool {
     let c = super::check_layer();
-    let run = |isa| {
-        let layer = Bf16Linear::pack(
-            &c.weight,
-            &c.bias,
-            c.inputs,
-            c.outputs,
-            isa,
-            Avx512Form::Widened,
-        );
-        let mut out = vec![f32::NAN; c.rows * c.outputs];
-        layer.block(&c.x, &mut out, &mut Scratch::default());
-        out
-    };
-    let (amx, portable) = (run(Isa::Amx), run(Isa::Portable));
-    amx.iter()
-        .zip(&portable)
-        .all(|(a, p)| (a - p).abs() <= 1e-4 * (1.0 + p.abs()))
+    c.amx_matches_portable(1e-4, |isa, out| {
+        let form = Avx512Form::Widened;
+        let layer = Bf16Linear::pack(&c.weight, &c.bias, c.inputs, c.outputs, isa, form);
+        layer.block(&c.x, out, &mut Scratch::default());
+    })
 }
 
 #[cfg(test)]

@@ -175,16 +175,10 @@ impl Bf16x3Linear {
 pub(crate) fn amx_agrees_with_portable() -> bool {
     let c = super::check_layer();
     let (hi, lo): (Vec<f32>, Vec<f32>) = c.weight.iter().map(|&w| split(w)).unzip();
-    let run = |isa| {
+    c.amx_matches_portable(1e-5, |isa, out| {
         let layer = Bf16x3Linear::stack(&hi, &lo, &c.bias, c.inputs, c.outputs, isa);
-        let mut out = vec![f32::NAN; c.rows * c.outputs];
-        layer.block(&c.x, &mut out, &mut Scratch::default());
-        out
-    };
-    let (amx, portable) = (run(Isa::Amx), run(Isa::Portable));
-    amx.iter()
-        .zip(&portable)
-        .all(|(a, p)| (a - p).abs() <= 1e-5 * (1.0 + p.abs()))
+        layer.block(&c.x, out, &mut Scratch::default());
+    })
 }
 
 #[cfg(test)]

@@ -144,6 +144,26 @@ pub(crate) struct CheckLayer {
     pub bias: Vec<f32>,
 }
 
+impl CheckLayer {
+    /// Whether `block(isa, out)` (this layer's rows through kernels on `isa`) gives the
+    /// same outputs on AMX as on the portable kernels, within `tolerance × (1 + |p|)`.
+    pub(crate) fn amx_matches_portable(
+        &self,
+        tolerance: f32,
+        block: impl Fn(Isa, &mut [f32]),
+    ) -> bool {
+        let run = |isa| {
+            let mut out = vec![f32::NAN; self.rows * self.outputs];
+            block(isa, &mut out);
+            out
+        };
+        let (amx, portable) = (run(Isa::Amx), run(Isa::Portable));
+        amx.iter()
+            .zip(&portable)
+            .all(|(a, p)| (a - p).abs() <= tolerance * (1.0 + p.abs()))
+    }
+}
+
 pub(crate) fn check_layer() -> CheckLayer {
     let (rows, inputs, outputs) = (37, 70, 40);
     CheckLayer {
