@@ -826,3 +826,59 @@ fn compute(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deep bulk queue (what `keel embed` sends) is taken in shrinking batches: the
+    /// first worker takes about half of an equal share, not all of it, and the batches
+    /// get smaller as the queue drains, so the last ones, which may leave a worker
+    /// waiting for another, are small; every job is taken exactly once.
+    #[test]
+    fn a_deep_queue_is_taken_in_shrinking_shares() {
+        let (tx, jobs) = crossbeam_channel::unbounded();
+        let (_fast_tx, fast) = crossbeam_channel::unbounded::<Queued>();
+        let (_closing_tx, closing) = crossbeam_channel::unbounded::<()>();
+        let places = Arc::new(Semaphore::new(64));
+        let mut replies = Vec::new();
+        for _ in 0..32 {
+            let (reply, rx) = oneshot::channel();
+            replies.push(rx);
+            let job = Job {
+                texts: vec!["a text".to_string(); 4],
+                reply,
+            };
+            let place = places.clone().try_acquire_owned().unwrap();
+            tx.send(Queued { job, _place: place }).unwrap();
+        }
+        drop(tx);
+        let shared = Shared {
+            mailbox: Mailbox {
+                jobs,
+                fast,
+                closing,
+            },
+            counters: Arc::default(),
+            workers: 2,
+        };
+        // Rows are no bound here: 32 jobs of 4 rows, 1 000 rows a pass.
+        let limits = BatchLimits {
+            max_rows: 1000,
+            max_tokens: 100_000,
+        };
+        let mut sizes = Vec::new();
+        while let Some(jobs) = take_jobs(&shared, limits) {
+            sizes.push(jobs.len());
+            if shared.mailbox.jobs.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(sizes.iter().sum::<usize>(), 32, "{sizes:?}");
+        // The first job, then a quarter of the 31 left (8: half of an equal share of two
+        // workers; an equal share took 17 of the 32).
+        assert_eq!(sizes[0], 9, "{sizes:?}");
+        assert!(sizes.windows(2).all(|w| w[1] <= w[0]), "{sizes:?}");
+        assert!(*sizes.last().unwrap() <= 2, "{sizes:?}");
+    }
+}
