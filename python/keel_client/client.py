@@ -236,6 +236,15 @@ class KeelClient:
         lock = threading.Lock()
         failure: List[BaseException] = []
         source_failure: List[BaseException] = []
+        # Set when the reading side stops early (the server's error, or the caller left):
+        # the writer then makes no further call on the stream. `done_writing()` racing
+        # the reader's end of a rejected exchange (or coming after `reader.cancel()`)
+        # aborts the whole process inside gRPC, so the writer ends its side only once the
+        # server has answered every row written (it answers each batch as it comes), or
+        # the reader has stopped; and the reader cancels only once the writer has stopped,
+        # or after a grace period if it is stuck in a write.
+        stop = threading.Event()
+        answered = threading.Condition(lock)
 
         def write() -> None:
             try:
@@ -243,6 +252,8 @@ class KeelClient:
                 with lock:
                     resend = list(pending)
                 for b in resend:
+                    if stop.is_set():
+                        return
                     writer.write_batch(b)
                 while True:
                     try:
@@ -253,9 +264,16 @@ class KeelClient:
                     if b is None:
                         break
                     with lock:
+                        # Taken from the source: pending from now on, written or not (a
+                        # failover resends what is pending).
                         pending.append(b)
+                    if stop.is_set():
+                        break
                     writer.write_batch(b)
-                writer.done_writing()
+                with answered:
+                    answered.wait_for(lambda: not pending or stop.is_set(), timeout=10.0)
+                if not stop.is_set():
+                    writer.done_writing()
             except BaseException as e:  # noqa: BLE001 - the reader has the server's reason
                 failure.append(e)
 
@@ -277,6 +295,7 @@ class KeelClient:
                             n = 0
                     while pending and pending[0].num_rows == 0:
                         pending.popleft()
+                    answered.notify_all()
                 if out.num_rows:
                     yield out
             finished = True
@@ -284,6 +303,10 @@ class KeelClient:
                 answer_schema.append(reader.schema)
         finally:
             if not finished:
+                stop.set()
+                with answered:
+                    answered.notify_all()
+                t.join(timeout=2.0)
                 reader.cancel()
             t.join()
             try:
