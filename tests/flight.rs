@@ -485,3 +485,175 @@ async fn small_answers_do_not_wait_for_delayed_acks() {
     );
     server.stop().await;
 }
+
+/// A put whose columns Parquet cannot hold (a union) is refused with InvalidArgument and
+/// leaves no dataset behind; the sink goes on writing every other dataset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_union_column_is_refused_and_other_datasets_go_on() {
+    use arrow_array::UnionArray;
+    use arrow_buffer::ScalarBuffer;
+    use arrow_schema::{DataType, Field, UnionFields};
+
+    let server = TestServer::start(|_| {}).await;
+    let mut client = server.client().await;
+    let put = |name: &str, batch: RecordBatch| {
+        arrow_flight::encode::FlightDataEncoderBuilder::new()
+            .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![
+                "datasets".into(),
+                name.into(),
+            ])))
+            .build(futures::stream::iter([Ok(batch)]))
+    };
+    let plain = text_batch(&[Some("BRCA1 missense"), Some("TP53 stop gained")]);
+    let fields =
+        UnionFields::try_new(vec![0], vec![Field::new("n", DataType::Int32, false)]).unwrap();
+    let union = UnionArray::try_new(
+        fields,
+        ScalarBuffer::from(vec![0i8, 0]),
+        None,
+        vec![Arc::new(arrow_array::Int32Array::from(vec![1, 2])) as ArrayRef],
+    )
+    .unwrap();
+    let odd = RecordBatch::try_from_iter([
+        ("text", plain.column(1).clone()),
+        ("u", Arc::new(union) as ArrayRef),
+    ])
+    .unwrap();
+    let refused: Result<Vec<_>, _> = match client.do_put(put("odd", odd)).await {
+        Ok(acks) => acks.try_collect().await,
+        Err(e) => Err(e),
+    };
+    let status = to_status(refused.unwrap_err());
+    assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+    assert!(status.message().contains("union"), "{status}");
+
+    let acks: Vec<_> = client
+        .do_put(put("fine", plain))
+        .await
+        .expect("the sink still writes")
+        .try_collect()
+        .await
+        .expect("the sink still writes");
+    assert!(!acks.is_empty());
+    let listed: Vec<_> = client
+        .list_flights(Vec::<u8>::new())
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let names: Vec<_> = listed
+        .iter()
+        .filter_map(|f| f.flight_descriptor.as_ref())
+        .map(|d| d.path.join("/"))
+        .collect();
+    assert_eq!(
+        names,
+        ["datasets/fine"],
+        "no dataset left by the refused put"
+    );
+    server.stop().await;
+}
+
+/// A client that opens a stream and never sends its first message is answered with
+/// DeadlineExceeded after server.idle_timeout_ms, and its slot goes to the next stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_never_sends_is_ended_and_frees_its_slot() {
+    let server = TestServer::start(|s| {
+        s.server.max_streams = 1;
+        s.server.idle_timeout_ms = 800;
+    })
+    .await;
+    let mut client = server.client().await;
+    let silent = futures::stream::pending::<Result<arrow_flight::FlightData, _>>();
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        match client.do_exchange(silent).await {
+            Ok(s) => s.try_collect::<Vec<_>>().await.map(|_| ()),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+    .expect("the server answers a silent stream");
+    let status = to_status(answer.unwrap_err());
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status}");
+    let back = exchange(
+        &mut client,
+        embed_path(),
+        vec![text_batch(&[Some("after the silent one")])],
+    )
+    .await
+    .expect("the slot is free again");
+    assert_eq!(back.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+    server.stop().await;
+}
+
+/// A DoPut client that goes away gets nothing more: rows it was never acknowledged are
+/// not appended after it left (a producer that reconnects resends them from the dataset's
+/// row count, so appending them too would store them twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departed_put_appends_nothing_after_it_left() {
+    let server = TestServer::start(|s| s.storage.flush_rows = 1_000_000).await;
+    let all = texts(300, "departed");
+    let batch = text_batch(&all.iter().map(|s| Some(s.as_str())).collect::<Vec<_>>());
+    // The producer reaches the server through a TCP proxy that the test cuts, as when
+    // the producer's process dies or a load balancer drops its connection.
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_addr = proxy.local_addr().unwrap();
+    let upstream = server.addr;
+    let relay = tokio::spawn(async move {
+        let (mut inbound, _) = proxy.accept().await.unwrap();
+        let mut outbound = tokio::net::TcpStream::connect(upstream).await.unwrap();
+        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+    });
+    let channel = tonic::transport::Channel::from_shared(format!("http://{proxy_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut leaving = arrow_flight::FlightClient::new(channel);
+    let input = arrow_flight::encode::FlightDataEncoderBuilder::new()
+        .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![
+            "datasets".into(),
+            "left".into(),
+        ])))
+        .build(futures::StreamExt::chain(
+            futures::stream::iter([Ok(batch)]),
+            futures::stream::pending(),
+        ));
+    let put = tokio::spawn(async move {
+        if let Ok(acks) = leaving.do_put(input).await {
+            let _: Result<Vec<_>, _> = acks.try_collect().await;
+        }
+    });
+    // The rows are embedded and wait in the stream's buffer (no flush before 10⁶ rows).
+    let mut client = server.client().await;
+    let embedded = async {
+        loop {
+            let stats = action(&mut client, "stats", "").await;
+            if stats["embedded_rows"].as_u64().unwrap_or(0) >= 300 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), embedded)
+        .await
+        .expect("the rows are embedded");
+    // Both sockets closed: the server's side of the connection breaks.
+    relay.abort();
+    let _ = relay.await;
+    put.abort();
+    let _ = put.await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let info = client
+        .get_flight_info(FlightDescriptor::new_path(vec![
+            "datasets".into(),
+            "left".into(),
+        ]))
+        .await;
+    match info {
+        Ok(info) => assert_eq!(info.total_records, 0, "appended after the client left"),
+        Err(e) => assert_eq!(to_status(e).code(), Code::NotFound),
+    }
+    server.stop().await;
+}

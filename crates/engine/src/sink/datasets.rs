@@ -56,7 +56,17 @@ impl Datasets {
                     reply,
                 }) = rx.blocking_recv()
                 {
-                    let result = thread_store.append(&name, &batches);
+                    // A panic writing one dataset must not end the thread every
+                    // dataset's appends go through.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        thread_store.append(&name, &batches)
+                    }))
+                    .unwrap_or_else(|panic| {
+                        Err(SinkError::Failed(format!(
+                            "writing the part panicked ({}); this is a bug, please report it",
+                            super::store::panic_text(&panic)
+                        )))
+                    });
                     match &result {
                         Ok(_) => thread_indexes.appended(&name),
                         Err(e) => tracing::warn!(dataset = %name, error = %e, "append failed"),

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use arrow_array::RecordBatch;
-use arrow_schema::{ArrowError, SchemaRef};
+use arrow_schema::{ArrowError, DataType, SchemaRef};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{
@@ -52,6 +52,9 @@ pub enum SinkError {
     Arrow(#[from] ArrowError),
     #[error("the sink is shut down")]
     Closed,
+    /// Writing failed in a way the sink did not foresee (a bug in it or a library).
+    #[error("{0}")]
+    Failed(String),
     #[error("{0}")]
     NotSearchable(String),
     /// A request that cannot be met as asked (bad parameters).
@@ -163,6 +166,9 @@ impl DatasetStore {
     /// Appends `batches` as one new part. Returns the rows now stored in the dataset.
     pub fn append(&self, name: &str, batches: &[RecordBatch]) -> Result<u64, SinkError> {
         let dir = self.dir(name)?;
+        if let Some(first) = batches.first() {
+            storable(&first.schema())?;
+        }
         fs::create_dir_all(&dir).map_err(io(&dir))?;
         let Some(first) = batches.first() else {
             return Ok(self.info(name)?.rows);
@@ -622,4 +628,50 @@ mod tests {
         assert!(ids(35, Some(1)).is_empty());
         assert!(ids(0, Some(0)).is_empty());
     }
+}
+
+/// Whether Parquet holds columns of these types: a union (parquet panics on it, ARROW-8817)
+/// or a type it cannot convert (an interval of months, days and nanoseconds, a map with
+/// nullable keys) is the stream's mistake, refused before a dataset folder is made.
+fn storable(schema: &arrow_schema::Schema) -> Result<(), SinkError> {
+    fn union_in(t: &DataType) -> bool {
+        match t {
+            DataType::Union(..) => true,
+            DataType::List(f)
+            | DataType::LargeList(f)
+            | DataType::ListView(f)
+            | DataType::LargeListView(f)
+            | DataType::FixedSizeList(f, _)
+            | DataType::Map(f, _) => union_in(f.data_type()),
+            DataType::Struct(fields) => fields.iter().any(|f| union_in(f.data_type())),
+            DataType::Dictionary(_, v) => union_in(v),
+            DataType::RunEndEncoded(_, v) => union_in(v.data_type()),
+            _ => false,
+        }
+    }
+    let refuse = |why: String| {
+        SinkError::Invalid(format!(
+            "this stream's columns cannot be stored as Parquet: {why}"
+        ))
+    };
+    if let Some(f) = schema.fields().iter().find(|f| union_in(f.data_type())) {
+        return Err(refuse(format!(
+            "column {:?} holds a union, which Parquet has no type for",
+            f.name()
+        )));
+    }
+    match std::panic::catch_unwind(|| parquet::arrow::ArrowSchemaConverter::new().convert(schema)) {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(refuse(e.to_string())),
+        Err(panic) => Err(refuse(panic_text(&panic))),
+    }
+}
+
+/// The message of a caught panic.
+pub(crate) fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
 }

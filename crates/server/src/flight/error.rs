@@ -29,9 +29,10 @@ pub fn sink(e: SinkError) -> Status {
         SinkError::Busy(_) => Status::failed_precondition(e.to_string()),
         SinkError::NotFound(_) => Status::not_found(e.to_string()),
         SinkError::Closed => Status::unavailable(e.to_string()),
-        SinkError::Io { .. } | SinkError::Parquet { .. } | SinkError::Arrow(_) => {
-            Status::internal(e.to_string())
-        }
+        SinkError::Io { .. }
+        | SinkError::Parquet { .. }
+        | SinkError::Arrow(_)
+        | SinkError::Failed(_) => Status::internal(e.to_string()),
     }
 }
 

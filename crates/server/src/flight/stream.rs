@@ -8,7 +8,7 @@
 //! client (the permits go back as the rows reach the encoder), `DoPut` buffers up to
 //! `storage.flush_rows` rows and appends them to the dataset, acknowledging rows only
 //! once they are on disk. The first error ends the stream; rows embedded before it are
-//! still stored and acknowledged.
+//! still stored and acknowledged, unless the error is the client going away.
 
 use std::num::NonZeroUsize;
 use std::pin::Pin;
@@ -32,7 +32,7 @@ use keel_wire::text::TextSource;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::task::AbortOnDropHandle;
-use tonic::{Status, Streaming};
+use tonic::{Code, Status, Streaming};
 
 use super::error;
 use crate::state::{ServerState, Shape, StreamSlot};
@@ -53,9 +53,17 @@ pub async fn open(
     mut input: Streaming<FlightData>,
 ) -> Result<OpenStream, Status> {
     let slot = engine.admit_stream().map_err(error::server)?;
-    let first = input
-        .message()
-        .await?
+    // A client that opens a stream and never sends would hold its slot for good: the
+    // first message gets the same wait as every later one (server.idle_timeout_ms).
+    let idle = Duration::from_millis(engine.settings.server.idle_timeout_ms);
+    let first = tokio::time::timeout(idle, input.message())
+        .await
+        .map_err(|_| {
+            Status::deadline_exceeded(format!(
+                "no first message for {} ms (server.idle_timeout_ms)",
+                idle.as_millis()
+            ))
+        })??
         .ok_or_else(|| Status::invalid_argument("the stream ended before its first message"))?;
     let (descriptor, batches) = decode(first, input);
     let target = Target::parse(
@@ -92,7 +100,7 @@ pub fn exchange(
         match r {
             // The permits go back as the rows are handed to the encoder.
             Ok((batch, _in_flight)) => Ok(batch),
-            Err(status) => {
+            Err(Ended { status, .. }) => {
                 counters.streams_failed.fetch_add(1, Ordering::Relaxed);
                 Err(error::into_flight(status))
             }
@@ -128,7 +136,11 @@ pub fn put(engine: Arc<ServerState>, stream: OpenStream) -> Result<BoxStream<Put
 }
 
 /// The writing half of a `DoPut`: buffers embedded rows (bounded by
-/// `storage.flush_rows`), appends them, and acknowledges what is on disk.
+/// `storage.flush_rows`), appends them, and acknowledges what is on disk. A client that
+/// goes away (its acknowledgements no longer read, or its side of the stream broken) gets
+/// nothing more: its queued slices are dropped (their embedding jobs with them) and rows
+/// it was never acknowledged are not appended, so a producer that reconnects and resends
+/// from the dataset's row count stores each row once.
 async fn store(
     engine: &ServerState,
     name: &str,
@@ -140,7 +152,10 @@ async fn store(
     let mut pending: Vec<RecordBatch> = Vec::new();
     let (mut buffered, mut acknowledged) = (0usize, 0u64);
     loop {
-        let next = results.next().await;
+        let next = tokio::select! {
+            next = results.next() => next,
+            () = out.closed() => return,
+        };
         let end = next.is_none();
         match next {
             Some(Ok((batch, in_flight))) => {
@@ -150,12 +165,15 @@ async fn store(
                 buffered += batch.num_rows();
                 pending.push(batch);
             }
-            Some(Err(status)) => {
+            Some(Err(Ended { status, departed })) => {
                 engine
                     .pipeline
                     .counters()
                     .streams_failed
                     .fetch_add(1, Ordering::Relaxed);
+                if departed || out.is_closed() {
+                    return;
+                }
                 // Rows embedded before the error are still stored and acknowledged.
                 if !pending.is_empty()
                     && let Ok(total) = engine
@@ -213,6 +231,15 @@ fn put_result(acknowledged_rows: u64, dataset_rows: u64) -> PutResult {
 enum Pending {
     Slice(AbortOnDropHandle<Result<(RecordBatch, InFlight), Status>>),
     Failed(Status),
+    /// The client's side of the stream broke: it went away.
+    Departed(Status),
+}
+
+/// Why a stream's results ended before its last row.
+struct Ended {
+    status: Status,
+    /// The client went away (its side of the stream broke).
+    departed: bool,
 }
 
 /// A batch whose `embedding` field names the projection its vectors went through
@@ -327,6 +354,19 @@ impl IngestActor {
                     idle.as_millis()
                 ))),
                 Ok(None) => return,
+                // The client's side broke: cancelled (CANCEL), reset with an error
+                // (INTERNAL_ERROR reads as Internal), or its connection lost (Unknown). A
+                // message over the size limit (OutOfRange) is answered like any other
+                // error.
+                Ok(Some(Err(keel_wire::WireError::Transport(status))))
+                    if matches!(
+                        status.code(),
+                        Code::Cancelled | Code::Unknown | Code::Internal | Code::Unavailable
+                    ) =>
+                {
+                    let _ = self.out.send(Pending::Departed(*status)).await;
+                    return;
+                }
                 Ok(Some(Err(e))) => Err(e.into()),
                 Ok(Some(Ok(batch))) => self.handle(&batch).await,
             };
@@ -373,14 +413,24 @@ impl IngestActor {
 /// Awaits pending slices in order; ends after the first error.
 fn ordered_results(
     rx: mpsc::Receiver<Pending>,
-) -> impl Stream<Item = Result<(RecordBatch, InFlight), Status>> {
+) -> impl Stream<Item = Result<(RecordBatch, InFlight), Ended>> {
+    let failed = |status| Ended {
+        status,
+        departed: false,
+    };
     ReceiverStream::new(rx)
-        .then(|p| async move {
+        .then(move |p| async move {
             match p {
-                Pending::Failed(s) => Err(s),
+                Pending::Failed(s) => Err(failed(s)),
+                Pending::Departed(status) => Err(Ended {
+                    status,
+                    departed: true,
+                }),
                 Pending::Slice(h) => match h.await {
-                    Ok(r) => r,
-                    Err(e) => Err(Status::internal(format!("a slice task failed: {e}"))),
+                    Ok(r) => r.map_err(failed),
+                    Err(e) => Err(failed(Status::internal(format!(
+                        "a slice task failed: {e}"
+                    )))),
                 },
             }
         })
