@@ -465,6 +465,52 @@ fn format_schema(schema: &SchemaRef) -> String {
     format!("[{}]", fields.join(", "))
 }
 
+/// Whether Parquet holds columns of these types: a union (parquet panics on it, ARROW-8817)
+/// or a type it cannot convert (an interval of months, days and nanoseconds, a map with
+/// nullable keys) is the stream's mistake, refused before a dataset folder is made.
+fn storable(schema: &arrow_schema::Schema) -> Result<(), SinkError> {
+    fn union_in(t: &DataType) -> bool {
+        match t {
+            DataType::Union(..) => true,
+            DataType::List(f)
+            | DataType::LargeList(f)
+            | DataType::ListView(f)
+            | DataType::LargeListView(f)
+            | DataType::FixedSizeList(f, _)
+            | DataType::Map(f, _) => union_in(f.data_type()),
+            DataType::Struct(fields) => fields.iter().any(|f| union_in(f.data_type())),
+            DataType::Dictionary(_, v) => union_in(v),
+            DataType::RunEndEncoded(_, v) => union_in(v.data_type()),
+            _ => false,
+        }
+    }
+    let refuse = |why: String| {
+        SinkError::Invalid(format!(
+            "this stream's columns cannot be stored as Parquet: {why}"
+        ))
+    };
+    if let Some(f) = schema.fields().iter().find(|f| union_in(f.data_type())) {
+        return Err(refuse(format!(
+            "column {:?} holds a union, which Parquet has no type for",
+            f.name()
+        )));
+    }
+    match std::panic::catch_unwind(|| parquet::arrow::ArrowSchemaConverter::new().convert(schema)) {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(refuse(e.to_string())),
+        Err(panic) => Err(refuse(panic_text(&panic))),
+    }
+}
+
+/// The message of a caught panic.
+pub(crate) fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -628,50 +674,4 @@ mod tests {
         assert!(ids(35, Some(1)).is_empty());
         assert!(ids(0, Some(0)).is_empty());
     }
-}
-
-/// Whether Parquet holds columns of these types: a union (parquet panics on it, ARROW-8817)
-/// or a type it cannot convert (an interval of months, days and nanoseconds, a map with
-/// nullable keys) is the stream's mistake, refused before a dataset folder is made.
-fn storable(schema: &arrow_schema::Schema) -> Result<(), SinkError> {
-    fn union_in(t: &DataType) -> bool {
-        match t {
-            DataType::Union(..) => true,
-            DataType::List(f)
-            | DataType::LargeList(f)
-            | DataType::ListView(f)
-            | DataType::LargeListView(f)
-            | DataType::FixedSizeList(f, _)
-            | DataType::Map(f, _) => union_in(f.data_type()),
-            DataType::Struct(fields) => fields.iter().any(|f| union_in(f.data_type())),
-            DataType::Dictionary(_, v) => union_in(v),
-            DataType::RunEndEncoded(_, v) => union_in(v.data_type()),
-            _ => false,
-        }
-    }
-    let refuse = |why: String| {
-        SinkError::Invalid(format!(
-            "this stream's columns cannot be stored as Parquet: {why}"
-        ))
-    };
-    if let Some(f) = schema.fields().iter().find(|f| union_in(f.data_type())) {
-        return Err(refuse(format!(
-            "column {:?} holds a union, which Parquet has no type for",
-            f.name()
-        )));
-    }
-    match std::panic::catch_unwind(|| parquet::arrow::ArrowSchemaConverter::new().convert(schema)) {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(refuse(e.to_string())),
-        Err(panic) => Err(refuse(panic_text(&panic))),
-    }
-}
-
-/// The message of a caught panic.
-pub(crate) fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "no message".into())
 }
