@@ -494,3 +494,35 @@ async fn dataset_rows(c: &mut FlightClient, name: &str) -> u64 {
         Err(_) => 0,
     }
 }
+
+/// `--exchange --out` that gives up (no retries, the server killed) leaves a readable
+/// Parquet file holding exactly the rows its message says came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_that_gives_up_leaves_a_readable_file_of_the_rows_that_came_back() {
+    let dir = scratch("exchange-gives-up");
+    let input = dir.path().join("rows.csv");
+    let out = dir.path().join("out.parquet");
+    id_csv(&input, 20_000, "given-up");
+    let port = free_port();
+    let mut server = start(dir.path(), port);
+    let producer = produce_cmd(port, &input)
+        .args(["--exchange", "--out"])
+        .arg(&out)
+        .args(["--retries", "0", "--rate", "2000"])
+        .spawn()
+        .unwrap();
+    wait_for("rows embedded", 1_000, async || rows_seen(&server).await).await;
+    kill(&mut server);
+    let (ok, stderr) = finish(producer);
+    assert!(!ok, "the producer gives up");
+    let came_back: usize = stderr
+        .split("stopped: ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("says how many rows came back: {stderr}"));
+    assert!(stderr.contains("rows came back and are in"), "{stderr}");
+    assert!(came_back > 0, "{stderr}");
+    let batches = crate::common::read_parquet(&out);
+    assert_eq!(ids_of(&batches), (0..came_back as i64).collect::<Vec<_>>());
+}

@@ -193,6 +193,42 @@ fn a_bad_vcf_record_is_skipped_with_its_line_or_stops_the_read() {
     );
 }
 
+/// A VCF line that is not UTF-8 is one bad record: skipped (and counted) alone, the next
+/// record read, every later line numbered as it is in the file.
+#[test]
+fn a_vcf_line_not_in_utf8_is_skipped_alone() {
+    let dir = scratch("vcf-utf8");
+    let text = std::fs::read_to_string(sample_vcf()).unwrap();
+    let header_lines = text.lines().take_while(|l| l.starts_with('#')).count();
+    let mut lines: Vec<Vec<u8>> = text.lines().map(|l| l.as_bytes().to_vec()).collect();
+    let bad = header_lines + 2;
+    lines[bad].extend_from_slice(b";NOTE=\xff\xfe");
+    // The line after it, broken too, must still be read (and reported by its number).
+    let next = bad + 1;
+    let mut cols: Vec<Vec<u8>> = lines[next]
+        .split(|&b| b == b'\t')
+        .map(<[u8]>::to_vec)
+        .collect();
+    cols[1] = b"notanumber".to_vec();
+    lines[next] = cols.join(&b'\t');
+    let path = dir.path().join("latin1.vcf");
+    std::fs::write(&path, lines.join(&b'\n')).unwrap();
+
+    let (batches, skipped) = read_all(&path, &options(None, OnError::Skip)).unwrap();
+    assert_eq!(
+        skipped, 2,
+        "the line that is not UTF-8 and the broken one after it"
+    );
+    assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 775);
+
+    let err = read_all(&path, &options(None, OnError::Fail)).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains(&format!("line {}: not UTF-8", bad + 1)),
+        "{msg}"
+    );
+}
+
 #[test]
 fn parquet_arrow_csv_tsv_and_text_read_the_same_rows() {
     let dir = scratch("tables");
@@ -481,6 +517,37 @@ fn csv_rows_that_do_not_fit_the_columns_are_skipped_with_their_line_or_stop_the_
     let msg = format!("{err:#}");
     assert!(
         msg.contains("line 1102") && msg.contains("--on-error skip"),
+        "{msg}"
+    );
+}
+
+/// Rows that do not fit among the first rows (those the column types are inferred from)
+/// are skipped with their line too, not fatal to the whole read.
+#[test]
+fn csv_rows_that_do_not_fit_among_the_first_rows_are_skipped_too() {
+    let dir = scratch("csv-bad-early");
+    let path = dir.path().join("rows.csv");
+    let mut s = b"id,text\n".to_vec();
+    for i in 0..20 {
+        s.extend(format!("{i},variant {i}\n").bytes());
+        if i == 2 {
+            s.extend(b"2,variant y,extra\n"); // line 5
+            s.extend(b"2\n"); // line 6
+            s.extend(b"2,variant \xff\n"); // line 7: not UTF-8
+        }
+    }
+    std::fs::write(&path, s).unwrap();
+
+    let (batches, skipped) = read_all(&path, &options(None, OnError::Skip)).unwrap();
+    assert_eq!(skipped, 3);
+    let ids: Vec<Option<String>> = column(&batches, "id");
+    let expected: Vec<Option<String>> = (0..20).map(|i| Some(i.to_string())).collect();
+    assert_eq!(ids, expected, "every good row once, in order");
+
+    let err = read_all(&path, &options(None, OnError::Fail)).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("line 5") && msg.contains("--on-error skip"),
         "{msg}"
     );
 }

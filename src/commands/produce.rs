@@ -165,9 +165,11 @@ fn classify(e: FlightError) -> Stop {
 
 /// Reads the input on a thread of its own, paced by `rate`, into a bounded channel: the
 /// file is never in memory whole, and a slow server slows the reading. The first `skip`
-/// rows are passed over (the server holds them already).
+/// rows are passed over (the server holds them already). A reader that panics (a
+/// malformed file can make a format library do so) ends the channel with an error, never
+/// silently: a closed channel without one would read as the end of the input.
 fn spawn_reader(
-    mut batches: input::Batches,
+    batches: input::Batches,
     rate: Option<f64>,
     skip: u64,
 ) -> tokio::sync::mpsc::Receiver<anyhow::Result<RecordBatch>> {
@@ -175,52 +177,69 @@ fn spawn_reader(
     std::thread::Builder::new()
         .name("keel-produce-reader".into())
         .spawn(move || {
-            let started = Instant::now();
-            let mut sent = 0u64;
-            let mut to_skip = skip;
-            // The last batch passed over whole: when the server holds every row, a
-            // zero-row slice of it still opens the stream (schema and descriptor).
-            let mut passed_over: Option<RecordBatch> = None;
-            let mut sent_any = false;
-            for batch in batches.by_ref() {
-                let batch = match batch {
-                    Ok(b) if to_skip > 0 => {
-                        let n = b.num_rows() as u64;
-                        if n <= to_skip {
-                            to_skip -= n;
-                            passed_over = Some(b);
-                            continue;
-                        }
-                        let rest = b.slice(to_skip as usize, (n - to_skip) as usize);
-                        to_skip = 0;
-                        Ok(rest)
-                    }
-                    other => other,
-                };
-                let rows = batch.as_ref().map(|b| b.num_rows() as u64).unwrap_or(0);
-                let failed = batch.is_err();
-                if tx.blocking_send(batch).is_err() || failed {
-                    return;
-                }
-                sent_any = true;
-                sent += rows;
-                if let Some(rate) = rate {
-                    let due = Duration::from_secs_f64(sent as f64 / rate);
-                    if let Some(wait) = due.checked_sub(started.elapsed()) {
-                        std::thread::sleep(wait);
-                    }
-                }
-            }
-            if to_skip > 0 {
-                let _ = tx.blocking_send(Err(anyhow::anyhow!(
-                    "the input ended {to_skip} rows before the rows the server already holds"
+            let failed = tx.clone();
+            let read = std::panic::AssertUnwindSafe(move || read_into(batches, rate, skip, &tx));
+            if let Err(panic) = std::panic::catch_unwind(read) {
+                let message = keel_wire::decode::panic_message(&panic);
+                let _ = failed.blocking_send(Err(anyhow::anyhow!(
+                    "reading the input failed ({message}); the rows after those sent were not read"
                 )));
-            } else if !sent_any && let Some(b) = passed_over {
-                let _ = tx.blocking_send(Ok(b.slice(0, 0)));
             }
         })
         .expect("spawning the reader thread");
     rx
+}
+
+/// [`spawn_reader`]'s loop.
+fn read_into(
+    mut batches: input::Batches,
+    rate: Option<f64>,
+    skip: u64,
+    tx: &tokio::sync::mpsc::Sender<anyhow::Result<RecordBatch>>,
+) {
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut to_skip = skip;
+    // The last batch passed over whole: when the server holds every row, a zero-row slice
+    // of it still opens the stream (schema and descriptor).
+    let mut passed_over: Option<RecordBatch> = None;
+    let mut sent_any = false;
+    for batch in batches.by_ref() {
+        let batch = match batch {
+            Ok(b) if to_skip > 0 => {
+                let n = b.num_rows() as u64;
+                if n <= to_skip {
+                    to_skip -= n;
+                    passed_over = Some(b);
+                    continue;
+                }
+                let rest = b.slice(to_skip as usize, (n - to_skip) as usize);
+                to_skip = 0;
+                Ok(rest)
+            }
+            other => other,
+        };
+        let rows = batch.as_ref().map(|b| b.num_rows() as u64).unwrap_or(0);
+        let failed = batch.is_err();
+        if tx.blocking_send(batch).is_err() || failed {
+            return;
+        }
+        sent_any = true;
+        sent += rows;
+        if let Some(rate) = rate {
+            let due = Duration::from_secs_f64(sent as f64 / rate);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    if to_skip > 0 {
+        let _ = tx.blocking_send(Err(anyhow::anyhow!(
+            "the input ended {to_skip} rows before the rows the server already holds"
+        )));
+    } else if !sent_any && let Some(b) = passed_over {
+        let _ = tx.blocking_send(Ok(b.slice(0, 0)));
+    }
 }
 
 fn progress(total: Option<u64>) -> indicatif::ProgressBar {
@@ -459,11 +478,8 @@ async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
             Ok(()) => break (skipped, from + read.load(Ordering::Relaxed)),
             Err(Stop::Fatal(e)) => {
                 progress.bar.finish_and_clear();
-                return Err(e.context(stopped(
-                    &args,
-                    progress.done.load(Ordering::Relaxed),
-                    total_rows,
-                )));
+                let done = progress.done.load(Ordering::Relaxed);
+                return Err(e.context(stopped_with(&args, done, total_rows, &mut writer)));
             }
             Err(Stop::Gone(e)) => e,
         };
@@ -488,7 +504,7 @@ async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
                         lost.elapsed().as_secs_f64()
                     )
                 },
-                stopped(&args, done, total_rows)
+                stopped_with(&args, done, total_rows, &mut writer)
             ));
         }
         progress.bar.suspend(|| {
@@ -509,7 +525,7 @@ async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
             Ok(c) => c,
             Err(e) => {
                 progress.bar.finish_and_clear();
-                return Err(e.context(stopped(&args, done, total_rows)));
+                return Err(e.context(stopped_with(&args, done, total_rows, &mut writer)));
             }
         };
         if let Some(name) = &args.dataset {
@@ -595,6 +611,25 @@ async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// [`stopped`], after finishing the `--out` file of the rows that came back (a Parquet
+/// file is unreadable until its footer is written): what the message says is there.
+fn stopped_with(
+    args: &ProduceArgs,
+    done: u64,
+    total: Option<u64>,
+    writer: &mut Option<parquet::arrow::ArrowWriter<std::fs::File>>,
+) -> String {
+    match writer.take().map(|w| w.close()) {
+        Some(Err(e)) => format!(
+            "stopped: {done} rows came back, but finishing {} failed: {e}",
+            args.out
+                .as_ref()
+                .map_or("the output file".into(), |o| o.display().to_string())
+        ),
+        _ => stopped(args, done, total),
+    }
 }
 
 /// "stopped: N of M rows stored; run again with --resume".
@@ -731,4 +766,38 @@ async fn exchange(
         return Err(read_failure(args, e, from, read.load(Ordering::Relaxed)));
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow_array::{ArrayRef, Int64Array, RecordBatch};
+
+    use super::spawn_reader;
+
+    /// A reader that panics after its first batch ends the channel with an error naming
+    /// the failure, not with a silent end that would read as the end of the input.
+    #[test]
+    fn a_reader_that_panics_ends_with_an_error_not_a_silent_end() {
+        let batch = RecordBatch::try_from_iter([(
+            "id",
+            Arc::new(Int64Array::from(vec![1, 2])) as ArrayRef,
+        )])
+        .unwrap();
+        let mut first = Some(batch);
+        let batches = Box::new(std::iter::from_fn(move || match first.take() {
+            Some(b) => Some(Ok(b)),
+            None => panic!("a buffer offset past the message body"),
+        }));
+        let mut rx = spawn_reader(batches, None, 0);
+        let got: Vec<_> = std::iter::from_fn(|| rx.blocking_recv()).collect();
+        assert_eq!(got.len(), 2, "the batch, then the error");
+        assert_eq!(got[0].as_ref().unwrap().num_rows(), 2);
+        let error = got[1].as_ref().unwrap_err().to_string();
+        assert!(
+            error.contains("reading the input failed") && error.contains("buffer offset"),
+            "{error}"
+        );
+    }
 }

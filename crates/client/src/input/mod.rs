@@ -216,6 +216,34 @@ fn arrow_ipc(path: &Path, n: usize) -> anyhow::Result<Batches> {
     })))
 }
 
+/// The header and the first `rows` records that fit it (as many fields, UTF-8), as CSV for
+/// arrow's type inference, which fails on a row that does not: such a row among the first
+/// is left to the reading, which skips it with its line or stops per `on_error`, as it
+/// does any later one.
+fn inference_sample(path: &Path, delimiter: u8, rows: usize) -> anyhow::Result<Vec<u8>> {
+    let mut reader = ::csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(vcf::open_text(path)?);
+    let mut writer = ::csv::WriterBuilder::new()
+        .delimiter(delimiter)
+        .from_writer(Vec::new());
+    let mut record = ::csv::ByteRecord::new();
+    let (mut width, mut kept) = (None, 0);
+    while kept < rows && reader.read_byte_record(&mut record)? {
+        let fits = std::str::from_utf8(record.as_slice()).is_ok();
+        match width {
+            // The header.
+            None => width = Some(record.len()),
+            Some(w) if fits && record.len() == w => kept += 1,
+            Some(_) => continue,
+        }
+        writer.write_byte_record(&record)?;
+    }
+    writer.into_inner().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 /// CSV/TSV with a header row; column types inferred from the first 1000 rows, except
 /// `text_column`, read as a string. A row that does not fit those columns (a field too
 /// many or too few, a value of another type) is skipped with its line, or stops the read,
@@ -231,8 +259,8 @@ fn csv(
     let format = arrow_csv::reader::Format::default()
         .with_header(true)
         .with_delimiter(delimiter);
-    let (schema, _) = format
-        .infer_schema(vcf::open_text(path)?, Some(1000))
+    let (schema, _) = inference_sample(path, delimiter, 1000)
+        .and_then(|sample| Ok(format.infer_schema(std::io::Cursor::new(sample), None)?))
         .with_context(|| format!("{}: reading the header and first rows", path.display()))?;
     let fields: Vec<Field> = schema
         .fields()

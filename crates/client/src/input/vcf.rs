@@ -74,7 +74,8 @@ pub struct VcfBatches {
     skipped: Arc<AtomicU64>,
     /// VCF: lines read so far; BCF: records read so far.
     position: usize,
-    line: String,
+    /// The line being read, as bytes (checked to be UTF-8 once whole).
+    line: Vec<u8>,
     done: bool,
 }
 
@@ -138,7 +139,7 @@ impl VcfBatches {
             on_error,
             skipped,
             position,
-            line: String::new(),
+            line: Vec::new(),
             done: false,
         })
     }
@@ -149,28 +150,22 @@ impl VcfBatches {
         loop {
             let result = match &mut self.records {
                 Records::Vcf(reader) => {
+                    // Read as bytes and checked after: `read_line` consumes a line that is
+                    // not UTF-8 before it fails, and skipping "the rest" of it then ate the
+                    // next record.
                     self.line.clear();
-                    let n = match reader.read_line(&mut self.line) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                            // Not UTF-8: skip the rest of this line.
-                            let mut rest = Vec::new();
-                            reader.read_until(b'\n', &mut rest)?;
-                            self.position += 1;
-                            self.bad(format!("line {}: not UTF-8", self.position))?;
-                            continue;
-                        }
-                        Err(e) => {
-                            return Err(e).with_context(|| {
-                                format!("{}: after line {}", self.path.display(), self.position)
-                            });
-                        }
-                    };
+                    let n = reader.read_until(b'\n', &mut self.line).with_context(|| {
+                        format!("{}: after line {}", self.path.display(), self.position)
+                    })?;
                     if n == 0 {
                         return Ok(None);
                     }
                     self.position += 1;
-                    let line = self.line.trim_end_matches(['\n', '\r']);
+                    let Ok(line) = std::str::from_utf8(&self.line) else {
+                        self.bad(format!("line {}: not UTF-8", self.position))?;
+                        continue;
+                    };
+                    let line = line.trim_end_matches(['\n', '\r']);
                     if line.is_empty() {
                         continue;
                     }
