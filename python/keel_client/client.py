@@ -20,6 +20,15 @@ Data = Union[pa.Table, pa.RecordBatch, pa.RecordBatchReader, Iterable[pa.RecordB
 _RETRYABLE = (flight.FlightUnavailableError, flight.FlightCancelledError, ConnectionError)
 
 
+class _SourceFailed(Exception):
+    """The caller's batches raised `error` while a stream read them: raised to the caller
+    as it is, never taken for a server going away."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
 def _code(e: BaseException) -> str:
     """The gRPC status a pyarrow exception stands for, by name."""
     if isinstance(e, pa.ArrowInvalid):
@@ -215,6 +224,10 @@ class KeelClient:
                 yield from self._exchange_stream(address, head.schema, pending, source, command,
                                                  answer_schema)
                 return
+            except _SourceFailed as e:
+                # The caller's own batches failed: not the server's failure to retry (a
+                # source raising ConnectionError would otherwise end the stream short).
+                raise e.error
             except _RETRYABLE as e:
                 last = e
                 self._forget(address)
@@ -314,7 +327,7 @@ class KeelClient:
             except (flight.FlightError, pa.ArrowException):
                 pass
         if source_failure:
-            raise source_failure[0]
+            raise _SourceFailed(source_failure[0])
         if failure:
             raise failure[0]
         left = sum(b.num_rows for b in pending)

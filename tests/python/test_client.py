@@ -82,6 +82,22 @@ def test_rejected_exchanges_one_after_another_never_abort_the_process(client):
         assert e.value.code == "InvalidArgument"
 
 
+def test_a_source_that_fails_raises_its_error_and_is_not_taken_for_a_lost_server(client):
+    # A caller's reader failing with a ConnectionError (a socket reset under it) is its
+    # failure, not the server's: the stream used to fail over, find the source exhausted
+    # and return its first rows as if they were all.
+    def source():
+        yield pa.record_batch({"text": TEXTS[:50]})
+        yield pa.record_batch({"text": TEXTS[50:100]})
+        raise ConnectionResetError("the caller's upstream reset")
+
+    got = []
+    with pytest.raises(ConnectionResetError, match="upstream reset"):
+        for batch in client.embed_stream(source()):
+            got.append(batch.num_rows)
+    assert sum(got) <= 100
+
+
 def test_int8_of_the_first_128_dimensions_as_documented(address, embedded):
     compact = KeelClient(address, timeout=120, precision="int8", dimensions=128).embed(TABLE.slice(0, 10))
     assert compact.schema.field("embedding").type.value_type == pa.int8()
