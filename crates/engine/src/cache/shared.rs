@@ -146,6 +146,29 @@ struct Breaker {
     open_until: Option<Instant>,
     /// A probe is out while the breaker is half-open: others keep skipping.
     probing: bool,
+    /// Counts probes, so that a probe's [`Probe`] guard clears only its own.
+    probe: u64,
+}
+
+/// A lookup let through by [`SharedCache::admit`]. Dropped without an answer recorded (its
+/// future dropped: an HTTP request past its queue timeout, a client that left), a
+/// half-open probe is cleared, so that the next lookup probes again: otherwise the
+/// breaker stayed open until the process restarted.
+struct Probe<'a> {
+    breaker: &'a std::sync::Mutex<Breaker>,
+    /// The probe this lookup is, if it is one.
+    probe: Option<u64>,
+}
+
+impl Drop for Probe<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.probe {
+            let mut b = self.breaker.lock().unwrap_or_else(|e| e.into_inner());
+            if b.probe == id {
+                b.probing = false;
+            }
+        }
+    }
 }
 
 /// `KEYS[1..n]`: the vectors' keys, `KEYS[n+1..2n]`: their leases; `ARGV`: this
@@ -253,16 +276,25 @@ impl SharedCache {
             .cloned()
     }
 
-    /// Whether a lookup may go to Redis now (closed breaker, or the one half-open probe).
-    fn admit(&self) -> bool {
-        let mut b = self.inner.breaker.lock().unwrap_or_else(|e| e.into_inner());
+    /// Whether a lookup may go to Redis now (closed breaker, or the one half-open probe):
+    /// `Some` while it may, held until the lookup ends.
+    fn admit(&self) -> Option<Probe<'_>> {
+        let breaker = &self.inner.breaker;
+        let mut b = breaker.lock().unwrap_or_else(|e| e.into_inner());
         match b.open_until {
-            None => true,
+            None => Some(Probe {
+                breaker,
+                probe: None,
+            }),
             Some(until) if Instant::now() >= until && !b.probing => {
                 b.probing = true;
-                true
+                b.probe += 1;
+                Some(Probe {
+                    breaker,
+                    probe: Some(b.probe),
+                })
             }
-            Some(_) => false,
+            Some(_) => None,
         }
     }
 
@@ -304,10 +336,10 @@ impl SharedCache {
         if keys.is_empty() {
             return compute();
         }
-        if !self.admit() {
+        let Some(_probe) = self.admit() else {
             c.skipped.fetch_add(keys.len() as u64, Ordering::Relaxed);
             return compute();
-        }
+        };
         let started = Instant::now();
         let lease_ms = self.inner.config.lease_ms;
         // A plain MGET first (the cheap hit path); the keys it did not find go through
@@ -511,5 +543,53 @@ async fn writer(cache: SharedCache, mut rx: mpsc::Receiver<(u128, Arc<[f32]>)>) 
             }
             Err(_) => c.write_errors.fetch_add(n, Ordering::Relaxed),
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::FutureExt;
+
+    use super::{SharedCache, SharedCacheConfig};
+
+    /// A half-open probe whose lookup is dropped before Redis answers (an HTTP request
+    /// past its queue timeout, a client that left) does not leave the breaker open for
+    /// good: the next lookup after the open time probes again.
+    #[tokio::test]
+    async fn a_probe_dropped_before_its_answer_lets_the_next_lookup_probe() {
+        // A "Redis" that accepts connections and never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}", silent.local_addr().unwrap());
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                open.push(socket);
+            }
+        });
+        let cache = SharedCache::new(&SharedCacheConfig {
+            url: Some(url),
+            timeout_ms: 100,
+            breaker_errors: 1,
+            breaker_open_ms: 20,
+            lease_ms: 0,
+            ..SharedCacheConfig::default()
+        })
+        .unwrap()
+        .unwrap();
+        cache.lookup(&[1], 4, false).await;
+        let stats = cache.stats();
+        assert!(stats.breaker_open && stats.lookups == 1, "{stats:?}");
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        // The probe: polled once (its round trip out), then dropped.
+        assert!(cache.lookup(&[2], 4, false).now_or_never().is_none());
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        let before = cache.stats().skipped;
+        cache.lookup(&[3], 4, false).await;
+        let stats = cache.stats();
+        assert_eq!(stats.skipped, before, "looked up, not skipped: {stats:?}");
+        assert_eq!(stats.lookups, 2, "{stats:?}");
+        held.abort();
     }
 }
