@@ -139,8 +139,6 @@ impl Pipeline {
         &self.embedder
     }
 
-    /// Permits for `rows` rows: twice as many under memory pressure, so that half as
-    /// many rows are admitted.
     /// The semaphore `rows` rows are admitted through: the fast lane's for a request of few
     /// rows, else the bound every stream shares.
     fn semaphore_for(&self, rows: usize) -> &Arc<Semaphore> {
@@ -151,14 +149,15 @@ impl Pipeline {
         }
     }
 
+    /// Rows counted in flight and permits taken for a request of `rows` rows.
     fn permits_for(&self, rows: usize) -> (u32, u32) {
-        let rows = rows.min(self.config.max_in_flight_rows) as u32;
-        let permits = if self.pressure.load(Ordering::Relaxed) {
-            (rows * 2).min(self.config.max_in_flight_rows as u32)
+        let c = &self.config;
+        let holds = if rows <= c.fast_lane_rows {
+            c.fast_lane_rows * c.fast_lane_requests
         } else {
-            rows
+            c.max_in_flight_rows
         };
-        (rows, permits)
+        permits(rows, holds, self.pressure.load(Ordering::Relaxed))
     }
 
     fn in_flight(&self, permit: OwnedSemaphorePermit, rows: u32) -> InFlight {
@@ -466,5 +465,44 @@ impl Pipeline {
             }
         }
         Ok(out)
+    }
+}
+
+/// Rows counted in flight and permits taken for a request of `rows` rows through a
+/// semaphore of `holds` permits: twice the rows under memory pressure (so that half as many
+/// rows are admitted), never more than the semaphore holds: a request asking for more would
+/// wait forever, and every request after it in the semaphore's queue with it (the fast
+/// lane holds `fast_lane_rows × fast_lane_requests`, which can be less than twice a
+/// request).
+fn permits(rows: usize, holds: usize, pressure: bool) -> (u32, u32) {
+    let rows = rows.min(holds) as u32;
+    let permits = if pressure {
+        (rows * 2).min(holds as u32)
+    } else {
+        rows
+    };
+    (rows, permits)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::Semaphore;
+
+    use super::permits;
+
+    /// Under memory pressure a request takes twice its rows in permits, but never more
+    /// than its semaphore holds: with `fast_lane_requests: 1` a fast-lane request of 5–8
+    /// rows asked for up to 16 of 8 and waited forever.
+    #[test]
+    fn a_request_under_pressure_never_asks_for_more_than_its_semaphore_holds() {
+        for (rows, holds) in [(8, 8), (5, 8), (1, 1), (1024, 1024), (700, 1024)] {
+            let semaphore = Semaphore::new(holds);
+            let (counted, taken) = permits(rows, holds, true);
+            assert_eq!(counted as usize, rows);
+            assert!(taken as usize >= rows && taken as usize <= holds, "{rows} of {holds}");
+            assert!(semaphore.try_acquire_many(taken).is_ok(), "{rows} of {holds}");
+        }
+        assert_eq!(permits(100, 1024, true), (100, 200));
+        assert_eq!(permits(100, 1024, false), (100, 100));
     }
 }
