@@ -256,6 +256,12 @@ async fn every_http_error_has_its_status_and_openai_shape() {
                 404,
                 None,
             ),
+            (
+                "a route's wrong method",
+                call(addr, "GET", "/v1/embeddings", None, b""),
+                405,
+                None,
+            ),
         ];
         for (what, (status, body), expected, param) in cases {
             assert_eq!(status, expected, "{what}: {body}");
@@ -513,4 +519,42 @@ async fn the_front_survives_departures_crowds_and_saturation() {
     .await
     .unwrap();
     server.stop().await;
+}
+
+/// A client that announced a body and sends it slowly does not hold the server's shutdown
+/// up past server.shutdown_grace_ms; /metrics has the request time as a histogram.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_body_does_not_hold_shutdown_and_request_times_are_a_histogram() {
+    let server = TestServer::start(|s| s.server.shutdown_grace_ms = 500).await;
+    let (addr, metrics) = (server.http_addr, server.metrics_addr);
+    let held = tokio::task::spawn_blocking(move || {
+        let (status, body) = post(
+            addr,
+            "/v1/embeddings",
+            None,
+            json!({"model": "all-MiniLM-L6-v2", "input": "BRCA1 missense"}),
+        );
+        assert_eq!(status, 200, "{body}");
+        let (_, text) = call(metrics, "GET", "/metrics", None, b"");
+        let text = text.as_str().unwrap_or_default().to_string();
+        assert!(
+            text.contains("# TYPE keel_http_request_seconds histogram")
+                && text.contains("keel_http_request_seconds_bucket"),
+            "{text}"
+        );
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: keel\r\nContent-Type: application/json\r\n\
+              Content-Length: 1000\r\n\r\n{",
+        )
+        .unwrap();
+        s
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    tokio::time::timeout(std::time::Duration::from_secs(15), server.stop())
+        .await
+        .expect("the server stops within its grace period, slow body or not");
+    drop(held);
 }

@@ -124,6 +124,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let config = state.settings.http.clone();
     let tls = state.settings.server.tls.clone();
+    let state_grace_ms = state.settings.server.shutdown_grace_ms;
     let model_dir = state.settings.embedder.model_dir.clone();
     let spec = ModelSpec::from_dir(&model_dir)?;
     let tokenizer = state.pipeline.embedder().tokenizer().clone();
@@ -156,13 +157,49 @@ pub async fn serve(
                  GET /v1/models, GET /health or GET /info",
             )
         })
+        .method_not_allowed_fallback(
+            |method: axum::http::Method, uri: axum::http::Uri| async move {
+                ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!(
+                        "{method} is not served on {}; POST /v1/embeddings, POST /embeddings, \
+                     POST /embed and POST /v1/search, GET /v1/models, GET /health and GET /info",
+                        uri.path()
+                    ),
+                )
+            },
+        )
         .with_state(front);
+    // On shutdown open connections finish the request they are on, for at most the
+    // grace period: a client sending its body slowly must not hold the server up.
+    let grace = Duration::from_millis(state_grace_ms);
     match (&tls.cert, &tls.key) {
-        (Some(cert), Some(key)) => serve_tls(listener, app, tls_config(cert, key)?, shutdown).await,
+        (Some(cert), Some(key)) => {
+            serve_tls(listener, app, tls_config(cert, key)?, shutdown, grace).await
+        }
         _ => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await?;
+            let begun = Arc::new(tokio::sync::Notify::new());
+            let signal = {
+                let begun = begun.clone();
+                async move {
+                    shutdown.await;
+                    begun.notify_one();
+                }
+            };
+            let serving = std::future::IntoFuture::into_future(
+                axum::serve(listener, app).with_graceful_shutdown(signal),
+            );
+            tokio::select! {
+                served = serving => served?,
+                () = async {
+                    begun.notified().await;
+                    tokio::time::sleep(grace).await;
+                } => tracing::warn!(
+                    "HTTP front: connections still open {} ms after shutdown \
+                     (server.shutdown_grace_ms); dropped",
+                    grace.as_millis()
+                ),
+            }
             Ok(())
         }
     }
@@ -195,12 +232,13 @@ fn tls_config(
 
 /// The front over TLS: each accepted connection is handshaken (10 s at most) and served
 /// by hyper on its own task; on `shutdown` no connection is accepted and open ones finish
-/// the request they are on (30 s at most).
+/// the request they are on (`grace` at most).
 async fn serve_tls(
     listener: tokio::net::TcpListener,
     app: Router,
     config: Arc<tokio_rustls::rustls::ServerConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
 ) -> anyhow::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
@@ -242,11 +280,14 @@ async fn serve_tls(
             }
         });
     }
-    if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
+    if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
     {
-        tracing::warn!("HTTP front: connections still open 30 s after shutdown; dropped");
+        tracing::warn!(
+            "HTTP front: connections still open {} ms after shutdown (server.shutdown_grace_ms); dropped",
+            grace.as_millis()
+        );
     }
     Ok(())
 }

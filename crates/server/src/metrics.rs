@@ -32,6 +32,12 @@ const LOOKUP_SECONDS_BUCKETS: [f64; 10] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
 ];
 
+/// Upper bounds of the seconds-per-HTTP-request histogram: a cached query in a
+/// millisecond up to a request that waited its queue timeout.
+const HTTP_SECONDS_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
 /// Installs the process-wide recorder (once) and returns its handle.
 pub fn install() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -51,6 +57,12 @@ pub fn install() -> &'static PrometheusHandle {
                 b.set_buckets_for_metric(
                     Matcher::Full("keel_cache_shared_lookup_seconds".into()),
                     &LOOKUP_SECONDS_BUCKETS,
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("keel_http_request_seconds".into()),
+                    &HTTP_SECONDS_BUCKETS,
                 )
             })
             .expect("the bucket lists are not empty")

@@ -499,8 +499,14 @@ mod tests {
             let semaphore = Semaphore::new(holds);
             let (counted, taken) = permits(rows, holds, true);
             assert_eq!(counted as usize, rows);
-            assert!(taken as usize >= rows && taken as usize <= holds, "{rows} of {holds}");
-            assert!(semaphore.try_acquire_many(taken).is_ok(), "{rows} of {holds}");
+            assert!(
+                taken as usize >= rows && taken as usize <= holds,
+                "{rows} of {holds}"
+            );
+            assert!(
+                semaphore.try_acquire_many(taken).is_ok(),
+                "{rows} of {holds}"
+            );
         }
         assert_eq!(permits(100, 1024, true), (100, 200));
         assert_eq!(permits(100, 1024, false), (100, 100));
