@@ -172,6 +172,21 @@ async fn bad_requests_get_precise_statuses_and_the_server_goes_on() {
             Code::InvalidArgument,
             "{gene}",
         ),
+        (
+            // Keel's own int8 output with `embedding` dropped, sent again: its scales
+            // would sit beside the new ones under the same name.
+            FlightDescriptor::new_cmd(r#"{"precision": "int8"}"#),
+            RecordBatch::try_from_iter([
+                ("text", good.column(1).clone()),
+                (
+                    "embedding_scale",
+                    Arc::new(arrow_array::Float32Array::from(vec![0.01f32])) as ArrayRef,
+                ),
+            ])
+            .unwrap(),
+            Code::InvalidArgument,
+            "\"embedding_scale\" column, a name Keel adds",
+        ),
     ];
     for (descriptor, batch, code, needle) in cases {
         let err = exchange(&mut client, descriptor, vec![batch])

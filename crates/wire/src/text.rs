@@ -93,10 +93,14 @@ impl TextSource {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        if schema.column_with_name("embedding").is_some() {
-            return Err(WireError::Invalid(
-                "the input already has an \"embedding\" column; rename or drop it".into(),
-            ));
+        // The names Keel adds: an input column of either would be shadowed (readers by
+        // name take the first of two), or give an int8 stream's vectors wrong scales.
+        for added in ["embedding", crate::vectors::SCALE_COLUMN] {
+            if schema.column_with_name(added).is_some() {
+                return Err(WireError::Invalid(format!(
+                    "the input already has an {added:?} column, a name Keel adds; rename or drop it"
+                )));
+            }
         }
         match self {
             Self::Column(c) => {
