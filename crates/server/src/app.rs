@@ -91,8 +91,8 @@ pub fn start(mut settings: Settings) -> anyhow::Result<Running> {
             settings.embedder.model_dir.display()
         )
     })?;
-    // The janitor returns pooled device memory: it holds the GPU group's model when there
-    // is one (groups come GPU first).
+    // The model whose settings shape the cache keys: every group's computes the same
+    // vectors (groups come GPU first).
     let model = groups[0].0.clone();
     // Everything that shapes a vector besides its text: the cache keys of both levels
     // carry it, so that no other model, weights or precision is ever served (a fleet
@@ -116,7 +116,9 @@ pub fn start(mut settings: Settings) -> anyhow::Result<Running> {
     }
     // Enough queued jobs for every in-flight micro-batch: the permits are the real bound.
     let queue_jobs = ingest.max_in_flight_rows.div_ceil(ingest.micro_batch_rows) + 1;
-    let janitor_model = model.clone();
+    // The janitor returns the pooled memory of every group's device and the buffers of
+    // its host replicas (`backend: both` has a GPU's group and the CPU's).
+    let janitor_models: Vec<_> = groups.iter().map(|g| g.0.clone()).collect();
     let embedder = EmbedderWorkers::start(groups, queue_jobs)?;
 
     let m = &settings.memory;
@@ -161,7 +163,7 @@ pub fn start(mut settings: Settings) -> anyhow::Result<Running> {
                 if let Some(c) = &cache {
                     members.push(c.clone().recipient());
                 }
-                members.push(EmbedderJanitor::new(janitor_model).start().recipient());
+                members.push(EmbedderJanitor::new(janitor_models).start().recipient());
                 let supervisor = SupervisorActor::new(
                     supervisor_cfg,
                     memory_cfg,
