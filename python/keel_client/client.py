@@ -97,7 +97,10 @@ class KeelClient:
     is sent again to the next address, so every row comes back exactly once.
     token: a bearer token (`auth.mode: token`), sent as `authorization: Bearer ...`.
     tls_root_certs: PEM bytes, or a path to them, to trust a server's certificate.
-    timeout: seconds a call may take.
+    timeout: seconds a unary call (an action, a dataset's info, a search) may take.
+    stream_timeout: seconds a whole stream (`embed`, `embed_stream`, `put`) may take;
+    None (default): no deadline, as a Spark partition or a big file may stream for hours
+    (a server that goes away still ends the stream, and it fails over).
     text_column / template: which text each row is embedded by (the server's default
     column when neither is given); see docs/FLIGHT.md.
     precision / dimensions: the vectors' format ("f32", "f16", "int8", "binary"; the
@@ -111,6 +114,7 @@ class KeelClient:
         token: Optional[str] = None,
         tls_root_certs: Union[bytes, str, "os.PathLike[str]", None] = None,
         timeout: float = 300.0,
+        stream_timeout: Optional[float] = None,
         text_column: Optional[str] = None,
         template: Optional[str] = None,
         batch_rows: int = 4096,
@@ -129,6 +133,7 @@ class KeelClient:
         self._tls_root_certs = tls_root_certs
         headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
         self._options = flight.FlightCallOptions(timeout=timeout, headers=headers)
+        self._stream_options = flight.FlightCallOptions(timeout=stream_timeout, headers=headers)
         self.text_column = text_column
         self.template = template
         self.precision = precision
@@ -171,9 +176,13 @@ class KeelClient:
         self.close()
 
     def _command(self, text_column: Optional[str], template: Optional[str]) -> EmbedCommand:
+        # A call's own choice of text replaces the client's (a template given to a call
+        # on a client made with text_column, or the other way round).
+        if text_column is None and template is None:
+            text_column, template = self.text_column, self.template
         return EmbedCommand(
-            text_column=text_column or self.text_column,
-            template=template or self.template,
+            text_column=text_column,
+            template=template,
             precision=self.precision or None,
             dimensions=self.dimensions or None,
         )
@@ -245,7 +254,8 @@ class KeelClient:
         joins `pending` before it is written), on a writer thread; answered rows leave
         `pending` as they are read here."""
         client = self._client(address)
-        writer, reader = client.do_exchange(embed_descriptor(command), options=self._options)
+        writer, reader = client.do_exchange(embed_descriptor(command),
+                                            options=self._stream_options)
         lock = threading.Lock()
         failure: List[BaseException] = []
         source_failure: List[BaseException] = []
@@ -423,7 +433,7 @@ class KeelClient:
         if first is None:
             raise KeelError("no record batch to store")
         try:
-            writer, meta = client.do_put(descriptor, first.schema, options=self._options)
+            writer, meta = client.do_put(descriptor, first.schema, options=self._stream_options)
             dataset_rows = 0
             for b in [first, *batches]:
                 writer.write_batch(b)

@@ -47,6 +47,14 @@ def test_embed_returns_every_row_in_order_at_unit_length(embedded):
     assert np.allclose(np.linalg.norm(vectors(embedded), axis=1), 1.0, atol=1e-4)
 
 
+def test_a_calls_own_template_replaces_the_clients_text_column(address):
+    by_column = KeelClient(address, timeout=120, text_column="description")
+    table = pa.table({"gene": ["BRCA1"], "pos": [41245000], "description": ["x"]})
+    templ = by_column.embed(table, template="{gene} {pos}")
+    plain = by_column.embed(pa.table({"description": ["BRCA1 41245000"]}))
+    assert np.allclose(vectors(templ), vectors(plain), atol=1e-6)
+
+
 def test_a_template_embeds_the_text_it_renders(client):
     templ = client.embed(pa.table({"gene": ["BRCA1", "TP53"], "pos": [41245000, 7673000]}),
                          template="{gene} {pos}")
@@ -96,6 +104,20 @@ def test_a_source_that_fails_raises_its_error_and_is_not_taken_for_a_lost_server
         for batch in client.embed_stream(source()):
             got.append(batch.num_rows)
     assert sum(got) <= 100
+
+
+def test_a_stream_longer_than_the_call_timeout_is_not_cut(address):
+    # `timeout` bounds unary calls; a stream (a Spark partition, a big file) may take
+    # longer: it used to end with DeadlineExceeded once `timeout` passed.
+    quick = KeelClient(address, timeout=1.0)
+
+    def slow():
+        for i in range(3):
+            time.sleep(0.6)
+            yield pa.record_batch({"text": TEXTS[i * 10:(i + 1) * 10]})
+
+    rows = sum(b.num_rows for b in quick.embed_stream(slow()))
+    assert rows == 30
 
 
 def test_int8_of_the_first_128_dimensions_as_documented(address, embedded):
