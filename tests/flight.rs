@@ -672,3 +672,61 @@ async fn a_departed_put_appends_nothing_after_it_left() {
     }
     server.stop().await;
 }
+
+/// `expect_rows`: a put is appended only if the dataset holds that many rows when its first
+/// part is written (a producer resending after a lost connection never follows its earlier
+/// connection's late rows with the same rows); a mismatch is FailedPrecondition and
+/// appends nothing; the option is for DoPut only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_with_expect_rows_appends_only_onto_that_many_rows() {
+    let server = TestServer::start(|_| {}).await;
+    let mut client = server.client().await;
+    let all = texts(15, "expect");
+    let batch = |range: std::ops::Range<usize>| {
+        text_batch(
+            &all[range]
+                .iter()
+                .map(|s| Some(s.as_str()))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let put = async |client: &mut arrow_flight::FlightClient, expect: u64, b: RecordBatch| {
+        let mut d = FlightDescriptor::new_path(vec!["datasets".into(), "exp".into()]);
+        d.cmd = format!(r#"{{"expect_rows": {expect}}}"#).into();
+        let input = arrow_flight::encode::FlightDataEncoderBuilder::new()
+            .with_flight_descriptor(Some(d))
+            .build(futures::stream::iter([Ok(b)]));
+        match client.do_put(input).await {
+            Ok(acks) => acks.try_collect::<Vec<_>>().await.map(|_| ()),
+            Err(e) => Err(e),
+        }
+        .map_err(to_status)
+    };
+    let rows = async |client: &mut arrow_flight::FlightClient| {
+        client
+            .get_flight_info(FlightDescriptor::new_path(vec![
+                "datasets".into(),
+                "exp".into(),
+            ]))
+            .await
+            .unwrap()
+            .total_records
+    };
+    put(&mut client, 0, batch(0..10)).await.unwrap();
+    let late = put(&mut client, 0, batch(10..15)).await.unwrap_err();
+    assert_eq!(late.code(), Code::FailedPrecondition, "{late}");
+    assert!(late.message().contains("holds 10 rows"), "{late}");
+    assert_eq!(rows(&mut client).await, 10, "nothing appended");
+    put(&mut client, 10, batch(10..15)).await.unwrap();
+    assert_eq!(rows(&mut client).await, 15);
+
+    let err = exchange(
+        &mut client,
+        FlightDescriptor::new_cmd(r#"{"expect_rows": 3}"#),
+        vec![batch(0..1)],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    server.stop().await;
+}

@@ -29,6 +29,8 @@ class EmbedCommand:
     precision: Optional[str] = None  # f32 | f16 | int8 | binary
     dimensions: Optional[int] = None
     projection: Optional[str] = None  # "DATASET/NAME", fitted by the reduce action
+    # DoPut only: the rows the dataset must hold when the stream's first part is written.
+    expect_rows: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.text_column and self.template:

@@ -155,6 +155,16 @@ fn gone_reason(e: &anyhow::Error) -> String {
     }
 }
 
+/// Whether a put was refused because the dataset holds other rows than it expected
+/// (`expect_rows`).
+fn late_rows(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<FlightError>(),
+        Some(FlightError::Tonic(s))
+            if s.code() == tonic::Code::FailedPrecondition && s.message().contains("(expect_rows)")
+    )
+}
+
 fn classify(e: FlightError) -> Stop {
     if server_gone(&e) {
         Stop::Gone(e.into())
@@ -448,6 +458,13 @@ async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
         let read = Arc::new(AtomicU64::new(0));
         let outcome = match &args.dataset {
             Some(name) => {
+                // The dataset must hold exactly the rows before this input's `from`th
+                // when the put's first part is written: rows of an earlier connection
+                // that land late are never followed by the same rows again.
+                let command = EmbedCommand {
+                    expect_rows: Some(origin + from),
+                    ..command.clone()
+                };
                 put(
                     &mut client,
                     &args,
@@ -476,6 +493,9 @@ async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
         };
         let stop = match outcome {
             Ok(()) => break (skipped, from + read.load(Ordering::Relaxed)),
+            // After a reconnect: the earlier connection's last part landed after the count
+            // was read. Read it again and resend from there.
+            Err(Stop::Fatal(e)) if attempt > 0 && late_rows(&e) => e,
             Err(Stop::Fatal(e)) => {
                 progress.bar.finish_and_clear();
                 let done = progress.done.load(Ordering::Relaxed);

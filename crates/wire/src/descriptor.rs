@@ -31,6 +31,8 @@ pub struct Request {
     pub dimensions: Option<usize>,
     /// `"DATASET/NAME"`: a PCA projection the vectors go through.
     pub projection: Option<String>,
+    /// `DoPut`: the rows the dataset must hold at this stream's first append.
+    pub expect_rows: Option<u64>,
 }
 
 impl Target {
@@ -67,14 +69,23 @@ impl Target {
                 precision: c.precision,
                 dimensions: c.dimensions,
                 projection: c.projection,
+                expect_rows: c.expect_rows,
             })
+        };
+        let embed = |request: Request| {
+            if request.expect_rows.is_some() {
+                return Err(WireError::invalid(
+                    "bad command: expect_rows is for DoPut [\"datasets\", NAME] only",
+                ));
+            }
+            Ok(Target::Embed(request))
         };
         match DescriptorType::try_from(d.r#type) {
             Ok(DescriptorType::Path) => {
                 let path: Vec<&str> = d.path.iter().map(String::as_str).collect();
                 match path.as_slice() {
-                    ["embed"] => Ok(Target::Embed(source(&d.cmd)?)),
-                    ["embed", cmd] => Ok(Target::Embed(source(cmd.as_bytes())?)),
+                    ["embed"] => embed(source(&d.cmd)?),
+                    ["embed", cmd] => embed(source(cmd.as_bytes())?),
                     ["datasets", name] => Ok(Target::Dataset(
                         checked_dataset_name(name)?.to_string(),
                         source(&d.cmd)?,
@@ -88,7 +99,7 @@ impl Target {
                     ))),
                 }
             }
-            Ok(DescriptorType::Cmd) => Ok(Target::Embed(source(&d.cmd)?)),
+            Ok(DescriptorType::Cmd) => embed(source(&d.cmd)?),
             _ => Err(WireError::invalid("unknown descriptor type")),
         }
     }

@@ -35,6 +35,13 @@ pub struct EmbedCommand {
     /// projected to its dimensions (instead of cut).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub projection: Option<String>,
+    /// `DoPut` only: the rows the dataset must hold when this stream's first rows are
+    /// appended (and then each append's own count), else the stream ends with
+    /// FailedPrecondition and nothing of it is appended. A producer that resends from the
+    /// dataset's count after a lost connection sets it, so that rows of its earlier
+    /// connection landing late are never followed by the same rows again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_rows: Option<u64>,
 }
 
 impl EmbedCommand {

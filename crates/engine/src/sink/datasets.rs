@@ -17,6 +17,7 @@ enum SinkMsg {
     Append {
         name: String,
         batches: Vec<RecordBatch>,
+        expect: Option<u64>,
         reply: oneshot::Sender<Result<u64, SinkError>>,
     },
     /// Finish what is queued before this, then exit.
@@ -53,13 +54,14 @@ impl Datasets {
                 while let Some(SinkMsg::Append {
                     name,
                     batches,
+                    expect,
                     reply,
                 }) = rx.blocking_recv()
                 {
                     // A panic writing one dataset must not end the thread every
                     // dataset's appends go through.
                     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        thread_store.append(&name, &batches)
+                        thread_store.append_expecting(&name, &batches, expect)
                     }))
                     .unwrap_or_else(|panic| {
                         Err(SinkError::Failed(format!(
@@ -89,12 +91,20 @@ impl Datasets {
     }
 
     /// Appends `batches` as one part; resolves once they are durable, with the rows stored.
-    pub async fn append(&self, name: &str, batches: Vec<RecordBatch>) -> Result<u64, SinkError> {
+    /// With `expect`, only if the dataset holds that many rows when the part is written
+    /// ([`DatasetStore::append_expecting`]).
+    pub async fn append(
+        &self,
+        name: &str,
+        batches: Vec<RecordBatch>,
+        expect: Option<u64>,
+    ) -> Result<u64, SinkError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(SinkMsg::Append {
                 name: name.to_string(),
                 batches,
+                expect,
                 reply,
             })
             .await

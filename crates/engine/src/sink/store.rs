@@ -55,6 +55,9 @@ pub enum SinkError {
     /// Writing failed in a way the sink did not foresee (a bug in it or a library).
     #[error("{0}")]
     Failed(String),
+    /// The dataset does not hold the rows an append expected (`expect_rows`).
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     NotSearchable(String),
     /// A request that cannot be met as asked (bad parameters).
@@ -165,6 +168,30 @@ impl DatasetStore {
 
     /// Appends `batches` as one new part. Returns the rows now stored in the dataset.
     pub fn append(&self, name: &str, batches: &[RecordBatch]) -> Result<u64, SinkError> {
+        self.append_expecting(name, batches, None)
+    }
+
+    /// [`Self::append`], only if the dataset holds `expect` rows now (when given): else
+    /// [`SinkError::Conflict`] and nothing is written.
+    pub fn append_expecting(
+        &self,
+        name: &str,
+        batches: &[RecordBatch],
+        expect: Option<u64>,
+    ) -> Result<u64, SinkError> {
+        if let Some(expect) = expect {
+            let held = match self.info(name) {
+                Ok(info) => info.rows,
+                Err(SinkError::NotFound(_)) => 0,
+                Err(e) => return Err(e),
+            };
+            if held != expect {
+                return Err(SinkError::Conflict(format!(
+                    "dataset {name:?} holds {held} rows, this put expected {expect} \
+                     (expect_rows): read its row count and resend from there"
+                )));
+            }
+        }
         let dir = self.dir(name)?;
         if let Some(first) = batches.first() {
             storable(&first.schema())?;

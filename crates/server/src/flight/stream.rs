@@ -126,11 +126,12 @@ pub fn put(engine: Arc<ServerState>, stream: OpenStream) -> Result<BoxStream<Put
         ));
     };
     let shape = engine.vector_shape(&request).map_err(error::server)?;
+    let expect = request.expect_rows;
     let rx = spawn_reader(engine.clone(), batches, request.source, shape);
     let (out_tx, out_rx) = mpsc::channel::<Result<PutResult, Status>>(4);
     tokio::spawn(async move {
         let _slot = slot;
-        store(&engine, &name, rx, &out_tx).await;
+        store(&engine, &name, expect, rx, &out_tx).await;
     });
     Ok(Box::pin(ReceiverStream::new(out_rx)))
 }
@@ -144,6 +145,7 @@ pub fn put(engine: Arc<ServerState>, stream: OpenStream) -> Result<BoxStream<Put
 async fn store(
     engine: &ServerState,
     name: &str,
+    mut expect: Option<u64>,
     rx: mpsc::Receiver<Pending>,
     out: &mpsc::Sender<Result<PutResult, Status>>,
 ) {
@@ -178,7 +180,7 @@ async fn store(
                 if !pending.is_empty()
                     && let Ok(total) = engine
                         .datasets
-                        .append(name, std::mem::take(&mut pending))
+                        .append(name, std::mem::take(&mut pending), expect)
                         .await
                 {
                     acknowledged += buffered as u64;
@@ -192,10 +194,12 @@ async fn store(
         if (buffered >= flush_rows || end) && !pending.is_empty() {
             match engine
                 .datasets
-                .append(name, std::mem::take(&mut pending))
+                .append(name, std::mem::take(&mut pending), expect)
                 .await
             {
                 Ok(total) => {
+                    // The next part follows this one: none other in between.
+                    expect = expect.map(|_| total);
                     acknowledged += buffered as u64;
                     buffered = 0;
                     if out.send(Ok(put_result(acknowledged, total))).await.is_err() {
