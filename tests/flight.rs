@@ -730,3 +730,41 @@ async fn a_put_with_expect_rows_appends_only_onto_that_many_rows() {
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
     server.stop().await;
 }
+
+/// Embedded rows waiting in DoPut buffers count against a budget shared by all streams
+/// (ingest.max_in_flight_rows): a stream whose rows do not fit writes and acknowledges
+/// its part at once, long before storage.flush_rows, while it is still open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_buffers_stay_within_the_in_flight_bound() {
+    let server = TestServer::start(|s| {
+        s.ingest.max_in_flight_rows = 200;
+        s.ingest.slice_rows = 100;
+        s.storage.flush_rows = 1_000_000;
+        // The stream is left open: the server drops it on stop after the grace period.
+        s.server.shutdown_grace_ms = 500;
+    })
+    .await;
+    let mut client = server.client().await;
+    let all = texts(300, "budget");
+    let batch = text_batch(&all.iter().map(|s| Some(s.as_str())).collect::<Vec<_>>());
+    let input = arrow_flight::encode::FlightDataEncoderBuilder::new()
+        .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![
+            "datasets".into(),
+            "budget".into(),
+        ])))
+        // The stream stays open: only the budget can make it write before its end.
+        .build(futures::StreamExt::chain(
+            futures::stream::iter([Ok(batch)]),
+            futures::stream::pending(),
+        ));
+    let mut acks = client.do_put(input).await.unwrap();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(60), acks.try_next())
+        .await
+        .expect("a part is written while the stream is open")
+        .unwrap()
+        .expect("an acknowledgement");
+    let ack: serde_json::Value = serde_json::from_slice(&first.app_metadata).unwrap();
+    assert_eq!(ack["acknowledged_rows"], 300, "{ack}");
+    drop(acks);
+    server.stop().await;
+}

@@ -245,6 +245,9 @@ impl Running {
         );
         let grace = std::time::Duration::from_millis(engine.settings.server.shutdown_grace_ms);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        // Fired a grace period after the server stopped accepting: connections still open
+        // then (a client holding a stream open and silent) are dropped, not waited for.
+        let (drop_tx, drop_rx) = tokio::sync::oneshot::channel::<()>();
         // The HTTP front drains with Flight (its /health says 503 meanwhile), then stops.
         let (http_stop, mut http_stopping) = tokio::sync::watch::channel(false);
         let http_task = self.http.take().map(|l| {
@@ -285,6 +288,8 @@ impl Running {
             let _ = tokio::time::timeout(grace, closing_engine.streams_ended()).await;
             let _ = http_stop.send(true);
             let _ = stop_tx.send(());
+            tokio::time::sleep(grace).await;
+            let _ = drop_tx.send(());
         });
         let mut builder = tonic::transport::Server::builder();
         let tls = &engine.settings.server.tls;
@@ -298,14 +303,20 @@ impl Running {
                 .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
                 .context("server.tls: the certificate or key is not usable")?;
         }
-        builder
+        let serving = builder
             .add_service(health_service)
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;
-            })
-            .await
-            .context("the Flight server failed")?;
+            });
+        tokio::select! {
+            served = serving => served.context("the Flight server failed")?,
+            Ok(()) = drop_rx => tracing::warn!(
+                "Flight connections still open {} ms after the server stopped accepting \
+                 (server.shutdown_grace_ms); dropped",
+                grace.as_millis()
+            ),
+        }
         if let Some(t) = metrics_task {
             t.abort();
         }

@@ -80,6 +80,9 @@ pub struct ServerState {
     pub cache: Option<Addr<CacheActor>>,
     pub supervisor: Addr<SupervisorActor>,
     pub datasets: Datasets,
+    /// Embedded rows waiting in `DoPut` streams' write buffers, all streams together:
+    /// bounded by `ingest.max_in_flight_rows` (a stream over it flushes at once).
+    pub put_buffered_rows: std::sync::atomic::AtomicUsize,
     streams: Arc<Semaphore>,
     closing: AtomicBool,
     started: Instant,
@@ -96,6 +99,7 @@ impl ServerState {
     ) -> Self {
         Self {
             streams: Arc::new(Semaphore::new(settings.server.max_streams)),
+            put_buffered_rows: std::sync::atomic::AtomicUsize::new(0),
             settings,
             backend,
             pipeline,

@@ -127,7 +127,9 @@ pub fn memory_bound(settings: &Settings, model_bytes: u64, spec: &ModelSpec) -> 
         + split_weights
         + 64 * 1024 * 1024
         + settings.cache.max_bytes
-        + (settings.ingest.max_in_flight_rows
+        // Rows in flight (the fast lane's beyond the bound), and embedded rows waiting in
+        // DoPut streams' write buffers (all streams together at most max_in_flight_rows).
+        + (2 * settings.ingest.max_in_flight_rows
             + settings.ingest.fast_lane_rows * settings.ingest.fast_lane_requests) as u64
             * row
         + passes

@@ -153,6 +153,10 @@ async fn store(
     let mut results = Box::pin(ordered_results(rx));
     let mut pending: Vec<RecordBatch> = Vec::new();
     let (mut buffered, mut acknowledged) = (0usize, 0u64);
+    // Rows of `pending` counted in the buffers' shared budget (their permits given back),
+    // and the permits of those the budget had no room for (kept until written).
+    let mut budget = BufferBudget::new(engine);
+    let mut held: Vec<InFlight> = Vec::new();
     loop {
         let next = tokio::select! {
             next = results.next() => next,
@@ -162,8 +166,14 @@ async fn store(
         match next {
             Some(Ok((batch, in_flight))) => {
                 // Embedded rows wait in this stream's buffer (bounded by
-                // storage.flush_rows), not in the pipeline: release their permits.
-                drop(in_flight);
+                // storage.flush_rows, and all streams' by ingest.max_in_flight_rows),
+                // not in the pipeline: their permits go back. Rows over the shared
+                // budget keep theirs and are written at once.
+                if budget.take(batch.num_rows()) {
+                    drop(in_flight);
+                } else {
+                    held.push(in_flight);
+                }
                 buffered += batch.num_rows();
                 pending.push(batch);
             }
@@ -191,12 +201,14 @@ async fn store(
             }
             None => {}
         }
-        if (buffered >= flush_rows || end) && !pending.is_empty() {
-            match engine
+        if (buffered >= flush_rows || end || !held.is_empty()) && !pending.is_empty() {
+            let appended = engine
                 .datasets
                 .append(name, std::mem::take(&mut pending), expect)
-                .await
-            {
+                .await;
+            budget.release();
+            held.clear();
+            match appended {
                 Ok(total) => {
                     // The next part follows this one: none other in between.
                     expect = expect.map(|_| total);
@@ -215,6 +227,48 @@ async fn store(
         if end {
             return;
         }
+    }
+}
+
+/// One `DoPut` stream's share of the rows buffered by all streams
+/// ([`ServerState::put_buffered_rows`], at most `ingest.max_in_flight_rows`): given back
+/// when its rows are written, or when the stream ends, however it ends.
+struct BufferBudget<'a> {
+    engine: &'a ServerState,
+    rows: usize,
+}
+
+impl<'a> BufferBudget<'a> {
+    fn new(engine: &'a ServerState) -> Self {
+        Self { engine, rows: 0 }
+    }
+
+    /// Counts `rows` more in the shared budget if they fit; false if they do not.
+    fn take(&mut self, rows: usize) -> bool {
+        let limit = self.engine.pipeline.config().max_in_flight_rows;
+        let fits = self
+            .engine
+            .put_buffered_rows
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                (held + rows <= limit).then_some(held + rows)
+            })
+            .is_ok();
+        if fits {
+            self.rows += rows;
+        }
+        fits
+    }
+
+    fn release(&mut self) {
+        self.engine
+            .put_buffered_rows
+            .fetch_sub(std::mem::take(&mut self.rows), Ordering::AcqRel);
+    }
+}
+
+impl Drop for BufferBudget<'_> {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
