@@ -168,7 +168,7 @@ const FIGURES: &[Figure] = &[
     total("keel_rows_embedded_total", "Rows computed by the model (cache misses).", |s| Some(s.embedded_rows as f64)),
     total("keel_rows_coalesced_total", "Rows that took the vector of the same text embedded at that moment for another micro-batch.", |s| Some(s.coalesced_rows as f64)),
     gauge("keel_in_flight_rows", Unit::Count, "Rows read and not yet handed back or stored.", |s| Some(s.in_flight_rows as f64)),
-    gauge("keel_in_flight_rows_max", Unit::Count, "The bound on rows in flight.", |s| Some(s.max_in_flight_rows as f64)),
+    gauge("keel_in_flight_rows_max", Unit::Count, "The bound on rows in flight (ingest.max_in_flight_rows; requests of the fast lane are admitted through a reserve of their own on top).", |s| Some(s.max_in_flight_rows as f64)),
     gauge("keel_backpressure_wait_seconds_total", Unit::Seconds, "Time streams waited for in-flight permits.", |s| Some(s.admit_wait_s)),
     gauge("keel_streams_open", Unit::Count, "Open DoExchange and DoPut streams.", |s| Some(s.streams.open as f64)),
     total("keel_streams_total", "Streams opened.", |s| Some(s.streams.total as f64)),

@@ -46,18 +46,67 @@ impl SupervisorConfig {
         if self.interval_ms == 0 {
             return Err("supervisor.interval_ms: must be at least 1".into());
         }
-        if self.history < 2 {
-            return Err("supervisor.history: must be at least 2".into());
-        }
-        if self.creep_window < 16 {
+        // Each is allocated whole at start-up: an absurd value is refused here rather
+        // than aborting the process on allocation.
+        if !(2..=1_000_000).contains(&self.history) {
             return Err(format!(
-                "supervisor.creep_window: {} must be at least 16",
+                "supervisor.history: {} must be within 2..=1000000",
+                self.history
+            ));
+        }
+        if !(16..=1_000_000).contains(&self.creep_window) {
+            return Err(format!(
+                "supervisor.creep_window: {} must be within 16..=1000000",
                 self.creep_window
+            ));
+        }
+        if self.cleanup_history > 100_000 {
+            return Err(format!(
+                "supervisor.cleanup_history: {} must be at most 100000",
+                self.cleanup_history
             ));
         }
         if self.creep_alert_mb_per_1000_ops <= 0.0 {
             return Err("supervisor.creep_alert_mb_per_1000_ops: must be positive".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SupervisorConfig;
+
+    /// The rings allocated whole at start-up are bounded: an absurd size is a clear
+    /// configuration error, not an allocation abort.
+    #[test]
+    fn absurd_ring_sizes_are_refused_with_their_key() {
+        assert!(SupervisorConfig::default().validate().is_ok());
+        for (config, key) in [
+            (
+                SupervisorConfig {
+                    history: 1 << 40,
+                    ..SupervisorConfig::default()
+                },
+                "supervisor.history",
+            ),
+            (
+                SupervisorConfig {
+                    creep_window: 1 << 40,
+                    ..SupervisorConfig::default()
+                },
+                "supervisor.creep_window",
+            ),
+            (
+                SupervisorConfig {
+                    cleanup_history: 1 << 40,
+                    ..SupervisorConfig::default()
+                },
+                "supervisor.cleanup_history",
+            ),
+        ] {
+            let error = config.validate().unwrap_err();
+            assert!(error.contains(key), "{error}");
+        }
     }
 }
