@@ -184,6 +184,8 @@ async fn store(
                     .streams_failed
                     .fetch_add(1, Ordering::Relaxed);
                 if departed || out.is_closed() {
+                    // Its status still goes out, should the client be there to read it.
+                    let _ = out.send(Err(status)).await;
                     return;
                 }
                 // Rows embedded before the error are still stored and acknowledged.
