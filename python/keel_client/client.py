@@ -322,7 +322,16 @@ class KeelClient:
                 if out.num_rows:
                     yield out
             finished = True
-            if answer_schema is not None:
+            with lock:
+                unanswered = sum(b.num_rows for b in pending)
+            if unanswered:
+                # The stream ended with rows unanswered: the server went away (a killed
+                # server can end pyarrow's reading without an error). The writer stops
+                # (it never ends its side on a dead stream) and the rows fail over.
+                stop.set()
+                with answered:
+                    answered.notify_all()
+            elif answer_schema is not None:
                 answer_schema.append(reader.schema)
         finally:
             if not finished:
@@ -338,12 +347,12 @@ class KeelClient:
                 pass
         if source_failure:
             raise _SourceFailed(source_failure[0])
-        if failure:
-            raise failure[0]
         left = sum(b.num_rows for b in pending)
         if left:
-            raise KeelError(f"{address} ended the exchange with {left} rows unanswered",
-                            "Internal", address)
+            # Retried on the next address with exactly these rows: none lost, none twice.
+            raise ConnectionError(f"{address} ended the exchange with {left} rows unanswered")
+        if failure:
+            raise failure[0]
 
     def embed(
         self,
