@@ -36,6 +36,33 @@ fn texts(n: usize, tag: &str) -> Vec<String> {
         .collect()
 }
 
+/// The messages of a DoPut of `batches` into dataset `name`, with the command JSON `cmd`.
+fn put_input(
+    name: &str,
+    cmd: Option<&str>,
+    batches: impl futures::Stream<Item = Result<RecordBatch, arrow_flight::error::FlightError>>
+    + Send
+    + 'static,
+) -> arrow_flight::encode::FlightDataEncoder {
+    let mut descriptor = FlightDescriptor::new_path(vec!["datasets".into(), name.into()]);
+    if let Some(cmd) = cmd {
+        descriptor.cmd = cmd.to_string().into();
+    }
+    arrow_flight::encode::FlightDataEncoderBuilder::new()
+        .with_flight_descriptor(Some(descriptor))
+        .build(batches)
+}
+
+/// One batch, then a stream left open (the client neither sends more nor ends it).
+fn then_open(
+    batch: RecordBatch,
+) -> impl futures::Stream<Item = Result<RecordBatch, arrow_flight::error::FlightError>> {
+    futures::StreamExt::chain(
+        futures::stream::iter([Ok(batch)]),
+        futures::stream::pending(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exchange_returns_every_row_in_order_with_the_vectors_of_keel_embed() {
     let server = TestServer::start(|_| {}).await;
@@ -240,12 +267,11 @@ async fn put_stores_a_dataset_that_get_and_list_return() {
         .chunks(30)
         .map(|c| text_batch(&c.iter().map(|s| Some(s.as_str())).collect::<Vec<_>>()))
         .collect();
-    let input = arrow_flight::encode::FlightDataEncoderBuilder::new()
-        .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![
-            "datasets".into(),
-            "variants".into(),
-        ])))
-        .build(futures::stream::iter(batches.into_iter().map(Ok)));
+    let input = put_input(
+        "variants",
+        None,
+        futures::stream::iter(batches.into_iter().map(Ok)),
+    );
     let acks: Vec<serde_json::Value> = client
         .do_put(input)
         .await
@@ -511,14 +537,8 @@ async fn a_union_column_is_refused_and_other_datasets_go_on() {
 
     let server = TestServer::start(|_| {}).await;
     let mut client = server.client().await;
-    let put = |name: &str, batch: RecordBatch| {
-        arrow_flight::encode::FlightDataEncoderBuilder::new()
-            .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![
-                "datasets".into(),
-                name.into(),
-            ])))
-            .build(futures::stream::iter([Ok(batch)]))
-    };
+    let put =
+        |name: &str, batch: RecordBatch| put_input(name, None, futures::stream::iter([Ok(batch)]));
     let plain = text_batch(&[Some("BRCA1 missense"), Some("TP53 stop gained")]);
     let fields =
         UnionFields::try_new(vec![0], vec![Field::new("n", DataType::Int32, false)]).unwrap();
@@ -626,15 +646,7 @@ async fn a_departed_put_appends_nothing_after_it_left() {
         .await
         .unwrap();
     let mut leaving = arrow_flight::FlightClient::new(channel);
-    let input = arrow_flight::encode::FlightDataEncoderBuilder::new()
-        .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![
-            "datasets".into(),
-            "left".into(),
-        ])))
-        .build(futures::StreamExt::chain(
-            futures::stream::iter([Ok(batch)]),
-            futures::stream::pending(),
-        ));
+    let input = put_input("left", None, then_open(batch));
     let put = tokio::spawn(async move {
         if let Ok(acks) = leaving.do_put(input).await {
             let _: Result<Vec<_>, _> = acks.try_collect().await;
@@ -691,11 +703,8 @@ async fn a_put_with_expect_rows_appends_only_onto_that_many_rows() {
         )
     };
     let put = async |client: &mut arrow_flight::FlightClient, expect: u64, b: RecordBatch| {
-        let mut d = FlightDescriptor::new_path(vec!["datasets".into(), "exp".into()]);
-        d.cmd = format!(r#"{{"expect_rows": {expect}}}"#).into();
-        let input = arrow_flight::encode::FlightDataEncoderBuilder::new()
-            .with_flight_descriptor(Some(d))
-            .build(futures::stream::iter([Ok(b)]));
+        let cmd = format!(r#"{{"expect_rows": {expect}}}"#);
+        let input = put_input("exp", Some(&cmd), futures::stream::iter([Ok(b)]));
         match client.do_put(input).await {
             Ok(acks) => acks.try_collect::<Vec<_>>().await.map(|_| ()),
             Err(e) => Err(e),
@@ -747,16 +756,8 @@ async fn put_buffers_stay_within_the_in_flight_bound() {
     let mut client = server.client().await;
     let all = texts(300, "budget");
     let batch = text_batch(&all.iter().map(|s| Some(s.as_str())).collect::<Vec<_>>());
-    let input = arrow_flight::encode::FlightDataEncoderBuilder::new()
-        .with_flight_descriptor(Some(FlightDescriptor::new_path(vec![
-            "datasets".into(),
-            "budget".into(),
-        ])))
-        // The stream stays open: only the budget can make it write before its end.
-        .build(futures::StreamExt::chain(
-            futures::stream::iter([Ok(batch)]),
-            futures::stream::pending(),
-        ));
+    // The stream stays open: only the budget can make it write before its end.
+    let input = put_input("budget", None, then_open(batch));
     let mut acks = client.do_put(input).await.unwrap();
     let first = tokio::time::timeout(std::time::Duration::from_secs(60), acks.try_next())
         .await
