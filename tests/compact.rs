@@ -470,6 +470,23 @@ async fn an_indexed_dataset_is_searched_through_its_index_and_grows_with_puts() 
             Code::InvalidArgument,
         ),
         ("reduce", r#"{"dataset":"v"}"#, Code::InvalidArgument),
+        // pca32 exists, and rows are indexed through it: a refit would move their space.
+        (
+            "reduce",
+            r#"{"dataset":"v","dimensions":32}"#,
+            Code::AlreadyExists,
+        ),
+        // Every search would reserve this many candidates.
+        (
+            "index",
+            r#"{"dataset":"v","rescore":4611686018427387904}"#,
+            Code::InvalidArgument,
+        ),
+        (
+            "index",
+            r#"{"dataset":"v","expansion_search":100001}"#,
+            Code::InvalidArgument,
+        ),
         (
             "search",
             r#"{"dataset":"v","text":"x","mode":"fast"}"#,

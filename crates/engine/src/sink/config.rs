@@ -79,8 +79,17 @@ impl StorageConfig {
         if !(2..=256).contains(&i.connectivity) {
             return Err("storage.index.connectivity: must be within 2..=256".into());
         }
-        if i.expansion_add == 0 || i.expansion_search == 0 {
-            return Err("storage.index.expansion_add/expansion_search: must be at least 1".into());
+        let most = super::index::MAX_CANDIDATES;
+        if [i.expansion_add, i.expansion_search]
+            .iter()
+            .any(|&e| e == 0 || e > most)
+        {
+            return Err(format!(
+                "storage.index.expansion_add/expansion_search: must be within 1..={most}"
+            ));
+        }
+        if i.rescore > most {
+            return Err(format!("storage.index.rescore: must be at most {most}"));
         }
         if i.save_every_rows == 0 {
             return Err("storage.index.save_every_rows: must be at least 1".into());

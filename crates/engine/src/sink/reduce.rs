@@ -154,6 +154,13 @@ pub fn reduce_dataset(
         return Err(SinkError::InvalidName(projection.to_string()));
     }
     let info = store.info(name)?;
+    // Rows stored and indexes built through a projection name it, not its components: a
+    // refit under the same name would leave them in another space than the queries.
+    if Projection::path(&root.join(name), projection).exists() {
+        return Err(SinkError::Exists(format!(
+            "{name}'s projection {projection:?} exists (vectors stored or indexed through it              would no longer match a refit): fit one under another name"
+        )));
+    }
     let format = VectorFormat::of_schema(&info.schema)
         .map_err(|e| SinkError::NotSearchable(format!("dataset {name:?}: {e}")))?;
     let columns: Vec<usize> = ["embedding", SCALE_COLUMN]

@@ -112,7 +112,9 @@ pub fn nearest(
     };
     let (mut best, from, indexed_rows, candidates) = match &index {
         Some(index) => {
-            let hits = index.search(query, k, options.rescore, options.expansion)?;
+            // Rows beyond the graph are scored exactly: the graph's hits must be too.
+            let tail = info.rows > index.covered();
+            let hits = index.search(query, k, options.rescore, options.expansion, tail)?;
             (hits.best, hits.covered, hits.covered, hits.candidates)
         }
         None => (Vec::new(), 0, 0, 0),

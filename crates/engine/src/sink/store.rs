@@ -69,6 +69,9 @@ pub enum SinkError {
     /// The dataset's index is being built by another request.
     #[error("{0}")]
     Busy(String),
+    /// Something that stays as made exists under that name (a projection).
+    #[error("{0}")]
+    Exists(String),
 }
 
 /// What `ListFlights` / `GetFlightInfo` say about a dataset.

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, RwLock};
 
 use keel_wire::vectors::{VectorFormat, pack_signs, quantize_int8};
 use usearch::{Index, b1x8};
@@ -36,6 +36,11 @@ pub struct DatasetIndex {
     pub(super) full: AtomicBool,
     /// Searches in the graph now (at most SEARCH_THREADS: USearch has a context each).
     pub(super) searching: (Mutex<usize>, Condvar),
+    /// Held shared by every search, exclusively while rows are added, the graph's
+    /// capacity grows or its search expansion changes: USearch frees and replaces its
+    /// node arrays and thread contexts on a reserve, which must not meet a search in
+    /// flight, and a search beside its inserts can come back empty.
+    pub(super) resizing: RwLock<()>,
 }
 
 /// A search's turn in the graph; the next waiting one goes on when it drops.
@@ -159,13 +164,16 @@ impl DatasetIndex {
 
     /// The `k` best of the covered rows for `query` (the model's vector cut to the
     /// dataset's dimensions): the graph's candidates (`expansion` wide, at least
-    /// `rescore` and `k` of them), rescored against the stored vectors when `rescore` > 0.
+    /// `rescore` and `k` of them), rescored against the stored vectors when `rescore` > 0
+    /// or `exact` (their scores are to be ranked beside exact ones: rows the graph does
+    /// not cover yet, scanned exactly; a graph's estimate is on another scale).
     pub fn search(
         &self,
         query: &[f32],
         k: usize,
         rescore: Option<usize>,
         expansion: Option<usize>,
+        exact: bool,
     ) -> Result<IndexHits, SinkError> {
         let covered = self.covered();
         let (rescore, default_expansion) = {
@@ -175,11 +183,14 @@ impl DatasetIndex {
         let count = k.max(rescore);
         let expansion = expansion.unwrap_or(default_expansion).max(count);
         if self.graph.expansion_search() != expansion {
+            let _alone = self.resizing.write().unwrap_or_else(|e| e.into_inner());
             self.graph.change_expansion_search(expansion);
         }
         let graph_query = self.to_graph(query);
         let turn = Turn::take(&self.searching);
+        let shared = self.resizing.read().unwrap_or_else(|e| e.into_inner());
         let found = self.graph_search(&graph_query, count);
+        drop(shared);
         drop(turn);
         let mut found = found.map_err(|e| {
             SinkError::NotSearchable(format!("{}: index search: {e}", self.dataset))
@@ -187,7 +198,7 @@ impl DatasetIndex {
         // Keys being added right now are not yet covered: the exact tail scan has them.
         found.retain(|&(_, row)| row < covered);
         let candidates = found.len() as u64;
-        if rescore > 0 {
+        if rescore > 0 || exact {
             let width = self.format.packed_bytes();
             let mut buf = vec![0u8; width];
             for (score, row) in found.iter_mut() {

@@ -24,5 +24,9 @@ pub use format::{IndexReport, Manifest};
 pub use graph::{DatasetIndex, IndexHits, Scored};
 pub use registry::Indexes;
 
+/// Most candidates a search may ask the graph for, and the most `rescore`,
+/// `expansion_add` and `expansion_search` may be (each search reserves that many).
+pub const MAX_CANDIDATES: usize = 100_000;
+
 /// How to build an index (the `index` action's options): part of the client contract.
 pub use keel_wire::contract::IndexOptions;

@@ -13,17 +13,20 @@ use keel_wire::vectors::VectorFormat;
 use rayon::prelude::*;
 use usearch::Index;
 
-use super::IndexOptions;
 use super::format::{
     IndexReport, MANIFEST, Manifest, VECTORS, graph_options, invalid_data, per_row_bytes,
 };
 use super::graph::{DatasetIndex, threads};
+use super::{IndexOptions, MAX_CANDIDATES};
 use crate::sink::config::IndexConfig;
 use crate::sink::reduce::Projection;
 use crate::sink::store::{DatasetStore, SinkError};
 
 /// Rows read from the dataset per batch while building or growing.
 const READ_ROWS: usize = 8192;
+
+/// Rows added to a graph while searches wait (each wait: about this many inserts).
+const ADD_ROWS: usize = 256;
 
 /// Every dataset's index: loaded on first use, grown by an indexer thread as DoPut
 /// appends rows, saved every `save_every_rows` rows and at shutdown.
@@ -61,6 +64,7 @@ impl Indexes {
         root: &Path,
         config: IndexConfig,
     ) -> (Arc<Self>, std::thread::JoinHandle<()>) {
+        remove_leftovers(root);
         let indexes = Arc::new(Self {
             store,
             root: root.to_path_buf(),
@@ -237,8 +241,12 @@ impl Indexes {
     }
 
     /// Opens a saved index (the graph loaded into memory).
-    fn open(&self, name: &str, manifest: Manifest) -> Result<DatasetIndex, SinkError> {
+    fn open(&self, name: &str, mut manifest: Manifest) -> Result<DatasetIndex, SinkError> {
         let dir = self.dir(name);
+        // A manifest saved before these were bounded: every search reserves this many.
+        manifest.rescore = manifest.rescore.min(MAX_CANDIDATES);
+        manifest.expansion_search = manifest.expansion_search.clamp(1, MAX_CANDIDATES);
+        manifest.expansion_add = manifest.expansion_add.clamp(1, MAX_CANDIDATES);
         let graph = Index::new(&graph_options(&manifest))
             .map_err(|e| SinkError::NotSearchable(format!("{name}: index: {e}")))?;
         let graph_path = dir.join(&manifest.graph);
@@ -277,6 +285,7 @@ impl Indexes {
             saved: AtomicU64::new(rows),
             full: AtomicBool::new(false),
             searching: Default::default(),
+            resizing: Default::default(),
         })
     }
 
@@ -310,6 +319,18 @@ impl Indexes {
             return Err(SinkError::Invalid(format!(
                 "connectivity must be within 2..=256, got {connectivity}"
             )));
+        }
+        for (what, value) in [
+            ("rescore", request.rescore),
+            ("expansion_add", request.expansion_add),
+            ("expansion_search", request.expansion_search),
+        ] {
+            if value.is_some_and(|v| v > MAX_CANDIDATES) {
+                return Err(SinkError::Invalid(format!(
+                    "{what} must be at most {MAX_CANDIDATES}, got {}",
+                    value.unwrap_or_default()
+                )));
+            }
         }
         let manifest = Manifest {
             quantization,
@@ -373,11 +394,12 @@ impl Indexes {
             saved: AtomicU64::new(0),
             full: AtomicBool::new(false),
             searching: Default::default(),
+            resizing: Default::default(),
         };
         // Rows appended while this runs are added too: go on until none are left.
         loop {
             let total = self.store.info(name)?.rows;
-            if index.covered() >= total {
+            if index.covered() >= total || index.full.load(Ordering::Relaxed) {
                 break;
             }
             self.add_rows(&index, total)?;
@@ -452,16 +474,28 @@ impl Indexes {
                     })?;
                 let need = index.graph.size() + rows.len();
                 if need > index.graph.capacity() {
+                    // No search may run while USearch replaces its arrays.
+                    let _alone = index.resizing.write().unwrap_or_else(|e| e.into_inner());
                     index
                         .graph
                         .reserve_capacity_and_threads(need.max(2 * index.graph.capacity()), threads())
                         .map_err(|e| SinkError::NotSearchable(format!("index: {e}")))?;
                 }
-                rows.par_iter()
-                    .enumerate()
-                    .filter_map(|(i, v)| v.as_ref().map(|v| (at + i as u64, v)))
-                    .try_for_each(|(key, v)| index.add(key, &index.to_graph(v)))
-                    .map_err(|e| SinkError::NotSearchable(format!("{}: index: {e}", index.dataset)))?;
+                // Searches wait while rows go in, a few hundred at a time: a search beside
+                // USearch's inserts can find nothing (an entry point whose links are
+                // still being written), so the two never overlap.
+                for (c, chunk) in rows.chunks(ADD_ROWS).enumerate() {
+                    let first = at + (c * ADD_ROWS) as u64;
+                    let _alone = index.resizing.write().unwrap_or_else(|e| e.into_inner());
+                    chunk
+                        .par_iter()
+                        .enumerate()
+                        .filter_map(|(i, v)| v.as_ref().map(|v| (first + i as u64, v)))
+                        .try_for_each(|(key, v)| index.add(key, &index.to_graph(v)))
+                        .map_err(|e| {
+                            SinkError::NotSearchable(format!("{}: index: {e}", index.dataset))
+                        })?;
+                }
                 at += n;
                 index.covered.store(at, Ordering::Release);
                 Ok(())
@@ -558,6 +592,46 @@ impl Indexes {
         *index.manifest.lock().unwrap_or_else(|e| e.into_inner()) = manifest;
         index.saved.store(rows, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// Removes what a crash can leave in the data folder's index files: a graph generation
+/// written but never named by its manifest (killed before the rename), and projections
+/// half written. Runs at start-up, before any build can be writing one.
+fn remove_leftovers(root: &Path) {
+    let Ok(datasets) = fs::read_dir(root) else {
+        return;
+    };
+    for dir in datasets.flatten().map(|e| e.path()).filter(|p| p.is_dir()) {
+        let named = fs::read(dir.join(MANIFEST))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Manifest>(&b).ok())
+            .map(|m| m.graph);
+        let mut leftovers = Vec::new();
+        for f in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            if name.starts_with("index-")
+                && name.ends_with(".usearch")
+                && named.as_deref() != Some(name.as_str())
+            {
+                leftovers.push(f.path());
+            }
+        }
+        for f in fs::read_dir(dir.join("projections"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if f.file_name().to_string_lossy().starts_with(".tmp-") {
+                leftovers.push(f.path());
+            }
+        }
+        for f in leftovers {
+            tracing::warn!(file = %f.display(), "removing an index file left by an interrupted write");
+            if let Err(e) = fs::remove_file(&f) {
+                tracing::warn!(file = %f.display(), error = %e, "could not remove it");
+            }
+        }
     }
 }
 
@@ -744,6 +818,8 @@ mod tests {
         let (rows, scanned) = f.rows(&values[2222 * D..2223 * D], 1, SearchMode::Index);
         assert_eq!((rows, scanned), (vec![2222], 0));
         let before = f.indexes.describe("d").unwrap();
+        // A generation written but never named by the manifest (killed before its rename).
+        fs::write(f.root.join("d").join("index-1.usearch"), b"partial").unwrap();
         let f = f.restart();
         let described = f.indexes.describe("d").unwrap();
         assert!(!described.loaded, "loaded on first use only");
@@ -884,6 +960,124 @@ mod tests {
         let (rows, scanned) = f.rows(&values[2999 * D..3000 * D], 1, SearchMode::Auto);
         assert_eq!(rows, [2999]);
         assert_eq!(scanned, 3000 - report.rows);
+    }
+
+    #[test]
+    fn a_build_that_reaches_the_budget_midway_returns() {
+        let values = vectors(800, 5);
+        // The budget the build's own estimate allows exactly: the graph's real memory
+        // (reserved before the first row) passes it at the first batch.
+        let f = Fixture::new(IndexConfig::default());
+        f.store
+            .append("d", &[part(&values, 0, VectorPrecision::F32)])
+            .unwrap();
+        f.indexes.build("d", &IndexOptions::default()).unwrap();
+        let manifest: Manifest =
+            serde_json::from_slice(&fs::read(f.root.join("d").join(MANIFEST)).unwrap()).unwrap();
+        let max_bytes = 800 * per_row_bytes(&manifest);
+        let f = Fixture::new(IndexConfig {
+            max_bytes,
+            ..IndexConfig::default()
+        });
+        f.store
+            .append("d", &[part(&values, 0, VectorPrecision::F32)])
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let indexes = f.indexes.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(indexes.build("d", &IndexOptions::default()));
+        });
+        let built = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the build returns once the budget is reached");
+        let report = built.unwrap();
+        assert!(report.full && report.rows < 800, "{report:?}");
+        // Every row is still found: the ones past the budget by an exact scan.
+        let (rows, _) = f.rows(&values[799 * D..], 1, SearchMode::Auto);
+        assert_eq!(rows, [799]);
+    }
+
+    #[test]
+    fn binary_estimates_are_not_ranked_beside_exact_scores() {
+        // Indexed: cosine 0.911 to the query, but 8 of 48 signs differ (estimate 0.667).
+        // Appended after the build (scanned exactly): cosine 0.842.
+        let unit = |v: Vec<f32>| {
+            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.into_iter().map(|x| x / n).collect::<Vec<f32>>()
+        };
+        let indexed = unit((0..D).map(|j| if j < 40 { 1.0 } else { -0.01 }).collect());
+        let tail = unit((0..D).map(|j| if j < 34 { 1.0 } else { 0.0 }).collect());
+        let query = unit(vec![1.0; D]);
+        let f = Fixture::new(IndexConfig::default());
+        f.store
+            .append("d", &[part(&indexed, 0, VectorPrecision::F32)])
+            .unwrap();
+        let options = IndexOptions {
+            quantization: Some(Quantization::Binary),
+            rescore: Some(0),
+            ..IndexOptions::default()
+        };
+        f.indexes.build("d", &options).unwrap();
+        f.store
+            .append("d", &[part(&tail, 1, VectorPrecision::F32)])
+            .unwrap();
+        let (rows, scanned) = f.rows(&query, 1, SearchMode::Auto);
+        assert_eq!(scanned, 1, "the appended row is scanned");
+        assert_eq!(rows, [0], "the nearer row, though only the graph covers it");
+    }
+
+    #[test]
+    fn searches_run_safely_while_the_graph_grows() {
+        let values = vectors(10_000, 11);
+        let f = Fixture::new(IndexConfig::default());
+        f.store
+            .append("d", &[part(&values[..2000 * D], 0, VectorPrecision::F32)])
+            .unwrap();
+        f.indexes.build("d", &IndexOptions::default()).unwrap();
+        // Loaded again from disk: its capacity is exactly its size, so the first rows
+        // appended make USearch reserve anew, with searches running.
+        let f = f.restart();
+        f.indexes.get("d").unwrap().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let searchers: Vec<_> = (0..4)
+            .map(|t| {
+                let (indexes, stop) = (f.indexes.clone(), stop.clone());
+                let query = values[(t * 97) * D..(t * 97 + 1) * D].to_vec();
+                std::thread::spawn(move || {
+                    let mut searches = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let index = indexes.get("d").unwrap().unwrap();
+                        let hits = index.search(&query, 5, None, Some(200), false).unwrap();
+                        // Never empty, never another row first: the graph had it all along.
+                        assert_eq!(
+                            hits.best.first().map(|b| b.1),
+                            Some((t * 97) as u64),
+                            "{hits:?}"
+                        );
+                        searches += 1;
+                    }
+                    searches
+                })
+            })
+            .collect();
+        for at in (2000..10_000).step_by(125) {
+            f.store
+                .append(
+                    "d",
+                    &[part(
+                        &values[at * D..(at + 125) * D],
+                        at,
+                        VectorPrecision::F32,
+                    )],
+                )
+                .unwrap();
+            f.indexes.catch_up("d").unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        for s in searchers {
+            assert!(s.join().unwrap() > 0);
+        }
+        assert_eq!(f.indexes.get("d").unwrap().unwrap().covered(), 10_000);
     }
 
     #[test]
