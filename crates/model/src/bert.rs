@@ -310,7 +310,9 @@ impl Bert {
         if b == 0 || longest == 0 {
             return Vec::new();
         }
-        let t = longest.max(batch.pad_to).min(spec.max_position_embeddings);
+        let t = longest
+            .max(batch.pad_to)
+            .min(self.position_embeddings.len() / h);
         let n = b * t;
 
         // Embeddings, gathered on the host. Padded positions get the position embedding

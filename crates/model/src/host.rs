@@ -578,7 +578,7 @@ impl HostEncoder {
 
     /// Pooled, not yet normalised sentence vectors of a batch, `rows × hidden`, into
     /// `out` (cleared first). Every id must be below `vocab_size` and every row non-empty
-    /// and at most `max_position_embeddings` long (the tokenizer guarantees all three).
+    /// and at most `positions()` long (the tokenizer guarantees all three).
     pub fn forward(&self, batch: &TokenBatch<'_>, ws: &mut Workspace, out: &mut Vec<f32>) {
         self.forward_observed(batch, ws, out, None::<fn(usize, LinearRole, &[f32])>);
     }
@@ -637,17 +637,17 @@ impl HostEncoder {
         if batch.rows.is_empty() || longest == 0 {
             return;
         }
-        let longest = longest.min(spec.max_position_embeddings);
+        let longest = longest.min(spec.positions());
         let tokens: usize = batch
             .rows
             .iter()
-            .map(|r| r.len().min(spec.max_position_embeddings))
+            .map(|r| r.len().min(spec.positions()))
             .sum();
         ws.reserve(spec, batch.rows.len(), tokens, observe.is_some());
         ws.starts.clear();
         ws.starts.push(0);
         for r in batch.rows {
-            let end = ws.starts[ws.starts.len() - 1] + r.len().min(spec.max_position_embeddings);
+            let end = ws.starts[ws.starts.len() - 1] + r.len().min(spec.positions());
             ws.starts.push(end);
         }
         let Workspace {

@@ -154,7 +154,8 @@ impl SentenceModel {
             &dir.join("tokenizer.json"),
             spec.max_seq_length,
             spec.vocab_size,
-        )?;
+        )?
+        .with_lowercase(spec.lowercase);
         let weights_path = dir.join("model.safetensors");
         let mut weights = WeightFile::open(&weights_path)?;
         let calibration = calibration::TEXTS

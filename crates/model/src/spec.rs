@@ -35,6 +35,13 @@ pub struct ModelSpec {
     pub layer_norm_eps: f64,
     /// Texts are truncated to this many tokens, `[CLS]` and `[SEP]` included.
     pub max_seq_length: usize,
+    /// The position row of a row's first token: 0 for BERT; for the RoBERTa family
+    /// (roberta, xlm-roberta, camembert) `pad_token_id + 1`, as Hugging Face numbers
+    /// positions from the padding index on.
+    pub position_offset: usize,
+    /// Whether texts are lowercased before tokenizing (`do_lower_case` in
+    /// `sentence_bert_config.json`, which sentence-transformers applies itself).
+    pub lowercase: bool,
     pub pooling: Pooling,
     /// Whether a `Normalize` module follows pooling (vectors get unit L2 norm).
     pub normalize: bool,
@@ -57,6 +64,7 @@ struct BertConfig {
     hidden_act: String,
     #[serde(default = "default_position_type")]
     position_embedding_type: String,
+    pad_token_id: Option<usize>,
 }
 
 fn default_type_vocab() -> usize {
@@ -75,6 +83,8 @@ fn default_position_type() -> String {
 #[derive(Deserialize)]
 struct SbertConfig {
     max_seq_length: Option<usize>,
+    #[serde(default)]
+    do_lower_case: bool,
 }
 
 #[derive(Deserialize)]
@@ -164,24 +174,39 @@ impl ModelSpec {
             ));
         }
 
+        // RoBERTa's position ids start after the padding index (Hugging Face's
+        // create_position_ids_from_input_ids): the first token reads row pad + 1.
+        let position_offset = match cfg.model_type.as_deref() {
+            Some("roberta" | "xlm-roberta" | "camembert") => cfg.pad_token_id.unwrap_or(1) + 1,
+            _ => 0,
+        };
+        let positions = cfg.max_position_embeddings.saturating_sub(position_offset);
         // sentence_bert_config.json is optional: without it, the position table bounds length.
         let sbert_path = dir.join("sentence_bert_config.json");
-        let max_seq_length = if sbert_path.exists() {
-            read_json::<SbertConfig>(&sbert_path)?
-                .max_seq_length
-                .unwrap_or(cfg.max_position_embeddings)
+        let sbert = if sbert_path.exists() {
+            Some(read_json::<SbertConfig>(&sbert_path)?)
         } else {
-            cfg.max_position_embeddings
+            None
         };
-        if max_seq_length < 2 || max_seq_length > cfg.max_position_embeddings {
+        let max_seq_length = sbert
+            .as_ref()
+            .and_then(|s| s.max_seq_length)
+            .unwrap_or(positions);
+        if max_seq_length < 2 || max_seq_length > positions {
             return Err(invalid(
                 &sbert_path,
                 format!(
-                    "max_seq_length {max_seq_length} must be within 2..={}",
-                    cfg.max_position_embeddings
+                    "max_seq_length {max_seq_length} must be within 2..={positions} (the \
+                     position table's rows{})",
+                    if position_offset > 0 {
+                        format!(" after the first {position_offset}")
+                    } else {
+                        String::new()
+                    }
                 ),
             ));
         }
+        let lowercase = sbert.is_some_and(|s| s.do_lower_case);
 
         let (pooling, normalize) = read_modules(dir)?;
 
@@ -195,9 +220,16 @@ impl ModelSpec {
             type_vocab_size: cfg.type_vocab_size,
             layer_norm_eps: cfg.layer_norm_eps,
             max_seq_length,
+            position_offset,
+            lowercase,
             pooling,
             normalize,
         })
+    }
+
+    /// Rows of the position table a text can use (after the offset).
+    pub fn positions(&self) -> usize {
+        self.max_position_embeddings - self.position_offset
     }
 
     /// Width of one attention head.

@@ -26,6 +26,9 @@ pub struct TextTokenizer {
     inner: Arc<Tokenizer>,
     max_len: usize,
     max_bytes: usize,
+    /// Lowercase texts first (`do_lower_case`, which sentence-transformers applies
+    /// before its tokenizer).
+    lowercase: bool,
 }
 
 impl TextTokenizer {
@@ -57,7 +60,14 @@ impl TextTokenizer {
             inner: Arc::new(inner),
             max_len,
             max_bytes: max_len * BYTES_PER_TOKEN_BOUND,
+            lowercase: false,
         })
+    }
+
+    /// Lowercases every text before tokenizing when `on` (the model's `do_lower_case`).
+    pub fn with_lowercase(mut self, on: bool) -> Self {
+        self.lowercase = on;
+        self
     }
 
     /// Token ids of one text, `[CLS]` … `[SEP]`, at most `max_seq_length` of them.
@@ -68,6 +78,13 @@ impl TextTokenizer {
     /// Token ids as [`encode`](Self::encode) gives them, and whether the text was longer
     /// than the model reads (and so was cut).
     pub fn encode_checked(&self, text: &str) -> Result<(Vec<u32>, bool), ModelError> {
+        let lowered;
+        let text = if self.lowercase {
+            lowered = text.to_lowercase();
+            lowered.as_str()
+        } else {
+            text
+        };
         let (text, cut) = if text.len() > self.max_bytes {
             let mut end = self.max_bytes;
             while !text.is_char_boundary(end) {

@@ -139,7 +139,8 @@ pub struct NormWeights {
 pub struct EmbeddingWeights {
     /// `vocab_size × hidden`.
     pub words: Vec<f32>,
-    /// `max_position_embeddings × hidden`.
+    /// `(max_position_embeddings - position_offset) × hidden`: row p is the p-th
+    /// token's position (with token type 0 added).
     pub positions: Vec<f32>,
     pub norm: NormWeights,
 }
@@ -173,6 +174,8 @@ impl WeightFile {
                 *p += *t;
             }
         }
+        // Row 0 of the table is then the first token's (RoBERTa's start after padding).
+        positions.drain(..spec.position_offset * h);
         let norm = self.norm("embeddings.LayerNorm", h)?;
         Ok(EmbeddingWeights {
             words,

@@ -484,3 +484,120 @@ fn a_conversion_never_writes_over_its_source() {
             .unwrap_err();
     assert!(err.to_string().contains("another folder"), "{err}");
 }
+
+/// RoBERTa-family models number positions from the padding index on (Hugging Face's
+/// `create_position_ids_from_input_ids`): the first token reads row `pad_token_id + 1`.
+/// MiniLM with two rows put in front of its position table, declared a RoBERTa with
+/// padding index 1, must give MiniLM's vectors exactly.
+#[test]
+fn a_roberta_model_reads_its_positions_after_the_padding_index() {
+    use safetensors::SafeTensors;
+    use safetensors::tensor::TensorView;
+    let src = model_dir();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("1_Pooling")).unwrap();
+    for f in [
+        "tokenizer.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "1_Pooling/config.json",
+    ] {
+        std::os::unix::fs::symlink(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let positions = config["max_position_embeddings"].as_u64().unwrap() as usize;
+    config["model_type"] = "roberta".into();
+    config["pad_token_id"] = 1.into();
+    config["max_position_embeddings"] = (positions + 2).into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in file.tensors() {
+        let (mut shape, mut data) = (view.shape().to_vec(), view.data().to_vec());
+        if name.ends_with("embeddings.position_embeddings.weight") {
+            // Two rows that no token may read (large, so that reading them shows).
+            assert_eq!(view.dtype(), safetensors::Dtype::F32);
+            let row = shape[1] * 4;
+            let mut shifted = vec![0u8; 2 * row];
+            for chunk in shifted.chunks_exact_mut(4) {
+                chunk.copy_from_slice(&3.0f32.to_le_bytes());
+            }
+            shifted.extend_from_slice(&data);
+            data = shifted;
+            shape[0] += 2;
+        }
+        tensors.push((name, view.dtype(), shape, data));
+    }
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+
+    let roberta = SentenceModel::load(dir.path(), Backend::Cpu).unwrap();
+    assert_eq!(roberta.spec().position_offset, 2);
+    let texts = ["BRCA1 c.68_69delAG frameshift_variant", "a"];
+    let got = roberta.embed(&texts, LIMITS).unwrap();
+    let want = model().embed(&texts, LIMITS).unwrap();
+    assert!(
+        max_abs_diff(&got, &want) <= 1e-6,
+        "{}",
+        max_abs_diff(&got, &want)
+    );
+
+    // The table's usable rows bound max_seq_length: 512 rows after the offset.
+    let dir2 = edited_model(|c| {
+        c["model_type"] = "roberta".into();
+        c["pad_token_id"] = 1.into();
+        c["max_position_embeddings"] = 257.into();
+    });
+    let err = SentenceModel::load(dir2.path(), Backend::Cpu)
+        .err()
+        .expect("256 tokens need 258 rows");
+    assert!(err.to_string().contains("after the first 2"), "{err}");
+}
+
+/// `do_lower_case` in sentence_bert_config.json: sentence-transformers lowercases the
+/// text itself before a tokenizer that may not.
+#[test]
+fn do_lower_case_lowercases_before_a_cased_tokenizer() {
+    let src = model_dir();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("1_Pooling")).unwrap();
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "modules.json",
+        "1_Pooling/config.json",
+    ] {
+        std::os::unix::fs::symlink(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let mut tokenizer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
+            .unwrap();
+    tokenizer["normalizer"]["lowercase"] = false.into();
+    std::fs::write(dir.path().join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let sbert = |lower: bool| {
+        serde_json::json!({"max_seq_length": 256, "do_lower_case": lower}).to_string()
+    };
+    std::fs::write(dir.path().join("sentence_bert_config.json"), sbert(false)).unwrap();
+    let cased = SentenceModel::load(dir.path(), Backend::Cpu).unwrap();
+    assert_ne!(
+        cased.tokenize("Hello BRCA1").unwrap(),
+        cased.tokenize("hello brca1").unwrap(),
+        "the edited tokenizer keeps case"
+    );
+    std::fs::write(dir.path().join("sentence_bert_config.json"), sbert(true)).unwrap();
+    let lowered = SentenceModel::load(dir.path(), Backend::Cpu).unwrap();
+    assert_eq!(
+        lowered.tokenize("Hello BRCA1").unwrap(),
+        lowered.tokenize("hello brca1").unwrap()
+    );
+    assert_eq!(
+        lowered.tokenize("Hello BRCA1").unwrap(),
+        model().tokenize("Hello BRCA1").unwrap()
+    );
+}
