@@ -97,14 +97,22 @@ pub fn start(mut settings: Settings) -> anyhow::Result<Running> {
     // Everything that shapes a vector besides its text: the cache keys of both levels
     // carry it, so that no other model, weights or precision is ever served (a fleet
     // shares the second level).
-    let key_settings = format!(
+    let spec = model.spec();
+    let mut key_settings = format!(
         "{:?}|normalize={}|max_seq={}|weights={}|precision={}",
-        model.spec().pooling,
-        model.spec().normalize,
-        model.spec().max_seq_length,
+        spec.pooling,
+        spec.normalize,
+        spec.max_seq_length,
         weights_digest(&settings.embedder.model_dir)?,
         settings.embedder.precision_key(),
     );
+    // Named only where they differ from BERT's, so that existing keys stay as they were.
+    if spec.lowercase {
+        key_settings.push_str("|lowercase");
+    }
+    if spec.position_offset > 0 {
+        key_settings.push_str(&format!("|positions_from={}", spec.position_offset));
+    }
     let ingest = &settings.ingest;
     if let Some(d) = ingest.default_dimensions
         && d > model.dim()

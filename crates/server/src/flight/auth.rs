@@ -92,6 +92,19 @@ impl Auth {
             anyhow::bail!("auth: an empty token would let anyone in");
         }
         match c.mode {
+            // Secrets with no mode that checks them would leave the server open to anyone
+            // while its configuration reads as protected.
+            AuthMode::None if !tokens.is_empty() || !users.is_empty() => {
+                anyhow::bail!(
+                    "auth.mode is none but {} set: every call would get in without them (set \
+                     auth.mode: token or basic, or remove them)",
+                    if tokens.is_empty() {
+                        "users are"
+                    } else {
+                        "tokens are"
+                    }
+                )
+            }
             AuthMode::Token if tokens.is_empty() => {
                 anyhow::bail!("auth.mode token: no tokens (set auth.tokens or auth.token_file)")
             }
@@ -272,6 +285,28 @@ mod tests {
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
         assert!(!err.message().contains("wrong"), "never echoes secrets");
         assert!(auth.handshake(&basic("bob", "wonder:land")).is_err());
+    }
+
+    #[test]
+    fn secrets_without_a_mode_are_refused() {
+        let c = AuthConfig {
+            tokens: vec![Secret::new("static")],
+            ..Default::default()
+        };
+        let err = Auth::from_config(&c).err().expect("refused").to_string();
+        assert!(
+            err.contains("auth.mode is none but tokens are set"),
+            "{err}"
+        );
+        let c = AuthConfig {
+            users: vec![BasicUser {
+                username: "a".into(),
+                password: Secret::new("b"),
+            }],
+            ..Default::default()
+        };
+        assert!(Auth::from_config(&c).is_err());
+        assert!(Auth::from_config(&AuthConfig::default()).is_ok());
     }
 
     #[test]
