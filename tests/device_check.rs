@@ -78,6 +78,11 @@ fn the_device_check_dry_run_writes_a_full_report() {
         report["keel_embed"][0]["device_mb_reserved"].is_number(),
         "{report}"
     );
+    // `keel embed --rounds 2`: the first round (kernels compiled) is reported apart.
+    assert!(
+        report["keel_embed"][0]["first_round_s"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
     let serve = &report["keel_serve"];
     assert!(
         serve["keel_produce_rows_per_s"].as_f64().unwrap() > 0.0,

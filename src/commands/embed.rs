@@ -4,7 +4,8 @@
 //! engine's embedder workers (the same scheduler `keel serve` uses: length-planned passes
 //! on one replica per worker) and written out before the next is read, so memory stays
 //! bounded whatever the input size. Output order is input order; an empty line is an
-//! empty text.
+//! empty text. `--rounds N` (benchmarks) holds the whole input and embeds it N times,
+//! timing the last round.
 
 use std::io::{BufRead, BufWriter, Write};
 use std::path::PathBuf;
@@ -47,6 +48,12 @@ pub struct EmbedArgs {
     /// run it).
     #[arg(long)]
     precision: Option<Precision>,
+    /// Embed the input this many times in one process and report the last round (for
+    /// benchmarks: with `embedder.gpu.warm_up` off, the first round compiles the GPU
+    /// kernels of exactly the pass shapes this input meets, and the last runs warm).
+    /// Above 1, stdin is read whole before the first round; the vectors are written once.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
 }
 
 pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
@@ -134,51 +141,59 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         "model loaded"
     );
 
-    let stdin = std::io::stdin().lock();
     let mut out = BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
-    let (mut texts_done, mut embed_time) = (0usize, std::time::Duration::ZERO);
-    let mut lines = stdin.split(b'\n');
-    let mut chunk: Vec<String> = Vec::with_capacity(CHUNK_LINES);
-    let mut line_no = 0usize;
-    // jemalloc's allocated bytes after the first chunk, after the last, and the most.
-    let mut heap: (Option<u64>, u64, u64) = (None, 0, 0);
-    loop {
-        chunk.clear();
-        for line in lines.by_ref() {
-            line_no += 1;
-            let mut bytes = line.context("reading stdin")?;
-            if bytes.last() == Some(&b'\r') {
-                bytes.pop();
+    let mut run = Run {
+        handle: &handle,
+        rows_per_job,
+        dim,
+        texts_done: 0,
+        embed_time: std::time::Duration::ZERO,
+        heap: (None, 0, 0),
+    };
+    let mut earlier_rounds = std::time::Duration::ZERO;
+    if args.rounds > 1 {
+        // Every round embeds the same texts; only the last one's vectors are written.
+        let mut texts = Vec::new();
+        let mut lines = std::io::stdin().lock().split(b'\n');
+        while let Some(text) = next_line(&mut lines, texts.len() + 1)? {
+            texts.push(text);
+        }
+        for _ in 1..args.rounds {
+            let t0 = Instant::now();
+            for chunk in texts.chunks(CHUNK_LINES) {
+                let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+                handle.embed_blocking(&refs, rows_per_job)?;
             }
-            let text = String::from_utf8(bytes)
-                .with_context(|| format!("stdin line {line_no} is not UTF-8"))?;
-            chunk.push(text);
-            if chunk.len() == CHUNK_LINES {
+            earlier_rounds += t0.elapsed();
+        }
+        for chunk in texts.chunks(CHUNK_LINES) {
+            run.chunk(chunk, &mut out)?;
+        }
+    } else {
+        let mut lines = std::io::stdin().lock().split(b'\n');
+        let mut chunk: Vec<String> = Vec::with_capacity(CHUNK_LINES);
+        let mut line_no = 0usize;
+        loop {
+            chunk.clear();
+            while let Some(text) = next_line(&mut lines, line_no + 1)? {
+                line_no += 1;
+                chunk.push(text);
+                if chunk.len() == CHUNK_LINES {
+                    break;
+                }
+            }
+            if chunk.is_empty() {
                 break;
             }
+            run.chunk(&chunk, &mut out)?;
         }
-        if chunk.is_empty() {
-            break;
-        }
-        let texts: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        let t0 = Instant::now();
-        let vectors = handle.embed_blocking(&texts, rows_per_job)?;
-        embed_time += t0.elapsed();
-        for (text, v) in texts.iter().zip(vectors.chunks_exact(dim)) {
-            serde_json::to_writer(
-                &mut out,
-                &serde_json::json!({ "text": text, "embedding": v }),
-            )?;
-            out.write_all(b"\n")?;
-        }
-        texts_done += texts.len();
-        // What the program holds between chunks: flat once warm (a pass allocates only
-        // the vectors it returns, freed with the chunk).
-        let held = keel_engine::memory::allocator::stats().allocated;
-        heap.0.get_or_insert(held);
-        heap.1 = held;
-        heap.2 = heap.2.max(held);
     }
+    let Run {
+        texts_done,
+        embed_time,
+        heap,
+        ..
+    } = run;
     out.flush().context("writing stdout")?;
     let stats = handle.stats();
     drop(handle);
@@ -205,8 +220,17 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         ),
         _ => String::new(),
     };
+    let earlier = if args.rounds > 1 {
+        format!(
+            "; the last of {} rounds, the earlier in {:.2} s",
+            args.rounds,
+            earlier_rounds.as_secs_f64()
+        )
+    } else {
+        String::new()
+    };
     eprintln!(
-        "keel embed: {texts_done} texts in {secs:.2} s ({:.0} texts/s; start-up {:.2} s; {workers} workers on {}; {} passes; weights {weight_mb:.1} MB; RSS {} MB{device_memory}{heap})",
+        "keel embed: {texts_done} texts in {secs:.2} s ({:.0} texts/s; start-up {:.2} s; {workers} workers on {}; {} passes; weights {weight_mb:.1} MB; RSS {} MB{device_memory}{heap}{earlier})",
         if secs > 0.0 {
             texts_done as f64 / secs
         } else {
@@ -218,4 +242,57 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         rss_bytes().map(|b| b / 1_000_000).unwrap_or(0),
     );
     Ok(())
+}
+
+/// The next line of stdin as a text (`\r\n` endings accepted), `None` at the end.
+fn next_line(
+    lines: &mut std::io::Split<std::io::StdinLock<'static>>,
+    line_no: usize,
+) -> anyhow::Result<Option<String>> {
+    let Some(line) = lines.next() else {
+        return Ok(None);
+    };
+    let mut bytes = line.context("reading stdin")?;
+    if bytes.last() == Some(&b'\r') {
+        bytes.pop();
+    }
+    let text =
+        String::from_utf8(bytes).with_context(|| format!("stdin line {line_no} is not UTF-8"))?;
+    Ok(Some(text))
+}
+
+/// The timed part of `keel embed`: chunks embedded and written, their time and the heap
+/// between them.
+struct Run<'a> {
+    handle: &'a keel_engine::embedder::workers::EmbedderHandle,
+    rows_per_job: usize,
+    dim: usize,
+    texts_done: usize,
+    embed_time: std::time::Duration,
+    /// jemalloc's allocated bytes after the first chunk, after the last, and the most.
+    heap: (Option<u64>, u64, u64),
+}
+
+impl Run<'_> {
+    fn chunk(&mut self, chunk: &[String], out: &mut impl Write) -> anyhow::Result<()> {
+        let texts: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let t0 = Instant::now();
+        let vectors = self.handle.embed_blocking(&texts, self.rows_per_job)?;
+        self.embed_time += t0.elapsed();
+        for (text, v) in texts.iter().zip(vectors.chunks_exact(self.dim)) {
+            serde_json::to_writer(
+                &mut *out,
+                &serde_json::json!({ "text": text, "embedding": v }),
+            )?;
+            out.write_all(b"\n")?;
+        }
+        self.texts_done += texts.len();
+        // What the program holds between chunks: flat once warm (a pass allocates only
+        // the vectors it returns, freed with the chunk).
+        let held = keel_engine::memory::allocator::stats().allocated;
+        self.heap.0.get_or_insert(held);
+        self.heap.1 = held;
+        self.heap.2 = self.heap.2.max(held);
+        Ok(())
+    }
 }
