@@ -5,6 +5,7 @@
 //! a crash leaves either the whole part or none of it, and temporary files (ignored by
 //! every reader) are removed at start-up. All parts of a dataset share one schema.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -96,7 +97,22 @@ pub struct DatasetStore {
     /// Footer and page index of the parts read last by [`DatasetStore::take`], by path
     /// and length (parts never change once renamed into place); at most FOOTERS kept.
     footers: Mutex<lru::LruCache<PathBuf, (u64, ArrowReaderMetadata)>>,
+    /// Each part's rows (and the first part's schema) by path and length, so that
+    /// [`DatasetStore::info`] (every append, search and `GetFlightInfo`) opens only the
+    /// parts it has not seen: a dataset of thousands of parts is not re-read each time.
+    counts: Mutex<HashMap<PathBuf, PartCount>>,
 }
+
+/// What [`DatasetStore::info`] needs of one part.
+struct PartCount {
+    bytes: u64,
+    rows: u64,
+    /// Kept for a dataset's first part only (every part has the dataset's schema).
+    schema: Option<SchemaRef>,
+}
+
+/// Parts whose counts are kept at most (about 100 bytes each); past it, forgotten.
+const COUNTS: usize = 1 << 20;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SinkError + '_ {
     move |source| SinkError::Io {
@@ -129,6 +145,7 @@ impl DatasetStore {
             footers: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(FOOTERS).expect("FOOTERS > 0"),
             )),
+            counts: Mutex::new(HashMap::new()),
         })
     }
 
@@ -266,17 +283,46 @@ impl DatasetStore {
         let (mut rows, mut bytes) = (0u64, 0u64);
         let mut schema: SchemaRef = Arc::new(arrow_schema::Schema::empty());
         for (i, p) in parts.iter().enumerate() {
-            let file = File::open(p).map_err(io(p))?;
-            bytes += file.metadata().map_err(io(p))?.len();
-            let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|source| {
-                SinkError::Parquet {
-                    path: p.clone(),
-                    source,
+            let len = fs::metadata(p).map_err(io(p))?.len();
+            let known = {
+                let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+                counts
+                    .get(p)
+                    .filter(|c| c.bytes == len && (i > 0 || c.schema.is_some()))
+                    .map(|c| (c.rows, c.schema.clone()))
+            };
+            let (part_rows, part_schema) = match known {
+                Some(known) => known,
+                None => {
+                    let file = File::open(p).map_err(io(p))?;
+                    let builder =
+                        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|source| {
+                            SinkError::Parquet {
+                                path: p.clone(),
+                                source,
+                            }
+                        })?;
+                    let part_rows = builder.metadata().file_metadata().num_rows() as u64;
+                    let part_schema = (i == 0).then(|| builder.schema().clone());
+                    let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+                    if counts.len() >= COUNTS {
+                        counts.clear();
+                    }
+                    counts.insert(
+                        p.clone(),
+                        PartCount {
+                            bytes: len,
+                            rows: part_rows,
+                            schema: part_schema.clone(),
+                        },
+                    );
+                    (part_rows, part_schema)
                 }
-            })?;
-            rows += builder.metadata().file_metadata().num_rows() as u64;
-            if i == 0 {
-                schema = builder.schema().clone();
+            };
+            bytes += len;
+            rows += part_rows;
+            if let Some(s) = part_schema {
+                schema = s;
             }
         }
         Ok(DatasetInfo {
