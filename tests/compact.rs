@@ -598,3 +598,68 @@ async fn later_streams_and_their_datasets_use_a_projection() {
     }
     server.stop().await;
 }
+
+/// A dataset records the model that made its vectors: a server on another model refuses
+/// to append to it or search it (its queries would be in another space), with
+/// FailedPrecondition naming both, and keeps datasets of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dataset_is_kept_to_the_model_that_made_it() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_path_buf();
+    let put = |name: &str, rows: &[String]| {
+        let descriptor = FlightDescriptor::new_path(vec!["datasets".into(), name.into()]);
+        arrow_flight::encode::FlightDataEncoderBuilder::new()
+            .with_flight_descriptor(Some(descriptor))
+            .build(futures::stream::iter(batches(rows).into_iter().map(Ok)))
+    };
+    let rows = texts(20);
+    let minilm = TestServer::start({
+        let dir = dir.clone();
+        move |s| s.storage.data_dir = dir
+    })
+    .await;
+    let mut client = minilm.client().await;
+    client
+        .do_put(put("v", &rows))
+        .await
+        .unwrap()
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap();
+    minilm.stop().await;
+
+    let tiny = tiny_bert();
+    let other = TestServer::start({
+        let (dir, model) = (dir.clone(), tiny.path().to_path_buf());
+        move |s| {
+            s.storage.data_dir = dir;
+            s.embedder.model_dir = model;
+        }
+    })
+    .await;
+    let mut client = other.client().await;
+    let e = match client.do_put(put("v", &rows)).await {
+        Err(e) => to_status(e),
+        Ok(results) => to_status(
+            results
+                .try_collect::<Vec<_>>()
+                .await
+                .expect_err("a put from another model is refused"),
+        ),
+    };
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains("another model"), "{}", e.message());
+    let e = refused(&mut client, "search", r#"{"dataset":"v","text":"x","k":3}"#).await;
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    // Its own datasets are its own.
+    client
+        .do_put(put("w", &rows))
+        .await
+        .unwrap()
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap();
+    let found = action(&mut client, "search", r#"{"dataset":"w","text":"x","k":3}"#).await;
+    assert_eq!(found["results"].as_array().unwrap().len(), 3, "{found}");
+    other.stop().await;
+}

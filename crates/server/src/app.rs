@@ -98,21 +98,28 @@ pub fn start(mut settings: Settings) -> anyhow::Result<Running> {
     // carry it, so that no other model, weights or precision is ever served (a fleet
     // shares the second level).
     let spec = model.spec();
-    let mut key_settings = format!(
-        "{:?}|normalize={}|max_seq={}|weights={}|precision={}",
+    let weights = weights_digest(&settings.embedder.model_dir)?;
+    // Named only where they differ from BERT's, so that existing keys stay as they were.
+    let mut extra = String::new();
+    if spec.lowercase {
+        extra.push_str("|lowercase");
+    }
+    if spec.position_offset > 0 {
+        extra.push_str(&format!("|positions_from={}", spec.position_offset));
+    }
+    let key_settings = format!(
+        "{:?}|normalize={}|max_seq={}|weights={weights}|precision={}{extra}",
         spec.pooling,
         spec.normalize,
         spec.max_seq_length,
-        weights_digest(&settings.embedder.model_dir)?,
-        settings.embedder.precision_key(),
+        settings.embedder.precision_key()
     );
-    // Named only where they differ from BERT's, so that existing keys stay as they were.
-    if spec.lowercase {
-        key_settings.push_str("|lowercase");
-    }
-    if spec.position_offset > 0 {
-        key_settings.push_str(&format!("|positions_from={}", spec.position_offset));
-    }
+    // The space the vectors live in, whatever precision a pass computes in and wherever
+    // texts are cut: what a dataset records of the model that made it.
+    let model_identity = format!(
+        "weights={weights}|{:?}|normalize={}{extra}",
+        spec.pooling, spec.normalize
+    );
     let ingest = &settings.ingest;
     if let Some(d) = ingest.default_dimensions
         && d > model.dim()
@@ -139,6 +146,7 @@ pub fn start(mut settings: Settings) -> anyhow::Result<Running> {
         &settings.storage.data_dir,
         settings.storage.queue_depth,
         settings.storage.index.clone(),
+        Some(model_identity),
     )
     .with_context(|| {
         format!(

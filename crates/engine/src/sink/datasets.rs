@@ -38,12 +38,19 @@ impl Datasets {
     /// Opens the data directory `root` and starts the writer thread; at most
     /// `queue_depth` appends wait. Datasets with an index have it grown after each append
     /// (by the indexer thread, which the writer thread stops and joins when it exits).
+    /// `model`: the identity of the model making this server's vectors, recorded beside
+    /// each dataset and checked on appends and searches (`None`: not checked).
     pub fn open(
         root: &std::path::Path,
         queue_depth: usize,
         index: IndexConfig,
+        model: Option<String>,
     ) -> Result<(Self, std::thread::JoinHandle<()>), SinkError> {
-        let store = Arc::new(DatasetStore::open(root)?);
+        let mut store = DatasetStore::open(root)?;
+        if let Some(model) = model {
+            store = store.with_model(model);
+        }
+        let store = Arc::new(store);
         let (indexes, indexer) = Indexes::start(store.clone(), root, index);
         let (tx, mut rx) = mpsc::channel::<SinkMsg>(queue_depth.max(1));
         let thread_store = store.clone();

@@ -57,6 +57,8 @@ pub fn nearest(
     options: SearchOptions,
 ) -> Result<Neighbours, SinkError> {
     let info = store.info(name)?;
+    // The query comes from this server's model: the rows must too.
+    store.check_model(name)?;
     let schema = info.schema.clone();
     let Some((emb_idx, _)) = schema.column_with_name("embedding") else {
         return Err(SinkError::NotSearchable(format!(

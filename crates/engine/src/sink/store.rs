@@ -73,6 +73,9 @@ pub enum SinkError {
     /// Something that stays as made exists under that name (a projection).
     #[error("{0}")]
     Exists(String),
+    /// The dataset's vectors come from another model than this server's.
+    #[error("{0}")]
+    OtherModel(String),
 }
 
 /// What `ListFlights` / `GetFlightInfo` say about a dataset.
@@ -101,6 +104,21 @@ pub struct DatasetStore {
     /// [`DatasetStore::info`] (every append, search and `GetFlightInfo`) opens only the
     /// parts it has not seen: a dataset of thousands of parts is not re-read each time.
     counts: Mutex<HashMap<PathBuf, PartCount>>,
+    /// What made this server's vectors (weights digest, pooling, normalisation, ...), as
+    /// recorded in each dataset's `model.json` at its first append: rows from another
+    /// model are refused, and so are searches with its queries. `None`: not checked.
+    model: Option<String>,
+}
+
+/// Beside a dataset's parts: which model made its vectors.
+const MODEL_FILE: &str = "model.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ModelRecord {
+    /// The model's identity as `keel serve` names it (`stats`' cache key settings less
+    /// the precision a pass computes in: vectors of one model in f32, bf16 or int8 are
+    /// one space).
+    model: String,
 }
 
 /// What [`DatasetStore::info`] needs of one part.
@@ -146,7 +164,61 @@ impl DatasetStore {
                 std::num::NonZeroUsize::new(FOOTERS).expect("FOOTERS > 0"),
             )),
             counts: Mutex::new(HashMap::new()),
+            model: None,
         })
+    }
+
+    /// Datasets are tied to the model `identity`: the first append records it, rows and
+    /// searches from another model are refused ([`SinkError::OtherModel`]).
+    pub fn with_model(mut self, identity: impl Into<String>) -> Self {
+        self.model = Some(identity.into());
+        self
+    }
+
+    /// `Ok` when `name` was made by this server's model (or records none: a dataset from
+    /// before models were recorded, or a store that does not check).
+    pub fn check_model(&self, name: &str) -> Result<(), SinkError> {
+        let Some(ours) = &self.model else {
+            return Ok(());
+        };
+        let path = self.dir(name)?.join(MODEL_FILE);
+        let record: ModelRecord = match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| SinkError::Io {
+                path: path.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io(&path)(e)),
+        };
+        if &record.model != ours {
+            return Err(SinkError::OtherModel(format!(
+                "dataset {name:?} holds vectors of another model ({}); this server's is {ours}: \
+                 its vectors and queries are in different spaces (store into a new dataset, \
+                 or serve the dataset's model)",
+                record.model
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records this server's model in the dataset folder `dir` if nothing is recorded yet.
+    fn record_model(&self, dir: &Path) -> Result<(), SinkError> {
+        let Some(ours) = &self.model else {
+            return Ok(());
+        };
+        let path = dir.join(MODEL_FILE);
+        if path.exists() {
+            return Ok(());
+        }
+        let tmp = dir.join(format!(".tmp-{MODEL_FILE}"));
+        let json = serde_json::to_vec(&ModelRecord {
+            model: ours.clone(),
+        })
+        .expect("a model record serialises");
+        fs::write(&tmp, json)
+            .and_then(|()| File::open(&tmp)?.sync_all())
+            .and_then(|()| fs::rename(&tmp, &path))
+            .map_err(io(&path))
     }
 
     /// The data folder.
@@ -216,7 +288,12 @@ impl DatasetStore {
         if let Some(first) = batches.first() {
             storable(&first.schema())?;
         }
+        self.check_model(name)?;
         fs::create_dir_all(&dir).map_err(io(&dir))?;
+        // Before the first part: a dataset never holds rows without its model named.
+        if !batches.is_empty() {
+            self.record_model(&dir)?;
+        }
         let Some(first) = batches.first() else {
             return Ok(self.info(name)?.rows);
         };
@@ -610,6 +687,40 @@ mod tests {
 
     fn temp_root() -> tempfile::TempDir {
         tempfile::tempdir().unwrap()
+    }
+
+    #[test]
+    fn a_dataset_keeps_to_the_model_that_made_it() {
+        let dir = tempfile::tempdir().unwrap();
+        // A dataset from before models were recorded: the first append under a model
+        // records it.
+        let legacy = DatasetStore::open(dir.path()).unwrap();
+        legacy.append("old", &[batch(0, 3)]).unwrap();
+        assert!(!dir.path().join("old").join(MODEL_FILE).exists());
+
+        let a = DatasetStore::open(dir.path())
+            .unwrap()
+            .with_model("weights=a");
+        a.append("new", &[batch(0, 3)]).unwrap();
+        assert_eq!(a.append("old", &[batch(3, 2)]).unwrap(), 5);
+        a.check_model("new").unwrap();
+
+        let b = DatasetStore::open(dir.path())
+            .unwrap()
+            .with_model("weights=b");
+        for name in ["new", "old"] {
+            let err = b.append(name, &[batch(10, 1)]).unwrap_err();
+            assert!(matches!(err, SinkError::OtherModel(_)), "{err}");
+            assert!(err.to_string().contains("weights=a"), "{err}");
+            assert!(matches!(b.check_model(name), Err(SinkError::OtherModel(_))));
+        }
+        assert_eq!(b.info("new").unwrap().rows, 3, "nothing written");
+        // A dataset of its own is b's.
+        b.append("b-only", &[batch(0, 1)]).unwrap();
+        assert!(matches!(
+            a.check_model("b-only"),
+            Err(SinkError::OtherModel(_))
+        ));
     }
 
     #[test]

@@ -26,7 +26,9 @@ pub fn sink(e: SinkError) -> Status {
         | SinkError::NotSearchable(_)
         | SinkError::Invalid(_) => Status::invalid_argument(e.to_string()),
         SinkError::OverBudget(_) => Status::resource_exhausted(e.to_string()),
-        SinkError::Busy(_) | SinkError::Conflict(_) => Status::failed_precondition(e.to_string()),
+        SinkError::Busy(_) | SinkError::Conflict(_) | SinkError::OtherModel(_) => {
+            Status::failed_precondition(e.to_string())
+        }
         SinkError::NotFound(_) => Status::not_found(e.to_string()),
         SinkError::Exists(_) => Status::already_exists(e.to_string()),
         SinkError::Closed => Status::unavailable(e.to_string()),
