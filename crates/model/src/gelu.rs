@@ -66,11 +66,12 @@ pub fn gelu_slice(chunk: &mut [f32]) {
         fn half(chunk: &mut [f32]) {
             plain(chunk)
         }
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        use crate::kernels::{Isa, allows};
+        if allows(Isa::Avx512) && std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512 F.
             return unsafe { avx512::gelu_slice(chunk) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if allows(Isa::Avx2) && std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2.
             return unsafe { half(chunk) };
         }

@@ -73,11 +73,13 @@ macro_rules! widest {
                 fn half($($arg: $ty),*) {
                     plain($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx512f") {
+                use $crate::kernels::{Isa, allows};
+                if allows(Isa::Avx512) && std::arch::is_x86_feature_detected!("avx512f") {
                     // SAFETY: the CPU has AVX-512 F.
                     return unsafe { wide($($arg),*) };
                 }
-                if std::arch::is_x86_feature_detected!("avx2")
+                if allows(Isa::Avx2)
+                    && std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
                 {
                     // SAFETY: the CPU has AVX2 and FMA.

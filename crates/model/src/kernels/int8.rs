@@ -495,12 +495,13 @@ fn axpy(a: f32, w: &[f32], out: &mut [f32]) {
         fn half(a: f32, w: &[f32], out: &mut [f32]) {
             plain(a, w, out)
         }
+        use super::{Isa, allows};
         use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") {
+        if allows(Isa::Avx512) && has!("avx512f") {
             // SAFETY: the CPU has AVX-512 F.
             return unsafe { wide(a, w, out) };
         }
-        if has!("avx2") {
+        if allows(Isa::Avx2) && has!("avx2") {
             // SAFETY: the CPU has AVX2.
             return unsafe { half(a, w, out) };
         }
@@ -527,12 +528,13 @@ fn quantize_row(x: &[f32], q: &mut [u8]) -> RowQuant {
         fn half(x: &[f32], q: &mut [u8]) -> RowQuant {
             quantize_row_plain(x, q)
         }
+        use super::{Isa, allows};
         use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx512bw") && has!("avx512vl") {
+        if allows(Isa::Avx512) && has!("avx512f") && has!("avx512bw") && has!("avx512vl") {
             // SAFETY: the CPU has AVX-512 F, BW and VL.
             return unsafe { x86::quantize_row_avx512(x, q) };
         }
-        if has!("avx2") {
+        if allows(Isa::Avx2) && has!("avx2") {
             // SAFETY: the CPU has AVX2.
             return unsafe { half(x, q) };
         }

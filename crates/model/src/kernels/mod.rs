@@ -47,20 +47,7 @@ impl Isa {
     /// The most capable kernels this CPU runs for `kind`, unless `KEEL_CPU_KERNELS`
     /// (`portable`, `avx2`, `avx512` or `amx`) asks for less. Read once per process.
     pub fn detect(kind: Kind) -> Isa {
-        static CAP: OnceLock<Option<Isa>> = OnceLock::new();
-        let cap = *CAP.get_or_init(|| match std::env::var("KEEL_CPU_KERNELS").ok()?.as_str() {
-            "portable" => Some(Isa::Portable),
-            "avx2" => Some(Isa::Avx2),
-            "avx512" => Some(Isa::Avx512),
-            "amx" => Some(Isa::Amx),
-            other => {
-                tracing::warn!(
-                    value = other,
-                    "KEEL_CPU_KERNELS is not portable, avx2, avx512 or amx; ignored"
-                );
-                None
-            }
-        });
+        let cap = cap();
         // The best form at or below the cap that this CPU runs for `kind` (bf16 has no
         // AVX2 form: capped at `avx2`, it runs the portable kernels, and says so).
         [Isa::Amx, Isa::Avx512, Isa::Avx2]
@@ -98,6 +85,31 @@ impl Isa {
             self == Isa::Portable
         }
     }
+}
+
+/// The instruction set `KEEL_CPU_KERNELS` (`portable`, `avx2`, `avx512` or `amx`) caps
+/// every kernel at, the Linear layers' and the element-wise ones' (GELU, LayerNorm,
+/// pooling, quantization, attention) alike. Read once per process.
+pub fn cap() -> Option<Isa> {
+    static CAP: OnceLock<Option<Isa>> = OnceLock::new();
+    *CAP.get_or_init(|| match std::env::var("KEEL_CPU_KERNELS").ok()?.as_str() {
+        "portable" => Some(Isa::Portable),
+        "avx2" => Some(Isa::Avx2),
+        "avx512" => Some(Isa::Avx512),
+        "amx" => Some(Isa::Amx),
+        other => {
+            tracing::warn!(
+                value = other,
+                "KEEL_CPU_KERNELS is not portable, avx2, avx512 or amx; ignored"
+            );
+            None
+        }
+    })
+}
+
+/// Whether `KEEL_CPU_KERNELS` lets kernels use `isa` (the CPU must still have it).
+pub fn allows(isa: Isa) -> bool {
+    cap().is_none_or(|cap| isa <= cap)
 }
 
 /// Whether the AMX kernels for `kind` are available ([`amx::available`]) and computed a
