@@ -5,6 +5,7 @@ import collections
 import json
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
@@ -62,6 +63,14 @@ def _code(e: BaseException) -> str:
         "FlightServerError": "ServerError",
         "FlightInternalError": "Internal",
     }.get(type(e).__name__, type(e).__name__)
+
+
+def _busy(e: BaseException) -> bool:
+    """Keel refused the stream for now (`server.max_streams` open, or
+    `ingest.when_full: reject` with the in-flight bound reached): another address, or the
+    same one a little later, takes it. (A message over the size limit is also
+    ResourceExhausted, and is not retried.)"""
+    return _code(e) == "ResourceExhausted" and "retry" in str(e)
 
 
 class KeelError(RuntimeError):
@@ -261,7 +270,14 @@ class KeelClient:
                 last = e
                 self._forget(address)
             except (flight.FlightError, pa.ArrowException) as e:
-                raise KeelError(str(e), _code(e), address) from e
+                if not _busy(e):
+                    raise KeelError(str(e), _code(e), address) from e
+                # Refused at admission, before any row was answered: every pending row
+                # goes to the next address; once all were busy, back off.
+                last = e
+                cycle = (k + 1) // len(self.addresses)
+                if (k + 1) % len(self.addresses) == 0 and k + 1 < tries:
+                    time.sleep(min(0.25 * 2 ** (cycle - 1), 4.0))
         raise KeelError(f"no Keel server answered ({', '.join(self.addresses)}): {last}",
                         _code(last) if last else "Unavailable", "")
 

@@ -176,8 +176,12 @@ def test_refusals_carry_their_grpc_status_by_name(client, start_keel):
     with pytest.raises(KeelError) as e:
         KeelClient(one.address, timeout=30).embed(TABLE.slice(0, 5))
     assert e.value.code == "ResourceExhausted", (e.value.code, str(e.value))
-    writer.done_writing()
-    writer.close()
+    # A fleet sends a refused stream to the next server.
+    fleet = KeelClient([one.address, client.addresses[0]], timeout=30)
+    assert fleet.embed(TABLE.slice(0, 5)).num_rows == 5
+    # Alone, it backs off and tries again: the slot is free by then.
+    threading.Timer(0.15, lambda: (writer.done_writing(), writer.close())).start()
+    assert KeelClient(one.address, timeout=30, retries=4).embed(TABLE.slice(0, 5)).num_rows == 5
 
 
 def test_grpc_health_says_serving(servers):
