@@ -6,7 +6,7 @@
 
 mod common;
 
-use keel_model::{Backend, BatchLimits, SentenceModel};
+use keel_model::{Backend, SentenceModel};
 
 use common::*;
 
@@ -21,28 +21,6 @@ fn f32_as_bf16x3_is_within_the_bounds_of_exact_f32() {
         adapter.contains("f32") && adapter.contains("bf16x3"),
         "{adapter}"
     );
-    let refs = reference();
-    let texts: Vec<&str> = refs.iter().map(|r| r.text.as_str()).collect();
-    let limits = BatchLimits {
-        max_rows: 64,
-        max_tokens: 16_384,
-    };
-    let got = model.embed(&texts, limits).unwrap();
-    let (mut worst_cos, mut worst_diff) = (1.0f64, 0.0f32);
-    for (r, v) in refs.iter().zip(got.chunks_exact(model.dim())) {
-        let (text, want) = (&r.text, &r.embedding);
-        let diff = v
-            .iter()
-            .zip(want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
-        worst_cos = worst_cos.min(cosine(v, want));
-        worst_diff = worst_diff.max(diff);
-        assert!(
-            cosine(v, want) >= 0.99999 && diff <= 1e-4,
-            "{text:?}: cosine {:.8}, |diff| {diff:.2e}",
-            cosine(v, want)
-        );
-    }
+    let (worst_cos, worst_diff) = assert_within_exact_f32(&model);
     eprintln!("bf16x3 vs float64: min cosine {worst_cos:.8}, max |diff| {worst_diff:.2e}");
 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use keel_model::{Backend, BatchLimits, SentenceModel};
+use keel_model::{Backend, SentenceModel};
 
 use common::*;
 
@@ -20,24 +20,5 @@ fn the_portable_kernels_alone_stay_within_the_bounds_of_exact_f32() {
     let model = SentenceModel::load(&model_dir(), Backend::Cpu).expect("model loads");
     let adapter = &model.device().adapter;
     assert!(adapter.contains("portable"), "{adapter}");
-    let refs = reference();
-    let texts: Vec<&str> = refs.iter().map(|r| r.text.as_str()).collect();
-    let limits = BatchLimits {
-        max_rows: 64,
-        max_tokens: 16_384,
-    };
-    let got = model.embed(&texts, limits).unwrap();
-    for (r, v) in refs.iter().zip(got.chunks_exact(model.dim())) {
-        let diff = v
-            .iter()
-            .zip(&r.embedding)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
-        assert!(
-            cosine(v, &r.embedding) >= 0.99999 && diff <= 1e-4,
-            "{:?}: cosine {:.8}, |diff| {diff:.2e}",
-            r.text,
-            cosine(v, &r.embedding)
-        );
-    }
+    assert_within_exact_f32(&model);
 }

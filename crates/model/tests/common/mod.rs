@@ -52,3 +52,33 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     dot / (na * nb)
 }
+
+/// Embeds the reference texts with `model` and checks every vector against the float64
+/// reference within exact f32's bounds (cosine ≥ 0.99999, |diff| ≤ 1e-4); returns the
+/// worst cosine and difference.
+pub fn assert_within_exact_f32(model: &keel_model::SentenceModel) -> (f64, f32) {
+    let refs = reference();
+    let texts: Vec<&str> = refs.iter().map(|r| r.text.as_str()).collect();
+    let limits = keel_model::BatchLimits {
+        max_rows: 64,
+        max_tokens: 16_384,
+    };
+    let got = model.embed(&texts, limits).unwrap();
+    let (mut worst_cos, mut worst_diff) = (1.0f64, 0.0f32);
+    for (r, v) in refs.iter().zip(got.chunks_exact(model.dim())) {
+        let diff = v
+            .iter()
+            .zip(&r.embedding)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        let cos = cosine(v, &r.embedding);
+        worst_cos = worst_cos.min(cos);
+        worst_diff = worst_diff.max(diff);
+        assert!(
+            cos >= 0.99999 && diff <= 1e-4,
+            "{:?}: cosine {cos:.8}, |diff| {diff:.2e}",
+            r.text
+        );
+    }
+    (worst_cos, worst_diff)
+}
