@@ -145,6 +145,7 @@ pub fn start(mut settings: Settings) -> anyhow::Result<Running> {
     let (datasets, sink_thread) = Datasets::open(
         &settings.storage.data_dir,
         settings.storage.queue_depth,
+        settings.storage.counted_parts,
         settings.storage.index.clone(),
         Some(model_identity),
     )

@@ -14,6 +14,9 @@ pub struct StorageConfig {
     pub flush_rows: usize,
     /// Appends waiting for the sink thread; producers wait when it is full.
     pub queue_depth: usize,
+    /// Parts whose row counts are remembered (about 100 bytes each), so that a dataset's
+    /// row count does not reopen every part; past it, the counts are read again.
+    pub counted_parts: usize,
     /// Approximate nearest-neighbour indexes of datasets (the `index` action).
     pub index: IndexConfig,
 }
@@ -62,6 +65,7 @@ impl Default for StorageConfig {
             data_dir: PathBuf::from("data/datasets"),
             flush_rows: 10_000,
             queue_depth: 16,
+            counted_parts: 100_000,
             index: IndexConfig::default(),
         }
     }
@@ -74,6 +78,9 @@ impl StorageConfig {
         }
         if self.queue_depth == 0 {
             return Err("storage.queue_depth: must be at least 1".into());
+        }
+        if self.counted_parts > 10_000_000 {
+            return Err("storage.counted_parts: must be at most 10000000".into());
         }
         let i = &self.index;
         if !(2..=256).contains(&i.connectivity) {

@@ -43,10 +43,11 @@ impl Datasets {
     pub fn open(
         root: &std::path::Path,
         queue_depth: usize,
+        counted_parts: usize,
         index: IndexConfig,
         model: Option<String>,
     ) -> Result<(Self, std::thread::JoinHandle<()>), SinkError> {
-        let mut store = DatasetStore::open(root)?;
+        let mut store = DatasetStore::open(root)?.with_counted_parts(counted_parts);
         if let Some(model) = model {
             store = store.with_model(model);
         }

@@ -23,6 +23,8 @@ use parquet::errors::ParquetError;
 use parquet::file::metadata::PageIndexPolicy;
 use parquet::file::properties::WriterProperties;
 
+use super::config::StorageConfig;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error(
@@ -104,6 +106,8 @@ pub struct DatasetStore {
     /// [`DatasetStore::info`] (every append, search and `GetFlightInfo`) opens only the
     /// parts it has not seen: a dataset of thousands of parts is not re-read each time.
     counts: Mutex<HashMap<PathBuf, PartCount>>,
+    /// Most entries in `counts` (`storage.counted_parts`); past it, they are forgotten.
+    counted_parts: usize,
     /// What made this server's vectors (weights digest, pooling, normalisation, ...), as
     /// recorded in each dataset's `model.json` at its first append: rows from another
     /// model are refused, and so are searches with its queries. `None`: not checked.
@@ -128,9 +132,6 @@ struct PartCount {
     /// Kept for a dataset's first part only (every part has the dataset's schema).
     schema: Option<SchemaRef>,
 }
-
-/// Parts whose counts are kept at most (about 100 bytes each); past it, forgotten.
-const COUNTS: usize = 1 << 20;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SinkError + '_ {
     move |source| SinkError::Io {
@@ -164,8 +165,15 @@ impl DatasetStore {
                 std::num::NonZeroUsize::new(FOOTERS).expect("FOOTERS > 0"),
             )),
             counts: Mutex::new(HashMap::new()),
+            counted_parts: StorageConfig::default().counted_parts,
             model: None,
         })
+    }
+
+    /// Remembers the row counts of at most `parts` parts (`storage.counted_parts`).
+    pub fn with_counted_parts(mut self, parts: usize) -> Self {
+        self.counted_parts = parts;
+        self
     }
 
     /// Datasets are tied to the model `identity`: the first append records it, rows and
@@ -382,17 +390,19 @@ impl DatasetStore {
                     let part_rows = builder.metadata().file_metadata().num_rows() as u64;
                     let part_schema = (i == 0).then(|| builder.schema().clone());
                     let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-                    if counts.len() >= COUNTS {
+                    if counts.len() >= self.counted_parts {
                         counts.clear();
                     }
-                    counts.insert(
-                        p.clone(),
-                        PartCount {
-                            bytes: len,
-                            rows: part_rows,
-                            schema: part_schema.clone(),
-                        },
-                    );
+                    if self.counted_parts > 0 {
+                        counts.insert(
+                            p.clone(),
+                            PartCount {
+                                bytes: len,
+                                rows: part_rows,
+                                schema: part_schema.clone(),
+                            },
+                        );
+                    }
                     (part_rows, part_schema)
                 }
             };
@@ -687,6 +697,25 @@ mod tests {
 
     fn temp_root() -> tempfile::TempDir {
         tempfile::tempdir().unwrap()
+    }
+
+    #[test]
+    fn row_counts_stay_right_whatever_the_counted_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        DatasetStore::open(dir.path()).unwrap();
+        for parts in [0, 1, 2, 100] {
+            let store = DatasetStore::open(dir.path())
+                .unwrap()
+                .with_counted_parts(parts);
+            let before = store.info("d").map_or(0, |i| i.rows);
+            for i in 0..3 {
+                store.append("d", &[batch(i * 10, 4)]).unwrap();
+                let info = store.info("d").unwrap();
+                assert_eq!(info.rows, before + 4 * (i as u64 + 1), "{parts} counted");
+                assert_eq!(info.schema.fields().len(), 2, "{parts} counted");
+                assert!(store.counts.lock().unwrap().len() <= parts);
+            }
+        }
     }
 
     #[test]
