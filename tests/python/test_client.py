@@ -181,7 +181,7 @@ def test_refusals_carry_their_grpc_status_by_name(client, start_keel):
     assert fleet.embed(TABLE.slice(0, 5)).num_rows == 5
     # Alone, it backs off and tries again: the slot is free by then.
     threading.Timer(0.15, lambda: (writer.done_writing(), writer.close())).start()
-    assert KeelClient(one.address, timeout=30, retries=4).embed(TABLE.slice(0, 5)).num_rows == 5
+    assert KeelClient(one.address, timeout=30, retries=6).embed(TABLE.slice(0, 5)).num_rows == 5
 
 
 def test_grpc_health_says_serving(servers):
