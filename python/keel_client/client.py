@@ -73,6 +73,12 @@ def _busy(e: BaseException) -> bool:
     return _code(e) == "ResourceExhausted" and "retry" in str(e)
 
 
+def _ended_unanswered(e: BaseException) -> bool:
+    """pyarrow's own words for an exchange whose server ended it without a status or a
+    single message (Keel always sends one or the other: its process went away)."""
+    return isinstance(e, flight.FlightInternalError) and "Server never sent a data message" in str(e)
+
+
 class KeelError(RuntimeError):
     """A call Keel refused or could not finish; `code` names the gRPC status
     (`InvalidArgument`, `Unauthenticated`, `Unavailable`, `ResourceExhausted`, ...)."""
@@ -270,6 +276,12 @@ class KeelClient:
                 last = e
                 self._forget(address)
             except (flight.FlightError, pa.ArrowException) as e:
+                if _ended_unanswered(e):
+                    # The server went away before answering (killed as the exchange
+                    # began): like a lost connection, its pending rows go to the next.
+                    last = e
+                    self._forget(address)
+                    continue
                 if not _busy(e):
                     raise KeelError(str(e), _code(e), address) from e
                 # Refused at admission, before any row was answered: every pending row
